@@ -1,0 +1,329 @@
+//! The pvkit hypercall ABI, shared by guests (`guest-pv`) and the host (`host-vmm`).
+//!
+//! This crate is the single source of truth for every number and layout that crosses the
+//! guest/host boundary: detection CPUID leaves, the register convention of a hypercall, call
+//! numbers, error codes, feature bits, payload structs, the boot-info block and the
+//! guest-physical memory map. It contains no logic beyond encoding and decoding.
+//! `docs/ABI.md` is the normative prose version of the same contract.
+//!
+//! # Transport in one paragraph
+//! A hypercall is a 32-bit port write `out dx, eax` with `dx` = [`HYPERCALL_PORT`] and
+//! `eax`/`rax` = the [`Call`] number. Up to four arguments travel in `rdi`, `rsi`, `rcx`, `r8`.
+//! When the instruction retires, `rax` holds the status (`0` = success, otherwise an
+//! [`Error`] code) and `rdx` holds the result value. All other registers are preserved.
+//! Payloads larger than a register are passed as the guest-physical address (and length) of a
+//! `#[repr(C)]` struct or buffer.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+pub mod boot;
+pub mod layout;
+pub mod ports;
+
+/// ABI major version: bumped on incompatible changes. A guest must refuse a host whose major
+/// version differs from the one it was built against.
+pub const ABI_VERSION_MAJOR: u16 = 1;
+/// ABI minor version: bumped when calls or features are added compatibly.
+pub const ABI_VERSION_MINOR: u16 = 0;
+
+/// The ABI version packed as `major << 16 | minor` (the format of CPUID leaf
+/// [`CPUID_LEAF_VERSION`] `eax` and of [`Call::Features`]' result).
+pub const fn abi_version_packed() -> u32 {
+    ((ABI_VERSION_MAJOR as u32) << 16) | ABI_VERSION_MINOR as u32
+}
+
+/// Splits a packed version into `(major, minor)`.
+pub const fn unpack_version(packed: u32) -> (u16, u16) {
+    ((packed >> 16) as u16, packed as u16)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Detection
+// ---------------------------------------------------------------------------------------------
+
+/// CPUID leaf with the hypervisor signature: `eax` = highest pvkit leaf, `ebx:ecx:edx` =
+/// [`CPUID_SIGNATURE`]. Only meaningful when CPUID leaf 1 `ecx` bit 31 (hypervisor present) is set.
+pub const CPUID_LEAF_SIGNATURE: u32 = 0x4000_0000;
+/// CPUID leaf with `eax` = packed ABI version, `ebx` = feature bits 0..31, `ecx` = feature bits
+/// 32..63, `edx` = 0 (reserved).
+pub const CPUID_LEAF_VERSION: u32 = 0x4000_0001;
+/// The highest pvkit CPUID leaf (the value of `eax` at [`CPUID_LEAF_SIGNATURE`]).
+pub const CPUID_MAX_LEAF: u32 = CPUID_LEAF_VERSION;
+/// The 12-byte signature in `ebx`, `ecx`, `edx` (little-endian, in that order).
+pub const CPUID_SIGNATURE: [u8; 12] = *b"PVKITPVKIT\0\0";
+
+/// Splits [`CPUID_SIGNATURE`] into the `(ebx, ecx, edx)` register values.
+pub const fn signature_registers() -> (u32, u32, u32) {
+    let s = CPUID_SIGNATURE;
+    (
+        u32::from_le_bytes([s[0], s[1], s[2], s[3]]),
+        u32::from_le_bytes([s[4], s[5], s[6], s[7]]),
+        u32::from_le_bytes([s[8], s[9], s[10], s[11]]),
+    )
+}
+
+/// Feature bits, reported by CPUID leaf [`CPUID_LEAF_VERSION`] and by [`Call::Features`].
+/// A bit set means the host services the call family.
+pub mod features {
+    /// `console_write`.
+    pub const CONSOLE: u64 = 1 << 0;
+    /// `exit`.
+    pub const EXIT: u64 = 1 << 1;
+    /// `clock_ns`.
+    pub const CLOCK: u64 = 1 << 2;
+    /// `null`.
+    pub const NULL: u64 = 1 << 3;
+    /// `idle_yield` (reserved: not yet serviced).
+    pub const IDLE_YIELD: u64 = 1 << 8;
+    /// `zero_hints` (reserved: not yet serviced).
+    pub const ZERO_HINTS: u64 = 1 << 9;
+    /// `mmu_update` (reserved: not yet serviced).
+    pub const MMU_UPDATE: u64 = 1 << 10;
+    /// Everything a v1.0 host services.
+    pub const V1_0: u64 = CONSOLE | EXIT | CLOCK | NULL;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transport
+// ---------------------------------------------------------------------------------------------
+
+/// The I/O port a hypercall writes to (`out dx, eax`).
+pub const HYPERCALL_PORT: u16 = 0x0510;
+
+/// Call numbers (the value of `rax`/`eax` at the hypercall `out`).
+///
+/// Numbers are stable forever; a retired call keeps its number. Numbers marked *coming* are
+/// reserved: a v1.0 host answers them with [`Error::NotImplemented`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+#[repr(u32)]
+pub enum Call {
+    /// Does nothing; returns `a0` unchanged. For measuring the bare round-trip cost.
+    Null = 0,
+    /// Returns the host feature bits (`u64`) in `rdx`; same bits as the CPUID leaf.
+    Features = 1,
+    /// Writes `a1` bytes at guest-physical `a0` to the console. Returns bytes written.
+    ConsoleWrite = 2,
+    /// Ends the guest with exit code `a0` (`u32`). Does not return.
+    Exit = 3,
+    /// Returns host monotonic time in nanoseconds (`u64`) since the VM was created.
+    ClockNs = 4,
+    /// *Coming (issue: idle).* `a0` = absolute deadline in `clock_ns` time.
+    IdleYield = 16,
+    /// *Coming (issue: zero hints).* Pre-zeroed frame hints and frame release.
+    ZeroHints = 17,
+    /// *Coming (issue: page tables).* Apply a batch of page-table updates.
+    MmuUpdate = 18,
+    /// *Coming (issue: page tables).* Pin / unpin a page-table root.
+    MmuPin = 19,
+}
+
+impl Call {
+    /// Decodes a call number; `None` for a number no version of the ABI defines.
+    pub const fn from_raw(raw: u64) -> Option<Call> {
+        Some(match raw {
+            0 => Call::Null,
+            1 => Call::Features,
+            2 => Call::ConsoleWrite,
+            3 => Call::Exit,
+            4 => Call::ClockNs,
+            16 => Call::IdleYield,
+            17 => Call::ZeroHints,
+            18 => Call::MmuUpdate,
+            19 => Call::MmuPin,
+            _ => return None,
+        })
+    }
+
+    /// The call number.
+    pub const fn raw(self) -> u32 {
+        self as u32
+    }
+
+    /// A short, stable, lowercase name (used in statistics and JSON).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Call::Null => "null",
+            Call::Features => "features",
+            Call::ConsoleWrite => "console_write",
+            Call::Exit => "exit",
+            Call::ClockNs => "clock_ns",
+            Call::IdleYield => "idle_yield",
+            Call::ZeroHints => "zero_hints",
+            Call::MmuUpdate => "mmu_update",
+            Call::MmuPin => "mmu_pin",
+        }
+    }
+}
+
+/// Error codes, returned in `rax` (0 means success and is not an `Error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+#[repr(u32)]
+pub enum Error {
+    /// The call number is not defined by any ABI version.
+    UnknownCall = 1,
+    /// The call number is reserved but this host does not service it.
+    NotImplemented = 2,
+    /// An argument is malformed (bad flag, bad size, reserved bits set).
+    InvalidArgument = 3,
+    /// A guest-physical range is not entirely inside guest RAM (or overflows).
+    BadAddress = 4,
+    /// A length exceeds the call's documented maximum.
+    TooLarge = 5,
+    /// The call is not allowed in the VM's current mode or state.
+    Denied = 6,
+}
+
+impl Error {
+    /// Decodes a status register; `Ok(())` for 0, `Err(None)` for an unknown code.
+    pub const fn from_status(status: u64) -> Result<(), Option<Error>> {
+        match status {
+            0 => Ok(()),
+            1 => Err(Some(Error::UnknownCall)),
+            2 => Err(Some(Error::NotImplemented)),
+            3 => Err(Some(Error::InvalidArgument)),
+            4 => Err(Some(Error::BadAddress)),
+            5 => Err(Some(Error::TooLarge)),
+            6 => Err(Some(Error::Denied)),
+            _ => Err(None),
+        }
+    }
+
+    /// The status register value.
+    pub const fn code(self) -> u64 {
+        self as u64
+    }
+
+    /// A short, stable, lowercase name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Error::UnknownCall => "unknown_call",
+            Error::NotImplemented => "not_implemented",
+            Error::InvalidArgument => "invalid_argument",
+            Error::BadAddress => "bad_address",
+            Error::TooLarge => "too_large",
+            Error::Denied => "denied",
+        }
+    }
+}
+
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The largest buffer one `console_write` accepts (bytes). Longer writes must be split.
+pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
+
+/// The register image of one hypercall, as the host decodes it and the guest encodes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Regs {
+    /// `rax`: call number.
+    pub nr: u64,
+    /// `rdi`, `rsi`, `rcx`, `r8`.
+    pub args: [u64; 4],
+}
+
+/// What the host writes back: `rax` = status, `rdx` = value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Return {
+    /// `rax`: 0 or an [`Error`] code.
+    pub status: u64,
+    /// `rdx`: the call's result (0 on error).
+    pub value: u64,
+}
+
+impl Return {
+    /// A successful return with `value`.
+    pub const fn ok(value: u64) -> Return {
+        Return { status: 0, value }
+    }
+
+    /// A failed return.
+    pub const fn err(e: Error) -> Return {
+        Return {
+            status: e.code(),
+            value: 0,
+        }
+    }
+
+    /// Decodes into a `Result`. A status this ABI version does not define decodes as
+    /// `Err(None)`, so a caller can tell a newer host's code apart from a known one.
+    pub const fn into_result(self) -> Result<u64, Option<Error>> {
+        match Error::from_status(self.status) {
+            Ok(()) => Ok(self.value),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_round_trips() {
+        let p = abi_version_packed();
+        assert_eq!(unpack_version(p), (ABI_VERSION_MAJOR, ABI_VERSION_MINOR));
+        assert_eq!(p >> 16, 1);
+    }
+
+    #[test]
+    fn call_numbers_round_trip_and_are_stable() {
+        let all = [
+            (Call::Null, 0),
+            (Call::Features, 1),
+            (Call::ConsoleWrite, 2),
+            (Call::Exit, 3),
+            (Call::ClockNs, 4),
+            (Call::IdleYield, 16),
+            (Call::ZeroHints, 17),
+            (Call::MmuUpdate, 18),
+            (Call::MmuPin, 19),
+        ];
+        for (call, raw) in all {
+            assert_eq!(call.raw(), raw);
+            assert_eq!(Call::from_raw(u64::from(raw)), Some(call));
+        }
+        assert_eq!(Call::from_raw(5), None);
+        assert_eq!(Call::from_raw(u64::MAX), None);
+        assert_eq!(Call::from_raw(1 << 32), None);
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for e in [
+            Error::UnknownCall,
+            Error::NotImplemented,
+            Error::InvalidArgument,
+            Error::BadAddress,
+            Error::TooLarge,
+            Error::Denied,
+        ] {
+            assert_eq!(Error::from_status(e.code()), Err(Some(e)));
+            assert_eq!(Return::err(e).into_result(), Err(Some(e)));
+        }
+        assert_eq!(Error::from_status(0), Ok(()));
+        assert_eq!(Error::from_status(999), Err(None));
+        assert_eq!(Return::ok(7).into_result(), Ok(7));
+    }
+
+    #[test]
+    fn signature_is_split_little_endian() {
+        let (b, c, d) = signature_registers();
+        let mut s = [0u8; 12];
+        s[..4].copy_from_slice(&b.to_le_bytes());
+        s[4..8].copy_from_slice(&c.to_le_bytes());
+        s[8..].copy_from_slice(&d.to_le_bytes());
+        assert_eq!(s, CPUID_SIGNATURE);
+    }
+
+    #[test]
+    fn reserved_features_are_not_in_v1_0() {
+        assert_eq!(
+            features::V1_0 & (features::IDLE_YIELD | features::ZERO_HINTS | features::MMU_UPDATE),
+            0
+        );
+    }
+}
