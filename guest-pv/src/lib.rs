@@ -1,1 +1,78 @@
+//! The guest half of pvkit: everything a `no_std` x86-64 kernel needs to talk to a pvkit host.
+//!
+//! - [`detect()`] finds a pvkit host through CPUID (no hypercall) and yields a [`Pvkit`] token;
+//!   the hypercall wrappers are methods on it, so they cannot be reached elsewhere.
+//! - Hypercalls: [`Pvkit::null`], [`Pvkit::features`], [`Pvkit::console_write`] (and
+//!   [`Pvkit::console_write_phys`]), [`Pvkit::exit`], [`Pvkit::clock_ns`]. The one instruction
+//!   sequence behind them is [`hypercall::raw_hypercall`].
+//! - The trapped twins, for code that must behave like an unmodified guest: the COM1
+//!   [`Uart16550`] and the exit/marker/null ports of [`trapped`].
+//! - [`Console`] and [`exit()`] choose between the two by [`Mode`].
+//! - [`Fnv1a`] (workload checksums) and [`args`] (parsing `BootInfo` workload arguments).
+//!
+//! The crate imposes no global allocator, panic handler or entry point, and builds for
+//! `x86_64-unknown-none` as well as for the host (where only its pure parts can run). Port I/O
+//! and hypercalls need CPL 0 (pvkit enters kernels at CPL 0).
+//!
+//! # Example: linking guest-pv into your own kernel
+//!
+//! ```no_run
+//! # // A real kernel is `#![no_std] #![no_main]`, has a `#[panic_handler]` and is built for
+//! # // `x86_64-unknown-none`; this compiles on the host but must not run there.
+//! use core::fmt::Write;
+//!
+//! use guest_pv::Console;
+//! use hypercall_abi::boot::{BootInfo, Mode};
+//!
+//! /// Called by your `_start` with the `BootInfo` pvkit passed in `rdi`.
+//! fn kernel_main(boot_info: &BootInfo) -> ! {
+//!     let mode = boot_info.mode().unwrap_or(Mode::Trapped);
+//!     // CPUID only: fine in both modes. `None` on bare metal or another hypervisor.
+//!     let pv = match mode {
+//!         Mode::Pv => guest_pv::detect(),
+//!         Mode::Trapped => None,
+//!     };
+//!     // The hypercall console under pvkit in PV mode, else COM1 (port I/O only).
+//!     let mut console = Console::new(mode, pv);
+//!     let _ = writeln!(console, "hello from my kernel");
+//!     if let Some(pv) = pv {
+//!         if let Ok(t) = pv.clock_ns() {
+//!             let _ = writeln!(console, "{t} ns since the VM started");
+//!         }
+//!     }
+//!     // SAFETY: this kernel is booted by pvkit only (it was handed a pvkit `BootInfo`), so
+//!     // the exit port used in trapped mode exists.
+//!     unsafe { guest_pv::exit(mode, pv, 0) }
+//! }
+//! # fn main() {}
+//! ```
+//!
+//! Under pvkit's identity map (virtual == physical), [`Pvkit::console_write`] can pass slice
+//! addresses straight to the host; a kernel with other mappings translates and uses
+//! [`Pvkit::console_write_phys`].
 #![no_std]
+
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("guest-pv supports x86-64 only (pvkit's hypercall is an x86 `out`)");
+
+#[cfg(test)]
+extern crate std;
+
+pub mod args;
+pub mod checksum;
+mod clock;
+pub mod console;
+pub mod detect;
+mod exit;
+pub mod hypercall;
+mod null;
+pub mod trapped;
+pub mod uart;
+
+pub use checksum::Fnv1a;
+pub use console::{Console, PvConsole};
+pub use detect::{Pvkit, detect};
+pub use exit::{exit, halt_forever};
+pub use hypercall::HypercallError;
+pub use hypercall_abi::boot::Mode;
+pub use uart::Uart16550;

@@ -1,1 +1,206 @@
-fn main(){}
+//! The `host-vmm` command line. Errors end here as one readable line and a non-zero status.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use host_vmm::compare::{self, CompareOptions};
+use host_vmm::console::ConsoleSink;
+use host_vmm::memory::parse_mem_size;
+use host_vmm::vm::{self, KernelImage, VmConfig};
+use hypercall_abi::boot::Mode;
+
+/// Exit status when the VMM itself fails (the guest's own codes pass through unchanged).
+const VMM_FAILURE: u8 = 125;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "host-vmm",
+    version,
+    about = "pvkit: a KVM VMM that compares paravirtual hypercalls with trapped emulation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a kernel (default: the embedded demo kernel) and run one workload.
+    /// Exit status: the guest's exit code (capped at 255); 125 if the VMM fails.
+    Run {
+        /// ELF64 x86-64 kernel to boot (static executable loaded at >= 2 MiB).
+        kernel: Option<PathBuf>,
+        /// pv: use hypercalls; trapped: behave as an unmodified guest.
+        #[arg(long, value_enum, default_value_t = ModeArg::Pv)]
+        mode: ModeArg,
+        /// Guest RAM, e.g. 128M, 1G (16 MiB .. 3 GiB).
+        #[arg(long, default_value = "128M", value_parser = mem_size)]
+        mem: u64,
+        /// Workload for the demo kernel: hello, null, console, panic.
+        #[arg(long, default_value = "hello")]
+        workload: String,
+        /// Print exit statistics to stderr when the guest exits.
+        #[arg(long)]
+        stats: bool,
+        /// KVM device node.
+        #[arg(long, default_value = vm::DEFAULT_KVM_DEVICE)]
+        kvm_device: PathBuf,
+        /// Workload arguments passed to the guest, e.g. `-- ops=1000`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run workloads in PV and trapped mode in one process and print them side by side.
+    Compare {
+        /// Workload to compare, or `all`.
+        #[arg(long, default_value = "all", value_parser = workload_name)]
+        workload: String,
+        /// Also write the records as a JSON array to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Number of calls of the `null` workload.
+        #[arg(long, default_value_t = compare::DEFAULT_NULL_OPS)]
+        null_ops: u64,
+        /// Bytes written by the `console` workload.
+        #[arg(long, default_value_t = compare::DEFAULT_CONSOLE_BYTES)]
+        console_bytes: u64,
+        /// Guest RAM per VM.
+        #[arg(long, default_value = "128M", value_parser = mem_size)]
+        mem: u64,
+        /// Kernel to run instead of the embedded demo kernel.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// KVM device node.
+        #[arg(long, default_value = vm::DEFAULT_KVM_DEVICE)]
+        kvm_device: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModeArg {
+    Pv,
+    Trapped,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Pv => Mode::Pv,
+            ModeArg::Trapped => Mode::Trapped,
+        }
+    }
+}
+
+fn mem_size(s: &str) -> Result<u64, String> {
+    parse_mem_size(s).map_err(|e| e.to_string())
+}
+
+fn workload_name(s: &str) -> Result<String, String> {
+    if s == "all" || compare::WORKLOADS.contains(&s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "unknown workload (known: all, {})",
+            compare::WORKLOADS.join(", ")
+        ))
+    }
+}
+
+fn kernel_image(path: Option<PathBuf>) -> anyhow::Result<KernelImage> {
+    Ok(match path {
+        Some(p) => KernelImage::from_file(&p)?,
+        None => KernelImage::embedded(),
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            kernel,
+            mode,
+            mem,
+            workload,
+            stats,
+            kvm_device,
+            args,
+        } => {
+            let cfg = VmConfig {
+                kernel: kernel_image(kernel)?,
+                mode: mode.into(),
+                mem_size: mem,
+                workload,
+                args,
+                kvm_device,
+            };
+            let report = vm::run(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
+            if stats {
+                eprintln!("{}", report.stats.summary());
+                if let Some(w) = &report.window {
+                    eprintln!(
+                        "measured window: {:.3} ms wall, {:.3} ms vCPU thread CPU\n{}",
+                        w.wall_ns as f64 / 1e6,
+                        w.host_cpu_ns as f64 / 1e6,
+                        w.exits.summary().replace("exits:", "window exits:")
+                    );
+                }
+            }
+            Ok(ExitCode::from(
+                u8::try_from(report.exit_code).unwrap_or(255),
+            ))
+        }
+        Command::Compare {
+            workload,
+            json,
+            null_ops,
+            console_bytes,
+            mem,
+            kernel,
+            kvm_device,
+        } => {
+            let opts = CompareOptions {
+                workloads: if workload == "all" {
+                    compare::WORKLOADS.iter().map(|s| s.to_string()).collect()
+                } else {
+                    vec![workload]
+                },
+                null_ops,
+                console_bytes,
+                mem_size: mem,
+                kvm_device,
+                kernel: kernel_image(kernel)?,
+            };
+            let records = compare::run(&opts, |w, m| eprintln!("running {w} ({})...", m.name()))?;
+            print!("{}", compare::render_table(&records));
+            std::io::stdout().flush().ok();
+            if let Some(path) = json {
+                let text = serde_json::to_string_pretty(&records)?;
+                std::fs::write(&path, text + "\n")
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!("wrote {} records to {}", records.len(), path.display());
+            }
+            let failures = compare::fidelity_failures(&records);
+            if failures.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                anyhow::bail!("fidelity check failed: {}", failures.join("; "))
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                msg = format!("{msg}: {cause}");
+            }
+            eprintln!("host-vmm: error: {msg}");
+            ExitCode::from(VMM_FAILURE)
+        }
+    }
+}

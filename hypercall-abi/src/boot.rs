@@ -55,7 +55,9 @@ pub mod region_kind {
 }
 
 /// One range of guest-physical memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct MemRegion {
     /// First byte.
@@ -117,7 +119,9 @@ impl core::fmt::Display for BootInfoError {
             BootInfoError::WorkloadTooLong => {
                 write!(f, "workload name longer than {WORKLOAD_NAME_MAX} bytes")
             }
-            BootInfoError::ArgsTooLong => write!(f, "workload arguments longer than {ARGS_MAX} bytes"),
+            BootInfoError::ArgsTooLong => {
+                write!(f, "workload arguments longer than {ARGS_MAX} bytes")
+            }
             BootInfoError::TooManyRegions => write!(f, "more than {MAX_REGIONS} memory regions"),
         }
     }
@@ -214,8 +218,13 @@ mod tests {
         let mut b = BootInfo::new(Mode::Trapped, 64 << 20);
         b.set_workload("console").unwrap();
         b.set_args("bytes=100 x=1").unwrap();
-        b.push_region(MemRegion { start: 0x30_0000, len: 0x100_0000, kind: region_kind::USABLE, reserved: 0 })
-            .unwrap();
+        b.push_region(MemRegion {
+            start: 0x30_0000,
+            len: 0x100_0000,
+            kind: region_kind::USABLE,
+            reserved: 0,
+        })
+        .unwrap();
         let bytes = b.as_bytes().to_vec();
         let back = BootInfo::read_from_bytes(&bytes).unwrap();
         assert!(back.is_valid());
@@ -229,12 +238,21 @@ mod tests {
     #[test]
     fn limits_are_enforced() {
         let mut b = BootInfo::new(Mode::Pv, 1);
-        assert_eq!(b.set_workload(&"w".repeat(33)), Err(BootInfoError::WorkloadTooLong));
-        assert_eq!(b.set_args(&"a".repeat(513)), Err(BootInfoError::ArgsTooLong));
+        assert_eq!(
+            b.set_workload(&"w".repeat(33)),
+            Err(BootInfoError::WorkloadTooLong)
+        );
+        assert_eq!(
+            b.set_args(&"a".repeat(513)),
+            Err(BootInfoError::ArgsTooLong)
+        );
         for _ in 0..MAX_REGIONS {
             b.push_region(MemRegion::default()).unwrap();
         }
-        assert_eq!(b.push_region(MemRegion::default()), Err(BootInfoError::TooManyRegions));
+        assert_eq!(
+            b.push_region(MemRegion::default()),
+            Err(BootInfoError::TooManyRegions)
+        );
         // A hostile count never indexes out of bounds.
         b.region_count = u32::MAX;
         b.workload_len = u32::MAX;

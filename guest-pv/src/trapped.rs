@@ -1,0 +1,84 @@
+//! The trapped twins: port I/O to pvkit's emulated devices, no hypercall involved.
+//!
+//! This is what an unmodified guest has: every access is a full exit to the VMM, which emulates
+//! the device. They work in both of pvkit's modes; in `trapped` mode a kernel uses nothing else
+//! (plus the UART, [`crate::uart`]).
+//!
+//! # Why these functions are `unsafe`
+//! The ports ([`EXIT_PORT`], [`MARKER_PORT`], [`NULL_PORT`]) are pvkit's choice, not a PC
+//! convention: on real hardware or under another VMM the same port numbers can belong to a
+//! chipset device (the `0x500` range often holds GPIO or ACPI registers), and writing there could
+//! do anything. The caller must know the machine is a pvkit VM: it was entered through pvkit's
+//! boot protocol (a valid [`hypercall_abi::boot::BootInfo`]), or [`crate::detect()`] succeeded.
+//! All of them also need I/O privilege (CPL 0 under pvkit's boot state).
+
+use core::sync::atomic::{Ordering, compiler_fence};
+
+pub use hypercall_abi::ports::{EXIT_PORT, MARKER_BEGIN, MARKER_END, MARKER_PORT, NULL_PORT};
+use x86_64::instructions::port::Port;
+
+use crate::halt_forever;
+
+/// Ends the VM with exit `code` (a 32-bit `out` to [`EXIT_PORT`]); halts forever should the VMM
+/// not stop it. The trapped twin of [`crate::Pvkit::exit`].
+///
+/// # Safety
+/// The machine must be a pvkit VM (see the [module docs](self)).
+pub unsafe fn exit_port(code: u32) -> ! {
+    // SAFETY: the caller guarantees a pvkit VM, whose exit port ends the VM and touches no guest
+    // memory.
+    unsafe { out32(EXIT_PORT, code) };
+    halt_forever()
+}
+
+/// Writes a measurement marker ([`MARKER_BEGIN`] or [`MARKER_END`]) to [`MARKER_PORT`]; the host
+/// timestamps it and counts exits between the two.
+///
+/// Compiler fences on both sides keep the compiler from moving the workload's memory accesses
+/// across the marker (the `out` itself is declared as touching no memory).
+///
+/// # Safety
+/// The machine must be a pvkit VM (see the [module docs](self)).
+#[inline]
+pub unsafe fn marker(v: u32) {
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: the caller guarantees a pvkit VM, whose marker port only records the value.
+    unsafe { out32(MARKER_PORT, v) };
+    compiler_fence(Ordering::SeqCst);
+}
+
+/// A 32-bit `out` of `v` to [`NULL_PORT`]: the host latches and counts it. The trapped twin of
+/// [`crate::Pvkit::null`].
+///
+/// # Safety
+/// The machine must be a pvkit VM (see the [module docs](self)).
+#[inline]
+pub unsafe fn null_port_write(v: u32) {
+    // SAFETY: the caller guarantees a pvkit VM, whose null port only counts the write.
+    unsafe { out32(NULL_PORT, v) };
+}
+
+/// A 32-bit `in` from [`NULL_PORT`]: the number of [`null_port_write`]s the host has seen so far
+/// (low 32 bits).
+///
+/// # Safety
+/// The machine must be a pvkit VM (see the [module docs](self)).
+#[inline]
+pub unsafe fn null_port_read() -> u32 {
+    let mut port = Port::<u32>::new(NULL_PORT);
+    // SAFETY: the caller guarantees a pvkit VM, whose null port returns its counter and has no
+    // side effect on a read.
+    unsafe { port.read() }
+}
+
+/// A 32-bit `out` of `v` to `port`.
+///
+/// # Safety
+/// `port` must be one of pvkit's trapped-device ports and the machine a pvkit VM.
+#[inline]
+unsafe fn out32(port: u16, v: u32) {
+    let mut port = Port::<u32>::new(port);
+    // SAFETY: forwarded from this function's contract: the port is a pvkit device port whose
+    // write has no effect on guest memory.
+    unsafe { port.write(v) };
+}

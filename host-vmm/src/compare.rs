@@ -1,0 +1,237 @@
+//! `host-vmm compare`: run each workload in each mode in one process, side by side.
+//!
+//! Numbers come only from what ran: the guest brackets the timed part with marker writes, the
+//! host timestamps them, counts exits between them and reads its vCPU thread's CPU time.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use hypercall_abi::boot::Mode;
+use serde::Serialize;
+
+use crate::console::ConsoleSink;
+use crate::error::{Error, Result};
+use crate::vm::{self, KernelImage, RunReport, VmConfig};
+
+/// Workloads `compare` knows, in the order it runs them.
+pub const WORKLOADS: &[&str] = &["null", "console"];
+/// Default number of null calls.
+pub const DEFAULT_NULL_OPS: u64 = 100_000;
+/// Default console bytes.
+pub const DEFAULT_CONSOLE_BYTES: u64 = 16_384;
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    /// Workloads to run (names from [`WORKLOADS`]).
+    pub workloads: Vec<String>,
+    /// `null`: number of calls.
+    pub null_ops: u64,
+    /// `console`: number of bytes.
+    pub console_bytes: u64,
+    /// Guest RAM.
+    pub mem_size: u64,
+    /// KVM device.
+    pub kvm_device: PathBuf,
+    /// Kernel to run.
+    pub kernel: KernelImage,
+}
+
+impl Default for CompareOptions {
+    fn default() -> Self {
+        CompareOptions {
+            workloads: WORKLOADS.iter().map(|s| s.to_string()).collect(),
+            null_ops: DEFAULT_NULL_OPS,
+            console_bytes: DEFAULT_CONSOLE_BYTES,
+            mem_size: 128 << 20,
+            kvm_device: vm::DEFAULT_KVM_DEVICE.into(),
+            kernel: KernelImage::embedded(),
+        }
+    }
+}
+
+/// One JSON record: one (workload, mode) run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    /// Workload name.
+    pub workload: String,
+    /// `pv` or `trapped`.
+    pub mode: String,
+    /// Operations the guest completed (calls, bytes).
+    pub ops: u64,
+    /// Exits in the measured window: `total` and one key per reason.
+    pub exits: BTreeMap<String, u64>,
+    /// Hypercalls in the window, by call.
+    pub hypercalls: BTreeMap<String, u64>,
+    /// Trapped-device accesses in the window, by device.
+    pub devices: BTreeMap<String, u64>,
+    /// Exits per operation.
+    pub exits_per_op: f64,
+    /// Wall time of the window.
+    pub wall_ns: u64,
+    /// `wall_ns / ops`.
+    pub ns_per_op: f64,
+    /// CPU time of the vCPU thread in the window (from the OS).
+    pub host_cpu_ns: u64,
+    /// The guest's checksum, `0x` + 16 hex digits.
+    pub checksum: String,
+    /// The guest's exit code.
+    pub exit_code: u32,
+}
+
+fn workload_args(name: &str, opts: &CompareOptions) -> Vec<String> {
+    match name {
+        "null" => vec![format!("ops={}", opts.null_ops)],
+        "console" => vec![format!("bytes={}", opts.console_bytes)],
+        _ => Vec::new(),
+    }
+}
+
+/// Builds the record of one run.
+pub fn record(workload: &str, mode: Mode, report: &RunReport) -> Result<Record> {
+    let fail = |why: String| Error::GuestFault {
+        what: format!("{workload}/{}: {why}", mode.name()),
+        rip: 0,
+        exits: report.stats.total,
+    };
+    if report.exit_code != 0 {
+        return Err(fail(format!("exited with code {}", report.exit_code)));
+    }
+    let window = report
+        .window
+        .as_ref()
+        .ok_or_else(|| fail("no measured window (markers missing)".into()))?;
+    let result = report
+        .result
+        .as_ref()
+        .ok_or_else(|| fail("no PVKIT-RESULT line".into()))?;
+    let ops = result
+        .ops()
+        .ok_or_else(|| fail("result has no ops".into()))?;
+    let checksum = result
+        .checksum()
+        .ok_or_else(|| fail("result has no checksum".into()))?;
+    let own = |m: &BTreeMap<&'static str, u64>| {
+        m.iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let mut exits = own(&window.exits.by_reason);
+    exits.insert("total".into(), window.exits.total);
+    let per_op = |x: f64| if ops == 0 { 0.0 } else { x / ops as f64 };
+    Ok(Record {
+        workload: workload.into(),
+        mode: mode.name().into(),
+        ops,
+        exits,
+        hypercalls: own(&window.exits.by_hypercall),
+        devices: own(&window.exits.by_device),
+        exits_per_op: per_op(window.exits.total as f64),
+        wall_ns: window.wall_ns,
+        ns_per_op: per_op(window.wall_ns as f64),
+        host_cpu_ns: window.host_cpu_ns,
+        checksum: format!("{checksum:#018x}"),
+        exit_code: report.exit_code,
+    })
+}
+
+/// Runs every requested workload in PV and trapped mode. `progress` is told each run.
+pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, Mode)) -> Result<Vec<Record>> {
+    let mut records = Vec::new();
+    for w in &opts.workloads {
+        for mode in [Mode::Pv, Mode::Trapped] {
+            progress(w, mode);
+            let cfg = VmConfig {
+                kernel: opts.kernel.clone(),
+                mode,
+                mem_size: opts.mem_size,
+                workload: w.clone(),
+                args: workload_args(w, opts),
+                kvm_device: opts.kvm_device.clone(),
+            };
+            let report = vm::run(&cfg, ConsoleSink::new(None))?;
+            records.push(record(w, mode, &report)?);
+        }
+    }
+    Ok(records)
+}
+
+/// Workloads whose modes disagree on the checksum or op count (fidelity failures).
+pub fn fidelity_failures(records: &[Record]) -> Vec<String> {
+    let mut by_workload: BTreeMap<&str, Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        by_workload.entry(&r.workload).or_default().push(r);
+    }
+    by_workload
+        .into_iter()
+        .filter(|(_, rs)| {
+            rs.windows(2)
+                .any(|p| p[0].checksum != p[1].checksum || p[0].ops != p[1].ops)
+        })
+        .map(|(w, rs)| {
+            let detail: Vec<String> = rs
+                .iter()
+                .map(|r| format!("{}: ops={} checksum={}", r.mode, r.ops, r.checksum))
+                .collect();
+            format!("{w}: modes disagree ({})", detail.join(", "))
+        })
+        .collect()
+}
+
+/// The side-by-side table, with the trapped ÷ PV ratio per workload.
+pub fn render_table(records: &[Record]) -> String {
+    let mut s = format!(
+        "{:<9} {:<8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>9}  {:<18}\n",
+        "workload", "mode", "ops", "exits", "exits/op", "wall ms", "ns/op", "host cpu%", "checksum"
+    );
+    for r in records {
+        let cpu_pct = if r.wall_ns == 0 {
+            0.0
+        } else {
+            100.0 * r.host_cpu_ns as f64 / r.wall_ns as f64
+        };
+        s += &format!(
+            "{:<9} {:<8} {:>9} {:>9} {:>8.3} {:>10.2} {:>10.1} {:>9.1}  {:<18}\n",
+            r.workload,
+            r.mode,
+            r.ops,
+            r.exits.get("total").copied().unwrap_or(0),
+            r.exits_per_op,
+            r.wall_ns as f64 / 1e6,
+            r.ns_per_op,
+            cpu_pct,
+            r.checksum
+        );
+    }
+    let mut seen = Vec::new();
+    for r in records {
+        if seen.contains(&r.workload) {
+            continue;
+        }
+        seen.push(r.workload.clone());
+        let find = |m: &str| {
+            records
+                .iter()
+                .find(|x| x.workload == r.workload && x.mode == m)
+        };
+        if let (Some(pv), Some(tr)) = (find("pv"), find("trapped")) {
+            let same = if pv.checksum == tr.checksum {
+                "same checksum"
+            } else {
+                "CHECKSUM MISMATCH"
+            };
+            let ratio = if pv.ns_per_op > 0.0 {
+                tr.ns_per_op / pv.ns_per_op
+            } else {
+                0.0
+            };
+            s += &format!(
+                "{}: trapped/pv time per op = {ratio:.2}x, exits {} vs {} ({same})\n",
+                r.workload,
+                tr.exits.get("total").copied().unwrap_or(0),
+                pv.exits.get("total").copied().unwrap_or(0)
+            );
+        }
+    }
+    s
+}

@@ -1,0 +1,60 @@
+//! The small trapped devices of the harness: exit port, marker port and the null device (the
+//! trapped twin of the `null` hypercall).
+
+/// Little-endian value of a 1-, 2- or 4-byte PIO access.
+pub fn le_u32(data: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    let n = data.len().min(4);
+    b[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(b)
+}
+
+/// A scratch register: writes are latched and counted; reads return the write count.
+#[derive(Debug, Default)]
+pub struct NullDevice {
+    latch: u32,
+    writes: u64,
+}
+
+impl NullDevice {
+    /// A guest `out`.
+    pub fn write(&mut self, data: &[u8]) {
+        self.latch = le_u32(data);
+        self.writes += 1;
+    }
+
+    /// A guest `in`: the number of writes so far (low bytes, as wide as the access).
+    pub fn read(&self, data: &mut [u8]) {
+        let v = (self.writes as u32).to_le_bytes();
+        let n = data.len().min(4);
+        data.fill(0);
+        data[..n].copy_from_slice(&v[..n]);
+    }
+
+    /// Writes seen.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// The last value written.
+    pub fn latch(&self) -> u32 {
+        self.latch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn null_device_counts_writes() {
+        let mut d = NullDevice::default();
+        d.write(&7u32.to_le_bytes());
+        d.write(&[9]);
+        let mut out = [0u8; 4];
+        d.read(&mut out);
+        assert_eq!(u32::from_le_bytes(out), 2);
+        assert_eq!(d.latch(), 9);
+        assert_eq!(le_u32(&[1, 2]), 0x0201);
+    }
+}

@@ -1,0 +1,150 @@
+//! Hypercall dispatch: decode the call number, run its handler, produce the return registers.
+//!
+//! Handlers take guest memory and arguments, never a vCPU, so they are unit-tested without KVM.
+//! A malformed call gets an error code; nothing a guest passes can make the host panic or
+//! touch memory outside guest RAM.
+
+pub mod clock;
+pub mod console;
+
+use hypercall_abi::{Call, Error as AbiError, Regs, Return, features};
+
+use crate::console::ConsoleSink;
+use crate::memory::GuestRam;
+use crate::metrics::ExitStats;
+
+/// What the host services, as advertised in CPUID and by `features`.
+pub const HOST_FEATURES: u64 = features::V1_0;
+
+/// What the guest can reach from a hypercall.
+#[derive(Debug)]
+pub struct Context<'a> {
+    /// Guest RAM (bounds-checked accessors only).
+    pub ram: &'a GuestRam,
+    /// The console sink.
+    pub console: &'a ConsoleSink,
+    /// The guest clock.
+    pub clock: &'a clock::Clock,
+}
+
+/// The result of a hypercall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Resume the guest with these return registers.
+    Return(Return),
+    /// The guest exits with this code.
+    Exit(u32),
+}
+
+/// Runs one hypercall and counts it.
+pub fn dispatch(ctx: &Context<'_>, regs: &Regs, stats: &mut ExitStats) -> Outcome {
+    let Some(call) = Call::from_raw(regs.nr) else {
+        stats.record_hypercall("invalid");
+        return Outcome::Return(Return::err(AbiError::UnknownCall));
+    };
+    stats.record_hypercall(call.name());
+    let [a0, a1, ..] = regs.args;
+    let ret = match call {
+        Call::Null => Return::ok(a0),
+        Call::Features => Return::ok(HOST_FEATURES),
+        Call::ConsoleWrite => console::write(ctx.ram, ctx.console, a0, a1),
+        Call::Exit => return exit(a0),
+        Call::ClockNs => Return::ok(ctx.clock.now_ns()),
+        _ => Return::err(AbiError::NotImplemented),
+    };
+    Outcome::Return(ret)
+}
+
+/// `exit(code)`: the code is a `u32`; higher bits set is a malformed call.
+fn exit(a0: u64) -> Outcome {
+    match u32::try_from(a0) {
+        Ok(code) => Outcome::Exit(code),
+        Err(_) => Outcome::Return(Return::err(AbiError::InvalidArgument)),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn with_ctx<R>(f: impl FnOnce(&Context<'_>, &ConsoleSink, &GuestRam) -> R) -> R {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let console = ConsoleSink::new(None);
+        let clock = clock::Clock::new();
+        let ctx = Context {
+            ram: &ram,
+            console: &console,
+            clock: &clock,
+        };
+        f(&ctx, &console, &ram)
+    }
+
+    fn call(ctx: &Context<'_>, nr: u64, args: [u64; 4]) -> Outcome {
+        dispatch(ctx, &Regs { nr, args }, &mut ExitStats::default())
+    }
+
+    #[test]
+    fn null_echoes_and_features_report_v1() {
+        with_ctx(|ctx, _, _| {
+            assert_eq!(call(ctx, 0, [42, 0, 0, 0]), Outcome::Return(Return::ok(42)));
+            assert_eq!(
+                call(ctx, 1, [0; 4]),
+                Outcome::Return(Return::ok(features::V1_0))
+            );
+        });
+    }
+
+    #[test]
+    fn unknown_and_reserved_calls_return_errors() {
+        with_ctx(|ctx, _, _| {
+            for nr in [5, 15, 1000, u64::MAX] {
+                assert_eq!(
+                    call(ctx, nr, [0; 4]),
+                    Outcome::Return(Return::err(AbiError::UnknownCall))
+                );
+            }
+            for nr in [16, 17, 18, 19] {
+                assert_eq!(
+                    call(ctx, nr, [0; 4]),
+                    Outcome::Return(Return::err(AbiError::NotImplemented))
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn exit_takes_a_u32() {
+        with_ctx(|ctx, _, _| {
+            assert_eq!(call(ctx, 3, [7, 0, 0, 0]), Outcome::Exit(7));
+            assert_eq!(
+                call(ctx, 3, [1 << 32, 0, 0, 0]),
+                Outcome::Return(Return::err(AbiError::InvalidArgument))
+            );
+        });
+    }
+
+    #[test]
+    fn dispatch_counts_by_name() {
+        with_ctx(|ctx, _, _| {
+            let mut s = ExitStats::default();
+            dispatch(
+                ctx,
+                &Regs {
+                    nr: 0,
+                    args: [0; 4],
+                },
+                &mut s,
+            );
+            dispatch(
+                ctx,
+                &Regs {
+                    nr: 99,
+                    args: [0; 4],
+                },
+                &mut s,
+            );
+            assert_eq!(s.by_hypercall["null"], 1);
+            assert_eq!(s.by_hypercall["invalid"], 1);
+        });
+    }
+}

@@ -1,0 +1,173 @@
+//! The vCPU loop: run, decode the exit, dispatch to a device or hypercall handler, count it.
+//! No device or hypercall logic lives here.
+
+use hypercall_abi::ports::{MARKER_BEGIN, MARKER_END};
+use hypercall_abi::{HYPERCALL_PORT, Regs};
+use kvm_ioctls::{SyncReg, VcpuExit};
+
+use crate::devices::PioAction;
+use crate::error::{Error, Result};
+use crate::hypercall::{self, Context, Outcome};
+use crate::metrics::{ExitReason, Snapshot, Window, thread_cpu_ns};
+use crate::vm::Vm;
+
+/// What one exit asks the loop to do next.
+enum Step {
+    Continue,
+    Hypercall,
+    Exit(u32),
+    Marker(u32),
+    Fault(String),
+}
+
+/// Runs until the guest exits. Returns the exit code and the measured window.
+pub(crate) fn run_loop(vm: &mut Vm) -> Result<(u32, Option<Window>)> {
+    let mut begin: Option<Snapshot> = None;
+    let mut window = None;
+    loop {
+        let step = match step(vm)? {
+            Step::Hypercall => hypercall(vm)?,
+            other => other,
+        };
+        match step {
+            Step::Continue | Step::Hypercall => {}
+            Step::Exit(code) => return Ok((code, window)),
+            Step::Marker(MARKER_BEGIN) => begin = Some(snapshot(vm)),
+            Step::Marker(MARKER_END) => {
+                if let Some(b) = begin.take() {
+                    window = Some(Window::between(&b, &snapshot(vm)));
+                }
+            }
+            Step::Marker(_) => {}
+            Step::Fault(what) => {
+                let rip = vm.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                return Err(Error::GuestFault {
+                    what,
+                    rip,
+                    exits: vm.stats.total,
+                });
+            }
+        }
+    }
+}
+
+fn snapshot(vm: &Vm) -> Snapshot {
+    Snapshot {
+        at: std::time::Instant::now(),
+        cpu_ns: thread_cpu_ns(),
+        stats: vm.stats.clone(),
+        console_bytes: vm.console.total(),
+    }
+}
+
+/// Enters the guest once and decodes why it came back.
+fn step(vm: &mut Vm) -> Result<Step> {
+    let exit = match vm.vcpu.run() {
+        Ok(exit) => exit,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            vm.stats.record(ExitReason::Intr);
+            return Ok(Step::Continue);
+        }
+        Err(source) => {
+            return Err(Error::Kvm {
+                op: "run vCPU",
+                source,
+            });
+        }
+    };
+    let stats = &mut vm.stats;
+    Ok(match exit {
+        VcpuExit::IoOut(HYPERCALL_PORT, _) => {
+            stats.record(ExitReason::Hypercall);
+            Step::Hypercall
+        }
+        VcpuExit::IoOut(port, data) => {
+            let action = vm.bus.write(port, data, stats);
+            let reason = if matches!(action, PioAction::Marker(_)) {
+                ExitReason::Marker
+            } else {
+                ExitReason::Pio
+            };
+            stats.record(reason);
+            match action {
+                PioAction::Continue => Step::Continue,
+                PioAction::Exit(code) => Step::Exit(code),
+                PioAction::Marker(v) => Step::Marker(v),
+            }
+        }
+        VcpuExit::IoIn(port, data) => {
+            stats.record(ExitReason::Pio);
+            vm.bus.read(port, data, stats);
+            Step::Continue
+        }
+        // Nothing is mapped outside RAM yet: reads float high, writes are dropped.
+        VcpuExit::MmioRead(_, data) => {
+            stats.record(ExitReason::Mmio);
+            data.fill(0xff);
+            Step::Continue
+        }
+        VcpuExit::MmioWrite(..) => {
+            stats.record(ExitReason::Mmio);
+            Step::Continue
+        }
+        VcpuExit::Intr => {
+            stats.record(ExitReason::Intr);
+            Step::Continue
+        }
+        VcpuExit::Hlt => {
+            stats.record(ExitReason::Hlt);
+            Step::Fault("halted (KVM_EXIT_HLT) with no interrupt source to wake it".into())
+        }
+        VcpuExit::Shutdown => {
+            stats.record(ExitReason::Other);
+            Step::Fault("triple fault (KVM_EXIT_SHUTDOWN)".into())
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            stats.record(ExitReason::Other);
+            Step::Fault(format!(
+                "VM entry failed (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"
+            ))
+        }
+        VcpuExit::InternalError => {
+            stats.record(ExitReason::Other);
+            Step::Fault("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into())
+        }
+        other => {
+            stats.record(ExitReason::Other);
+            Step::Fault(format!("unhandled exit {other:?}"))
+        }
+    })
+}
+
+/// Reads the argument registers, dispatches, and writes `rax`/`rdx` back.
+fn hypercall(vm: &mut Vm) -> Result<Step> {
+    let mut regs = if vm.sync_regs {
+        vm.vcpu.sync_regs_mut().regs
+    } else {
+        vm.vcpu.get_regs().map_err(Error::kvm("get regs"))?
+    };
+    let call = Regs {
+        nr: regs.rax,
+        args: [regs.rdi, regs.rsi, regs.rcx, regs.r8],
+    };
+    let ctx = Context {
+        ram: &vm.ram,
+        console: &vm.console,
+        clock: &vm.clock,
+    };
+    let ret = match hypercall::dispatch(&ctx, &call, &mut vm.stats) {
+        Outcome::Exit(code) => return Ok(Step::Exit(code)),
+        Outcome::Return(ret) => ret,
+    };
+    regs.rax = ret.status;
+    regs.rdx = ret.value;
+    if vm.sync_regs {
+        let sync = &mut vm.vcpu.sync_regs_mut().regs;
+        sync.rax = ret.status;
+        sync.rdx = ret.value;
+        vm.vcpu.set_sync_dirty_reg(SyncReg::Register);
+    } else {
+        vm.vcpu.set_regs(&regs).map_err(Error::kvm("set regs"))?;
+    }
+    Ok(Step::Continue)
+}

@@ -1,0 +1,283 @@
+//! A pvkit VM: KVM handles, guest RAM, boot state, devices, and one vCPU.
+
+use std::borrow::Cow;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use hypercall_abi::boot::Mode;
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
+
+use crate::boot::{self, BootRequest};
+use crate::console::ConsoleSink;
+use crate::devices::PioBus;
+use crate::error::{Error, Result};
+use crate::hypercall::clock::Clock;
+use crate::loader::{self, ElfInfo};
+use crate::memory::GuestRam;
+use crate::metrics::{ExitStats, Window};
+use crate::{cpuid, vcpu};
+
+/// The default KVM device.
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
+
+/// A kernel image and a name for messages.
+#[derive(Debug, Clone)]
+pub struct KernelImage {
+    /// Path, or "embedded demo kernel".
+    pub name: String,
+    /// The ELF bytes.
+    pub bytes: Cow<'static, [u8]>,
+}
+
+impl KernelImage {
+    /// The demo kernel built into this binary.
+    pub fn embedded() -> KernelImage {
+        KernelImage {
+            name: "embedded demo kernel".into(),
+            bytes: Cow::Borrowed(crate::kernel::DEMO_KERNEL),
+        }
+    }
+
+    /// Reads a kernel file.
+    pub fn from_file(path: &Path) -> Result<KernelImage> {
+        let bytes = std::fs::read(path).map_err(|source| Error::KernelRead {
+            path: path.into(),
+            source,
+        })?;
+        Ok(KernelImage {
+            name: path.display().to_string(),
+            bytes: Cow::Owned(bytes),
+        })
+    }
+}
+
+/// Everything needed to boot a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The kernel.
+    pub kernel: KernelImage,
+    /// PV or trapped.
+    pub mode: Mode,
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Workload name passed to the guest.
+    pub workload: String,
+    /// Workload arguments passed to the guest (joined with spaces).
+    pub args: Vec<String>,
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+}
+
+impl VmConfig {
+    /// Defaults: embedded kernel, PV, 128 MiB, workload `hello`.
+    pub fn new(mode: Mode, workload: &str) -> VmConfig {
+        VmConfig {
+            kernel: KernelImage::embedded(),
+            mode,
+            mem_size: 128 << 20,
+            workload: workload.into(),
+            args: Vec::new(),
+            kvm_device: DEFAULT_KVM_DEVICE.into(),
+        }
+    }
+}
+
+/// The result line a workload prints: `PVKIT-RESULT key=value ...`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestResult {
+    /// The key/value pairs in order.
+    pub fields: Vec<(String, String)>,
+}
+
+/// Prefix of the result line.
+pub const RESULT_PREFIX: &str = "PVKIT-RESULT ";
+
+impl GuestResult {
+    /// Finds the last result line in console output.
+    pub fn parse(console: &[u8]) -> Option<GuestResult> {
+        let text = String::from_utf8_lossy(console);
+        let line = text
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(RESULT_PREFIX))?;
+        let fields = line
+            .split_whitespace()
+            .filter_map(|w| {
+                w.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        Some(GuestResult { fields })
+    }
+
+    /// A field's value.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `ops` as a number.
+    pub fn ops(&self) -> Option<u64> {
+        self.get("ops")?.parse().ok()
+    }
+
+    /// `checksum` as a number (hex with `0x`).
+    pub fn checksum(&self) -> Option<u64> {
+        u64::from_str_radix(self.get("checksum")?.strip_prefix("0x")?, 16).ok()
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// The guest's exit code.
+    pub exit_code: u32,
+    /// All exits of the run.
+    pub stats: ExitStats,
+    /// The measured window between markers, if the guest set both.
+    pub window: Option<Window>,
+    /// Captured console output.
+    pub console: Vec<u8>,
+    /// Wall time from first entry to exit.
+    pub wall_ns: u64,
+    /// The guest's result line, if it printed one.
+    pub result: Option<GuestResult>,
+    /// Writes the trapped null device saw.
+    pub null_writes: u64,
+}
+
+impl RunReport {
+    /// The console bytes written inside the measured window.
+    pub fn window_console(&self) -> &[u8] {
+        let Some(w) = &self.window else { return &[] };
+        let len = self.console.len() as u64;
+        &self.console[w.console_start.min(len) as usize..w.console_end.min(len) as usize]
+    }
+}
+
+/// A booted-but-not-yet-run VM. Field order matters: the vCPU and VM fds are dropped before
+/// the guest memory they reference.
+#[derive(Debug)]
+pub struct Vm {
+    pub(crate) vcpu: VcpuFd,
+    _vm: VmFd,
+    _kvm: Kvm,
+    pub(crate) ram: GuestRam,
+    pub(crate) bus: PioBus,
+    pub(crate) console: ConsoleSink,
+    pub(crate) clock: Clock,
+    pub(crate) stats: ExitStats,
+    pub(crate) sync_regs: bool,
+    kernel: ElfInfo,
+}
+
+fn open_kvm(path: &Path) -> Result<Kvm> {
+    let unavailable = |source| Error::KvmUnavailable {
+        path: path.into(),
+        source,
+    };
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| unavailable(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    Kvm::new_with_path(c).map_err(|e| unavailable(std::io::Error::from_raw_os_error(e.errno())))
+}
+
+impl Vm {
+    /// Creates the VM: validates and loads the kernel, builds the boot state. Guest console
+    /// output goes to `console`.
+    pub fn new(cfg: &VmConfig, console: ConsoleSink) -> Result<Vm> {
+        // Validate everything that comes from the user before touching KVM, so bad input gets
+        // its own message even on a machine without KVM.
+        crate::memory::check_mem_size(cfg.mem_size)?;
+        loader::validate(&cfg.kernel.bytes, cfg.mem_size).map_err(|source| Error::Elf {
+            name: cfg.kernel.name.clone(),
+            source,
+        })?;
+        let args = cfg.args.join(" ");
+        let req = BootRequest {
+            mode: cfg.mode,
+            workload: &cfg.workload,
+            args: &args,
+        };
+
+        let kvm = open_kvm(&cfg.kvm_device)?;
+        let vm = kvm.create_vm().map_err(Error::kvm("create VM"))?;
+        let ram = GuestRam::new(cfg.mem_size)?;
+        ram.register(&vm)?;
+        let kernel = loader::load(&ram, &cfg.kernel.bytes).map_err(|source| Error::Elf {
+            name: cfg.kernel.name.clone(),
+            source,
+        })?;
+        boot::write_boot_structures(&ram, &kernel, &req)?;
+
+        let mut vcpu = vm.create_vcpu(0).map_err(Error::kvm("create vCPU"))?;
+        vcpu.set_cpuid2(&cpuid::guest_cpuid(&kvm)?)
+            .map_err(Error::kvm("set CPUID"))?;
+        let mut sregs = vcpu.get_sregs().map_err(Error::kvm("get sregs"))?;
+        boot::long_mode_sregs(&mut sregs);
+        vcpu.set_sregs(&sregs).map_err(Error::kvm("set sregs"))?;
+        vcpu.set_regs(&boot::initial_regs(kernel.entry))
+            .map_err(Error::kvm("set regs"))?;
+        let sync_regs = kvm.check_extension(Cap::SyncRegs);
+        if sync_regs {
+            vcpu.set_sync_valid_reg(SyncReg::Register);
+        }
+        Ok(Vm {
+            vcpu,
+            _vm: vm,
+            _kvm: kvm,
+            ram,
+            bus: PioBus::new(console.clone()),
+            console,
+            clock: Clock::new(),
+            stats: ExitStats::default(),
+            sync_regs,
+            kernel,
+        })
+    }
+
+    /// Where the kernel was loaded.
+    pub fn kernel(&self) -> &ElfInfo {
+        &self.kernel
+    }
+
+    /// Runs the guest until it exits (or faults).
+    pub fn run(mut self) -> Result<RunReport> {
+        let start = Instant::now();
+        let run = vcpu::run_loop(&mut self);
+        self.console.flush();
+        let (exit_code, window) = run?;
+        let console = self.console.captured();
+        Ok(RunReport {
+            exit_code,
+            result: GuestResult::parse(&console),
+            stats: self.stats,
+            window,
+            console,
+            wall_ns: start.elapsed().as_nanos() as u64,
+            null_writes: self.bus.null_writes(),
+        })
+    }
+}
+
+/// Creates and runs a VM in one call.
+pub fn run(cfg: &VmConfig, console: ConsoleSink) -> Result<RunReport> {
+    Vm::new(cfg, console)?.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_result_lines() {
+        let out = b"hello\nPVKIT-RESULT workload=null mode=pv ops=10 checksum=0x00000000000000ff\n";
+        let r = GuestResult::parse(out).unwrap();
+        assert_eq!(r.get("workload"), Some("null"));
+        assert_eq!(r.ops(), Some(10));
+        assert_eq!(r.checksum(), Some(255));
+        assert_eq!(GuestResult::parse(b"no result"), None);
+    }
+}

@@ -1,0 +1,223 @@
+//! The `host-vmm` command line as a user meets it: the two main commands work, and every bad
+//! input gives one readable error line and a non-zero status — never a panic or backtrace.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use host_vmm::loader::minimal_elf;
+
+const BIN: &str = env!("CARGO_BIN_EXE_host-vmm");
+
+fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("these tests boot real guests and need read-write /dev/kvm ({e})");
+    }
+}
+
+fn host_vmm(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("spawn host-vmm")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// One `host-vmm: error: ...` line, status 125, no panic.
+fn assert_vmm_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(125), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    assert!(err.starts_with("host-vmm: error: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pvkit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn run_boots_the_embedded_kernel_in_both_modes() {
+    require_kvm();
+    for mode in ["pv", "trapped"] {
+        let o = host_vmm(&["run", "--mode", mode]);
+        assert_eq!(o.status.code(), Some(0), "{mode}: {}", stderr(&o));
+        assert!(
+            stdout(&o).starts_with("pvkit demo kernel: hello from 64-bit long mode"),
+            "{}",
+            stdout(&o)
+        );
+        assert!(
+            stdout(&o).contains(&format!("mode={mode}")),
+            "{}",
+            stdout(&o)
+        );
+    }
+}
+
+#[test]
+fn run_passes_the_guest_exit_code_through() {
+    require_kvm();
+    let o = host_vmm(&["run", "--workload", "panic"]);
+    assert_eq!(o.status.code(), Some(101));
+    assert!(stdout(&o).contains("PVKIT-PANIC"));
+}
+
+#[test]
+fn run_stats_and_workload_args() {
+    require_kvm();
+    let o = host_vmm(&[
+        "run",
+        "--mode",
+        "trapped",
+        "--workload",
+        "null",
+        "--stats",
+        "--",
+        "ops=100",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("ops=100"), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("exits: total=") && err.contains("null=1"),
+        "{err}"
+    );
+    assert!(err.contains("window exits: total=100 "), "{err}");
+}
+
+#[test]
+fn compare_prints_a_table_and_writes_json() {
+    require_kvm();
+    let json = std::env::temp_dir().join(format!("pvkit-compare-{}.json", std::process::id()));
+    let o = host_vmm(&[
+        "compare",
+        "--null-ops",
+        "2000",
+        "--console-bytes",
+        "3000",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let table = stdout(&o);
+    assert!(table.contains("null: trapped/pv time per op"), "{table}");
+    assert!(table.contains("console: trapped/pv time per op"), "{table}");
+    assert!(!table.contains("MISMATCH"), "{table}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let recs = v.as_array().unwrap();
+    assert_eq!(recs.len(), 4);
+    for r in recs {
+        for key in [
+            "workload",
+            "mode",
+            "ops",
+            "exits",
+            "wall_ns",
+            "ns_per_op",
+            "host_cpu_ns",
+            "checksum",
+        ] {
+            assert!(r.get(key).is_some(), "missing {key} in {r}");
+        }
+        assert!(r["exits"]["total"].as_u64().unwrap() > 0);
+        assert!(r["wall_ns"].as_u64().unwrap() > 0);
+    }
+    let _ = std::fs::remove_file(json);
+}
+
+#[test]
+fn missing_kernel_file() {
+    assert_vmm_error(
+        &host_vmm(&["run", "/nonexistent/kernel.elf"]),
+        "cannot read kernel /nonexistent/kernel.elf",
+    );
+}
+
+#[test]
+fn unreadable_kernel_path_is_a_directory() {
+    assert_vmm_error(&host_vmm(&["run", "/"]), "cannot read kernel /");
+}
+
+#[test]
+fn kernel_that_is_not_an_elf() {
+    let p = temp_file(
+        "not-elf",
+        b"this is a text file, not a kernel, but it is long enough to have a header........",
+    );
+    assert_vmm_error(&host_vmm(&["run", p.to_str().unwrap()]), "not an ELF file");
+}
+
+#[test]
+fn kernel_of_the_wrong_class_machine_or_type() {
+    let mut elf32 = minimal_elf(0x20_0000, &[0xf4], 0x1000);
+    elf32[4] = 1;
+    let mut arm = minimal_elf(0x20_0000, &[0xf4], 0x1000);
+    arm[18] = 183;
+    let mut dyn_ = minimal_elf(0x20_0000, &[0xf4], 0x1000);
+    dyn_[16] = 3;
+    for (name, img, needle) in [
+        ("elf32", elf32, "not a 64-bit ELF"),
+        ("arm", arm, "wrong machine type 183"),
+        ("pie", dyn_, "not an executable"),
+    ] {
+        let p = temp_file(name, &img);
+        assert_vmm_error(&host_vmm(&["run", p.to_str().unwrap()]), needle);
+    }
+}
+
+#[test]
+fn segment_that_does_not_fit_in_mem() {
+    let img = minimal_elf(0x20_0000, &[0xf4], 64 << 20);
+    let p = temp_file("big", &img);
+    assert_vmm_error(
+        &host_vmm(&["run", "--mem", "32M", p.to_str().unwrap()]),
+        "increase --mem",
+    );
+}
+
+#[test]
+fn bad_mem_and_mode_are_usage_errors() {
+    for args in [
+        &["run", "--mem", "lots"][..],
+        &["run", "--mem", "1M"],
+        &["run", "--mem", "64G"],
+        &["run", "--mode", "turbo"],
+        &["compare", "--workload", "nope"],
+        &["frobnicate"],
+    ] {
+        let o = host_vmm(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let err = stderr(&host_vmm(&["run", "--mem", "1M"]));
+    assert!(err.contains("at least 16 MiB"), "{err}");
+}
+
+#[test]
+fn missing_kvm_device_says_how_to_fix_it() {
+    let o = host_vmm(&["run", "--kvm-device", "/nonexistent/kvm"]);
+    assert_vmm_error(&o, "cannot open /nonexistent/kvm");
+    assert!(stderr(&o).contains("kvm_intel"), "{}", stderr(&o));
+}
