@@ -358,9 +358,21 @@ mod tests {
             (patched(|i| i[5] = 2), ElfError::WrongEndian(2)),
             (patched(|i| i[18] = 3), ElfError::WrongMachine(3)),
             (patched(|i| i[16] = 3), ElfError::WrongType(3)),
-            (patched(|i| i[54] = 32), ElfError::BadProgramHeaders("entry size is not 56")),
-            (patched(|i| i[56] = 0), ElfError::BadProgramHeaders("bad number of entries")),
-            (patched(|i| i[32] = 0xff; i[33] = 0xff), ElfError::BadProgramHeaders("table lies outside the file")),
+            (
+                patched(|i| i[54] = 32),
+                ElfError::BadProgramHeaders("entry size is not 56"),
+            ),
+            (
+                patched(|i| i[56] = 0),
+                ElfError::BadProgramHeaders("bad number of entries"),
+            ),
+            (
+                patched(|i| {
+                    i[32] = 0xff;
+                    i[33] = 0xff;
+                }),
+                ElfError::BadProgramHeaders("table lies outside the file"),
+            ),
             (patched(|i| i[64] = 2), ElfError::NoLoadableSegments),
             (patched(|i| i[26] = 0x30), ElfError::BadEntry(0x30_0000)),
         ];
