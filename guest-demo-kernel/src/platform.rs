@@ -81,10 +81,11 @@ pub fn marker_end() {
     unsafe { trapped::marker(MARKER_END) }
 }
 
-/// One write to the null port (the trapped twin of the `null` hypercall).
-pub fn null_port_write(v: u32) {
-    // SAFETY: a pvkit VM (module docs); the null port only counts the write.
-    unsafe { trapped::null_port_write(v) }
+/// Writes `i as u32` to the null port for `i` = `0..n` in one tight loop; returns the wrapping
+/// sum of the `i`s (the trapped twin of `Pvkit::null_loop`).
+pub fn null_port_loop(n: u64) -> u64 {
+    // SAFETY: a pvkit VM (module docs); the null port only counts the writes.
+    unsafe { trapped::null_port_loop(n) }
 }
 
 /// The number of null-port writes the host has counted (low 32 bits).

@@ -1,9 +1,12 @@
 //! The hypercall instruction sequence and its result decoding.
 //!
-//! [`raw_hypercall`] is the only inline assembly that talks to the pvkit host: one 32-bit
-//! `out dx, eax` to [`HYPERCALL_PORT`] with the register convention of `hypercall_abi`. Everything
-//! else in this crate goes through the crate-private `Pvkit::call`, reachable only with a
-//! [`Pvkit`] token, i.e. after [`crate::detect()`] has proven that the host is pvkit.
+//! This file holds every piece of inline assembly that talks to the pvkit host:
+//! - [`raw_hypercall`]: one 32-bit `out dx, eax` to [`HYPERCALL_PORT`] with the register
+//!   convention of `hypercall_abi`. Every other wrapper in this crate goes through the crate-private
+//!   `Pvkit::call`, reachable only with a [`Pvkit`] token, i.e. after [`crate::detect()`] has
+//!   proven that the host is pvkit.
+//! - `raw_null_loop`: back-to-back `null` hypercalls in one asm loop, the measurement primitive
+//!   behind [`Pvkit::null_loop`].
 
 use core::arch::asm;
 use core::fmt;
@@ -48,6 +51,53 @@ pub unsafe fn raw_hypercall(nr: u64, args: [u64; 4]) -> Return {
         );
     }
     Return { status, value }
+}
+
+/// Issues `n` back-to-back `null` hypercalls, the `i`-th (from 0) with `a0` = `i`, in one asm
+/// loop. Returns the OR of every status (`rax`) and the wrapping sum of every value (`rdx`).
+///
+/// `i` lives in `rdi` throughout (the host preserves it); status and sum accumulate in
+/// registers. One iteration is 8 instructions: `mov eax, 0` (the call number), `mov edx, port`,
+/// `out dx, eax`, `or`, `add`, `inc rdi`, `cmp`, `jb`. `n` = 0 issues no call.
+///
+/// # Safety
+/// The machine must be a pvkit VM and the code must run with I/O privilege, as for
+/// [`raw_hypercall`]. (`null` touches no guest memory.)
+#[inline]
+pub(crate) unsafe fn raw_null_loop(n: u64) -> (u64, u64) {
+    if n == 0 {
+        return (0, 0);
+    }
+    let mut status_or: u64 = 0;
+    let mut sum: u64 = 0;
+    // SAFETY: the caller guarantees a pvkit VM at I/O privilege, so each `out` reaches the host's
+    // hypercall handler, which for `null` touches no guest memory, writes only rax and rdx
+    // (declared clobbered) and preserves every other register, including the loop's rdi, `n`,
+    // `status_or` and `sum`. `n` >= 1 (checked above), so the bottom-tested loop runs exactly
+    // `n` times. The block uses no stack; it clobbers the flags (not `preserves_flags`).
+    unsafe {
+        asm!(
+            "2:",
+            "mov eax, {nr}",
+            "mov edx, {port}",
+            "out dx, eax",
+            "or {status}, rax",
+            "add {sum}, rdx",
+            "inc rdi",
+            "cmp rdi, {n}",
+            "jb 2b",
+            nr = const Call::Null.raw(),
+            port = const HYPERCALL_PORT,
+            n = in(reg) n,
+            status = inout(reg) status_or,
+            sum = inout(reg) sum,
+            inout("rdi") 0u64 => _,
+            out("rax") _,
+            out("rdx") _,
+            options(nostack),
+        );
+    }
+    (status_or, sum)
 }
 
 /// A hypercall the host answered with a non-zero status.

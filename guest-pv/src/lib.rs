@@ -5,8 +5,11 @@
 //! - Hypercalls: [`Pvkit::null`], [`Pvkit::features`], [`Pvkit::console_write`] (and
 //!   [`Pvkit::console_write_phys`]), [`Pvkit::exit`], [`Pvkit::clock_ns`]. The one instruction
 //!   sequence behind them is [`hypercall::raw_hypercall`].
+//! - Measurement: [`Pvkit::null_loop`] issues `n` `null` calls in one tight asm loop (the bare
+//!   round trip, with no guest work in between); [`null_sum`] is what it returns.
 //! - The trapped twins, for code that must behave like an unmodified guest: the COM1
-//!   [`Uart16550`] and the exit/marker/null ports of [`trapped`].
+//!   [`Uart16550`] and the exit/marker/null ports of [`trapped`] (with
+//!   [`trapped::null_port_loop`], the twin of [`Pvkit::null_loop`]).
 //! - [`Console`] and [`exit()`] choose between the two by [`Mode`].
 //! - [`Fnv1a`] (workload checksums) and [`args`] (parsing `BootInfo` workload arguments).
 //!
@@ -75,4 +78,5 @@ pub use detect::{Pvkit, detect};
 pub use exit::{exit, halt_forever};
 pub use hypercall::HypercallError;
 pub use hypercall_abi::boot::Mode;
+pub use null::null_sum;
 pub use uart::Uart16550;

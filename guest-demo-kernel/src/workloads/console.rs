@@ -1,12 +1,24 @@
 //! `console` (argument `bytes`, default 16384): console throughput. Emits exactly `bytes`
 //! bytes of a fixed pattern between the markers: byte `j` is `b'a' + j % 26`, except that every
-//! 64th byte (`j % 64 == 63`) is `\n`. PV: `console_write` hypercalls of up to 4096 bytes;
-//! trapped: one UART byte at a time. Checksum: FNV-1a over the emitted bytes; `ops` = `bytes`.
+//! 64th byte (`j % 64 == 63`) is `\n`.
+//!
+//! The whole pattern is generated before the begin marker, into free RAM (the first usable
+//! region of the boot memory map above the kernel), so the timed section only transmits it. PV:
+//! `console_write` of the buffer (one hypercall per `CONSOLE_WRITE_MAX` bytes); trapped: the
+//! UART, one THR write per byte plus one LSR poll per 16 bytes (the FIFO is drained before the
+//! begin marker). Checksum: FNV-1a over the emitted bytes; `ops` = `bytes`. A `bytes` larger
+//! than that free region is an argument error (exit code 2).
+
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use guest_pv::args::Args;
 use guest_pv::{Console, Fnv1a};
+use hypercall_abi::boot::{BootInfo, region_kind};
+use hypercall_abi::layout::IDENTITY_MAP_SIZE;
 
 use super::{Env, Outcome, Workload};
+use crate::exit_code;
+use crate::out::kprintln;
 use crate::platform::{marker_begin, marker_end};
 
 pub const WORKLOAD: Workload = Workload {
@@ -16,9 +28,6 @@ pub const WORKLOAD: Workload = Workload {
 };
 
 const DEFAULT_BYTES: u64 = 16 * 1024;
-
-/// Bytes per `console_write` in PV mode.
-const CHUNK: usize = 4096;
 
 /// Byte `j` of the output.
 const fn pattern(j: u64) -> u8 {
@@ -31,39 +40,41 @@ const fn pattern(j: u64) -> u8 {
 
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let bytes = args.get_or("bytes", DEFAULT_BYTES);
-    let mut sum = Fnv1a::new();
+    let buf = match free_ram(env.boot_info, bytes) {
+        Ok(buf) => buf,
+        Err(max) => {
+            kprintln!(
+                env.console,
+                "error: workload '{}': bytes={bytes} does not fit in free RAM (max {max})",
+                WORKLOAD.name
+            );
+            env.platform.exit(exit_code::USAGE);
+        }
+    };
+    for (j, b) in (0u64..).zip(buf.iter_mut()) {
+        *b = pattern(j);
+    }
+    let buf: &[u8] = buf;
+    let checksum = Fnv1a::hash(buf);
+
     match &mut env.console {
         Console::Pv(console) => {
             let pv = console.pvkit();
-            let mut buf = [0u8; CHUNK];
             marker_begin();
-            let mut j = 0;
-            while j < bytes {
-                let n = (bytes - j).min(CHUNK as u64) as usize;
-                let chunk = &mut buf[..n];
-                for (k, b) in chunk.iter_mut().enumerate() {
-                    *b = pattern(j + k as u64);
-                }
-                sum.write(chunk);
-                match pv.console_write(chunk) {
-                    Ok(w) if w == n => {}
-                    Ok(w) => panic!("console_write at byte {j}: host took {w} of {n} bytes"),
-                    Err(e) => panic!("console_write at byte {j}: {e}"),
-                }
-                j += n as u64;
-            }
+            let r = pv.console_write(buf);
             marker_end();
+            match r {
+                Ok(w) if w == buf.len() => {}
+                Ok(w) => panic!("console_write: host took {w} of {} bytes", buf.len()),
+                Err(e) => panic!("console_write: {e}"),
+            }
         }
         Console::Uart(uart) => {
             // Start the timed section with an empty FIFO, so its LSR polls do not depend on
             // what was printed before.
             uart.flush();
             marker_begin();
-            for j in 0..bytes {
-                let b = pattern(j);
-                uart.write_byte(b);
-                sum.write_u8(b);
-            }
+            uart.write_bytes(buf);
             marker_end();
         }
     }
@@ -73,6 +84,46 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     }
     Outcome {
         ops: bytes,
-        checksum: sum.finish(),
+        checksum,
+    }
+}
+
+/// Set once free RAM has been handed out as a buffer.
+static FREE_RAM_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// A zeroed buffer of `len` bytes at the start of the first usable region of the boot memory
+/// map that lies above the kernel image and holds `len` bytes; `Err(max)` with the largest such
+/// region's length if none does.
+///
+/// Panics if called a second time: the buffer is exclusive for the rest of the kernel's life.
+fn free_ram(info: &BootInfo, len: u64) -> Result<&'static mut [u8], u64> {
+    // Usable RAM above the kernel, cut to the boot identity map (which covers all of RAM).
+    let above_kernel = info.regions().iter().filter_map(|r| {
+        let end = r.start.saturating_add(r.len).min(IDENTITY_MAP_SIZE);
+        (r.kind == region_kind::USABLE && r.start >= info.kernel_end && r.start < end)
+            .then(|| (r.start, end - r.start))
+    });
+    let Some((start, _)) = above_kernel.clone().find(|&(_, size)| size >= len) else {
+        return Err(above_kernel.map(|(_, size)| size).max().unwrap_or(0));
+    };
+    assert!(
+        !FREE_RAM_TAKEN.swap(true, Ordering::Relaxed),
+        "free RAM handed out twice"
+    );
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    let ptr = core::ptr::with_exposed_provenance_mut::<u8>(start as usize);
+    // SAFETY: `start..start + len` lies in a region the VMM's boot info marks usable RAM, above
+    // the kernel image (so outside its code, data, BSS and the boot stack, page tables and boot
+    // info, which are reserved regions), and inside the boot identity map, so the virtual
+    // address `start` maps that RAM (`start` > 0: the kernel is loaded above 0). Nothing else in
+    // this kernel uses free RAM (it has no allocator) and `FREE_RAM_TAKEN` makes this the only
+    // reference to it, for `'static`. The bytes are zeroed before the slice is formed, so it
+    // is initialised; `len` <= the region size fits the address space, and `u8` needs no
+    // alignment.
+    unsafe {
+        ptr.write_bytes(0, len as usize);
+        Ok(core::slice::from_raw_parts_mut(ptr, len as usize))
     }
 }
