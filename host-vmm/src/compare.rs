@@ -11,7 +11,11 @@ use serde::Serialize;
 
 use crate::console::ConsoleSink;
 use crate::error::{Error, Result};
+use crate::metrics::Window;
 use crate::vm::{self, KernelImage, RunReport, VmConfig};
+use hypercall_abi::HYPERCALL_PORT;
+use hypercall_abi::layout::KERNEL_MIN_GPA;
+use hypercall_abi::ports::{EXIT_PORT, MARKER_BEGIN, MARKER_END, MARKER_PORT, NULL_PORT};
 
 /// Workloads `compare` knows, in the order it runs them.
 pub const WORKLOADS: &[&str] = &["null", "console"];
@@ -73,8 +77,9 @@ pub struct Record {
     pub ns_per_op: f64,
     /// CPU time of the vCPU thread in the window (from the OS).
     pub host_cpu_ns: u64,
-    /// The guest's checksum, `0x` + 16 hex digits.
-    pub checksum: String,
+    /// The guest's checksum, `0x` + 16 hex digits (`None` for the floor reference, which
+    /// computes nothing).
+    pub checksum: Option<String>,
     /// The guest's exit code.
     pub exit_code: u32,
 }
@@ -111,6 +116,19 @@ pub fn record(workload: &str, mode: Mode, report: &RunReport) -> Result<Record> 
     let checksum = result
         .checksum()
         .ok_or_else(|| fail("result has no checksum".into()))?;
+    let mut rec = record_from_window(workload, mode.name(), ops, window, report.exit_code);
+    rec.checksum = Some(format!("{checksum:#018x}"));
+    Ok(rec)
+}
+
+/// A record from a measured window (checksum left empty).
+fn record_from_window(
+    workload: &str,
+    mode: &str,
+    ops: u64,
+    window: &Window,
+    exit_code: u32,
+) -> Record {
     let own = |m: &BTreeMap<&'static str, u64>| {
         m.iter()
             .map(|(k, v)| (k.to_string(), *v))
@@ -119,9 +137,9 @@ pub fn record(workload: &str, mode: Mode, report: &RunReport) -> Result<Record> 
     let mut exits = own(&window.exits.by_reason);
     exits.insert("total".into(), window.exits.total);
     let per_op = |x: f64| if ops == 0 { 0.0 } else { x / ops as f64 };
-    Ok(Record {
+    Record {
         workload: workload.into(),
-        mode: mode.name().into(),
+        mode: mode.into(),
         ops,
         exits,
         hypercalls: own(&window.exits.by_hypercall),
@@ -130,17 +148,23 @@ pub fn record(workload: &str, mode: Mode, report: &RunReport) -> Result<Record> 
         wall_ns: window.wall_ns,
         ns_per_op: per_op(window.wall_ns as f64),
         host_cpu_ns: window.host_cpu_ns,
-        checksum: format!("{checksum:#018x}"),
-        exit_code: report.exit_code,
-    })
+        checksum: None,
+        exit_code,
+    }
 }
 
 /// Runs every requested workload in PV and trapped mode. `progress` is told each run.
-pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, Mode)) -> Result<Vec<Record>> {
+pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Result<Vec<Record>> {
     let mut records = Vec::new();
+    if opts.workloads.iter().any(|w| w == "null") {
+        for floor in [Floor::Pio, Floor::Hypercall] {
+            progress(FLOOR_WORKLOAD, floor.name());
+            records.push(run_floor(opts, floor, opts.null_ops.max(1))?);
+        }
+    }
     for w in &opts.workloads {
         for mode in [Mode::Pv, Mode::Trapped] {
-            progress(w, mode);
+            progress(w, mode.name());
             let cfg = VmConfig {
                 kernel: opts.kernel.clone(),
                 mode,
@@ -156,10 +180,113 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, Mode)) -> Resul
     Ok(records)
 }
 
+/// Workload name of the floor reference records.
+pub const FLOOR_WORKLOAD: &str = "floor";
+
+/// The floor: the cheapest possible exit loop, as hand-written machine code (the same loop a C
+/// KVM probe would run), measured in the same process as the workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Floor {
+    /// `out` to the trapped null device.
+    Pio,
+    /// `out` to the hypercall port with `rax` = `null`.
+    Hypercall,
+}
+
+impl Floor {
+    /// The record's `mode`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Floor::Pio => "raw-pio",
+            Floor::Hypercall => "raw-hypercall",
+        }
+    }
+
+    fn port(self) -> u16 {
+        match self {
+            Floor::Pio => NULL_PORT,
+            Floor::Hypercall => HYPERCALL_PORT,
+        }
+    }
+}
+
+/// Machine code of the floor guest: begin marker; `ops` times `mov edx, PORT; out dx, eax;
+/// dec ecx; jnz` with `eax` = 0 (the `null` call, whose status 0 keeps `eax` at 0); end
+/// marker; exit 0. `ops` must be at least 1.
+pub fn floor_guest(floor: Floor, ops: u32) -> Vec<u8> {
+    let mov_edx = |port: u16| {
+        let p = u32::from(port).to_le_bytes();
+        [0xba, p[0], p[1], p[2], p[3]]
+    };
+    let mut c = Vec::new();
+    for (marker, body) in [(MARKER_BEGIN, true), (MARKER_END, false)] {
+        c.extend(mov_edx(MARKER_PORT));
+        c.push(0xb8); // mov eax, imm32
+        c.extend(marker.to_le_bytes());
+        c.push(0xef); // out dx, eax
+        if body {
+            c.push(0xb9); // mov ecx, imm32
+            c.extend(ops.to_le_bytes());
+            c.extend([0x31, 0xc0]); // xor eax, eax
+            c.extend(mov_edx(floor.port()));
+            c.extend([0xef, 0xff, 0xc9, 0x75, 0xf6]); // out dx, eax; dec ecx; jnz -10
+        }
+    }
+    c.extend([0x31, 0xc0]); // xor eax, eax
+    c.extend(mov_edx(EXIT_PORT));
+    c.push(0xef);
+    c
+}
+
+/// Runs the floor guest and checks that every iteration was exactly one exit of its kind.
+pub fn run_floor(opts: &CompareOptions, floor: Floor, ops: u64) -> Result<Record> {
+    let ops32 = u32::try_from(ops.max(1)).unwrap_or(u32::MAX);
+    let image = crate::loader::minimal_elf(KERNEL_MIN_GPA, &floor_guest(floor, ops32), 0x1000);
+    let cfg = VmConfig {
+        kernel: KernelImage {
+            name: "floor guest".into(),
+            bytes: image.into(),
+        },
+        mode: Mode::Trapped,
+        mem_size: opts.mem_size,
+        workload: String::new(),
+        args: Vec::new(),
+        kvm_device: opts.kvm_device.clone(),
+    };
+    let report = vm::run(&cfg, ConsoleSink::new(None))?;
+    let ops = u64::from(ops32);
+    let fail = |why: String| Error::GuestFault {
+        what: format!("floor/{}: {why}", floor.name()),
+        rip: 0,
+        exits: report.stats.total,
+    };
+    let window = report
+        .window
+        .as_ref()
+        .ok_or_else(|| fail("no measured window".into()))?;
+    let counted = match floor {
+        Floor::Pio => window.exits.by_device.get("null"),
+        Floor::Hypercall => window.exits.by_hypercall.get("null"),
+    };
+    if report.exit_code != 0 || window.exits.total != ops || counted != Some(&ops) {
+        return Err(fail(format!(
+            "expected {ops} exits, saw {}",
+            window.exits.summary()
+        )));
+    }
+    Ok(record_from_window(
+        FLOOR_WORKLOAD,
+        floor.name(),
+        ops,
+        window,
+        report.exit_code,
+    ))
+}
+
 /// Workloads whose modes disagree on the checksum or op count (fidelity failures).
 pub fn fidelity_failures(records: &[Record]) -> Vec<String> {
     let mut by_workload: BTreeMap<&str, Vec<&Record>> = BTreeMap::new();
-    for r in records {
+    for r in records.iter().filter(|r| r.checksum.is_some()) {
         by_workload.entry(&r.workload).or_default().push(r);
     }
     by_workload
@@ -171,17 +298,22 @@ pub fn fidelity_failures(records: &[Record]) -> Vec<String> {
         .map(|(w, rs)| {
             let detail: Vec<String> = rs
                 .iter()
-                .map(|r| format!("{}: ops={} checksum={}", r.mode, r.ops, r.checksum))
+                .map(|r| format!("{}: ops={} checksum={}", r.mode, r.ops, checksum_text(r)))
                 .collect();
             format!("{w}: modes disagree ({})", detail.join(", "))
         })
         .collect()
 }
 
-/// The side-by-side table, with the trapped ÷ PV ratio per workload.
+fn checksum_text(r: &Record) -> &str {
+    r.checksum.as_deref().unwrap_or("-")
+}
+
+/// The side-by-side table, with the trapped ÷ PV ratio per workload and, for `null`, the
+/// floor (raw exit loops) it should be compared with.
 pub fn render_table(records: &[Record]) -> String {
     let mut s = format!(
-        "{:<9} {:<8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>9}  {:<18}\n",
+        "{:<9} {:<13} {:>9} {:>9} {:>8} {:>10} {:>10} {:>9}  {:<18}\n",
         "workload", "mode", "ops", "exits", "exits/op", "wall ms", "ns/op", "host cpu%", "checksum"
     );
     for r in records {
@@ -191,7 +323,7 @@ pub fn render_table(records: &[Record]) -> String {
             100.0 * r.host_cpu_ns as f64 / r.wall_ns as f64
         };
         s += &format!(
-            "{:<9} {:<8} {:>9} {:>9} {:>8.3} {:>10.2} {:>10.1} {:>9.1}  {:<18}\n",
+            "{:<9} {:<13} {:>9} {:>9} {:>8.3} {:>10.2} {:>10.1} {:>9.1}  {:<18}\n",
             r.workload,
             r.mode,
             r.ops,
@@ -200,7 +332,20 @@ pub fn render_table(records: &[Record]) -> String {
             r.wall_ns as f64 / 1e6,
             r.ns_per_op,
             cpu_pct,
-            r.checksum
+            checksum_text(r)
+        );
+    }
+    let find = |w: &str, m: &str| records.iter().find(|x| x.workload == w && x.mode == m);
+    if let (Some(pv), Some(floor)) = (
+        find("null", "pv"),
+        find(FLOOR_WORKLOAD, Floor::Hypercall.name()),
+    ) {
+        s += &format!(
+            "null: pv {:.0} ns/call vs raw hypercall loop {:.0} ns/exit ({:+.1}%): the difference is \
+             the workload loop's extra guest instructions\n",
+            pv.ns_per_op,
+            floor.ns_per_op,
+            100.0 * (pv.ns_per_op / floor.ns_per_op - 1.0)
         );
     }
     let mut seen = Vec::new();
@@ -209,12 +354,7 @@ pub fn render_table(records: &[Record]) -> String {
             continue;
         }
         seen.push(r.workload.clone());
-        let find = |m: &str| {
-            records
-                .iter()
-                .find(|x| x.workload == r.workload && x.mode == m)
-        };
-        if let (Some(pv), Some(tr)) = (find("pv"), find("trapped")) {
+        if let (Some(pv), Some(tr)) = (find(&r.workload, "pv"), find(&r.workload, "trapped")) {
             let same = if pv.checksum == tr.checksum {
                 "same checksum"
             } else {

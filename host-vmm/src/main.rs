@@ -171,7 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kvm_device,
                 kernel: kernel_image(kernel)?,
             };
-            let records = compare::run(&opts, |w, m| eprintln!("running {w} ({})...", m.name()))?;
+            let records = compare::run(&opts, |w, m| eprintln!("running {w} ({m})..."))?;
             print!("{}", compare::render_table(&records));
             std::io::stdout().flush().ok();
             if let Some(path) = json {

@@ -120,12 +120,38 @@ fn compare_prints_a_table_and_writes_json() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let table = stdout(&o);
     assert!(table.contains("null: trapped/pv time per op"), "{table}");
+    assert!(table.contains("vs raw hypercall loop"), "{table}");
     assert!(table.contains("console: trapped/pv time per op"), "{table}");
     assert!(!table.contains("MISMATCH"), "{table}");
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let recs = v.as_array().unwrap();
-    assert_eq!(recs.len(), 4);
+    // Two floor references (raw exit loops) + two modes of each of the two workloads.
+    assert_eq!(recs.len(), 6);
+    let modes: Vec<_> = recs
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["workload"].as_str().unwrap(),
+                r["mode"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            "floor/raw-pio",
+            "floor/raw-hypercall",
+            "null/pv",
+            "null/trapped",
+            "console/pv",
+            "console/trapped"
+        ]
+    );
+    assert!(recs[0]["checksum"].is_null());
+    assert_eq!(recs[2]["checksum"], recs[3]["checksum"]);
+    assert_eq!(recs[2]["exits"]["total"], 2000);
     for r in recs {
         for key in [
             "workload",
