@@ -10,12 +10,9 @@ use zerocopy::IntoBytes;
 use crate::error::{Error, Result};
 use crate::loader::ElfInfo;
 use crate::memory::GuestRam;
+use crate::mmu::PtPool;
 
-const PTE_PRESENT: u64 = 1 << 0;
-const PTE_WRITABLE: u64 = 1 << 1;
-const PTE_ACCESSED: u64 = 1 << 5;
-const PTE_DIRTY: u64 = 1 << 6;
-const PTE_HUGE: u64 = 1 << 7;
+use hypercall_abi::mmu::{PTE_ACCESSED, PTE_DIRTY, PTE_HUGE, PTE_PRESENT, PTE_USER, PTE_WRITABLE};
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_MP: u64 = 1 << 1;
@@ -44,6 +41,7 @@ pub struct BootRequest<'a> {
 /// Writes GDT, page tables and boot info into `ram`.
 pub fn write_boot_structures(
     ram: &GuestRam,
+    pool: &mut PtPool,
     kernel: &ElfInfo,
     req: &BootRequest<'_>,
 ) -> Result<()> {
@@ -54,21 +52,30 @@ pub fn write_boot_structures(
     };
     w(GDT.as_bytes(), GDT_GPA)?;
 
-    // Identity map 0..4 GiB with 2 MiB pages. Accessed/Dirty are preset so the (software)
-    // page walker under us never needs to write them back.
-    let flags = PTE_PRESENT | PTE_WRITABLE | PTE_ACCESSED;
-    w((PDPT_GPA | flags).as_bytes(), PML4_GPA)?;
-    let pdpt: Vec<u64> = (0..IDENTITY_MAP_PDS)
-        .map(|i| (PD_GPA + i * PAGE_SIZE) | flags)
-        .collect();
-    w(pdpt.as_bytes(), PDPT_GPA)?;
-    let pds: Vec<u64> = (0..IDENTITY_MAP_PDS * 512)
-        .map(|i| (i << 21) | flags | PTE_DIRTY | PTE_HUGE)
-        .collect();
-    w(pds.as_bytes(), PD_GPA)?;
+    install_identity_map(pool);
 
     let info = boot_info(ram.size(), kernel, req)?;
     w(info.as_bytes(), BOOT_INFO_GPA)
+}
+
+/// Identity-maps 0..4 GiB with 2 MiB pages in the page-table pool: PML4, PDPT and 4 PDs,
+/// typed and pinned (the root carries the VMM's pin). User-accessible, so code the kernel runs
+/// at CPL3 can use it; writable, so stores to the pool through it are the trapped page-table
+/// path. Accessed/Dirty are preset: the pool is read-only to the guest, so the page walker
+/// under us could not set them.
+pub fn install_identity_map(pool: &mut PtPool) {
+    let flags = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED;
+    pool.install_vmm_table(PML4_GPA, 4, 1, &[PDPT_GPA | flags]);
+    let pdpt: Vec<u64> = (0..IDENTITY_MAP_PDS)
+        .map(|i| (PD_GPA + i * PAGE_SIZE) | flags)
+        .collect();
+    pool.install_vmm_table(PDPT_GPA, 3, 1, &pdpt);
+    for pd in 0..IDENTITY_MAP_PDS {
+        let entries: Vec<u64> = (0..512)
+            .map(|i| ((pd * 512 + i) << 21) | flags | PTE_DIRTY | PTE_HUGE)
+            .collect();
+        pool.install_vmm_table(PD_GPA + pd * PAGE_SIZE, 2, 1, &entries);
+    }
 }
 
 /// Builds the boot-info block (memory map, mode, workload).
@@ -84,6 +91,16 @@ pub fn boot_info(mem_size: u64, kernel: &ElfInfo, req: &BootRequest<'_>) -> Resu
         (STACK_TOP, kernel.start - STACK_TOP, region_kind::USABLE),
         (kernel.start, free - kernel.start, region_kind::KERNEL),
         (free, mem_size - free, region_kind::USABLE),
+        (
+            PT_POOL_GPA,
+            PT_POOL_BOOT_FRAMES * PAGE_SIZE,
+            region_kind::PT_POOL_BOOT,
+        ),
+        (
+            PT_POOL_GPA + PT_POOL_BOOT_FRAMES * PAGE_SIZE,
+            PT_POOL_SIZE - PT_POOL_BOOT_FRAMES * PAGE_SIZE,
+            region_kind::PT_POOL,
+        ),
     ];
     for (start, len, kind) in regions.into_iter().filter(|r| r.1 > 0) {
         info.push_region(MemRegion {
@@ -162,7 +179,8 @@ mod tests {
             workload: "null",
             args: "ops=5",
         };
-        write_boot_structures(&ram, &k, &req).unwrap();
+        let mut pool = PtPool::new(32 << 20).unwrap();
+        write_boot_structures(&ram, &mut pool, &k, &req).unwrap();
         let mut page = [0u8; 4096];
         ram.mem()
             .read_slice(&mut page, GuestAddress(BOOT_INFO_GPA))
@@ -173,13 +191,21 @@ mod tests {
         assert_eq!(info.workload(), b"null");
         assert_eq!(info.args(), b"ops=5");
         let r = info.regions();
-        assert_eq!(r.len(), 3, "{r:?}");
+        assert_eq!(r.len(), 5, "{r:?}");
         assert_eq!((r[1].start, r[1].kind), (0x20_0000, region_kind::KERNEL));
         assert_eq!((r[2].start, r[2].len), (0x20_4000, (32 << 20) - 0x20_4000));
-        // 2 MiB page #3 maps 6 MiB.
-        let pde: u64 = ram.mem().read_obj(GuestAddress(PD_GPA + 3 * 8)).unwrap();
-        assert_eq!(pde & !0xfff, 3 << 21);
+        assert_eq!(
+            (r[3].start, r[3].kind),
+            (PT_POOL_GPA, region_kind::PT_POOL_BOOT)
+        );
+        assert_eq!(r[4].start + r[4].len, PT_POOL_GPA + PT_POOL_SIZE);
+        // 2 MiB page #3 maps 6 MiB, user-accessible; the boot tables are typed and pinned.
+        let pde = pool.read_entry(PD_GPA + 3 * 8).unwrap();
+        assert_eq!(pde & hypercall_abi::mmu::PTE_ADDR_MASK, 3 << 21);
         assert_ne!(pde & PTE_HUGE, 0);
+        assert_ne!(pde & PTE_USER, 0);
+        assert_eq!(pool.typed_frames(), PT_POOL_BOOT_FRAMES as usize);
+        assert_eq!(pool.unpin(PML4_GPA), Err(hypercall_abi::Error::Denied));
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub mod kernel;
 pub mod loader;
 pub mod memory;
 pub mod metrics;
+pub mod mmu;
+pub mod trap;
 mod vcpu;
 pub mod vm;
 

@@ -51,6 +51,8 @@ pub struct ExitStats {
     pub by_hypercall: BTreeMap<&'static str, u64>,
     /// Trapped PIO accesses by device name.
     pub by_device: BTreeMap<&'static str, u64>,
+    /// Work done on the guest's behalf (e.g. `pte_pv`, `pte_trapped`, `pte_rejected`).
+    pub events: BTreeMap<&'static str, u64>,
 }
 
 impl ExitStats {
@@ -68,6 +70,23 @@ impl ExitStats {
     /// Counts one trapped-device access.
     pub fn record_device(&mut self, name: &'static str) {
         *self.by_device.entry(name).or_default() += 1;
+    }
+
+    /// Counts one event.
+    pub fn record_event(&mut self, name: &'static str) {
+        self.add_event(name, 1);
+    }
+
+    /// Counts `n` events.
+    pub fn add_event(&mut self, name: &'static str, n: u64) {
+        if n > 0 {
+            *self.events.entry(name).or_default() += n;
+        }
+    }
+
+    /// Events of a kind.
+    pub fn event(&self, name: &str) -> u64 {
+        self.events.get(name).copied().unwrap_or(0)
     }
 
     /// Exits of a given reason.
@@ -91,6 +110,7 @@ impl ExitStats {
             by_reason: diff(&self.by_reason, &earlier.by_reason),
             by_hypercall: diff(&self.by_hypercall, &earlier.by_hypercall),
             by_device: diff(&self.by_device, &earlier.by_device),
+            events: diff(&self.events, &earlier.events),
         }
     }
 
@@ -116,11 +136,12 @@ impl ExitStats {
             }
         };
         format!(
-            "exits: total={} {}\nhypercalls: {}\ntrapped devices: {}",
+            "exits: total={} {}\nhypercalls: {}\ntrapped devices: {}\nevents: {}",
             self.total,
             join(&self.by_reason),
             join(&self.by_hypercall),
-            join(&self.by_device)
+            join(&self.by_device),
+            join(&self.events)
         )
     }
 }

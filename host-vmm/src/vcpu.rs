@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::hypercall::{self, Context, Outcome};
 use crate::metrics::{ExitReason, Snapshot, Window, thread_cpu_ns};
 use crate::vm::Vm;
+use crate::{mmu, trap};
 
 /// What one exit asks the loop to do next.
 enum Step {
@@ -100,14 +101,19 @@ fn step(vm: &mut Vm) -> Result<Step> {
             vm.bus.read(port, data, stats);
             Step::Continue
         }
-        // Nothing is mapped outside RAM yet: reads float high, writes are dropped.
+        // Outside RAM and the pool nothing is mapped yet: reads float high, writes are dropped.
+        // Pool reads never exit (the slot is readable); pool writes are trapped page-table
+        // updates.
         VcpuExit::MmioRead(_, data) => {
             stats.record(ExitReason::Mmio);
             data.fill(0xff);
             Step::Continue
         }
-        VcpuExit::MmioWrite(..) => {
+        VcpuExit::MmioWrite(gpa, data) => {
             stats.record(ExitReason::Mmio);
+            if mmu::frame_index(gpa).is_some() {
+                trap::mmu_emul::store(&mut vm.pool, gpa, data, stats);
+            }
             Step::Continue
         }
         VcpuExit::Intr => {
@@ -150,12 +156,13 @@ fn hypercall(vm: &mut Vm) -> Result<Step> {
         nr: regs.rax,
         args: [regs.rdi, regs.rsi, regs.rcx, regs.r8],
     };
-    let ctx = Context {
+    let mut ctx = Context {
         ram: &vm.ram,
         console: &vm.console,
         clock: &vm.clock,
+        pool: &mut vm.pool,
     };
-    let ret = match hypercall::dispatch(&ctx, &call, &mut vm.stats) {
+    let ret = match hypercall::dispatch(&mut ctx, &call, &mut vm.stats) {
         Outcome::Exit(code) => return Ok(Step::Exit(code)),
         Outcome::Return(ret) => ret,
     };

@@ -16,7 +16,11 @@ use crate::hypercall::clock::Clock;
 use crate::loader::{self, ElfInfo};
 use crate::memory::GuestRam;
 use crate::metrics::{ExitStats, Window};
+use crate::mmu::PtPool;
 use crate::{cpuid, vcpu};
+
+/// KVM memory slot of the page-table pool (RAM is slot 0).
+const POOL_SLOT: u32 = 1;
 
 /// The default KVM device.
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
@@ -166,6 +170,7 @@ pub struct Vm {
     _vm: VmFd,
     _kvm: Kvm,
     pub(crate) ram: GuestRam,
+    pub(crate) pool: PtPool,
     pub(crate) bus: PioBus,
     pub(crate) console: ConsoleSink,
     pub(crate) clock: Clock,
@@ -206,11 +211,18 @@ impl Vm {
         let vm = kvm.create_vm().map_err(Error::kvm("create VM"))?;
         let ram = GuestRam::new(cfg.mem_size)?;
         ram.register(&vm)?;
+        if !kvm.check_extension(Cap::ReadonlyMem) {
+            return Err(Error::MissingCapability(
+                "read-only memory slots (KVM_CAP_READONLY_MEM)",
+            ));
+        }
+        let mut pool = PtPool::new(cfg.mem_size)?;
+        pool.register(&vm, POOL_SLOT)?;
         let kernel = loader::load(&ram, &cfg.kernel.bytes).map_err(|source| Error::Elf {
             name: cfg.kernel.name.clone(),
             source,
         })?;
-        boot::write_boot_structures(&ram, &kernel, &req)?;
+        boot::write_boot_structures(&ram, &mut pool, &kernel, &req)?;
 
         let mut vcpu = vm.create_vcpu(0).map_err(Error::kvm("create vCPU"))?;
         vcpu.set_cpuid2(&cpuid::guest_cpuid(&kvm)?)
@@ -229,6 +241,7 @@ impl Vm {
             _vm: vm,
             _kvm: kvm,
             ram,
+            pool,
             bus: PioBus::new(console.clone()),
             console,
             clock: Clock::new(),

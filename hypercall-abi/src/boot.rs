@@ -52,6 +52,10 @@ pub mod region_kind {
     pub const RESERVED: u32 = 2;
     /// The loaded kernel image (including its zero-filled BSS).
     pub const KERNEL: u32 = 3;
+    /// Free page-table pool frames (read-only to the guest; see `crate::mmu`).
+    pub const PT_POOL: u32 = 4;
+    /// Pool frames holding the VMM's boot page tables (typed and pinned).
+    pub const PT_POOL_BOOT: u32 = 5;
 }
 
 /// One range of guest-physical memory.

@@ -17,13 +17,14 @@
 
 pub mod boot;
 pub mod layout;
+pub mod mmu;
 pub mod ports;
 
 /// ABI major version: bumped on incompatible changes. A guest must refuse a host whose major
 /// version differs from the one it was built against.
 pub const ABI_VERSION_MAJOR: u16 = 1;
 /// ABI minor version: bumped when calls or features are added compatibly.
-pub const ABI_VERSION_MINOR: u16 = 0;
+pub const ABI_VERSION_MINOR: u16 = 1;
 
 /// The ABI version packed as `major << 16 | minor` (the format of CPUID leaf
 /// [`CPUID_LEAF_VERSION`] `eax` and of [`Call::Features`]' result).
@@ -76,10 +77,12 @@ pub mod features {
     pub const IDLE_YIELD: u64 = 1 << 8;
     /// `zero_hints` (reserved: not yet serviced).
     pub const ZERO_HINTS: u64 = 1 << 9;
-    /// `mmu_update` (reserved: not yet serviced).
+    /// `mmu_update` and `mmu_pin` (since v1.1).
     pub const MMU_UPDATE: u64 = 1 << 10;
     /// Everything a v1.0 host services.
     pub const V1_0: u64 = CONSOLE | EXIT | CLOCK | NULL;
+    /// Everything a v1.1 host services.
+    pub const V1_1: u64 = V1_0 | MMU_UPDATE;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -111,9 +114,13 @@ pub enum Call {
     IdleYield = 16,
     /// *Coming (issue: zero hints).* Pre-zeroed frame hints and frame release.
     ZeroHints = 17,
-    /// *Coming (issue: page tables).* Apply a batch of page-table updates.
+    /// Applies a batch of page-table updates: `a0` = GPA of an array of
+    /// [`mmu::MmuUpdate`], `a1` = entry count (≤ [`mmu::MMU_UPDATE_MAX`]). Returns the number
+    /// applied; on failure the status is the first entry's error and later entries are not
+    /// applied. See [`mmu`].
     MmuUpdate = 18,
-    /// *Coming (issue: page tables).* Pin / unpin a page-table root.
+    /// Pins (`a0` = [`mmu::PIN_L4`]) or unpins (`a0` = [`mmu::UNPIN`]) the page-table root at
+    /// `a1`, so it is validated once rather than on every switch. See [`mmu`].
     MmuPin = 19,
 }
 
@@ -172,6 +179,9 @@ pub enum Error {
     TooLarge = 5,
     /// The call is not allowed in the VM's current mode or state.
     Denied = 6,
+    /// A page-table frame is in use at another level, is not a table, or is not zero where a
+    /// fresh table is required (see [`mmu`]).
+    TypeConflict = 7,
 }
 
 impl Error {
@@ -185,6 +195,7 @@ impl Error {
             4 => Err(Some(Error::BadAddress)),
             5 => Err(Some(Error::TooLarge)),
             6 => Err(Some(Error::Denied)),
+            7 => Err(Some(Error::TypeConflict)),
             _ => Err(None),
         }
     }
@@ -203,6 +214,7 @@ impl Error {
             Error::BadAddress => "bad_address",
             Error::TooLarge => "too_large",
             Error::Denied => "denied",
+            Error::TypeConflict => "type_conflict",
         }
     }
 }
@@ -300,6 +312,7 @@ mod tests {
             Error::BadAddress,
             Error::TooLarge,
             Error::Denied,
+            Error::TypeConflict,
         ] {
             assert_eq!(Error::from_status(e.code()), Err(Some(e)));
             assert_eq!(Return::err(e).into_result(), Err(Some(e)));
@@ -323,6 +336,10 @@ mod tests {
     fn reserved_features_are_not_in_v1_0() {
         assert_eq!(
             features::V1_0 & (features::IDLE_YIELD | features::ZERO_HINTS | features::MMU_UPDATE),
+            0
+        );
+        assert_eq!(
+            features::V1_1 & (features::IDLE_YIELD | features::ZERO_HINTS),
             0
         );
     }

@@ -6,15 +6,17 @@
 
 pub mod clock;
 pub mod console;
+pub mod mmu;
 
 use hypercall_abi::{Call, Error as AbiError, Regs, Return, features};
 
 use crate::console::ConsoleSink;
 use crate::memory::GuestRam;
 use crate::metrics::ExitStats;
+use crate::mmu::PtPool;
 
 /// What the host services, as advertised in CPUID and by `features`.
-pub const HOST_FEATURES: u64 = features::V1_0;
+pub const HOST_FEATURES: u64 = features::V1_1;
 
 /// What the guest can reach from a hypercall.
 #[derive(Debug)]
@@ -25,6 +27,8 @@ pub struct Context<'a> {
     pub console: &'a ConsoleSink,
     /// The guest clock.
     pub clock: &'a clock::Clock,
+    /// The page-table pool.
+    pub pool: &'a mut PtPool,
 }
 
 /// The result of a hypercall.
@@ -37,7 +41,7 @@ pub enum Outcome {
 }
 
 /// Runs one hypercall and counts it.
-pub fn dispatch(ctx: &Context<'_>, regs: &Regs, stats: &mut ExitStats) -> Outcome {
+pub fn dispatch(ctx: &mut Context<'_>, regs: &Regs, stats: &mut ExitStats) -> Outcome {
     let Some(call) = Call::from_raw(regs.nr) else {
         stats.record_hypercall("invalid");
         return Outcome::Return(Return::err(AbiError::UnknownCall));
@@ -50,6 +54,8 @@ pub fn dispatch(ctx: &Context<'_>, regs: &Regs, stats: &mut ExitStats) -> Outcom
         Call::ConsoleWrite => console::write(ctx.ram, ctx.console, a0, a1),
         Call::Exit => return exit(a0),
         Call::ClockNs => Return::ok(ctx.clock.now_ns()),
+        Call::MmuUpdate => mmu::update(ctx.ram, ctx.pool, a0, a1, stats),
+        Call::MmuPin => mmu::pin(ctx.pool, a0, a1),
         _ => Return::err(AbiError::NotImplemented),
     };
     Outcome::Return(ret)
@@ -64,46 +70,48 @@ fn exit(a0: u64) -> Outcome {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
-    pub(crate) fn with_ctx<R>(f: impl FnOnce(&Context<'_>, &ConsoleSink, &GuestRam) -> R) -> R {
+    fn with_ctx<R>(f: impl FnOnce(&mut Context<'_>) -> R) -> R {
         let ram = GuestRam::new(16 << 20).unwrap();
         let console = ConsoleSink::new(None);
         let clock = clock::Clock::new();
-        let ctx = Context {
+        let mut pool = PtPool::new(16 << 20).unwrap();
+        let mut ctx = Context {
             ram: &ram,
             console: &console,
             clock: &clock,
+            pool: &mut pool,
         };
-        f(&ctx, &console, &ram)
+        f(&mut ctx)
     }
 
-    fn call(ctx: &Context<'_>, nr: u64, args: [u64; 4]) -> Outcome {
+    fn call(ctx: &mut Context<'_>, nr: u64, args: [u64; 4]) -> Outcome {
         dispatch(ctx, &Regs { nr, args }, &mut ExitStats::default())
     }
 
     #[test]
     fn null_echoes_and_features_report_v1() {
-        with_ctx(|ctx, _, _| {
+        with_ctx(|ctx| {
             assert_eq!(call(ctx, 0, [42, 0, 0, 0]), Outcome::Return(Return::ok(42)));
             assert_eq!(
                 call(ctx, 1, [0; 4]),
-                Outcome::Return(Return::ok(features::V1_0))
+                Outcome::Return(Return::ok(features::V1_1))
             );
         });
     }
 
     #[test]
     fn unknown_and_reserved_calls_return_errors() {
-        with_ctx(|ctx, _, _| {
+        with_ctx(|ctx| {
             for nr in [5, 15, 1000, u64::MAX] {
                 assert_eq!(
                     call(ctx, nr, [0; 4]),
                     Outcome::Return(Return::err(AbiError::UnknownCall))
                 );
             }
-            for nr in [16, 17, 18, 19] {
+            for nr in [16, 17] {
                 assert_eq!(
                     call(ctx, nr, [0; 4]),
                     Outcome::Return(Return::err(AbiError::NotImplemented))
@@ -114,7 +122,7 @@ pub(crate) mod tests {
 
     #[test]
     fn exit_takes_a_u32() {
-        with_ctx(|ctx, _, _| {
+        with_ctx(|ctx| {
             assert_eq!(call(ctx, 3, [7, 0, 0, 0]), Outcome::Exit(7));
             assert_eq!(
                 call(ctx, 3, [1 << 32, 0, 0, 0]),
@@ -125,7 +133,7 @@ pub(crate) mod tests {
 
     #[test]
     fn dispatch_counts_by_name() {
-        with_ctx(|ctx, _, _| {
+        with_ctx(|ctx| {
             let mut s = ExitStats::default();
             dispatch(
                 ctx,

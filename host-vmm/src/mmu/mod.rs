@@ -1,0 +1,300 @@
+//! The page-table pool and its validator, shared by the PV path (`hypercall::mmu`) and the
+//! trapped path (`trap::mmu_emul`). The rules are those of `hypercall_abi::mmu`; this module is
+//! their single implementation, and it runs without KVM so it can be tested directly.
+//!
+//! The pool is its own guest-memory region at `PT_POOL_GPA`, registered with KVM read-only: the
+//! guest reads its tables (and the CPU walks them) but every change comes through here and is
+//! applied through the host's writable mapping.
+
+use hypercall_abi::Error as AbiError;
+use hypercall_abi::layout::{PAGE_SIZE, PML4_GPA, PT_POOL_GPA, PT_POOL_SIZE};
+use hypercall_abi::mmu::{
+    ENTRIES_PER_TABLE, HUGE_PAGE_SIZE, Level, PTE_ACCESSED, PTE_ADDR_MASK, PTE_DIRTY, PTE_HUGE,
+    PTE_PRESENT, PTE_RESERVED_MASK, PTE_WRITABLE,
+};
+use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
+use kvm_ioctls::VmFd;
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+
+use crate::error::{Error, Result};
+
+/// Number of frames in the pool.
+pub const POOL_FRAMES: usize = (PT_POOL_SIZE / PAGE_SIZE) as usize;
+
+/// Bits 13..=20 of a 2 MiB leaf are reserved (bit 12 is its PAT bit).
+const HUGE_RESERVED: u64 = 0x001f_e000;
+
+/// What the host knows about one pool frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// 0 = untyped (free), else the paging level of the table it holds.
+    pub level: Level,
+    /// Parent entries pointing at it, plus pins.
+    pub refs: u32,
+}
+
+/// The pool: guest-visible read-only page-table frames, and their types.
+#[derive(Debug)]
+pub struct PtPool {
+    mem: GuestMemoryMmap,
+    frames: Vec<FrameInfo>,
+    ram_size: u64,
+}
+
+/// Index of the pool frame holding `gpa`, if `gpa` is inside the pool.
+pub fn frame_index(gpa: u64) -> Option<usize> {
+    let off = gpa.checked_sub(PT_POOL_GPA)?;
+    (off < PT_POOL_SIZE).then_some((off / PAGE_SIZE) as usize)
+}
+
+fn frame_gpa(index: usize) -> u64 {
+    PT_POOL_GPA + index as u64 * PAGE_SIZE
+}
+
+/// True if `[start, start + len)` lies entirely inside the pool.
+fn pool_covers(start: u64, len: u64) -> bool {
+    start >= PT_POOL_GPA
+        && start
+            .checked_add(len)
+            .is_some_and(|end| end <= PT_POOL_GPA + PT_POOL_SIZE)
+}
+
+impl PtPool {
+    /// A zeroed, untyped pool for a guest with `ram_size` bytes of RAM.
+    pub fn new(ram_size: u64) -> Result<PtPool> {
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(PT_POOL_GPA), PT_POOL_SIZE as usize)])
+                .map_err(|e| Error::GuestMemory(format!("page-table pool: {e}")))?;
+        Ok(PtPool {
+            mem,
+            frames: vec![FrameInfo::default(); POOL_FRAMES],
+            ram_size,
+        })
+    }
+
+    /// Registers the pool with KVM as a read-only slot.
+    pub fn register(&self, vm: &VmFd, slot: u32) -> Result<()> {
+        let region = self.mem.iter().next().expect("one region");
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: KVM_MEM_READONLY,
+            guest_phys_addr: PT_POOL_GPA,
+            memory_size: PT_POOL_SIZE,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `desc` describes a live mapping owned by `self.mem`, which outlives the VM (the
+        // `Vm` drops its fds before its pool), and the pool's GPA range overlaps no other slot.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(Error::kvm("set pool memory region"))
+    }
+
+    /// What the host knows about the frame holding `gpa`.
+    pub fn frame(&self, gpa: u64) -> Option<FrameInfo> {
+        frame_index(gpa).map(|i| self.frames[i])
+    }
+
+    /// Reads the 8-byte entry at `gpa` (which must be an aligned pool address).
+    pub fn read_entry(&self, gpa: u64) -> Option<u64> {
+        if gpa % 8 != 0 || frame_index(gpa).is_none() {
+            return None;
+        }
+        self.mem.read_obj(GuestAddress(gpa)).ok()
+    }
+
+    fn write_entry(&self, gpa: u64, value: u64) {
+        // Only called with addresses validated by `frame_index` and 8-byte alignment, so the
+        // write is in bounds; vm-memory checks again.
+        let _ = self.mem.write_obj(value, GuestAddress(gpa));
+    }
+
+    fn frame_is_zero(&self, index: usize) -> bool {
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        self.mem
+            .read_slice(&mut buf, GuestAddress(frame_gpa(index)))
+            .is_ok()
+            && buf.iter().all(|&b| b == 0)
+    }
+
+    /// Writes a table the VMM builds itself (boot tables), bypassing validation. The frame is
+    /// typed `level`; `refs` is its reference count (parents + VMM pin).
+    pub fn install_vmm_table(&mut self, gpa: u64, level: Level, refs: u32, entries: &[u64]) {
+        let i = frame_index(gpa).expect("VMM tables live in the pool");
+        for (n, e) in entries.iter().enumerate().take(ENTRIES_PER_TABLE) {
+            self.write_entry(gpa + n as u64 * 8, *e);
+        }
+        self.frames[i] = FrameInfo { level, refs };
+    }
+
+    /// Validates `value` for the entry at `pte_gpa` and applies it, or refuses it untouched.
+    pub fn apply(&mut self, pte_gpa: u64, value: u64) -> std::result::Result<(), AbiError> {
+        if pte_gpa % 8 != 0 {
+            return Err(AbiError::InvalidArgument);
+        }
+        let fi = frame_index(pte_gpa).ok_or(AbiError::BadAddress)?;
+        let level = self.frames[fi].level;
+        if level == 0 {
+            return Err(AbiError::TypeConflict);
+        }
+        let new_child = self.check_entry(level, value)?;
+        let old = self.read_entry(pte_gpa).unwrap_or(0);
+        let old_child = self.table_target(level, old);
+
+        let applied = if value & PTE_PRESENT == 0 {
+            value
+        } else if new_child.is_some() {
+            value | PTE_ACCESSED
+        } else {
+            value | PTE_ACCESSED | PTE_DIRTY
+        };
+        if let Some(c) = new_child {
+            let f = &mut self.frames[c];
+            if f.level == 0 {
+                *f = FrameInfo {
+                    level: level - 1,
+                    refs: 0,
+                };
+            }
+            f.refs += 1;
+        }
+        self.write_entry(pte_gpa, applied);
+        if let Some(c) = old_child {
+            self.drop_ref(c);
+        }
+        Ok(())
+    }
+
+    /// The pool frame a *table* entry of a `level` table points at (None for leaves and
+    /// not-present entries).
+    fn table_target(&self, level: Level, entry: u64) -> Option<usize> {
+        if level < 2 || entry & PTE_PRESENT == 0 || entry & PTE_HUGE != 0 {
+            return None;
+        }
+        frame_index(entry & PTE_ADDR_MASK)
+    }
+
+    /// The entry rules of `hypercall_abi::mmu`. Returns the child frame for a table entry.
+    fn check_entry(
+        &self,
+        level: Level,
+        value: u64,
+    ) -> std::result::Result<Option<usize>, AbiError> {
+        if value & PTE_PRESENT == 0 {
+            return Ok(None);
+        }
+        if value & PTE_RESERVED_MASK != 0 {
+            return Err(AbiError::InvalidArgument);
+        }
+        let huge = value & PTE_HUGE != 0;
+        if level >= 3 && huge {
+            // 1 GiB pages (L3) are not supported; PS is reserved in L4.
+            return Err(AbiError::InvalidArgument);
+        }
+        if level >= 2 && !huge {
+            let target = value & PTE_ADDR_MASK;
+            let child = frame_index(target).ok_or(AbiError::BadAddress)?;
+            let f = self.frames[child];
+            let fits = if f.level == 0 {
+                self.frame_is_zero(child)
+            } else {
+                f.level == level - 1
+            };
+            return if fits {
+                Ok(Some(child))
+            } else {
+                Err(AbiError::TypeConflict)
+            };
+        }
+        let (addr, size) = if huge {
+            if value & HUGE_RESERVED != 0 {
+                return Err(AbiError::InvalidArgument);
+            }
+            (
+                value & PTE_ADDR_MASK & !(HUGE_PAGE_SIZE - 1),
+                HUGE_PAGE_SIZE,
+            )
+        } else {
+            (value & PTE_ADDR_MASK, PAGE_SIZE)
+        };
+        let in_ram = addr
+            .checked_add(size)
+            .is_some_and(|end| end <= self.ram_size);
+        if in_ram {
+            Ok(None)
+        } else if pool_covers(addr, size) {
+            if value & PTE_WRITABLE != 0 {
+                Err(AbiError::Denied)
+            } else {
+                Ok(None)
+            }
+        } else {
+            Err(AbiError::BadAddress)
+        }
+    }
+
+    fn drop_ref(&mut self, frame: usize) {
+        let mut stack = vec![frame];
+        while let Some(f) = stack.pop() {
+            let info = &mut self.frames[f];
+            info.refs = info.refs.saturating_sub(1);
+            if info.refs > 0 {
+                continue;
+            }
+            let level = info.level;
+            for n in 0..ENTRIES_PER_TABLE as u64 {
+                let e = self.read_entry(frame_gpa(f) + n * 8).unwrap_or(0);
+                if let Some(c) = self.table_target(level, e) {
+                    stack.push(c);
+                }
+            }
+            let _ = self
+                .mem
+                .write_slice(&[0u8; PAGE_SIZE as usize], GuestAddress(frame_gpa(f)));
+            self.frames[f] = FrameInfo::default();
+        }
+    }
+
+    /// `mmu_pin(PIN_L4, gpa)`: types a zero frame as a root, or adds a pin to a root.
+    pub fn pin(&mut self, gpa: u64) -> std::result::Result<(), AbiError> {
+        if gpa % PAGE_SIZE != 0 {
+            return Err(AbiError::InvalidArgument);
+        }
+        let i = frame_index(gpa).ok_or(AbiError::BadAddress)?;
+        match self.frames[i].level {
+            0 if self.frame_is_zero(i) => self.frames[i] = FrameInfo { level: 4, refs: 1 },
+            4 => self.frames[i].refs += 1,
+            _ => return Err(AbiError::TypeConflict),
+        }
+        Ok(())
+    }
+
+    /// `mmu_pin(UNPIN, gpa)`: drops a pin; the last one releases the whole tree. The VMM's pin
+    /// of the boot root cannot be dropped.
+    pub fn unpin(&mut self, gpa: u64) -> std::result::Result<(), AbiError> {
+        if gpa % PAGE_SIZE != 0 {
+            return Err(AbiError::InvalidArgument);
+        }
+        let i = frame_index(gpa).ok_or(AbiError::BadAddress)?;
+        let f = self.frames[i];
+        if f.level != 4 || f.refs == 0 {
+            return Err(AbiError::TypeConflict);
+        }
+        if gpa == PML4_GPA && f.refs == 1 {
+            return Err(AbiError::Denied);
+        }
+        self.drop_ref(i);
+        Ok(())
+    }
+
+    /// Typed frames (for tests and statistics).
+    pub fn typed_frames(&self) -> usize {
+        self.frames.iter().filter(|f| f.level != 0).count()
+    }
+}
+
+#[cfg(test)]
+mod tests;
