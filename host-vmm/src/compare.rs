@@ -18,11 +18,15 @@ use hypercall_abi::layout::KERNEL_MIN_GPA;
 use hypercall_abi::ports::{EXIT_PORT, MARKER_BEGIN, MARKER_END, MARKER_PORT, NULL_PORT};
 
 /// Workloads `compare` knows, in the order it runs them.
-pub const WORKLOADS: &[&str] = &["null", "console"];
+pub const WORKLOADS: &[&str] = &["null", "console", "pagetable"];
 /// Default number of null calls.
 pub const DEFAULT_NULL_OPS: u64 = 100_000;
 /// Default console bytes.
 pub const DEFAULT_CONSOLE_BYTES: u64 = 16_384;
+/// Default page-table updates.
+pub const DEFAULT_PT_UPDATES: u64 = 65_536;
+/// PV batch sizes of the page-table sweep.
+pub const DEFAULT_PT_BATCHES: &[u64] = &[1, 8, 64, 256, 512];
 
 /// What to compare.
 #[derive(Debug, Clone)]
@@ -33,6 +37,10 @@ pub struct CompareOptions {
     pub null_ops: u64,
     /// `console`: number of bytes.
     pub console_bytes: u64,
+    /// `pagetable`: number of PTE updates.
+    pub pt_updates: u64,
+    /// `pagetable`: PV batch sizes to sweep.
+    pub pt_batches: Vec<u64>,
     /// Guest RAM.
     pub mem_size: u64,
     /// KVM device.
@@ -47,6 +55,8 @@ impl Default for CompareOptions {
             workloads: WORKLOADS.iter().map(|s| s.to_string()).collect(),
             null_ops: DEFAULT_NULL_OPS,
             console_bytes: DEFAULT_CONSOLE_BYTES,
+            pt_updates: DEFAULT_PT_UPDATES,
+            pt_batches: DEFAULT_PT_BATCHES.to_vec(),
             mem_size: 128 << 20,
             kvm_device: vm::DEFAULT_KVM_DEVICE.into(),
             kernel: KernelImage::embedded(),
@@ -59,8 +69,11 @@ impl Default for CompareOptions {
 pub struct Record {
     /// Workload name.
     pub workload: String,
-    /// `pv` or `trapped`.
+    /// `pv` or `trapped` (or a floor variant).
     pub mode: String,
+    /// PV batch size of a sweep record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<u64>,
     /// Operations the guest completed (calls, bytes).
     pub ops: u64,
     /// Exits in the measured window: `total` and one key per reason.
@@ -69,6 +82,8 @@ pub struct Record {
     pub hypercalls: BTreeMap<String, u64>,
     /// Trapped-device accesses in the window, by device.
     pub devices: BTreeMap<String, u64>,
+    /// Work the host did for the guest in the window (e.g. `pte_pv`, `pte_trapped`).
+    pub events: BTreeMap<String, u64>,
     /// Exits per operation.
     pub exits_per_op: f64,
     /// Wall time of the window.
@@ -84,11 +99,45 @@ pub struct Record {
     pub exit_code: u32,
 }
 
-fn workload_args(name: &str, opts: &CompareOptions) -> Vec<String> {
+/// One run of a workload: mode, guest arguments, and the PV batch size of a sweep point.
+struct Variant {
+    mode: Mode,
+    args: Vec<String>,
+    batch: Option<u64>,
+}
+
+fn variants(name: &str, opts: &CompareOptions) -> Vec<Variant> {
+    let both = |args: Vec<String>| {
+        [Mode::Pv, Mode::Trapped]
+            .map(|mode| Variant {
+                mode,
+                args: args.clone(),
+                batch: None,
+            })
+            .into()
+    };
     match name {
-        "null" => vec![format!("ops={}", opts.null_ops)],
-        "console" => vec![format!("bytes={}", opts.console_bytes)],
-        _ => Vec::new(),
+        "null" => both(vec![format!("ops={}", opts.null_ops)]),
+        "console" => both(vec![format!("bytes={}", opts.console_bytes)]),
+        "pagetable" => {
+            let updates = format!("updates={}", opts.pt_updates);
+            let mut v: Vec<Variant> = opts
+                .pt_batches
+                .iter()
+                .map(|&b| Variant {
+                    mode: Mode::Pv,
+                    args: vec![updates.clone(), format!("batch={b}")],
+                    batch: Some(b),
+                })
+                .collect();
+            v.push(Variant {
+                mode: Mode::Trapped,
+                args: vec![updates],
+                batch: None,
+            });
+            v
+        }
+        _ => both(Vec::new()),
     }
 }
 
@@ -140,10 +189,12 @@ fn record_from_window(
     Record {
         workload: workload.into(),
         mode: mode.into(),
+        batch: None,
         ops,
         exits,
         hypercalls: own(&window.exits.by_hypercall),
         devices: own(&window.exits.by_device),
+        events: own(&window.exits.events),
         exits_per_op: per_op(window.exits.total as f64),
         wall_ns: window.wall_ns,
         ns_per_op: per_op(window.wall_ns as f64),
@@ -163,18 +214,20 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Resul
         }
     }
     for w in &opts.workloads {
-        for mode in [Mode::Pv, Mode::Trapped] {
-            progress(w, mode.name());
+        for v in variants(w, opts) {
+            progress(w, &v.args.join(" "));
             let cfg = VmConfig {
                 kernel: opts.kernel.clone(),
-                mode,
+                mode: v.mode,
                 mem_size: opts.mem_size,
                 workload: w.clone(),
-                args: workload_args(w, opts),
+                args: v.args,
                 kvm_device: opts.kvm_device.clone(),
             };
             let report = vm::run(&cfg, ConsoleSink::new(None))?;
-            records.push(record(w, mode, &report)?);
+            let mut rec = record(w, v.mode, &report)?;
+            rec.batch = v.batch;
+            records.push(rec);
         }
     }
     Ok(records)
@@ -305,6 +358,13 @@ pub fn fidelity_failures(records: &[Record]) -> Vec<String> {
         .collect()
 }
 
+fn mode_label(r: &Record) -> String {
+    match r.batch {
+        Some(b) => format!("{} b={b}", r.mode),
+        None => r.mode.clone(),
+    }
+}
+
 fn checksum_text(r: &Record) -> &str {
     r.checksum.as_deref().unwrap_or("-")
 }
@@ -325,7 +385,7 @@ pub fn render_table(records: &[Record]) -> String {
         s += &format!(
             "{:<9} {:<13} {:>9} {:>9} {:>8.3} {:>10.2} {:>10.1} {:>9.1}  {:<18}\n",
             r.workload,
-            r.mode,
+            mode_label(r),
             r.ops,
             r.exits.get("total").copied().unwrap_or(0),
             r.exits_per_op,
@@ -348,13 +408,11 @@ pub fn render_table(records: &[Record]) -> String {
             100.0 * (pv.ns_per_op / floor.ns_per_op - 1.0)
         );
     }
-    let mut seen = Vec::new();
-    for r in records {
-        if seen.contains(&r.workload) {
-            continue;
-        }
-        seen.push(r.workload.clone());
-        if let (Some(pv), Some(tr)) = (find(&r.workload, "pv"), find(&r.workload, "trapped")) {
+    for tr in records.iter().filter(|r| r.mode == "trapped") {
+        for pv in records
+            .iter()
+            .filter(|r| r.workload == tr.workload && r.mode == "pv")
+        {
             let same = if pv.checksum == tr.checksum {
                 "same checksum"
             } else {
@@ -366,8 +424,9 @@ pub fn render_table(records: &[Record]) -> String {
                 0.0
             };
             s += &format!(
-                "{}: trapped/pv time per op = {ratio:.2}x, exits {} vs {} ({same})\n",
-                r.workload,
+                "{}: trapped/{} time per op = {ratio:.2}x, exits {} vs {} ({same})\n",
+                tr.workload,
+                mode_label(pv),
                 tr.exits.get("total").copied().unwrap_or(0),
                 pv.exits.get("total").copied().unwrap_or(0)
             );

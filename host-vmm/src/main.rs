@@ -39,7 +39,7 @@ enum Command {
         /// Guest RAM, e.g. 128M, 1G (16 MiB .. 3 GiB).
         #[arg(long, default_value = "128M", value_parser = mem_size)]
         mem: u64,
-        /// Workload for the demo kernel: hello, null, console, panic.
+        /// Workload for the demo kernel: hello, null, console, pagetable, cpl3, panic.
         #[arg(long, default_value = "hello")]
         workload: String,
         /// Print exit statistics to stderr when the guest exits.
@@ -66,6 +66,17 @@ enum Command {
         /// Bytes written by the `console` workload.
         #[arg(long, default_value_t = compare::DEFAULT_CONSOLE_BYTES)]
         console_bytes: u64,
+        /// Page-table updates of the `pagetable` workload (a multiple of 4).
+        #[arg(long, default_value_t = compare::DEFAULT_PT_UPDATES)]
+        pt_updates: u64,
+        /// PV batch sizes of the `pagetable` sweep, comma-separated (each 1..=1024).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_values_t = compare::DEFAULT_PT_BATCHES.to_vec(),
+            value_parser = clap::value_parser!(u64).range(1..=1024)
+        )]
+        pt_batches: Vec<u64>,
         /// Guest RAM per VM.
         #[arg(long, default_value = "128M", value_parser = mem_size)]
         mem: u64,
@@ -155,6 +166,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             null_ops,
             console_bytes,
+            pt_updates,
+            pt_batches,
             mem,
             kernel,
             kvm_device,
@@ -167,6 +180,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 null_ops,
                 console_bytes,
+                pt_updates,
+                pt_batches,
                 mem_size: mem,
                 kvm_device,
                 kernel: kernel_image(kernel)?,
