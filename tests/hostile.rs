@@ -4,32 +4,11 @@
 
 use host_vmm::loader::minimal_elf;
 use host_vmm::metrics::ExitReason;
-use hypercall_abi::{CONSOLE_WRITE_MAX, Call, Error, HYPERCALL_PORT, ports::EXIT_PORT};
+use hypercall_abi::{CONSOLE_WRITE_MAX, Call, Error};
+use tests::asm::{exit_with_eax, hypercall};
 use tests::{Mode, boot_image};
 
 const MEM: u64 = 128 << 20;
-
-/// Machine code: `mov rax, nr; mov rdi, a0; mov rsi, a1; mov dx, HYPERCALL_PORT; out dx, eax`.
-fn hypercall(nr: u64, a0: u64, a1: u64) -> Vec<u8> {
-    let mut c = vec![0x48, 0xb8];
-    c.extend_from_slice(&nr.to_le_bytes());
-    c.extend_from_slice(&[0x48, 0xbf]);
-    c.extend_from_slice(&a0.to_le_bytes());
-    c.extend_from_slice(&[0x48, 0xbe]);
-    c.extend_from_slice(&a1.to_le_bytes());
-    c.extend_from_slice(&[0x66, 0xba]);
-    c.extend_from_slice(&HYPERCALL_PORT.to_le_bytes());
-    c.push(0xef);
-    c
-}
-
-/// Machine code: exit through the trapped exit port with `eax` as the code.
-fn exit_with_eax() -> Vec<u8> {
-    let mut c = vec![0x66, 0xba];
-    c.extend_from_slice(&EXIT_PORT.to_le_bytes());
-    c.push(0xef);
-    c
-}
 
 /// Runs one hypercall and exits with its status; returns (exit code, report).
 fn status_of(nr: u64, a0: u64, a1: u64) -> (u32, host_vmm::vm::RunReport) {

@@ -79,3 +79,44 @@ pub fn console_pattern(n: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Tiny x86-64 machine-code builders for purpose-built test guests.
+pub mod asm {
+    use hypercall_abi::HYPERCALL_PORT;
+    use hypercall_abi::ports::EXIT_PORT;
+
+    /// `mov r64, imm64` for rax (0), rcx (1), rdx (2), rbx (3), rsi (6), rdi (7).
+    pub fn mov_imm(reg: u8, imm: u64) -> Vec<u8> {
+        let mut c = vec![0x48, 0xb8 + reg];
+        c.extend_from_slice(&imm.to_le_bytes());
+        c
+    }
+
+    /// `mov rax, nr; mov rdi, a0; mov rsi, a1; mov dx, HYPERCALL_PORT; out dx, eax`.
+    pub fn hypercall(nr: u64, a0: u64, a1: u64) -> Vec<u8> {
+        let mut c = mov_imm(0, nr);
+        c.extend(mov_imm(7, a0));
+        c.extend(mov_imm(6, a1));
+        c.extend_from_slice(&[0x66, 0xba]);
+        c.extend_from_slice(&HYPERCALL_PORT.to_le_bytes());
+        c.push(0xef);
+        c
+    }
+
+    /// Exit through the trapped exit port with `eax` as the code.
+    pub fn exit_with_eax() -> Vec<u8> {
+        let mut c = vec![0x66, 0xba];
+        c.extend_from_slice(&EXIT_PORT.to_le_bytes());
+        c.push(0xef);
+        c
+    }
+
+    /// `mov [rbx], rax` (an 8-byte store).
+    pub const STORE_RAX_AT_RBX: [u8; 3] = [0x48, 0x89, 0x03];
+    /// `mov [rbx], eax` (a 4-byte store).
+    pub const STORE_EAX_AT_RBX: [u8; 2] = [0x89, 0x03];
+    /// `mov rax, [rbx]`.
+    pub const LOAD_RAX_FROM_RBX: [u8; 3] = [0x48, 0x8b, 0x03];
+    /// `shl rdx, 8; or rax, rdx`: pack a hypercall's value above its status.
+    pub const PACK_STATUS_AND_VALUE: [u8; 7] = [0x48, 0xc1, 0xe2, 0x08, 0x48, 0x09, 0xd0];
+}
