@@ -2,8 +2,8 @@
 //! leaves (signature, ABI version, feature bits) replacing KVM's own paravirt leaves.
 
 use hypercall_abi::{
-    CPUID_LEAF_SIGNATURE, CPUID_LEAF_VERSION, CPUID_MAX_LEAF, abi_version_packed, features,
-    signature_registers,
+    CPUID_LEAF_SIGNATURE, CPUID_LEAF_TIMING, CPUID_LEAF_VERSION, CPUID_MAX_LEAF,
+    abi_version_packed, features, signature_registers,
 };
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
 use kvm_ioctls::Kvm;
@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 /// CPUID leaf 1 ECX bit 31: "running under a hypervisor".
 const HYPERVISOR_BIT: u32 = 1 << 31;
 
-/// The CPUID table for a pvkit guest.
-pub fn guest_cpuid(kvm: &Kvm) -> Result<CpuId> {
+/// The CPUID table for a pvkit guest; `tsc_khz` is the guest's TSC frequency (0 if unknown).
+pub fn guest_cpuid(kvm: &Kvm, tsc_khz: u32) -> Result<CpuId> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::kvm("get supported CPUID"))?;
@@ -27,12 +27,16 @@ pub fn guest_cpuid(kvm: &Kvm) -> Result<CpuId> {
     for e in entries.iter_mut().filter(|e| e.function == 1) {
         e.ecx |= HYPERVISOR_BIT;
     }
-    entries.extend(pvkit_leaves(features::V1_0));
+    let mut bits = crate::hypercall::HOST_FEATURES;
+    if tsc_khz == 0 {
+        bits &= !features::TSC_KHZ;
+    }
+    entries.extend(pvkit_leaves(bits, tsc_khz));
     CpuId::from_entries(&entries).map_err(|_| Error::MissingCapability("a CPUID table this large"))
 }
 
-/// pvkit's two leaves.
-pub fn pvkit_leaves(feature_bits: u64) -> [kvm_cpuid_entry2; 2] {
+/// pvkit's leaves: signature, version/features, timing.
+pub fn pvkit_leaves(feature_bits: u64, tsc_khz: u32) -> [kvm_cpuid_entry2; 3] {
     let (ebx, ecx, edx) = signature_registers();
     [
         kvm_cpuid_entry2 {
@@ -49,6 +53,11 @@ pub fn pvkit_leaves(feature_bits: u64) -> [kvm_cpuid_entry2; 2] {
             ebx: feature_bits as u32,
             ecx: (feature_bits >> 32) as u32,
             edx: 0,
+            ..Default::default()
+        },
+        kvm_cpuid_entry2 {
+            function: CPUID_LEAF_TIMING,
+            eax: tsc_khz,
             ..Default::default()
         },
     ]

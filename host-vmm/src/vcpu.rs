@@ -1,6 +1,9 @@
 //! The vCPU loop: run, decode the exit, dispatch to a device or hypercall handler, count it.
 //! No device or hypercall logic lives here.
 
+use std::time::Instant;
+
+use hypercall_abi::idle::{EVENT_VECTOR, TIMER_VECTOR};
 use hypercall_abi::ports::{MARKER_BEGIN, MARKER_END};
 use hypercall_abi::{HYPERCALL_PORT, Regs};
 use kvm_ioctls::{SyncReg, VcpuExit};
@@ -16,6 +19,7 @@ use crate::{mmu, trap};
 enum Step {
     Continue,
     Hypercall,
+    Halt,
     Exit(u32),
     Marker(u32),
     Fault(String),
@@ -28,10 +32,11 @@ pub(crate) fn run_loop(vm: &mut Vm) -> Result<(u32, Option<Window>)> {
     loop {
         let step = match step(vm)? {
             Step::Hypercall => hypercall(vm)?,
+            Step::Halt => halt(vm)?,
             other => other,
         };
         match step {
-            Step::Continue | Step::Hypercall => {}
+            Step::Continue | Step::Hypercall | Step::Halt => {}
             Step::Exit(code) => return Ok((code, window)),
             Step::Marker(MARKER_BEGIN) => begin = Some(snapshot(vm)),
             Step::Marker(MARKER_END) => {
@@ -122,7 +127,7 @@ fn step(vm: &mut Vm) -> Result<Step> {
         }
         VcpuExit::Hlt => {
             stats.record(ExitReason::Hlt);
-            Step::Fault("halted (KVM_EXIT_HLT) with no interrupt source to wake it".into())
+            Step::Halt
         }
         VcpuExit::Shutdown => {
             stats.record(ExitReason::Other);
@@ -161,6 +166,7 @@ fn hypercall(vm: &mut Vm) -> Result<Step> {
         console: &vm.console,
         clock: &vm.clock,
         pool: &mut vm.pool,
+        events: &mut vm.bus.events,
     };
     let ret = match hypercall::dispatch(&mut ctx, &call, &mut vm.stats) {
         Outcome::Exit(code) => return Ok(Step::Exit(code)),
@@ -177,4 +183,58 @@ fn hypercall(vm: &mut Vm) -> Result<Step> {
         vm.vcpu.set_regs(&regs).map_err(Error::kvm("set regs"))?;
     }
     Ok(Step::Continue)
+}
+
+/// `hlt`: wait for the next timer tick or event and raise its interrupt. A guest that halts
+/// with interrupts disabled, or with nothing that could ever wake it, is stuck for good.
+fn halt(vm: &mut Vm) -> Result<Step> {
+    if vm.vcpu.get_kvm_run().if_flag == 0 {
+        return Ok(Step::Fault(
+            "halted (KVM_EXIT_HLT) with interrupts disabled: nothing can wake it".into(),
+        ));
+    }
+    let bus = &mut vm.bus;
+    let tick = bus.timer.next_due();
+    let mut events = bus.events.drain();
+    if events == 0 {
+        if tick.is_none() && bus.event_device.outstanding() == 0 {
+            return Ok(Step::Fault(
+                "halted (KVM_EXIT_HLT) with no timer running and no event outstanding".into(),
+            ));
+        }
+        let timeout = tick.map(|t| t.saturating_duration_since(Instant::now()));
+        events = bus.events.wait(timeout);
+    }
+    let vector = if events > 0 {
+        EVENT_VECTOR
+    } else {
+        bus.timer.ack(Instant::now());
+        TIMER_VECTOR
+    };
+    inject_interrupt(&vm.vcpu, vector)?;
+    Ok(Step::Continue)
+}
+
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_INTERRUPT,
+    kvm_bindings::KVMIO,
+    0x86,
+    kvm_bindings::kvm_interrupt
+);
+
+/// Queues external interrupt `vector` (KVM_INTERRUPT; kvm-ioctls has no wrapper for it).
+fn inject_interrupt(vcpu: &kvm_ioctls::VcpuFd, vector: u8) -> Result<()> {
+    let irq = kvm_bindings::kvm_interrupt {
+        irq: u32::from(vector),
+    };
+    // SAFETY: KVM_INTERRUPT reads one `kvm_interrupt` from the pointer we pass, which points at
+    // a live, correctly typed value; `vcpu` is an open vCPU fd. The return value is checked.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_INTERRUPT(), &irq) };
+    if ret < 0 {
+        return Err(Error::Kvm {
+            op: "inject interrupt",
+            source: vmm_sys_util::errno::Error::last(),
+        });
+    }
+    Ok(())
 }

@@ -225,7 +225,10 @@ impl Vm {
         boot::write_boot_structures(&ram, &mut pool, &kernel, &req)?;
 
         let mut vcpu = vm.create_vcpu(0).map_err(Error::kvm("create vCPU"))?;
-        vcpu.set_cpuid2(&cpuid::guest_cpuid(&kvm)?)
+        // The timing leaf tells the guest its TSC rate; without it the guest has no clock that
+        // costs no exit, so report 0 rather than fail where KVM cannot say.
+        let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+        vcpu.set_cpuid2(&cpuid::guest_cpuid(&kvm, tsc_khz)?)
             .map_err(Error::kvm("set CPUID"))?;
         let mut sregs = vcpu.get_sregs().map_err(Error::kvm("get sregs"))?;
         boot::long_mode_sregs(&mut sregs);

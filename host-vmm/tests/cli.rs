@@ -114,6 +114,10 @@ fn compare_prints_a_table_and_writes_json() {
         "2000",
         "--console-bytes",
         "3000",
+        "--pt-updates",
+        "1024",
+        "--pt-batches",
+        "1,64",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -126,8 +130,9 @@ fn compare_prints_a_table_and_writes_json() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let recs = v.as_array().unwrap();
-    // Two floor references (raw exit loops) + two modes of each of the two workloads.
-    assert_eq!(recs.len(), 6);
+    // Two floor references (raw exit loops), two modes of null and console, and the
+    // pagetable sweep (two PV batch sizes) plus its trapped run.
+    assert_eq!(recs.len(), 9);
     let modes: Vec<_> = recs
         .iter()
         .map(|r| {
@@ -146,12 +151,22 @@ fn compare_prints_a_table_and_writes_json() {
             "null/pv",
             "null/trapped",
             "console/pv",
-            "console/trapped"
+            "console/trapped",
+            "pagetable/pv",
+            "pagetable/pv",
+            "pagetable/trapped"
         ]
     );
     assert!(recs[0]["checksum"].is_null());
     assert_eq!(recs[2]["checksum"], recs[3]["checksum"]);
     assert_eq!(recs[2]["exits"]["total"], 2000);
+    assert_eq!(
+        (recs[6]["batch"].as_u64(), recs[7]["batch"].as_u64()),
+        (Some(1), Some(64))
+    );
+    assert!(recs[8].get("batch").is_none());
+    assert_eq!(recs[6]["checksum"], recs[8]["checksum"]);
+    assert!(recs[8]["events"]["pte_trapped"].as_u64().unwrap() >= 1024);
     for r in recs {
         for key in [
             "workload",

@@ -16,6 +16,7 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 
 pub mod boot;
+pub mod idle;
 pub mod layout;
 pub mod mmu;
 pub mod ports;
@@ -24,7 +25,7 @@ pub mod ports;
 /// version differs from the one it was built against.
 pub const ABI_VERSION_MAJOR: u16 = 1;
 /// ABI minor version: bumped when calls or features are added compatibly.
-pub const ABI_VERSION_MINOR: u16 = 1;
+pub const ABI_VERSION_MINOR: u16 = 2;
 
 /// The ABI version packed as `major << 16 | minor` (the format of CPUID leaf
 /// [`CPUID_LEAF_VERSION`] `eax` and of [`Call::Features`]' result).
@@ -47,8 +48,11 @@ pub const CPUID_LEAF_SIGNATURE: u32 = 0x4000_0000;
 /// CPUID leaf with `eax` = packed ABI version, `ebx` = feature bits 0..31, `ecx` = feature bits
 /// 32..63, `edx` = 0 (reserved).
 pub const CPUID_LEAF_VERSION: u32 = 0x4000_0001;
+/// CPUID leaf with timing information: `eax` = TSC frequency in kHz (0 if unknown), `ebx` =
+/// 0 (reserved). The same leaf number and `eax` meaning as the VMware/KVM "timing" leaf.
+pub const CPUID_LEAF_TIMING: u32 = 0x4000_0010;
 /// The highest pvkit CPUID leaf (the value of `eax` at [`CPUID_LEAF_SIGNATURE`]).
-pub const CPUID_MAX_LEAF: u32 = CPUID_LEAF_VERSION;
+pub const CPUID_MAX_LEAF: u32 = CPUID_LEAF_TIMING;
 /// The 12-byte signature in `ebx`, `ecx`, `edx` (little-endian, in that order).
 pub const CPUID_SIGNATURE: [u8; 12] = *b"PVKITPVKIT\0\0";
 
@@ -73,8 +77,10 @@ pub mod features {
     pub const CLOCK: u64 = 1 << 2;
     /// `null`.
     pub const NULL: u64 = 1 << 3;
-    /// `idle_yield` (reserved: not yet serviced).
+    /// `idle_yield`, the timer and the event device (since v1.2).
     pub const IDLE_YIELD: u64 = 1 << 8;
+    /// CPUID leaf [`crate::CPUID_LEAF_TIMING`] reports the TSC frequency (since v1.2).
+    pub const TSC_KHZ: u64 = 1 << 4;
     /// `zero_hints` (reserved: not yet serviced).
     pub const ZERO_HINTS: u64 = 1 << 9;
     /// `mmu_update` and `mmu_pin` (since v1.1).
@@ -83,6 +89,8 @@ pub mod features {
     pub const V1_0: u64 = CONSOLE | EXIT | CLOCK | NULL;
     /// Everything a v1.1 host services.
     pub const V1_1: u64 = V1_0 | MMU_UPDATE;
+    /// Everything a v1.2 host services.
+    pub const V1_2: u64 = V1_1 | IDLE_YIELD | TSC_KHZ;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -110,7 +118,8 @@ pub enum Call {
     Exit = 3,
     /// Returns host monotonic time in nanoseconds (`u64`) since the VM was created.
     ClockNs = 4,
-    /// *Coming (issue: idle).* `a0` = absolute deadline in `clock_ns` time.
+    /// Parks the vCPU until `a0` (absolute, `clock_ns` time) or a pending event; returns the
+    /// wake reason. See [`idle`].
     IdleYield = 16,
     /// *Coming (issue: zero hints).* Pre-zeroed frame hints and frame release.
     ZeroHints = 17,

@@ -9,6 +9,14 @@ pub fn le_u32(data: &[u8]) -> u32 {
     u32::from_le_bytes(b)
 }
 
+/// Fills a 1-, 2- or 4-byte PIO read with the low bytes of `v`.
+pub fn put_le_u32(data: &mut [u8], v: u32) {
+    let b = v.to_le_bytes();
+    let n = data.len().min(4);
+    data.fill(0);
+    data[..n].copy_from_slice(&b[..n]);
+}
+
 /// A scratch register: writes are latched and counted; reads return the write count.
 #[derive(Debug, Default)]
 pub struct NullDevice {
@@ -25,10 +33,7 @@ impl NullDevice {
 
     /// A guest `in`: the number of writes so far (low bytes, as wide as the access).
     pub fn read(&self, data: &mut [u8]) {
-        let v = (self.writes as u32).to_le_bytes();
-        let n = data.len().min(4);
-        data.fill(0);
-        data[..n].copy_from_slice(&v[..n]);
+        put_le_u32(data, self.writes as u32);
     }
 
     /// Writes seen.

@@ -2,8 +2,13 @@
 //! full exit to the VMM.
 
 pub mod debug;
+pub mod event;
 pub mod serial;
+pub mod timer;
 
+use std::time::Duration;
+
+use hypercall_abi::idle::{EVENT_MAX_DELAY_US, EVENT_PORT, TIMER_PORT};
 use hypercall_abi::ports::{EXIT_PORT, MARKER_PORT, NULL_PORT, UART_COM1};
 
 use crate::console::ConsoleSink;
@@ -25,6 +30,12 @@ pub enum PioAction {
 pub struct PioBus {
     serial: serial::Uart,
     null: debug::NullDevice,
+    /// The periodic timer (trapped idle).
+    pub timer: timer::PeriodicTimer,
+    /// The VM's pending events.
+    pub events: event::EventQueue,
+    /// The event device.
+    pub event_device: event::EventDevice,
 }
 
 /// Which device decodes `port`, by stable name.
@@ -34,6 +45,8 @@ fn device_name(port: u16) -> &'static str {
         EXIT_PORT => "exit",
         MARKER_PORT => "marker",
         NULL_PORT => "null",
+        TIMER_PORT => "timer",
+        EVENT_PORT => "event",
         _ => "unclaimed",
     }
 }
@@ -41,9 +54,13 @@ fn device_name(port: u16) -> &'static str {
 impl PioBus {
     /// The standard devices, with the UART writing into `console`.
     pub fn new(console: ConsoleSink) -> PioBus {
+        let events = event::EventQueue::default();
         PioBus {
             serial: serial::Uart::new(console),
             null: debug::NullDevice::default(),
+            timer: timer::PeriodicTimer::default(),
+            event_device: event::EventDevice::new(events.waker()),
+            events,
         }
     }
 
@@ -56,6 +73,12 @@ impl PioBus {
             "exit" => return PioAction::Exit(debug::le_u32(data)),
             "marker" => return PioAction::Marker(debug::le_u32(data)),
             "null" => self.null.write(data),
+            "timer" => self.timer.program(debug::le_u32(data)),
+            "event" => {
+                let us = debug::le_u32(data).min(EVENT_MAX_DELAY_US);
+                self.event_device
+                    .schedule(Duration::from_micros(u64::from(us)));
+            }
             // Writes to unclaimed ports are dropped, as on a real ISA bus.
             _ => {}
         }
@@ -69,6 +92,7 @@ impl PioBus {
         match name {
             "uart" => self.serial.read(port - UART_COM1, data),
             "null" => self.null.read(data),
+            "event" => debug::put_le_u32(data, self.events.delivered() as u32),
             // Unclaimed ports float high, as on a real ISA bus.
             _ => data.fill(0xff),
         }

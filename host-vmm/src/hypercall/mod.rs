@@ -6,17 +6,19 @@
 
 pub mod clock;
 pub mod console;
+pub mod idle;
 pub mod mmu;
 
 use hypercall_abi::{Call, Error as AbiError, Regs, Return, features};
 
 use crate::console::ConsoleSink;
+use crate::devices::event::EventQueue;
 use crate::memory::GuestRam;
 use crate::metrics::ExitStats;
 use crate::mmu::PtPool;
 
 /// What the host services, as advertised in CPUID and by `features`.
-pub const HOST_FEATURES: u64 = features::V1_1;
+pub const HOST_FEATURES: u64 = features::V1_2;
 
 /// What the guest can reach from a hypercall.
 #[derive(Debug)]
@@ -29,6 +31,8 @@ pub struct Context<'a> {
     pub clock: &'a clock::Clock,
     /// The page-table pool.
     pub pool: &'a mut PtPool,
+    /// The VM's pending events.
+    pub events: &'a mut EventQueue,
 }
 
 /// The result of a hypercall.
@@ -54,6 +58,7 @@ pub fn dispatch(ctx: &mut Context<'_>, regs: &Regs, stats: &mut ExitStats) -> Ou
         Call::ConsoleWrite => console::write(ctx.ram, ctx.console, a0, a1),
         Call::Exit => return exit(a0),
         Call::ClockNs => Return::ok(ctx.clock.now_ns()),
+        Call::IdleYield => idle::idle_yield(ctx.clock, ctx.events, a0),
         Call::MmuUpdate => mmu::update(ctx.ram, ctx.pool, a0, a1, stats),
         Call::MmuPin => mmu::pin(ctx.pool, a0, a1),
         _ => Return::err(AbiError::NotImplemented),
@@ -78,11 +83,13 @@ mod tests {
         let console = ConsoleSink::new(None);
         let clock = clock::Clock::new();
         let mut pool = PtPool::new(16 << 20).unwrap();
+        let mut events = EventQueue::default();
         let mut ctx = Context {
             ram: &ram,
             console: &console,
             clock: &clock,
             pool: &mut pool,
+            events: &mut events,
         };
         f(&mut ctx)
     }
@@ -97,7 +104,7 @@ mod tests {
             assert_eq!(call(ctx, 0, [42, 0, 0, 0]), Outcome::Return(Return::ok(42)));
             assert_eq!(
                 call(ctx, 1, [0; 4]),
-                Outcome::Return(Return::ok(features::V1_1))
+                Outcome::Return(Return::ok(features::V1_2))
             );
         });
     }
@@ -111,12 +118,11 @@ mod tests {
                     Outcome::Return(Return::err(AbiError::UnknownCall))
                 );
             }
-            for nr in [16, 17] {
-                assert_eq!(
-                    call(ctx, nr, [0; 4]),
-                    Outcome::Return(Return::err(AbiError::NotImplemented))
-                );
-            }
+            // zero_hints is still reserved.
+            assert_eq!(
+                call(ctx, 17, [0; 4]),
+                Outcome::Return(Return::err(AbiError::NotImplemented))
+            );
         });
     }
 
