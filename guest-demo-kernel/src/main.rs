@@ -74,6 +74,7 @@ pub unsafe extern "C" fn _start(boot_info: *const BootInfo) -> ! {
     };
     let console = platform.console();
     platform::set_current(platform);
+    platform::init_cpu();
     run(Env {
         platform,
         console,
@@ -113,7 +114,7 @@ fn run(mut env: Env) -> ! {
         );
         env.platform.exit(exit_code::USAGE);
     };
-    let args = match Args::parse_known(info.args(), workload.keys) {
+    let args = match Args::parse_with_text(info.args(), workload.keys, workload.text_keys) {
         Ok(args) => args,
         Err(e) => {
             kprintln!(env.console, "error: workload '{}': {e}", workload.name);

@@ -1,5 +1,6 @@
 //! How the kernel talks to the host, fixed at boot: [`Platform::Pv`] (hypercalls) or
-//! [`Platform::Trapped`] (port I/O only), plus safe wrappers of the trapped-device ports.
+//! [`Platform::Trapped`] (port I/O only), plus safe wrappers of the trapped-device ports, and the
+//! kernel's use of the CPL 3 runtime ([`init_cpu`], [`at_cpl3`]).
 //!
 //! # Why the trapped ports are safe to use here
 //! `guest_pv::trapped` is `unsafe` because its ports are pvkit's, not a PC convention. This
@@ -9,7 +10,7 @@
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use guest_pv::{Console, Pvkit, trapped};
+use guest_pv::{Console, Pvkit, cpu, trapped};
 use hypercall_abi::boot::Mode;
 use hypercall_abi::ports::{MARKER_BEGIN, MARKER_END};
 
@@ -98,4 +99,37 @@ pub fn null_port_read() -> u32 {
 pub fn exit_port(code: u32) -> ! {
     // SAFETY: a pvkit VM (module docs); the exit port ends the VM.
     unsafe { trapped::exit_port(code) }
+}
+
+/// Bytes of the stack [`at_cpl3`] runs code on.
+const USER_STACK_SIZE: usize = 64 * 1024;
+
+/// The stack of CPL 3 code.
+#[repr(C, align(16))]
+struct UserStack([u8; USER_STACK_SIZE]);
+
+/// Used only by [`at_cpl3`], through a raw pointer.
+static mut USER_STACK: UserStack = UserStack([0; USER_STACK_SIZE]);
+
+/// Installs the CPL 3 runtime (`guest_pv::cpu`): its GDT, TSS and IDT, with fatal exceptions
+/// reported like panics. Called once at boot.
+pub fn init_cpu() {
+    // SAFETY: called once, from `_start` at CPL 0 with interrupts disabled (pvkit's entry state)
+    // on pvkit's single vCPU. The kernel is flat (base 0) in pvkit's boot selectors 0x08/0x10,
+    // which the new GDT keeps, and has no GDT, TSS or IDT of its own.
+    unsafe { cpu::init(crate::panic::cpu_fault) }
+}
+
+/// Runs `f` at CPL 3 (natively on pvkit's KVM, where CPL 0 code is emulated) on this kernel's
+/// user stack and returns its result. In `f`, privileged operations go through
+/// `guest_pv::cpu`'s services (`flush_tlb`, `load_cr3`); console, hypercalls, markers, exit
+/// and panics work as at CPL 0.
+pub fn at_cpl3<F: FnOnce() -> u64>(f: F) -> u64 {
+    let top = (&raw mut USER_STACK).addr() as u64 + USER_STACK_SIZE as u64;
+    // SAFETY: `init_cpu` ran at boot (in `_start`, before any workload). `run_user` itself
+    // refuses a call at CPL 3 or from inside another `run_user` (fatally, before touching the
+    // stack), so the user stack, used by nothing else, is never shared. Everything is mapped
+    // user-accessible by pvkit's boot identity map (U set at every level), and the workloads'
+    // CPL 3 code uses no privileged instruction.
+    unsafe { cpu::run_user_with(top, f) }
 }

@@ -1,6 +1,7 @@
 //! Parsing of the workload arguments in [`hypercall_abi::boot::BootInfo::args`]: ASCII
 //! `key=value` words separated by spaces, every value a decimal `u64` (`_` separators allowed,
-//! as in `bytes=16_384`).
+//! as in `bytes=16_384`) unless the key is declared text-valued ([`Args::parse_with_text`],
+//! e.g. `root=new`).
 //!
 //! Allocation-free: [`Args`] keeps the text and looks keys up on demand.
 //!
@@ -15,6 +16,11 @@
 //! // Or check the keys while parsing:
 //! let err = Args::parse_known(b"colour=blue", &["ops"]).unwrap_err();
 //! assert_eq!(err.to_string(), "unknown argument 'colour' (known: ops)");
+//!
+//! // Text-valued keys are declared separately and read with `get_str`:
+//! let args = Args::parse_with_text(b"ops=3 root=new", &["ops"], &["root"]).unwrap();
+//! assert_eq!(args.get_str("root"), Some("new"));
+//! assert_eq!(args.get("ops"), Some(3));
 //! ```
 
 use core::fmt;
@@ -45,8 +51,10 @@ pub enum ArgError<'a> {
     Unknown {
         /// The key.
         key: &'a str,
-        /// The keys the workload knows.
+        /// The numeric keys the workload knows.
         known: &'a [&'a str],
+        /// The text-valued keys the workload knows.
+        text: &'a [&'a str],
     },
 }
 
@@ -59,12 +67,12 @@ impl fmt::Display for ArgError<'_> {
                 write!(f, "bad value '{value}' for '{key}' (want a decimal u64)")
             }
             ArgError::Duplicate(key) => write!(f, "argument '{key}' given twice"),
-            ArgError::Unknown { key, known } => {
+            ArgError::Unknown { key, known, text } => {
                 write!(f, "unknown argument '{key}' (known: ")?;
-                if known.is_empty() {
+                if known.is_empty() && text.is_empty() {
                     f.write_str("none")?;
                 }
-                for (i, k) in known.iter().enumerate() {
+                for (i, k) in known.iter().chain(text.iter()).enumerate() {
                     if i > 0 {
                         f.write_str(", ")?;
                     }
@@ -87,21 +95,44 @@ impl<'a> Args<'a> {
     /// Like [`parse`](Self::parse), but also rejects keys not in `known`. Words are checked in
     /// order, and a word's key before its value, so `colour=blue` is reported as an unknown key.
     pub fn parse_known(raw: &'a [u8], known: &'a [&'a str]) -> Result<Args<'a>, ArgError<'a>> {
-        Args::check(raw, Some(known))
+        Args::check(raw, Some((known, &[])))
     }
 
-    fn check(raw: &'a [u8], known: Option<&'a [&'a str]>) -> Result<Args<'a>, ArgError<'a>> {
+    /// Like [`parse_known`](Self::parse_known) with numeric keys `known`, plus text-valued keys
+    /// `text`, whose values may be any word (read them with [`get_str`](Self::get_str); the
+    /// caller validates them).
+    pub fn parse_with_text(
+        raw: &'a [u8],
+        known: &'a [&'a str],
+        text: &'a [&'a str],
+    ) -> Result<Args<'a>, ArgError<'a>> {
+        Args::check(raw, Some((known, text)))
+    }
+
+    fn check(
+        raw: &'a [u8],
+        keys: Option<(&'a [&'a str], &'a [&'a str])>,
+    ) -> Result<Args<'a>, ArgError<'a>> {
         let text = core::str::from_utf8(raw).map_err(|_| ArgError::NotUtf8)?;
         let args = Args { text };
         for (i, word) in args.words().enumerate() {
             let (key, value) = split_word(word)?;
-            match known {
-                Some(known) if !known.contains(&key) => {
-                    return Err(ArgError::Unknown { key, known });
+            let numeric = match keys {
+                Some((known, text_keys)) if text_keys.contains(&key) && !known.contains(&key) => {
+                    false
                 }
-                _ => {}
+                Some((known, text_keys)) if !known.contains(&key) => {
+                    return Err(ArgError::Unknown {
+                        key,
+                        known,
+                        text: text_keys,
+                    });
+                }
+                _ => true,
+            };
+            if numeric {
+                parse_u64(value).ok_or(ArgError::BadValue { key, value })?;
             }
-            parse_u64(value).ok_or(ArgError::BadValue { key, value })?;
             if args
                 .words()
                 .take(i)
@@ -113,9 +144,17 @@ impl<'a> Args<'a> {
         Ok(args)
     }
 
-    /// The value of `key`, if given.
+    /// The value of `key`, if given (and numeric).
     pub fn get(&self, key: &str) -> Option<u64> {
         self.iter().find(|&(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// The value of `key` as text, if given (for any key, numeric or text-valued).
+    pub fn get_str(&self, key: &str) -> Option<&'a str> {
+        self.words()
+            .filter_map(|w| split_word(w).ok())
+            .find(|&(k, _)| k == key)
+            .map(|(_, v)| v)
     }
 
     /// The value of `key`, or `default`.
@@ -126,14 +165,18 @@ impl<'a> Args<'a> {
     /// An error naming the first key that is not in `known`.
     pub fn expect_only(&self, known: &'a [&'a str]) -> Result<(), ArgError<'a>> {
         match self.iter().find(|(k, _)| !known.contains(k)) {
-            Some((key, _)) => Err(ArgError::Unknown { key, known }),
+            Some((key, _)) => Err(ArgError::Unknown {
+                key,
+                known,
+                text: &[],
+            }),
             None => Ok(()),
         }
     }
 
-    /// The `(key, value)` pairs, in order.
+    /// The `(key, value)` pairs with numeric values, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&'a str, u64)> + 'a {
-        // Every word was validated by `parse`, so nothing is filtered out here.
+        // Every numeric word was validated by `parse`; only text-valued ones are filtered out.
         self.words().filter_map(|w| {
             let (k, v) = split_word(w).ok()?;
             Some((k, parse_u64(v)?))
@@ -259,7 +302,8 @@ mod tests {
             e,
             ArgError::Unknown {
                 key: "size",
-                known: &["ops"]
+                known: &["ops"],
+                text: &[]
             }
         );
         assert_eq!(e.to_string(), "unknown argument 'size' (known: ops)");
@@ -274,7 +318,8 @@ mod tests {
             Args::parse_known(b"colour=blue", known),
             Err(ArgError::Unknown {
                 key: "colour",
-                known
+                known,
+                text: &[]
             })
         );
         assert_eq!(
@@ -291,6 +336,40 @@ mod tests {
         let a = Args::parse_known(b"ops=3", known).unwrap();
         assert_eq!(a.get("ops"), Some(3));
         assert!(Args::parse_known(b"", &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn text_keys_take_any_value() {
+        let known: &[&str] = &["ops"];
+        let text: &[&str] = &["root"];
+        let a = Args::parse_with_text(b"root=new ops=2", known, text).unwrap();
+        assert_eq!(a.get_str("root"), Some("new"));
+        assert_eq!(a.get("root"), None);
+        assert_eq!(a.get("ops"), Some(2));
+        assert_eq!(a.get_str("ops"), Some("2"));
+        assert_eq!(a.get_str("other"), None);
+        assert_eq!(a.iter().collect::<Vec<_>>(), [("ops", 2)]);
+        assert_eq!(
+            Args::parse_with_text(b"root=", known, text)
+                .unwrap()
+                .get_str("root"),
+            Some("")
+        );
+        assert_eq!(
+            Args::parse_with_text(b"ops=x", known, text),
+            Err(ArgError::BadValue {
+                key: "ops",
+                value: "x"
+            })
+        );
+        assert_eq!(
+            Args::parse_with_text(b"root=a root=b", known, text),
+            Err(ArgError::Duplicate("root"))
+        );
+        let e = Args::parse_with_text(b"size=1", known, text).unwrap_err();
+        assert_eq!(e.to_string(), "unknown argument 'size' (known: ops, root)");
+        let e = Args::parse_with_text(b"size=1", &[], &[]).unwrap_err();
+        assert_eq!(e.to_string(), "unknown argument 'size' (known: none)");
     }
 
     #[test]

@@ -66,6 +66,15 @@ fn decode(signature: CpuidResult, version: CpuidResult) -> Option<Pvkit> {
 }
 
 impl Pvkit {
+    /// A token for unit tests of code that holds one but never issues a hypercall.
+    #[cfg(test)]
+    pub(crate) const fn for_tests() -> Pvkit {
+        Pvkit {
+            version: (ABI_VERSION_MAJOR, hypercall_abi::ABI_VERSION_MINOR),
+            features: hypercall_abi::features::V1_1,
+        }
+    }
+
     /// The host's ABI version `(major, minor)`, as reported by CPUID.
     pub const fn version(&self) -> (u16, u16) {
         self.version

@@ -41,8 +41,14 @@ pub unsafe fn exit(mode: Mode, pv: Option<Pvkit>, code: u32) -> ! {
 }
 
 /// Stops the CPU for good: `hlt` in a loop (with interrupts disabled, as at pvkit's entry, the
-/// first `hlt` never returns; under a VMM it is a `hlt` exit).
+/// first `hlt` never returns; under a VMM it is a `hlt` exit). At CPL 3, where `hlt` faults, it
+/// spins instead.
 pub fn halt_forever() -> ! {
+    if crate::cpu::cpl() != 0 {
+        loop {
+            core::hint::spin_loop();
+        }
+    }
     loop {
         x86_64::instructions::hlt();
     }

@@ -26,7 +26,8 @@ use crate::Pvkit;
 /// - The machine must be a pvkit VM (the host services [`HYPERCALL_PORT`]); on other hardware
 ///   the port may belong to an arbitrary device. Holding a [`Pvkit`] from [`crate::detect()`]
 ///   proves this.
-/// - The code must run with I/O privilege (CPL 0 under pvkit's boot state), or the `out` faults.
+/// - The code must have I/O privilege for the port — CPL 0 under pvkit's boot state, or CPL 3
+///   with the I/O permission bitmap [`crate::cpu::init`] installs — or the `out` faults (#GP).
 /// - If the call makes the host *write* guest memory (no v1.0 call does), the caller must own
 ///   that memory exclusively for the duration of the call. Memory the host only reads must be
 ///   initialised.

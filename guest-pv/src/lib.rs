@@ -12,10 +12,15 @@
 //!   [`trapped::null_port_loop`], the twin of [`Pvkit::null_loop`]).
 //! - [`Console`] and [`exit()`] choose between the two by [`Mode`].
 //! - [`Fnv1a`] (workload checksums) and [`args`] (parsing `BootInfo` workload arguments).
+//! - [`cpu`]: a CPL 3 runtime (GDT, TSS with a full I/O bitmap, IDT, kernel services through
+//!   `ud2`, [`cpu::run_user`]), because pvkit's KVM runs CPL 3 code natively and emulates CPL 0.
+//! - [`mmu`]: a page-table manager over pvkit's page-table pool, PV ([`mmu::Batch`] of
+//!   `mmu_update` hypercalls, [`Pvkit::mmu_pin`]) or trapped (plain stores), with one code path.
 //!
 //! The crate imposes no global allocator, panic handler or entry point, and builds for
 //! `x86_64-unknown-none` as well as for the host (where only its pure parts can run). Port I/O
-//! and hypercalls need CPL 0 (pvkit enters kernels at CPL 0).
+//! and hypercalls need I/O privilege: CPL 0 (pvkit enters kernels at CPL 0), or CPL 3 after
+//! [`cpu::init`], whose TSS allows every port.
 //!
 //! # Example: linking guest-pv into your own kernel
 //!
@@ -65,9 +70,11 @@ pub mod args;
 pub mod checksum;
 mod clock;
 pub mod console;
+pub mod cpu;
 pub mod detect;
 mod exit;
 pub mod hypercall;
+pub mod mmu;
 mod null;
 pub mod trapped;
 pub mod uart;

@@ -10,7 +10,8 @@
 //! chipset device (the `0x500` range often holds GPIO or ACPI registers), and writing there could
 //! do anything. The caller must know the machine is a pvkit VM: it was entered through pvkit's
 //! boot protocol (a valid [`hypercall_abi::boot::BootInfo`]), or [`crate::detect()`] succeeded.
-//! All of them also need I/O privilege (CPL 0 under pvkit's boot state).
+//! All of them also need I/O privilege (CPL 0 under pvkit's boot state, or CPL 3 with the I/O
+//! permission bitmap of [`crate::cpu::init`]).
 
 use core::arch::asm;
 use core::sync::atomic::{Ordering, compiler_fence};

@@ -12,7 +12,7 @@ use crate::devices::PioAction;
 use crate::error::{Error, Result};
 use crate::hypercall::{self, Context, Outcome};
 use crate::metrics::{ExitReason, Snapshot, Window, thread_cpu_ns};
-use crate::vm::Vm;
+use crate::vm::{POOL_SLOT, Vm};
 use crate::{mmu, trap};
 
 /// What one exit asks the loop to do next.
@@ -35,6 +35,9 @@ pub(crate) fn run_loop(vm: &mut Vm) -> Result<(u32, Option<Window>)> {
             Step::Halt => halt(vm)?,
             other => other,
         };
+        if vm.pool.resync(&vm.vm, POOL_SLOT)? {
+            vm.stats.record_event("shadow_resync");
+        }
         match step {
             Step::Continue | Step::Hypercall | Step::Halt => {}
             Step::Exit(code) => return Ok((code, window)),

@@ -20,7 +20,7 @@ use crate::mmu::PtPool;
 use crate::{cpuid, vcpu};
 
 /// KVM memory slot of the page-table pool (RAM is slot 0).
-const POOL_SLOT: u32 = 1;
+pub(crate) const POOL_SLOT: u32 = 1;
 
 /// The default KVM device.
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
@@ -167,7 +167,7 @@ impl RunReport {
 #[derive(Debug)]
 pub struct Vm {
     pub(crate) vcpu: VcpuFd,
-    _vm: VmFd,
+    pub(crate) vm: VmFd,
     _kvm: Kvm,
     pub(crate) ram: GuestRam,
     pub(crate) pool: PtPool,
@@ -241,7 +241,7 @@ impl Vm {
         }
         Ok(Vm {
             vcpu,
-            _vm: vm,
+            vm,
             _kvm: kvm,
             ram,
             pool,

@@ -13,10 +13,9 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use guest_pv::args::Args;
 use guest_pv::{Console, Fnv1a};
-use hypercall_abi::boot::{BootInfo, region_kind};
-use hypercall_abi::layout::IDENTITY_MAP_SIZE;
+use hypercall_abi::boot::BootInfo;
 
-use super::{Env, Outcome, Workload};
+use super::{Env, Outcome, Workload, free_ram_start};
 use crate::exit_code;
 use crate::out::kprintln;
 use crate::platform::{marker_begin, marker_end};
@@ -24,6 +23,7 @@ use crate::platform::{marker_begin, marker_end};
 pub const WORKLOAD: Workload = Workload {
     name: "console",
     keys: &["bytes"],
+    text_keys: &[],
     run,
 };
 
@@ -91,21 +91,12 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
 /// Set once free RAM has been handed out as a buffer.
 static FREE_RAM_TAKEN: AtomicBool = AtomicBool::new(false);
 
-/// A zeroed buffer of `len` bytes at the start of the first usable region of the boot memory
-/// map that lies above the kernel image and holds `len` bytes; `Err(max)` with the largest such
-/// region's length if none does.
+/// A zeroed buffer of `len` bytes at [`free_ram_start`]; `Err(max)` if no free region holds
+/// it.
 ///
 /// Panics if called a second time: the buffer is exclusive for the rest of the kernel's life.
 fn free_ram(info: &BootInfo, len: u64) -> Result<&'static mut [u8], u64> {
-    // Usable RAM above the kernel, cut to the boot identity map (which covers all of RAM).
-    let above_kernel = info.regions().iter().filter_map(|r| {
-        let end = r.start.saturating_add(r.len).min(IDENTITY_MAP_SIZE);
-        (r.kind == region_kind::USABLE && r.start >= info.kernel_end && r.start < end)
-            .then(|| (r.start, end - r.start))
-    });
-    let Some((start, _)) = above_kernel.clone().find(|&(_, size)| size >= len) else {
-        return Err(above_kernel.map(|(_, size)| size).max().unwrap_or(0));
-    };
+    let start = free_ram_start(info, len)?;
     assert!(
         !FREE_RAM_TAKEN.swap(true, Ordering::Relaxed),
         "free RAM handed out twice"

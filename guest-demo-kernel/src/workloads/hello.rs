@@ -9,6 +9,7 @@ use crate::platform::{marker_begin, marker_end};
 pub const WORKLOAD: Workload = Workload {
     name: "hello",
     keys: &[],
+    text_keys: &[],
     run,
 };
 

@@ -3,15 +3,18 @@
 //! mode.
 
 mod console;
+mod cpl3;
 mod hello;
 mod null;
+mod pagetable;
 mod panic;
 
 use core::fmt;
 
 use guest_pv::Console;
 use guest_pv::args::Args;
-use hypercall_abi::boot::BootInfo;
+use hypercall_abi::boot::{BootInfo, region_kind};
+use hypercall_abi::layout::{IDENTITY_MAP_SIZE, PAGE_SIZE};
 
 use crate::platform::Platform;
 
@@ -40,9 +43,11 @@ pub struct Outcome {
 pub struct Workload {
     /// The name in the boot info and the `PVKIT-RESULT` line.
     pub name: &'static str,
-    /// The argument keys it accepts.
+    /// The argument keys it accepts (decimal `u64` values).
     pub keys: &'static [&'static str],
-    /// Runs it; arguments are already checked against `keys`.
+    /// The text-valued argument keys it accepts (validated by the workload).
+    pub text_keys: &'static [&'static str],
+    /// Runs it; arguments are already checked against `keys` and `text_keys`.
     pub run: fn(&mut Env, &Args<'_>) -> Outcome,
 }
 
@@ -51,6 +56,8 @@ const WORKLOADS: &[Workload] = &[
     hello::WORKLOAD,
     null::WORKLOAD,
     console::WORKLOAD,
+    pagetable::WORKLOAD,
+    cpl3::WORKLOAD,
     panic::WORKLOAD,
 ];
 
@@ -73,4 +80,23 @@ impl fmt::Display for KnownNames {
         }
         Ok(())
     }
+}
+
+/// The start of the first usable region of the boot memory map that lies above the kernel
+/// image and holds `len` bytes (page-aligned); `Err(max)` with the largest such region's length
+/// if none does. Free RAM is identity-mapped and used by nothing else in this kernel (it has no
+/// allocator); one workload runs per boot.
+pub fn free_ram_start(info: &BootInfo, len: u64) -> Result<u64, u64> {
+    // Usable RAM above the kernel, from a page boundary, cut to the boot identity map (which
+    // covers all of RAM).
+    let above_kernel = info.regions().iter().filter_map(|r| {
+        let start = r.start.next_multiple_of(PAGE_SIZE);
+        let end = r.start.saturating_add(r.len).min(IDENTITY_MAP_SIZE);
+        (r.kind == region_kind::USABLE && start >= info.kernel_end && start < end)
+            .then(|| (start, end - start))
+    });
+    let Some((start, _)) = above_kernel.clone().find(|&(_, size)| size >= len) else {
+        return Err(above_kernel.map(|(_, size)| size).max().unwrap_or(0));
+    };
+    Ok(start)
 }

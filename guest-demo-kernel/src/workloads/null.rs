@@ -17,6 +17,7 @@ use crate::platform::{Platform, marker_begin, marker_end, null_port_loop, null_p
 pub const WORKLOAD: Workload = Workload {
     name: "null",
     keys: &["ops"],
+    text_keys: &[],
     run,
 };
 

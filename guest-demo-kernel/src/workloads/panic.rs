@@ -8,6 +8,7 @@ use super::{Env, Outcome, Workload};
 pub const WORKLOAD: Workload = Workload {
     name: "panic",
     keys: &[],
+    text_keys: &[],
     run,
 };
 

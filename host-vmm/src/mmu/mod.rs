@@ -42,6 +42,9 @@ pub struct PtPool {
     mem: GuestMemoryMmap,
     frames: Vec<FrameInfo>,
     ram_size: u64,
+    /// A present entry changed or a table was released since the last [`PtPool::resync`]:
+    /// KVM's shadow of the tables may be stale.
+    stale: bool,
 }
 
 /// Index of the pool frame holding `gpa`, if `gpa` is inside the pool.
@@ -72,6 +75,7 @@ impl PtPool {
             mem,
             frames: vec![FrameInfo::default(); POOL_FRAMES],
             ram_size,
+            stale: false,
         })
     }
 
@@ -91,6 +95,34 @@ impl PtPool {
         // SAFETY: `desc` describes a live mapping owned by `self.mem`, which outlives the VM (the
         // `Vm` drops its fds before its pool), and the pool's GPA range overlaps no other slot.
         unsafe { vm.set_user_memory_region(desc) }.map_err(Error::kvm("set pool memory region"))
+    }
+
+    /// Makes KVM drop its shadow of the guest's page tables if an update could have left it
+    /// stale. Returns whether it did.
+    ///
+    /// Our KVM shadows guest page tables in software and trusts that it sees every write to
+    /// them; writes the VMM makes through its own mapping bypass it, so a changed or removed
+    /// mapping would survive even the guest's `invlpg`. Deleting and re-adding the pool's slot
+    /// is the only userspace lever: KVM then zaps its shadow pages and rebuilds them from the
+    /// tables on the next accesses. New mappings (not-present to present) need none of this:
+    /// KVM walks the guest tables on the fault.
+    pub fn resync(&mut self, vm: &VmFd, slot: u32) -> Result<bool> {
+        if !std::mem::take(&mut self.stale) {
+            return Ok(false);
+        }
+        let delete = kvm_userspace_memory_region {
+            slot,
+            flags: KVM_MEM_READONLY,
+            guest_phys_addr: PT_POOL_GPA,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a zero-sized region deletes slot `slot`, which we registered; the mapping it
+        // referenced stays alive (owned by `self.mem`) and is registered again right after.
+        unsafe { vm.set_user_memory_region(delete) }
+            .map_err(Error::kvm("delete pool memory region"))?;
+        self.register(vm, slot)?;
+        Ok(true)
     }
 
     /// What the host knows about the frame holding `gpa`.
@@ -162,6 +194,7 @@ impl PtPool {
             f.refs += 1;
         }
         self.write_entry(pte_gpa, applied);
+        self.stale |= old & PTE_PRESENT != 0 && old != applied;
         if let Some(c) = old_child {
             self.drop_ref(c);
         }
