@@ -18,13 +18,17 @@ use hypercall_abi::layout::KERNEL_MIN_GPA;
 use hypercall_abi::ports::{EXIT_PORT, MARKER_BEGIN, MARKER_END, MARKER_PORT, NULL_PORT};
 
 /// Workloads `compare` knows, in the order it runs them.
-pub const WORKLOADS: &[&str] = &["null", "console", "pagetable"];
+pub const WORKLOADS: &[&str] = &["null", "console", "pagetable", "idle"];
 /// Default number of null calls.
 pub const DEFAULT_NULL_OPS: u64 = 100_000;
 /// Default console bytes.
 pub const DEFAULT_CONSOLE_BYTES: u64 = 16_384;
 /// Default page-table updates.
 pub const DEFAULT_PT_UPDATES: u64 = 65_536;
+/// Default idle intervals.
+pub const DEFAULT_IDLE_INTERVALS: u64 = 50;
+/// Default idle interval length (µs).
+pub const DEFAULT_IDLE_INTERVAL_US: u64 = 10_000;
 /// PV batch sizes of the page-table sweep.
 pub const DEFAULT_PT_BATCHES: &[u64] = &[1, 8, 64, 256, 512];
 
@@ -41,6 +45,10 @@ pub struct CompareOptions {
     pub pt_updates: u64,
     /// `pagetable`: PV batch sizes to sweep.
     pub pt_batches: Vec<u64>,
+    /// `idle`: number of intervals.
+    pub idle_intervals: u64,
+    /// `idle`: interval length in µs.
+    pub idle_interval_us: u64,
     /// Guest RAM.
     pub mem_size: u64,
     /// KVM device.
@@ -57,6 +65,8 @@ impl Default for CompareOptions {
             console_bytes: DEFAULT_CONSOLE_BYTES,
             pt_updates: DEFAULT_PT_UPDATES,
             pt_batches: DEFAULT_PT_BATCHES.to_vec(),
+            idle_intervals: DEFAULT_IDLE_INTERVALS,
+            idle_interval_us: DEFAULT_IDLE_INTERVAL_US,
             mem_size: 128 << 20,
             kvm_device: vm::DEFAULT_KVM_DEVICE.into(),
             kernel: KernelImage::embedded(),
@@ -84,6 +94,8 @@ pub struct Record {
     pub devices: BTreeMap<String, u64>,
     /// Work the host did for the guest in the window (e.g. `pte_pv`, `pte_trapped`).
     pub events: BTreeMap<String, u64>,
+    /// Exits per second of the window.
+    pub exits_per_s: f64,
     /// Exits per operation.
     pub exits_per_op: f64,
     /// Wall time of the window.
@@ -97,6 +109,9 @@ pub struct Record {
     pub checksum: Option<String>,
     /// The guest's exit code.
     pub exit_code: u32,
+    /// Workload-specific numbers from the guest's result line (e.g. `wake_overshoot_ns_p99`).
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, u64>,
 }
 
 /// One run of a workload: mode, guest arguments, and the PV batch size of a sweep point.
@@ -104,17 +119,22 @@ struct Variant {
     mode: Mode,
     args: Vec<String>,
     batch: Option<u64>,
+    /// Record `mode` when it is not the boot mode's name (idle strategies).
+    label: Option<&'static str>,
 }
 
 fn variants(name: &str, opts: &CompareOptions) -> Vec<Variant> {
+    let variant = |mode, args: Vec<String>| Variant {
+        mode,
+        args,
+        batch: None,
+        label: None,
+    };
     let both = |args: Vec<String>| {
-        [Mode::Pv, Mode::Trapped]
-            .map(|mode| Variant {
-                mode,
-                args: args.clone(),
-                batch: None,
-            })
-            .into()
+        vec![
+            variant(Mode::Pv, args.clone()),
+            variant(Mode::Trapped, args),
+        ]
     };
     match name {
         "null" => both(vec![format!("ops={}", opts.null_ops)]),
@@ -125,18 +145,31 @@ fn variants(name: &str, opts: &CompareOptions) -> Vec<Variant> {
                 .pt_batches
                 .iter()
                 .map(|&b| Variant {
-                    mode: Mode::Pv,
-                    args: vec![updates.clone(), format!("batch={b}")],
                     batch: Some(b),
+                    ..variant(Mode::Pv, vec![updates.clone(), format!("batch={b}")])
                 })
                 .collect();
-            v.push(Variant {
-                mode: Mode::Trapped,
-                args: vec![updates],
-                batch: None,
-            });
+            v.push(variant(Mode::Trapped, vec![updates]));
             v
         }
+        "idle" => [
+            (Mode::Trapped, "spin"),
+            (Mode::Trapped, "hlt"),
+            (Mode::Pv, "pv"),
+        ]
+        .into_iter()
+        .map(|(mode, strategy)| {
+            let args = vec![
+                format!("strategy={strategy}"),
+                format!("intervals={}", opts.idle_intervals),
+                format!("interval_us={}", opts.idle_interval_us),
+            ];
+            Variant {
+                label: Some(strategy),
+                ..variant(mode, args)
+            }
+        })
+        .collect(),
         _ => both(Vec::new()),
     }
 }
@@ -167,6 +200,13 @@ pub fn record(workload: &str, mode: Mode, report: &RunReport) -> Result<Record> 
         .ok_or_else(|| fail("result has no checksum".into()))?;
     let mut rec = record_from_window(workload, mode.name(), ops, window, report.exit_code);
     rec.checksum = Some(format!("{checksum:#018x}"));
+    const STANDARD: &[&str] = &["workload", "mode", "ops", "checksum"];
+    rec.extra = result
+        .fields
+        .iter()
+        .filter(|(k, _)| !STANDARD.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((k.clone(), v.parse().ok()?)))
+        .collect();
     Ok(rec)
 }
 
@@ -196,11 +236,17 @@ fn record_from_window(
         devices: own(&window.exits.by_device),
         events: own(&window.exits.events),
         exits_per_op: per_op(window.exits.total as f64),
+        exits_per_s: if window.wall_ns == 0 {
+            0.0
+        } else {
+            window.exits.total as f64 * 1e9 / window.wall_ns as f64
+        },
         wall_ns: window.wall_ns,
         ns_per_op: per_op(window.wall_ns as f64),
         host_cpu_ns: window.host_cpu_ns,
         checksum: None,
         exit_code,
+        extra: BTreeMap::new(),
     }
 }
 
@@ -227,6 +273,9 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Resul
             let report = vm::run(&cfg, ConsoleSink::new(None))?;
             let mut rec = record(w, v.mode, &report)?;
             rec.batch = v.batch;
+            if let Some(label) = v.label {
+                rec.mode = label.into();
+            }
             records.push(rec);
         }
     }
@@ -406,6 +455,27 @@ pub fn render_table(records: &[Record]) -> String {
             pv.ns_per_op,
             floor.ns_per_op,
             100.0 * (pv.ns_per_op / floor.ns_per_op - 1.0)
+        );
+    }
+    if let (Some(spin), Some(hlt), Some(pv)) = (
+        find("idle", "spin"),
+        find("idle", "hlt"),
+        find("idle", "pv"),
+    ) {
+        let cpu = |r: &Record| 100.0 * r.host_cpu_ns as f64 / r.wall_ns.max(1) as f64;
+        let p99 = |r: &Record| r.extra.get("wake_overshoot_ns_p99").copied().unwrap_or(0);
+        s += &format!(
+            "idle: vCPU thread CPU spin {:.1}% / hlt {:.1}% / pv {:.2}%; exits per idle second \
+             spin {:.0} / hlt {:.0} / pv {:.0}; wake overshoot p99 spin {} / hlt {} / pv {} ns\n",
+            cpu(spin),
+            cpu(hlt),
+            cpu(pv),
+            spin.exits_per_s,
+            hlt.exits_per_s,
+            pv.exits_per_s,
+            p99(spin),
+            p99(hlt),
+            p99(pv)
         );
     }
     for tr in records.iter().filter(|r| r.mode == "trapped") {

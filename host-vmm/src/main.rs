@@ -39,7 +39,7 @@ enum Command {
         /// Guest RAM, e.g. 128M, 1G (16 MiB .. 3 GiB).
         #[arg(long, default_value = "128M", value_parser = mem_size)]
         mem: u64,
-        /// Workload for the demo kernel: hello, null, console, pagetable, cpl3, panic.
+        /// Workload for the demo kernel: hello, null, console, pagetable, idle, cpl3, panic.
         #[arg(long, default_value = "hello")]
         workload: String,
         /// Print exit statistics to stderr when the guest exits.
@@ -77,6 +77,12 @@ enum Command {
             value_parser = clap::value_parser!(u64).range(1..=1024)
         )]
         pt_batches: Vec<u64>,
+        /// Intervals of the `idle` workload.
+        #[arg(long, default_value_t = compare::DEFAULT_IDLE_INTERVALS)]
+        idle_intervals: u64,
+        /// Interval length of the `idle` workload, in microseconds.
+        #[arg(long, default_value_t = compare::DEFAULT_IDLE_INTERVAL_US)]
+        idle_interval_us: u64,
         /// Guest RAM per VM.
         #[arg(long, default_value = "128M", value_parser = mem_size)]
         mem: u64,
@@ -168,6 +174,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             console_bytes,
             pt_updates,
             pt_batches,
+            idle_intervals,
+            idle_interval_us,
             mem,
             kernel,
             kvm_device,
@@ -182,6 +190,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 console_bytes,
                 pt_updates,
                 pt_batches,
+                idle_intervals,
+                idle_interval_us,
                 mem_size: mem,
                 kvm_device,
                 kernel: kernel_image(kernel)?,

@@ -118,6 +118,10 @@ fn compare_prints_a_table_and_writes_json() {
         "1024",
         "--pt-batches",
         "1,64",
+        "--idle-intervals",
+        "5",
+        "--idle-interval-us",
+        "2000",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -131,8 +135,8 @@ fn compare_prints_a_table_and_writes_json() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let recs = v.as_array().unwrap();
     // Two floor references (raw exit loops), two modes of null and console, and the
-    // pagetable sweep (two PV batch sizes) plus its trapped run.
-    assert_eq!(recs.len(), 9);
+    // pagetable sweep (two PV batch sizes) plus its trapped run, and the three idle strategies.
+    assert_eq!(recs.len(), 12);
     let modes: Vec<_> = recs
         .iter()
         .map(|r| {
@@ -154,7 +158,10 @@ fn compare_prints_a_table_and_writes_json() {
             "console/trapped",
             "pagetable/pv",
             "pagetable/pv",
-            "pagetable/trapped"
+            "pagetable/trapped",
+            "idle/spin",
+            "idle/hlt",
+            "idle/pv"
         ]
     );
     assert!(recs[0]["checksum"].is_null());
@@ -167,6 +174,11 @@ fn compare_prints_a_table_and_writes_json() {
     assert!(recs[8].get("batch").is_none());
     assert_eq!(recs[6]["checksum"], recs[8]["checksum"]);
     assert!(recs[8]["events"]["pte_trapped"].as_u64().unwrap() >= 1024);
+    for r in &recs[9..12] {
+        assert_eq!(r["ops"], 5);
+        assert!(r["wake_overshoot_ns_p99"].as_u64().is_some(), "{r}");
+        assert_eq!(r["checksum"], recs[9]["checksum"]);
+    }
     for r in recs {
         for key in [
             "workload",
