@@ -14,17 +14,19 @@ use crate::error::{Error, Result};
 use crate::metrics::Window;
 use crate::vm::{self, KernelImage, RunReport, VmConfig};
 use hypercall_abi::HYPERCALL_PORT;
-use hypercall_abi::layout::KERNEL_MIN_GPA;
+use hypercall_abi::layout::{KERNEL_MIN_GPA, MAX_MEM_SIZE};
 use hypercall_abi::ports::{EXIT_PORT, MARKER_BEGIN, MARKER_END, MARKER_PORT, NULL_PORT};
 
 /// Workloads `compare` knows, in the order it runs them.
-pub const WORKLOADS: &[&str] = &["null", "console", "pagetable", "idle"];
+pub const WORKLOADS: &[&str] = &["null", "console", "pagetable", "idle", "zero"];
 /// Default number of null calls.
 pub const DEFAULT_NULL_OPS: u64 = 100_000;
 /// Default console bytes.
 pub const DEFAULT_CONSOLE_BYTES: u64 = 16_384;
 /// Default page-table updates.
 pub const DEFAULT_PT_UPDATES: u64 = 65_536;
+/// Default MiB the `zero` workload allocates.
+pub const DEFAULT_ZERO_MIB: u64 = 256;
 /// Default idle intervals.
 pub const DEFAULT_IDLE_INTERVALS: u64 = 50;
 /// Default idle interval length (µs).
@@ -49,6 +51,8 @@ pub struct CompareOptions {
     pub idle_intervals: u64,
     /// `idle`: interval length in µs.
     pub idle_interval_us: u64,
+    /// `zero`: MiB to allocate.
+    pub zero_mib: u64,
     /// Guest RAM.
     pub mem_size: u64,
     /// KVM device.
@@ -67,6 +71,7 @@ impl Default for CompareOptions {
             pt_batches: DEFAULT_PT_BATCHES.to_vec(),
             idle_intervals: DEFAULT_IDLE_INTERVALS,
             idle_interval_us: DEFAULT_IDLE_INTERVAL_US,
+            zero_mib: DEFAULT_ZERO_MIB,
             mem_size: 128 << 20,
             kvm_device: vm::DEFAULT_KVM_DEVICE.into(),
             kernel: KernelImage::embedded(),
@@ -96,6 +101,9 @@ pub struct Record {
     pub events: BTreeMap<String, u64>,
     /// Exits per second of the window.
     pub exits_per_s: f64,
+    /// Guest RAM backed by host memory at the begin marker, each checkpoint, and the end.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resident_bytes: Vec<u64>,
     /// Exits per operation.
     pub exits_per_op: f64,
     /// Wall time of the window.
@@ -170,7 +178,18 @@ fn variants(name: &str, opts: &CompareOptions) -> Vec<Variant> {
             }
         })
         .collect(),
+        "zero" => both(vec![format!("mib={}", opts.zero_mib)]),
         _ => both(Vec::new()),
+    }
+}
+
+/// Guest RAM for a run: `zero` needs room for its allocation besides the kernel.
+fn mem_for(workload: &str, opts: &CompareOptions) -> u64 {
+    match workload {
+        "zero" => opts
+            .mem_size
+            .max(((opts.zero_mib + 64) << 20).min(MAX_MEM_SIZE)),
+        _ => opts.mem_size,
     }
 }
 
@@ -207,6 +226,18 @@ pub fn record(workload: &str, mode: Mode, report: &RunReport) -> Result<Record> 
         .filter(|(k, _)| !STANDARD.contains(&k.as_str()))
         .filter_map(|(k, v)| Some((k.clone(), v.parse().ok()?)))
         .collect();
+    // begin, touched, after release, end: the zero workload's checkpoints.
+    if let [before, touched, after_release, end] = rec.resident_bytes[..] {
+        rec.extra.insert("rss_before_bytes".into(), before);
+        rec.extra.insert("rss_touched_bytes".into(), touched);
+        rec.extra
+            .insert("rss_after_release_bytes".into(), after_release);
+        rec.extra.insert("rss_end_bytes".into(), end);
+        rec.extra.insert(
+            "rss_drop_bytes".into(),
+            touched.saturating_sub(after_release),
+        );
+    }
     Ok(rec)
 }
 
@@ -246,6 +277,7 @@ fn record_from_window(
         host_cpu_ns: window.host_cpu_ns,
         checksum: None,
         exit_code,
+        resident_bytes: window.resident_bytes.clone(),
         extra: BTreeMap::new(),
     }
 }
@@ -265,7 +297,7 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Resul
             let cfg = VmConfig {
                 kernel: opts.kernel.clone(),
                 mode: v.mode,
-                mem_size: opts.mem_size,
+                mem_size: mem_for(w, opts),
                 workload: w.clone(),
                 args: v.args,
                 kvm_device: opts.kvm_device.clone(),
@@ -476,6 +508,18 @@ pub fn render_table(records: &[Record]) -> String {
             p99(spin),
             p99(hlt),
             p99(pv)
+        );
+    }
+    if let (Some(pv), Some(tr)) = (find("zero", "pv"), find("zero", "trapped")) {
+        let g = |r: &Record, k: &str| r.extra.get(k).copied().unwrap_or(0);
+        s += &format!(
+            "zero: guest zeroed pv {} MiB vs trapped {} MiB ({:.3}); released {} MiB, host RSS \
+             dropped {} MiB on release\n",
+            g(pv, "guest_zeroed_bytes") >> 20,
+            g(tr, "guest_zeroed_bytes") >> 20,
+            g(pv, "guest_zeroed_bytes") as f64 / g(tr, "guest_zeroed_bytes").max(1) as f64,
+            pv.events.get("released_bytes").copied().unwrap_or(0) >> 20,
+            g(pv, "rss_drop_bytes") >> 20
         );
     }
     for tr in records.iter().filter(|r| r.mode == "trapped") {

@@ -39,7 +39,7 @@ enum Command {
         /// Guest RAM, e.g. 128M, 1G (16 MiB .. 3 GiB).
         #[arg(long, default_value = "128M", value_parser = mem_size)]
         mem: u64,
-        /// Workload for the demo kernel: hello, null, console, pagetable, idle, cpl3, panic.
+        /// Workload for the demo kernel: hello, null, console, pagetable, idle, zero, cpl3, panic.
         #[arg(long, default_value = "hello")]
         workload: String,
         /// Print exit statistics to stderr when the guest exits.
@@ -83,6 +83,9 @@ enum Command {
         /// Interval length of the `idle` workload, in microseconds.
         #[arg(long, default_value_t = compare::DEFAULT_IDLE_INTERVAL_US)]
         idle_interval_us: u64,
+        /// MiB the `zero` workload allocates (guest RAM is raised to fit).
+        #[arg(long, default_value_t = compare::DEFAULT_ZERO_MIB)]
+        zero_mib: u64,
         /// Guest RAM per VM.
         #[arg(long, default_value = "128M", value_parser = mem_size)]
         mem: u64,
@@ -176,6 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pt_batches,
             idle_intervals,
             idle_interval_us,
+            zero_mib,
             mem,
             kernel,
             kvm_device,
@@ -192,6 +196,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pt_batches,
                 idle_intervals,
                 idle_interval_us,
+                zero_mib,
                 mem_size: mem,
                 kvm_device,
                 kernel: kernel_image(kernel)?,

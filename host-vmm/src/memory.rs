@@ -109,6 +109,74 @@ impl GuestRam {
         self.size
     }
 
+    fn host_addr(&self, gpa: u64) -> Option<*mut u8> {
+        self.mem.get_host_address(GuestAddress(gpa)).ok()
+    }
+
+    /// Which of `count` frames from frame number `first` are known zero: not backed by host
+    /// memory, neither present nor swapped (from `/proc/self/pagemap`). Such a frame of our
+    /// private anonymous mapping reads as zero. The range must be inside RAM.
+    pub fn known_zero(&self, first: u64, count: u64) -> std::io::Result<Vec<bool>> {
+        use std::os::unix::fs::FileExt;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        let gpa = first * PAGE_SIZE;
+        if self.checked_range(gpa, count * PAGE_SIZE).is_none() {
+            return Err(std::io::Error::other("range outside guest RAM"));
+        }
+        let host = self
+            .host_addr(gpa)
+            .ok_or_else(|| std::io::Error::other("unmapped"))? as u64;
+        let mut raw = vec![0u8; count as usize * 8];
+        let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+        pagemap.read_exact_at(&mut raw, host / PAGE_SIZE * 8)?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) & (PRESENT | SWAPPED) == 0)
+            .collect())
+    }
+
+    /// Bytes of guest RAM currently backed by host memory.
+    pub fn resident_bytes(&self) -> u64 {
+        let frames = self.size / PAGE_SIZE;
+        let mut resident = 0;
+        let mut f = 0;
+        while f < frames {
+            let n = (frames - f).min(1 << 16);
+            match self.known_zero(f, n) {
+                Ok(z) => resident += z.iter().filter(|&&zero| !zero).count() as u64,
+                Err(_) => return 0,
+            }
+            f += n;
+        }
+        resident * PAGE_SIZE
+    }
+
+    /// Discards the host backing of `[gpa, gpa + len)` (page-aligned, inside RAM): the memory
+    /// goes back to the host and the range reads as zero afterwards.
+    pub fn discard(&self, gpa: u64, len: u64) -> std::io::Result<()> {
+        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || self.checked_range(gpa, len).is_none() {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let host = self
+            .host_addr(gpa)
+            .ok_or_else(|| std::io::Error::other("unmapped"))?;
+        // SAFETY: `[host, host + len)` lies inside our own private anonymous mapping of guest RAM
+        // (checked above; RAM is one contiguous region). MADV_DONTNEED only drops its pages — the
+        // mapping stays valid and reads as zero — and Rust holds no references into guest RAM
+        // (all access goes through vm-memory's volatile accessors). KVM's MMU notifier drops its
+        // own mappings of those pages.
+        let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
     /// Checks that `[gpa, gpa + len)` lies entirely inside guest RAM (no overflow).
     pub fn checked_range(&self, gpa: u64, len: u64) -> Option<GuestAddress> {
         let end = gpa.checked_add(len)?;
@@ -144,6 +212,28 @@ mod tests {
             let e = parse_mem_size(s).unwrap_err().to_string();
             assert!(e.starts_with("invalid memory size"), "{s}: {e}");
         }
+    }
+
+    #[test]
+    fn fresh_ram_is_known_zero_and_discard_makes_it_zero_again() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(16 << 20).unwrap();
+        assert!(ram.known_zero(0x300, 16).unwrap().iter().all(|&z| z));
+        ram.mem()
+            .write_obj(0xffu8, GuestAddress(0x301_000))
+            .unwrap();
+        let z = ram.known_zero(0x300, 16).unwrap();
+        assert!(!z[1], "written frame is not known zero");
+        assert!(ram.resident_bytes() >= 4096);
+        ram.discard(0x300_000, 0x10_000).unwrap();
+        assert!(ram.known_zero(0x300, 16).unwrap().iter().all(|&z| z));
+        assert_eq!(
+            ram.mem().read_obj::<u8>(GuestAddress(0x301_000)).unwrap(),
+            0
+        );
+        assert!(ram.discard(0x300_001, 4096).is_err());
+        assert!(ram.discard(16 << 20, 4096).is_err());
+        assert!(ram.known_zero(4095, 2).is_err());
     }
 
     #[test]

@@ -184,6 +184,9 @@ pub struct Window {
     pub console_start: u64,
     /// Offset one past the last console byte written inside the window.
     pub console_end: u64,
+    /// Guest RAM backed by host memory (bytes) at the begin marker, at each checkpoint marker,
+    /// and at the end marker, in that order.
+    pub resident_bytes: Vec<u64>,
 }
 
 impl Window {
@@ -195,6 +198,7 @@ impl Window {
             exits: end.stats.since(&begin.stats).without_markers(),
             console_start: begin.console_bytes,
             console_end: end.console_bytes,
+            resident_bytes: Vec::new(),
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use hypercall_abi::idle::{EVENT_VECTOR, TIMER_VECTOR};
-use hypercall_abi::ports::{MARKER_BEGIN, MARKER_END};
+use hypercall_abi::ports::{MARKER_BEGIN, MARKER_CHECKPOINT, MARKER_END};
 use hypercall_abi::{HYPERCALL_PORT, Regs};
 use kvm_ioctls::{SyncReg, VcpuExit};
 
@@ -28,6 +28,7 @@ enum Step {
 /// Runs until the guest exits. Returns the exit code and the measured window.
 pub(crate) fn run_loop(vm: &mut Vm) -> Result<(u32, Option<Window>)> {
     let mut begin: Option<Snapshot> = None;
+    let mut checkpoints = Vec::new();
     let mut window = None;
     loop {
         let step = match step(vm)? {
@@ -41,12 +42,21 @@ pub(crate) fn run_loop(vm: &mut Vm) -> Result<(u32, Option<Window>)> {
         match step {
             Step::Continue | Step::Hypercall | Step::Halt => {}
             Step::Exit(code) => return Ok((code, window)),
-            Step::Marker(MARKER_BEGIN) => begin = Some(snapshot(vm)),
+            Step::Marker(MARKER_BEGIN) => {
+                checkpoints.clear();
+                checkpoints.push(vm.ram.resident_bytes());
+                begin = Some(snapshot(vm));
+            }
             Step::Marker(MARKER_END) => {
                 if let Some(b) = begin.take() {
-                    window = Some(Window::between(&b, &snapshot(vm)));
+                    let end = snapshot(vm);
+                    checkpoints.push(vm.ram.resident_bytes());
+                    let mut w = Window::between(&b, &end);
+                    w.resident_bytes = std::mem::take(&mut checkpoints);
+                    window = Some(w);
                 }
             }
+            Step::Marker(MARKER_CHECKPOINT) => checkpoints.push(vm.ram.resident_bytes()),
             Step::Marker(_) => {}
             Step::Fault(what) => {
                 let rip = vm.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -164,12 +174,17 @@ fn hypercall(vm: &mut Vm) -> Result<Step> {
         nr: regs.rax,
         args: [regs.rdi, regs.rsi, regs.rcx, regs.r8],
     };
+    let protected_end = vm
+        .kernel()
+        .end
+        .next_multiple_of(hypercall_abi::layout::PAGE_SIZE);
     let mut ctx = Context {
         ram: &vm.ram,
         console: &vm.console,
         clock: &vm.clock,
         pool: &mut vm.pool,
         events: &mut vm.bus.events,
+        protected_end,
     };
     let ret = match hypercall::dispatch(&mut ctx, &call, &mut vm.stats) {
         Outcome::Exit(code) => return Ok(Step::Exit(code)),

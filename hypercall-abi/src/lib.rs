@@ -20,12 +20,13 @@ pub mod idle;
 pub mod layout;
 pub mod mmu;
 pub mod ports;
+pub mod zero;
 
 /// ABI major version: bumped on incompatible changes. A guest must refuse a host whose major
 /// version differs from the one it was built against.
 pub const ABI_VERSION_MAJOR: u16 = 1;
 /// ABI minor version: bumped when calls or features are added compatibly.
-pub const ABI_VERSION_MINOR: u16 = 2;
+pub const ABI_VERSION_MINOR: u16 = 3;
 
 /// The ABI version packed as `major << 16 | minor` (the format of CPUID leaf
 /// [`CPUID_LEAF_VERSION`] `eax` and of [`Call::Features`]' result).
@@ -81,7 +82,7 @@ pub mod features {
     pub const IDLE_YIELD: u64 = 1 << 8;
     /// CPUID leaf [`crate::CPUID_LEAF_TIMING`] reports the TSC frequency (since v1.2).
     pub const TSC_KHZ: u64 = 1 << 4;
-    /// `zero_hints` (reserved: not yet serviced).
+    /// `zero_hints` (since v1.3).
     pub const ZERO_HINTS: u64 = 1 << 9;
     /// `mmu_update` and `mmu_pin` (since v1.1).
     pub const MMU_UPDATE: u64 = 1 << 10;
@@ -91,6 +92,8 @@ pub mod features {
     pub const V1_1: u64 = V1_0 | MMU_UPDATE;
     /// Everything a v1.2 host services.
     pub const V1_2: u64 = V1_1 | IDLE_YIELD | TSC_KHZ;
+    /// Everything a v1.3 host services.
+    pub const V1_3: u64 = V1_2 | ZERO_HINTS;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -121,7 +124,8 @@ pub enum Call {
     /// Parks the vCPU until `a0` (absolute, `clock_ns` time) or a pending event; returns the
     /// wake reason. See [`idle`].
     IdleYield = 16,
-    /// *Coming (issue: zero hints).* Pre-zeroed frame hints and frame release.
+    /// Pre-zeroed frame hints (`a0` = [`zero::QUERY`]) and frame release
+    /// (`a0` = [`zero::RELEASE`]). See [`zero`].
     ZeroHints = 17,
     /// Applies a batch of page-table updates: `a0` = GPA of an array of
     /// [`mmu::MmuUpdate`], `a1` = entry count (≤ [`mmu::MMU_UPDATE_MAX`]). Returns the number

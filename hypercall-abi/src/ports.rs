@@ -15,6 +15,9 @@ pub const MARKER_PORT: u16 = 0x0502;
 pub const MARKER_BEGIN: u32 = 1;
 /// Value written to [`MARKER_PORT`] when the timed section ends.
 pub const MARKER_END: u32 = 2;
+/// Value written to [`MARKER_PORT`] at a checkpoint inside the timed section: the host records
+/// how much of guest RAM is backed by host memory (resident) at that point.
+pub const MARKER_CHECKPOINT: u32 = 3;
 /// The trapped twin of the `null` hypercall: a scratch device. A 32-bit `out` is latched and
 /// counted; a 32-bit `in` returns the number of `out`s seen so far (low 32 bits).
 pub const NULL_PORT: u16 = 0x0503;

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod console;
 pub mod idle;
 pub mod mmu;
+pub mod zero;
 
 use hypercall_abi::{Call, Error as AbiError, Regs, Return, features};
 
@@ -18,7 +19,7 @@ use crate::metrics::ExitStats;
 use crate::mmu::PtPool;
 
 /// What the host services, as advertised in CPUID and by `features`.
-pub const HOST_FEATURES: u64 = features::V1_2;
+pub const HOST_FEATURES: u64 = features::V1_3;
 
 /// What the guest can reach from a hypercall.
 #[derive(Debug)]
@@ -33,6 +34,8 @@ pub struct Context<'a> {
     pub pool: &'a mut PtPool,
     /// The VM's pending events.
     pub events: &'a mut EventQueue,
+    /// RAM below this (boot structures, stack, kernel image) cannot be released.
+    pub protected_end: u64,
 }
 
 /// The result of a hypercall.
@@ -59,6 +62,7 @@ pub fn dispatch(ctx: &mut Context<'_>, regs: &Regs, stats: &mut ExitStats) -> Ou
         Call::Exit => return exit(a0),
         Call::ClockNs => Return::ok(ctx.clock.now_ns()),
         Call::IdleYield => idle::idle_yield(ctx.clock, ctx.events, a0),
+        Call::ZeroHints => zero::zero_hints(ctx.ram, ctx.protected_end, regs.args, stats),
         Call::MmuUpdate => mmu::update(ctx.ram, ctx.pool, a0, a1, stats),
         Call::MmuPin => mmu::pin(ctx.pool, a0, a1),
         _ => Return::err(AbiError::NotImplemented),
@@ -90,6 +94,7 @@ mod tests {
             clock: &clock,
             pool: &mut pool,
             events: &mut events,
+            protected_end: 0x40_0000,
         };
         f(&mut ctx)
     }
@@ -104,7 +109,7 @@ mod tests {
             assert_eq!(call(ctx, 0, [42, 0, 0, 0]), Outcome::Return(Return::ok(42)));
             assert_eq!(
                 call(ctx, 1, [0; 4]),
-                Outcome::Return(Return::ok(features::V1_2))
+                Outcome::Return(Return::ok(features::V1_3))
             );
         });
     }
@@ -118,10 +123,10 @@ mod tests {
                     Outcome::Return(Return::err(AbiError::UnknownCall))
                 );
             }
-            // zero_hints is still reserved.
+            // zero_hints with an unknown operation.
             assert_eq!(
                 call(ctx, 17, [0; 4]),
-                Outcome::Return(Return::err(AbiError::NotImplemented))
+                Outcome::Return(Return::err(AbiError::InvalidArgument))
             );
         });
     }

@@ -1,0 +1,234 @@
+//! `zero_hints`: QUERY reports which guest frames are known zero (not backed by host memory);
+//! RELEASE discards frames the guest freed, returning the memory to the host. All guest
+//! addresses are bounds-checked; RELEASE checks every range before releasing any.
+
+use hypercall_abi::layout::PAGE_SIZE;
+use hypercall_abi::zero::{QUERY, QUERY_MAX_FRAMES, RELEASE, RELEASE_MAX_RANGES, ZeroRange};
+use hypercall_abi::{Error as AbiError, Return};
+use vm_memory::Bytes;
+use zerocopy::IntoBytes;
+
+use crate::memory::GuestRam;
+use crate::metrics::ExitStats;
+
+/// Dispatches on `op` (`a0`).
+pub fn zero_hints(
+    ram: &GuestRam,
+    protected_end: u64,
+    [op, a1, a2, a3]: [u64; 4],
+    stats: &mut ExitStats,
+) -> Return {
+    match op {
+        QUERY => query(ram, a1, a2, a3, stats),
+        RELEASE => release(ram, protected_end, a1, a2, stats),
+        _ => Return::err(AbiError::InvalidArgument),
+    }
+}
+
+/// Writes the known-zero bitmap of `count` frames from frame `first` to `bitmap_gpa`.
+pub fn query(
+    ram: &GuestRam,
+    bitmap_gpa: u64,
+    first: u64,
+    count: u64,
+    stats: &mut ExitStats,
+) -> Return {
+    if count > QUERY_MAX_FRAMES {
+        return Return::err(AbiError::TooLarge);
+    }
+    let frames_ok = first
+        .checked_mul(PAGE_SIZE)
+        .and_then(|gpa| ram.checked_range(gpa, count * PAGE_SIZE))
+        .is_some();
+    let Some(dst) = ram.checked_range(bitmap_gpa, count.div_ceil(8)) else {
+        return Return::err(AbiError::BadAddress);
+    };
+    if !frames_ok {
+        return Return::err(AbiError::BadAddress);
+    }
+    let Ok(zero) = ram.known_zero(first, count) else {
+        return Return::err(AbiError::BadAddress);
+    };
+    let mut bitmap = vec![0u8; count.div_ceil(8) as usize];
+    for (i, _) in zero.iter().enumerate().filter(|(_, z)| **z) {
+        bitmap[i / 8] |= 1 << (i % 8);
+    }
+    if ram.mem().write_slice(&bitmap, dst).is_err() {
+        return Return::err(AbiError::BadAddress);
+    }
+    let known = zero.iter().filter(|&&z| z).count() as u64;
+    stats.add_event("zero_known_frames", known);
+    Return::ok(known)
+}
+
+/// Discards `count` ranges listed at `ranges_gpa`. RAM below `protected_end` (boot structures,
+/// stack, kernel image) and the list itself may not be released.
+pub fn release(
+    ram: &GuestRam,
+    protected_end: u64,
+    ranges_gpa: u64,
+    count: u64,
+    stats: &mut ExitStats,
+) -> Return {
+    if count > RELEASE_MAX_RANGES {
+        return Return::err(AbiError::TooLarge);
+    }
+    let list_len = count * size_of::<ZeroRange>() as u64;
+    let Some(list) = ram.checked_range(ranges_gpa, list_len) else {
+        return Return::err(AbiError::BadAddress);
+    };
+    let mut ranges = vec![ZeroRange::default(); count as usize];
+    if ram.mem().read_slice(ranges.as_mut_bytes(), list).is_err() {
+        return Return::err(AbiError::BadAddress);
+    }
+    let overlaps = |a: u64, alen: u64, b: u64, blen: u64| a < b + blen && b < a + alen;
+    for r in &ranges {
+        if r.start % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 {
+            return Return::err(AbiError::InvalidArgument);
+        }
+        if ram.checked_range(r.start, r.len).is_none() {
+            return Return::err(AbiError::BadAddress);
+        }
+        if r.start < protected_end || overlaps(r.start, r.len, ranges_gpa, list_len) {
+            return Return::err(AbiError::Denied);
+        }
+    }
+    let mut released = 0;
+    for r in &ranges {
+        if ram.discard(r.start, r.len).is_err() {
+            return Return::err(AbiError::BadAddress);
+        }
+        released += r.len;
+    }
+    stats.add_event("released_bytes", released);
+    Return::ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    const MEM: u64 = 32 << 20;
+    const PROTECTED: u64 = 0x40_0000;
+
+    fn put(ram: &GuestRam, gpa: u64, ranges: &[ZeroRange]) {
+        ram.mem()
+            .write_slice(ranges.as_bytes(), GuestAddress(gpa))
+            .unwrap();
+    }
+
+    #[test]
+    fn query_reports_untouched_frames_and_release_restores_them() {
+        let ram = GuestRam::new(MEM).unwrap();
+        let mut s = ExitStats::default();
+        let frame = 0x800; // 8 MiB
+        ram.mem()
+            .write_obj(1u64, GuestAddress(frame * PAGE_SIZE))
+            .unwrap();
+        assert_eq!(
+            query(&ram, 0x50_0000, frame + 512, 64, &mut s),
+            Return::ok(64)
+        );
+        let r = query(&ram, 0x50_0000, frame, 8, &mut s);
+        assert!(r.value < 8, "the written frame is not known zero");
+        let bm: u8 = ram.mem().read_obj(GuestAddress(0x50_0000)).unwrap();
+        assert_eq!(bm & 1, 0);
+        put(
+            &ram,
+            0x50_1000,
+            &[ZeroRange {
+                start: frame * PAGE_SIZE,
+                len: 2 << 20,
+            }],
+        );
+        assert_eq!(
+            release(&ram, PROTECTED, 0x50_1000, 1, &mut s),
+            Return::ok(2 << 20)
+        );
+        assert_eq!(query(&ram, 0x50_0000, frame, 8, &mut s), Return::ok(8));
+        assert_eq!(s.event("released_bytes"), 2 << 20);
+    }
+
+    #[test]
+    fn bad_ranges_are_rejected_and_nothing_is_released() {
+        let ram = GuestRam::new(MEM).unwrap();
+        let mut s = ExitStats::default();
+        ram.mem().write_obj(7u64, GuestAddress(0x80_0000)).unwrap();
+        let good = ZeroRange {
+            start: 0x80_0000,
+            len: 4096,
+        };
+        for (bad, err) in [
+            (
+                ZeroRange {
+                    start: MEM - 4096,
+                    len: 8192,
+                },
+                AbiError::BadAddress,
+            ),
+            (
+                ZeroRange {
+                    start: u64::MAX - 4095,
+                    len: 4096,
+                },
+                AbiError::BadAddress,
+            ),
+            (
+                ZeroRange {
+                    start: 0x80_0100,
+                    len: 4096,
+                },
+                AbiError::InvalidArgument,
+            ),
+            (
+                ZeroRange {
+                    start: 0x20_0000,
+                    len: 4096,
+                },
+                AbiError::Denied,
+            ),
+            (
+                ZeroRange {
+                    start: 0x50_1000,
+                    len: 4096,
+                },
+                AbiError::Denied,
+            ),
+        ] {
+            put(&ram, 0x50_1000, &[good, bad]);
+            assert_eq!(
+                release(&ram, PROTECTED, 0x50_1000, 2, &mut s),
+                Return::err(err),
+                "{bad:?}"
+            );
+            let v: u64 = ram.mem().read_obj(GuestAddress(0x80_0000)).unwrap();
+            assert_eq!(v, 7, "the good range was not released either");
+        }
+        assert_eq!(
+            release(&ram, PROTECTED, MEM, 1, &mut s),
+            Return::err(AbiError::BadAddress)
+        );
+        assert_eq!(
+            release(&ram, PROTECTED, 0, RELEASE_MAX_RANGES + 1, &mut s),
+            Return::err(AbiError::TooLarge)
+        );
+        assert_eq!(
+            query(&ram, MEM, 0, 8, &mut s),
+            Return::err(AbiError::BadAddress)
+        );
+        assert_eq!(
+            query(&ram, 0, MEM / PAGE_SIZE, 1, &mut s),
+            Return::err(AbiError::BadAddress)
+        );
+        assert_eq!(
+            query(&ram, 0, u64::MAX / 2, 1, &mut s),
+            Return::err(AbiError::BadAddress)
+        );
+        assert_eq!(
+            query(&ram, 0, 0, QUERY_MAX_FRAMES + 1, &mut s),
+            Return::err(AbiError::TooLarge)
+        );
+    }
+}

@@ -1,0 +1,68 @@
+//! Pre-zeroed page hints (ABI v1.3): `zero_hints(op, ...)`.
+//!
+//! The host knows which guest frames are zero without looking at them: a frame of guest RAM the
+//! guest never wrote (or that the host discarded since) is not backed by host memory at all,
+//! and reads as zero. The guest knows which frames it no longer needs. Two operations close the
+//! gap in both directions:
+//!
+//! - [`QUERY`] (host → guest, "known zero"): `a1` = GPA of a bitmap buffer in guest RAM,
+//!   `a2` = first frame number (frame = GPA / 4096), `a3` = number of frames (≤
+//!   [`QUERY_MAX_FRAMES`]). The host writes one bit per frame (bit *i* of byte *i*/8, LSB first):
+//!   1 = known zero, 0 = unknown. Returns the number of known-zero frames. A frame reported zero
+//!   stays zero until the guest writes it — the guest allocator skips `memset` for it and, once
+//!   it hands the frame out, no longer treats it as zero.
+//! - [`RELEASE`] (guest → host, "released"): `a1` = GPA of an array of [`ZeroRange`], `a2` =
+//!   count (≤ [`RELEASE_MAX_RANGES`]). The host discards the backing of every range (returning
+//!   the memory to the host) and the frames read as zero again. Ranges must be page-aligned,
+//!   inside RAM, and must not overlap the kernel image, the boot structures below it, or the
+//!   range table itself. Returns the bytes released. All ranges are checked before any is
+//!   released: on error nothing is released.
+//!
+//! The trapped twin is simply a guest that ignores this: it zeroes every frame it hands out
+//! and never reports frees.
+//!
+//! Guests should release in batches (ranges, not one call per page) and only once at least
+//! [`RELEASE_THRESHOLD_BYTES`] are pending, so tiny frees don't cost an exit each.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// `zero_hints` `a0`: report known-zero frames into a bitmap.
+pub const QUERY: u64 = 1;
+/// `zero_hints` `a0`: release ranges.
+pub const RELEASE: u64 = 2;
+/// The most frames one [`QUERY`] covers (a 4 KiB bitmap).
+pub const QUERY_MAX_FRAMES: u64 = 4096 * 8;
+/// The most ranges one [`RELEASE`] takes.
+pub const RELEASE_MAX_RANGES: u64 = 256;
+/// Suggested minimum of pending bytes before a guest issues [`RELEASE`].
+pub const RELEASE_THRESHOLD_BYTES: u64 = 2 << 20;
+
+/// A guest-physical range `[start, start + len)`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct ZeroRange {
+    /// First byte (page-aligned).
+    pub start: u64,
+    /// Length in bytes (a multiple of the page size).
+    pub len: u64,
+}
+
+/// Is frame `i` (relative to the query's first frame) marked known-zero in `bitmap`?
+pub fn bit(bitmap: &[u8], i: usize) -> bool {
+    bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_is_lsb_first() {
+        let bm = [0b0000_0101u8, 0x80];
+        assert!(bit(&bm, 0) && !bit(&bm, 1) && bit(&bm, 2) && bit(&bm, 15));
+        assert!(!bit(&bm, 16));
+        assert_eq!(core::mem::size_of::<ZeroRange>(), 16);
+    }
+}
