@@ -125,11 +125,12 @@ fn run(mut env: Env) -> ! {
     let outcome = (workload.run)(&mut env, &args);
     kprintln!(
         env.console,
-        "PVKIT-RESULT workload={} mode={} ops={} checksum={:#018x}",
+        "PVKIT-RESULT workload={} mode={} ops={} checksum={:#018x}{}",
         workload.name,
         env.platform.mode().name(),
         outcome.ops,
-        outcome.checksum
+        outcome.checksum,
+        outcome.fields
     );
     env.platform.exit(exit_code::OK)
 }

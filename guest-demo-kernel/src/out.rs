@@ -45,6 +45,53 @@ impl fmt::Write for LineBuf {
     }
 }
 
+/// The most bytes of workload-specific fields a result line carries.
+pub const FIELDS_MAX: usize = 256;
+
+/// Workload-specific ` key=value` fields appended to the `PVKIT-RESULT` line (each written with
+/// its leading space, e.g. `write!(fields, " strategy={}", name)`). Text beyond
+/// [`FIELDS_MAX`] bytes is dropped.
+#[derive(Debug, Clone, Copy)]
+pub struct Fields {
+    buf: [u8; FIELDS_MAX],
+    len: usize,
+}
+
+impl Fields {
+    /// No fields.
+    pub const fn new() -> Fields {
+        Fields {
+            buf: [0; FIELDS_MAX],
+            len: 0,
+        }
+    }
+
+    /// The fields written so far.
+    pub fn as_str(&self) -> &str {
+        // Only whole `&str`s are appended, cut at a character boundary, so this is UTF-8.
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl fmt::Write for Fields {
+    /// Appends what fits (cut at a character boundary) and silently drops the rest.
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut n = s.len().min(FIELDS_MAX - self.len);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+impl fmt::Display for Fields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Formats `args` plus `\n` and writes the line to `console` in one piece. Output errors are
 /// ignored: there is nowhere else to report them.
 pub fn print_line(console: &mut Console, args: fmt::Arguments<'_>) {

@@ -6,7 +6,7 @@
 //! `guest_pv::trapped` is `unsafe` because its ports are pvkit's, not a PC convention. This
 //! kernel is built for pvkit only: `_start` follows pvkit's boot protocol (a pvkit `BootInfo` in
 //! `rdi`), and no other loader enters it. So the exit, marker and null ports are pvkit's
-//! emulated devices, which touch no guest memory.
+//! emulated devices (as are the timer and event ports), which touch no guest memory.
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -93,6 +93,18 @@ pub fn null_port_loop(n: u64) -> u64 {
 pub fn null_port_read() -> u32 {
     // SAFETY: a pvkit VM (module docs); reading the null port has no side effect.
     unsafe { trapped::null_port_read() }
+}
+
+/// Starts the trapped periodic timer with a period of `period_us` µs (any mode).
+pub fn timer_start(period_us: u32) {
+    // SAFETY: a pvkit VM (module docs); the timer port only programs the host's timer.
+    unsafe { trapped::timer_start(period_us) }
+}
+
+/// Stops the trapped periodic timer (any mode).
+pub fn timer_stop() {
+    // SAFETY: a pvkit VM (module docs); the timer port only stops the host's timer.
+    unsafe { trapped::timer_stop() }
 }
 
 /// Ends the VM through the exit port (any mode).

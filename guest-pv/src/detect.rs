@@ -13,7 +13,7 @@ use hypercall_abi::{
 use crate::HypercallError;
 
 /// CPUID leaf 1 `ecx` bit 31: "a hypervisor is present".
-const HYPERVISOR_PRESENT: u32 = 1 << 31;
+pub(crate) const HYPERVISOR_PRESENT: u32 = 1 << 31;
 
 /// Proof that the code runs under a pvkit host with a compatible ABI major version.
 ///
@@ -41,14 +41,14 @@ pub fn detect() -> Option<Pvkit> {
 }
 
 /// Executes `cpuid` with `eax = leaf`, `ecx = 0`.
-fn cpuid(leaf: u32) -> CpuidResult {
+pub(crate) fn cpuid(leaf: u32) -> CpuidResult {
     // `__cpuid` is a safe function on current toolchains: `cpuid` exists on every x86-64 CPU,
     // reads no memory and only writes the four result registers.
     __cpuid(leaf)
 }
 
 /// Decodes the two pvkit CPUID leaves (pure, so it can be tested on the host).
-fn decode(signature: CpuidResult, version: CpuidResult) -> Option<Pvkit> {
+pub(crate) fn decode(signature: CpuidResult, version: CpuidResult) -> Option<Pvkit> {
     let (ebx, ecx, edx) = signature_registers();
     if (signature.ebx, signature.ecx, signature.edx) != (ebx, ecx, edx)
         || signature.eax < CPUID_LEAF_VERSION

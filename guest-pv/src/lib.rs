@@ -3,17 +3,25 @@
 //! - [`detect()`] finds a pvkit host through CPUID (no hypercall) and yields a [`Pvkit`] token;
 //!   the hypercall wrappers are methods on it, so they cannot be reached elsewhere.
 //! - Hypercalls: [`Pvkit::null`], [`Pvkit::features`], [`Pvkit::console_write`] (and
-//!   [`Pvkit::console_write_phys`]), [`Pvkit::exit`], [`Pvkit::clock_ns`]. The one instruction
-//!   sequence behind them is [`hypercall::raw_hypercall`].
+//!   [`Pvkit::console_write_phys`]), [`Pvkit::exit`], [`Pvkit::clock_ns`],
+//!   [`Pvkit::idle_yield`]. The one instruction sequence behind them is
+//!   [`hypercall::raw_hypercall`].
 //! - Measurement: [`Pvkit::null_loop`] issues `n` `null` calls in one tight asm loop (the bare
 //!   round trip, with no guest work in between); [`null_sum`] is what it returns.
 //! - The trapped twins, for code that must behave like an unmodified guest: the COM1
 //!   [`Uart16550`] and the exit/marker/null ports of [`trapped`] (with
 //!   [`trapped::null_port_loop`], the twin of [`Pvkit::null_loop`]).
 //! - [`Console`] and [`exit()`] choose between the two by [`Mode`].
+//! - [`tsc`]: [`tsc::Tsc`], a nanosecond clock from `rdtsc` and the TSC frequency the host
+//!   reports in CPUID (no exit per reading).
+//! - [`idle`]: idling until a deadline — [`idle::spin`], [`idle::hlt`] (trapped timer ticks,
+//!   [`trapped::timer_start`]) or [`idle::PvIdle`] ([`Pvkit::idle_yield`]) — and
+//!   [`idle::percentile`] for summarising wake-up overshoots.
 //! - [`Fnv1a`] (workload checksums) and [`args`] (parsing `BootInfo` workload arguments).
 //! - [`cpu`]: a CPL 3 runtime (GDT, TSS with a full I/O bitmap, IDT, kernel services through
-//!   `ud2`, [`cpu::run_user`]), because pvkit's KVM runs CPL 3 code natively and emulates CPL 0.
+//!   `ud2`, [`cpu::run_user`]), because pvkit's KVM runs CPL 3 code natively and emulates CPL 0;
+//!   and interrupts: counted per vector ([`cpu::interrupt_count`]), an optional hook, and
+//!   [`cpu::wait_for_interrupt`] (`sti; hlt; cli`).
 //! - [`mmu`]: a page-table manager over pvkit's page-table pool, PV ([`mmu::Batch`] of
 //!   `mmu_update` hypercalls, [`Pvkit::mmu_pin`]) or trapped (plain stores), with one code path.
 //!
@@ -74,9 +82,11 @@ pub mod cpu;
 pub mod detect;
 mod exit;
 pub mod hypercall;
+pub mod idle;
 pub mod mmu;
 mod null;
 pub mod trapped;
+pub mod tsc;
 pub mod uart;
 
 pub use checksum::Fnv1a;

@@ -5,7 +5,8 @@
 //! (plus the UART, [`crate::uart`]).
 //!
 //! # Why these functions are `unsafe`
-//! The ports ([`EXIT_PORT`], [`MARKER_PORT`], [`NULL_PORT`]) are pvkit's choice, not a PC
+//! The ports ([`EXIT_PORT`], [`MARKER_PORT`], [`NULL_PORT`], [`TIMER_PORT`], [`EVENT_PORT`])
+//! are pvkit's choice, not a PC
 //! convention: on real hardware or under another VMM the same port numbers can belong to a
 //! chipset device (the `0x500` range often holds GPIO or ACPI registers), and writing there could
 //! do anything. The caller must know the machine is a pvkit VM: it was entered through pvkit's
@@ -16,6 +17,7 @@
 use core::arch::asm;
 use core::sync::atomic::{Ordering, compiler_fence};
 
+pub use hypercall_abi::idle::{EVENT_PORT, TIMER_PORT};
 pub use hypercall_abi::ports::{EXIT_PORT, MARKER_BEGIN, MARKER_END, MARKER_PORT, NULL_PORT};
 use x86_64::instructions::port::Port;
 
@@ -104,6 +106,59 @@ pub unsafe fn null_port_loop(n: u64) -> u64 {
 pub unsafe fn null_port_read() -> u32 {
     let mut port = Port::<u32>::new(NULL_PORT);
     // SAFETY: the caller guarantees a pvkit VM, whose null port returns its counter and has no
+    // side effect on a read.
+    unsafe { port.read() }
+}
+
+/// Starts the trapped periodic timer with a period of `period_us` microseconds (a 32-bit `out`
+/// to [`TIMER_PORT`]; the host raises periods below
+/// [`hypercall_abi::idle::TIMER_MIN_PERIOD_US`] to it), or restarts it with the new period.
+/// Each tick raises [`hypercall_abi::idle::TIMER_VECTOR`] when the guest can take it — the host
+/// delivers it when the guest halts with interrupts enabled ([`crate::cpu::wait_for_interrupt`]),
+/// coalescing the ticks that fell due while it ran. `period_us` = 0 stops it, like
+/// [`timer_stop`].
+///
+/// # Safety
+/// The machine must be a pvkit VM (see the [module docs](self)).
+#[inline]
+pub unsafe fn timer_start(period_us: u32) {
+    // SAFETY: the caller guarantees a pvkit VM, whose timer port only (re)programs the timer.
+    unsafe { out32(TIMER_PORT, period_us) };
+}
+
+/// Stops the trapped periodic timer (a 32-bit `out` of 0 to [`TIMER_PORT`]).
+///
+/// # Safety
+/// The machine must be a pvkit VM (see the [module docs](self)).
+#[inline]
+pub unsafe fn timer_stop() {
+    // SAFETY: the caller guarantees a pvkit VM, whose timer port only stops the timer.
+    unsafe { out32(TIMER_PORT, 0) };
+}
+
+/// Schedules one event `delay_us` microseconds from now on the event device (a 32-bit `out` to
+/// [`EVENT_PORT`]; delays above [`hypercall_abi::idle::EVENT_MAX_DELAY_US`] are clamped). The
+/// event wakes a parked [`crate::Pvkit::idle_yield`] or, for a guest halted with interrupts
+/// enabled, raises [`hypercall_abi::idle::EVENT_VECTOR`].
+///
+/// # Safety
+/// The machine must be a pvkit VM (see the [module docs](self)).
+#[inline]
+pub unsafe fn event_schedule(delay_us: u32) {
+    // SAFETY: the caller guarantees a pvkit VM, whose event port only schedules a host-side
+    // event; it touches no guest memory.
+    unsafe { out32(EVENT_PORT, delay_us) };
+}
+
+/// The number of events the guest has consumed so far (a 32-bit `in` from [`EVENT_PORT`]; low
+/// 32 bits): through `idle_yield` wake-ups or [`hypercall_abi::idle::EVENT_VECTOR`] interrupts.
+///
+/// # Safety
+/// The machine must be a pvkit VM (see the [module docs](self)).
+#[inline]
+pub unsafe fn events_delivered() -> u32 {
+    let mut port = Port::<u32>::new(EVENT_PORT);
+    // SAFETY: the caller guarantees a pvkit VM, whose event port returns its counter and has no
     // side effect on a read.
     unsafe { port.read() }
 }

@@ -82,10 +82,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     if bytes % 64 != 0 {
         let _ = env.console.write_bytes(b"\n");
     }
-    Outcome {
-        ops: bytes,
-        checksum,
-    }
+    Outcome::new(bytes, checksum)
 }
 
 /// Set once free RAM has been handed out as a buffer.

@@ -58,7 +58,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         h.finish()
     });
     assert_eq!(cpu::cpl(), 0, "run_user returned to CPL {}", cpu::cpl());
-    Outcome { ops, checksum }
+    Outcome::new(ops, checksum)
 }
 
 /// Raises the exception `fault` selects (nothing for 0).

@@ -5,6 +5,7 @@
 mod console;
 mod cpl3;
 mod hello;
+mod idle;
 mod null;
 mod pagetable;
 mod panic;
@@ -16,6 +17,7 @@ use guest_pv::args::Args;
 use hypercall_abi::boot::{BootInfo, region_kind};
 use hypercall_abi::layout::{IDENTITY_MAP_SIZE, PAGE_SIZE};
 
+use crate::out::Fields;
 use crate::platform::Platform;
 
 /// What a workload works with.
@@ -30,12 +32,25 @@ pub struct Env {
 }
 
 /// A workload's result, reported in the `PVKIT-RESULT` line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Outcome {
     /// Operations performed in the timed section (workload-specific unit).
     pub ops: u64,
     /// FNV-1a 64 of the workload's observable result.
     pub checksum: u64,
+    /// Workload-specific fields appended to the line after `checksum`.
+    pub fields: Fields,
+}
+
+impl Outcome {
+    /// An outcome with no extra fields.
+    pub const fn new(ops: u64, checksum: u64) -> Outcome {
+        Outcome {
+            ops,
+            checksum,
+            fields: Fields::new(),
+        }
+    }
 }
 
 /// A runnable workload.
@@ -58,6 +73,7 @@ const WORKLOADS: &[Workload] = &[
     console::WORKLOAD,
     pagetable::WORKLOAD,
     cpl3::WORKLOAD,
+    idle::WORKLOAD,
     panic::WORKLOAD,
 ];
 

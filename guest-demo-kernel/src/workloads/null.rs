@@ -52,8 +52,5 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let mut h = Fnv1a::new();
     h.write_u64(ops);
     h.write_u64(sum);
-    Outcome {
-        ops,
-        checksum: h.finish(),
-    }
+    Outcome::new(ops, h.finish())
 }

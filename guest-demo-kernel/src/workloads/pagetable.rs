@@ -157,10 +157,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         pages: Pages { base, count: pages },
     };
     let checksum = at_cpl3(|| job.run());
-    Outcome {
-        ops: updates,
-        checksum,
-    }
+    Outcome::new(updates, checksum)
 }
 
 /// Reports an argument error and exits with [`exit_code::USAGE`].

@@ -14,8 +14,8 @@
 //!   allows every port, so port I/O (hypercalls, the UART, the exit and marker ports) works at
 //!   CPL 3. (pvkit's KVM forces `RFLAGS.IOPL` to 0, so the bitmap is the only way.) A double
 //!   fault runs on its own 4 KiB stack (IST 1).
-//! - An IDT with an interrupt gate for each of the 32 exception vectors (the other 224 are not
-//!   present yet).
+//! - An IDT with an interrupt gate for each of the 32 exception vectors and for each of the 224
+//!   external-interrupt vectors `32..=255` (see [Interrupts](#interrupts)).
 //!
 //! # Kernel services
 //! `int n` raises #UD at CPL 3 on pvkit's KVM and `syscall` does not work, but an exception from
@@ -31,6 +31,34 @@
 //! [`Display`](core::fmt::Display) is one line, e.g.
 //! `CPU exception 14 (#PF page fault): error code 0x4, rip 0x201a3c, cs 0x23, rflags 0x2, rsp
 //! 0x2ffe8, cr2 0x8000000000`.
+//!
+//! # Interrupts
+//! pvkit's VMM injects external interrupts with `KVM_INTERRUPT` (no APIC, so no EOI): the
+//! trapped timer raises [`hypercall_abi::idle::TIMER_VECTOR`] and the event device
+//! [`hypercall_abi::idle::EVENT_VECTOR`] when the guest halts with interrupts enabled. Every
+//! vector `32..=255` has a gate whose handler counts it ([`interrupt_count`]), calls the
+//! kernel's optional [`InterruptHook`] ([`set_interrupt_hook`]) and `iretq`s, preserving every
+//! register. Without a hook a handler is 7 instructions.
+//!
+//! The boot state has IF = 0 and this runtime keeps it so: interrupts are taken only where the
+//! kernel asks for them. The pattern for waiting is: check the condition with IF = 0, then
+//! [`wait_for_interrupt`] (`sti; hlt; cli` as one block — `sti` delays interrupts by one
+//! instruction, so none is taken between the check and the `hlt`, and a wake-up that is already
+//! pending ends the `hlt` at once):
+//!
+//! ```no_run
+//! # use guest_pv::cpu;
+//! # fn deadline_passed() -> bool { true }
+//! // IF = 0 here (pvkit's boot state; `wait_for_interrupt` leaves it so).
+//! while !deadline_passed() {
+//!     cpu::wait_for_interrupt(); // sti; hlt; cli — returns after a handler ran
+//! }
+//! ```
+//!
+//! [`enable_interrupts`] / [`disable_interrupts`] are plain `sti` / `cli` for kernels that want
+//! interrupts on for a while. All of these are CPL 0 only (`sti`, `cli` and `hlt` raise #GP at
+//! CPL 3), and the kernel must be built without a red zone (`x86_64-unknown-none` is), because
+//! an interrupt at CPL 0 pushes its frame right below `rsp`.
 //!
 //! # Entering CPL 3
 //! [`run_user`]`(f, arg, user_stack_top)` saves the kernel's callee-saved registers and stack
@@ -76,6 +104,7 @@
 //! # fn main() {}
 //! ```
 
+mod interrupt;
 mod tables;
 mod trap;
 
@@ -84,6 +113,7 @@ use core::fmt;
 use core::sync::atomic::Ordering;
 
 use hypercall_abi::mmu::PTE_ADDR_MASK;
+pub use interrupt::{FIRST_VECTOR, InterruptHook};
 pub use tables::{KERNEL_CS, KERNEL_DS, TRAP_STACK_SIZE, TSS_SELECTOR, USER_CS, USER_DS};
 
 /// Kernel service numbers (`rax` of a service call). Private to this runtime: not pvkit ABI.
@@ -220,14 +250,15 @@ pub type FatalHook = fn(&Fault) -> !;
 
 /// A static that this runtime mutates with raw pointers only.
 ///
-/// `Sync` is sound because pvkit guests run on one CPU, the runtime keeps interrupts disabled,
-/// and every access documents why nothing else touches the value at the same time.
+/// `Sync` is sound because pvkit guests run on one CPU, the runtime keeps interrupts disabled
+/// outside [`wait_for_interrupt`] (and its interrupt handlers touch only atomics, never a
+/// `Global`), and every access documents why nothing else touches the value at the same time.
 #[derive(Debug)]
 #[repr(transparent)]
 pub(crate) struct Global<T>(UnsafeCell<T>);
 
-// SAFETY: see the type's docs: one CPU, no interrupts, and every access is a raw-pointer access
-// justified at its site.
+// SAFETY: see the type's docs: one CPU, no interrupt handler touches a `Global`, and every
+// access is a raw-pointer access justified at its site.
 unsafe impl<T> Sync for Global<T> {}
 
 impl<T> Global<T> {
@@ -265,10 +296,69 @@ pub unsafe fn init(on_fault: FatalHook) {
     // and no handler reads the hook until the IDT is installed below.
     unsafe { FATAL_HOOK.get().write(Some(on_fault)) };
     // SAFETY: the caller's contract is `install`'s; the stubs are this module's entry points.
-    unsafe { tables::install(&trap::stub_addresses()) };
+    unsafe { tables::install(&trap::stub_addresses(), &interrupt::stub_addresses()) };
     // SAFETY: CPL 0 (the caller's contract).
     let cr3 = unsafe { trap::read_cr3() };
     trap::LOADED_ROOT.store(cr3 & PTE_ADDR_MASK, Ordering::Relaxed);
+}
+
+/// Interrupts of `vector` taken since boot (counted by this runtime's handlers; always 0 for
+/// the exception vectors `0..32`).
+pub fn interrupt_count(vector: u8) -> u64 {
+    interrupt::count(vector)
+}
+
+/// Registers `hook`, called by the handler of every external interrupt after counting it (see
+/// [`InterruptHook`] for where it runs); `None` removes it. Works before and after [`init`].
+pub fn set_interrupt_hook(hook: Option<InterruptHook>) {
+    interrupt::set_hook(hook);
+}
+
+/// Panics unless [`init`] has run (its IDT is then loaded, with a gate for every vector).
+/// Enabling interrupts before that would take them through whatever IDT the loader left.
+fn assert_initialised(what: &str) {
+    assert!(fatal_hook().is_some(), "cpu::{what} before cpu::init");
+}
+
+/// `sti`: enables interrupts (IF = 1) until [`disable_interrupts`]. CPL 0 only (#GP, fatal,
+/// at CPL 3).
+///
+/// # Panics
+/// Before [`init`].
+#[inline]
+pub fn enable_interrupts() {
+    assert_initialised("enable_interrupts");
+    // SAFETY: `init` ran (checked), so its IDT, with a gate for every vector, is loaded (a
+    // kernel that loads another IDT takes that responsibility in its own unsafe code). At CPL 3
+    // `sti` raises #GP, reported as fatal, which is safe.
+    unsafe { interrupt::sti() };
+}
+
+/// `cli`: disables interrupts (IF = 0), pvkit's boot state. CPL 0 only (#GP, fatal, at CPL 3).
+#[inline]
+pub fn disable_interrupts() {
+    interrupt::cli();
+}
+
+/// `sti; hlt; cli` in one asm block: sleeps until an interrupt has been taken, then returns
+/// with IF = 0. Call it with IF = 0 after checking the condition being waited for (see
+/// [Interrupts](self#interrupts)): `sti` delays interrupts by one instruction, so a wake-up
+/// cannot be taken between the check and the `hlt` and then be missed by it. CPL 0 only.
+///
+/// Under pvkit something must be able to wake the vCPU — the trapped timer running
+/// ([`crate::trapped::timer_start`]) or an event outstanding
+/// ([`crate::trapped::event_schedule`]) — or the VMM stops the VM (a `hlt` that nothing can
+/// end). With IF = 1 on entry (against the pattern), an interrupt may be taken before the
+/// `hlt`, which then waits for the next one.
+///
+/// # Panics
+/// Before [`init`].
+#[inline]
+pub fn wait_for_interrupt() {
+    assert_initialised("wait_for_interrupt");
+    // SAFETY: as in `enable_interrupts`: `init` ran (checked), so every vector has a gate in
+    // the loaded IDT; at CPL 3 the `sti` raises #GP, reported as fatal.
+    unsafe { interrupt::sti_hlt_cli() };
 }
 
 /// The current privilege level (0 = kernel, 3 = user), from the low bits of CS.

@@ -68,7 +68,8 @@ const _: () = {
 /// The TSS limit: the offset of its last byte (the `0xff` after the bitmap).
 pub const TSS_LIMIT: u32 = (104 + IOMAP_BYTES) as u32;
 
-/// The IDT: 256 gates. [`super::init`] fills the 32 exception vectors; the rest are not present.
+/// The IDT: 256 gates. [`super::init`] fills all of them: the 32 exception vectors and the 224
+/// external-interrupt vectors.
 #[repr(C, align(4096))]
 struct Idt([[u64; 2]; 256]);
 
@@ -156,13 +157,14 @@ struct TablePointer {
     base: u64,
 }
 
-/// Fills and loads GDT, TSS and IDT; `handlers[v]` is the entry stub of exception vector `v`.
+/// Fills and loads GDT, TSS and IDT; `handlers[v]` is the entry stub of exception vector `v`,
+/// `interrupts[i]` the entry stub of external-interrupt vector `32 + i`.
 ///
 /// # Safety
 /// CPL 0 with interrupts disabled; nothing else uses these statics concurrently (one CPU). Code
 /// that relies on the previous GDT, TSS or IDT must not run afterwards. The kernel's code and
 /// data must be reachable through the kernel code and data selectors (flat, base 0).
-pub unsafe fn install(handlers: &[u64; 32]) {
+pub unsafe fn install(handlers: &[u64; 32], interrupts: &[u64; 224]) {
     let tss = TSS.get();
     // SAFETY: `tss` points to the TSS static; single CPU with interrupts disabled (the caller's
     // contract), and the CPU only reads the TSS on a privilege change or IST switch, which
@@ -221,12 +223,17 @@ pub unsafe fn install(handlers: &[u64; 32]) {
         // CPU reads it only on an exception, and none can be handled before `lidt` below.
         unsafe { (&raw mut (*idt).0[vector]).write(interrupt_gate(handler, KERNEL_CS, ist)) };
     }
+    for (i, &handler) in interrupts.iter().enumerate() {
+        // SAFETY: `32 + i` < 256 indexes the IDT static, as above. Interrupts are disabled (the
+        // caller's contract), so none is delivered through a gate while it is written.
+        unsafe { (&raw mut (*idt).0[32 + i]).write(interrupt_gate(handler, KERNEL_CS, 0)) };
+    }
     let idt_pointer = TablePointer {
         limit: (size_of::<Idt>() - 1) as u16,
         base: idt.addr() as u64,
     };
-    // SAFETY: the IDT now has a present gate for every exception vector, each to a handler stub
-    // in the kernel code segment. CPL 0 by the caller's contract.
+    // SAFETY: the IDT now has a present gate for every vector, each to a handler stub in the
+    // kernel code segment. CPL 0 by the caller's contract.
     unsafe {
         asm!(
             "lidt [{}]",

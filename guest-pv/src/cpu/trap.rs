@@ -1,6 +1,7 @@
 //! Exception entry and exit, the kernel-service call, and the switches between CPL 0 and CPL 3.
 //!
-//! Every piece of assembly of the CPL 3 runtime is here:
+//! Every piece of assembly of the CPL 3 runtime is here, but for the external-interrupt entry
+//! (`interrupt.rs`):
 //! - one entry stub per exception vector (`trap0` … `trap31`), which pushes a zero error code
 //!   where the CPU pushes none and the vector, then jumps to [`trap_entry`];
 //! - [`trap_entry`], which saves the caller-saved registers into a [`TrapFrame`], calls

@@ -1,0 +1,231 @@
+//! `idle` (arguments `strategy` = `spin` | `hlt` | `pv`, default `pv` in PV mode and `hlt` in
+//! trapped mode; `intervals`, default 50, 1..=1000; `interval_us`, default 10000, at most
+//! 60000000; `tick_hz`, default 1000, 1..=10000, for `hlt` only): how precisely, and at what
+//! cost to the host, the guest sleeps until a series of deadlines with each of the strategies of
+//! `guest_pv::idle`.
+//!
+//! Runs at CPL 0 (`hlt` is privileged; the timed section is mostly parked anyway). Before the
+//! begin marker: the TSC clock from CPUID (`guest_pv::tsc::Tsc`), and for `hlt` the trapped
+//! timer started at `1_000_000 / tick_hz` µs, for `pv` the TSC-to-host clock mapping (one
+//! `clock_ns`). Timed section: `start` = TSC now; for `k` in `1..=intervals`, deadline =
+//! `start + k * interval_us µs`; idle until it, then read the TSC at once: overshoot `k` = now −
+//! deadline (0 if negative). After the end marker the timer is stopped.
+//!
+//! `ops` = `intervals`. Checksum: FNV-1a over the number of intervals completed (8 little-endian
+//! bytes), the same for every strategy and mode. Extra result fields: `strategy=<s>
+//! wake_overshoot_ns_p50=<n> wake_overshoot_ns_p99=<n> ticks=<n>`: nearest-rank percentiles of
+//! the overshoots, and the timer interrupts taken in the timed section (0 unless `hlt`).
+//!
+//! Interrupts are enabled only inside `hlt`'s `sti; hlt` (IF = 0 everywhere else, as for every
+//! other workload). Errors: an unknown strategy, `strategy=pv` in trapped mode or an argument out
+//! of range exit with code 2; a host without the TSC frequency (or, for `pv`, without
+//! `idle_yield`/`clock_ns`) with code 4.
+
+use core::fmt::{self, Write};
+
+use guest_pv::args::Args;
+use guest_pv::idle::{self, PvIdle, Strategy, percentile};
+use guest_pv::tsc::Tsc;
+use guest_pv::{Fnv1a, cpu};
+use hypercall_abi::features;
+use hypercall_abi::idle::{TIMER_MIN_PERIOD_US, TIMER_VECTOR};
+
+use super::{Env, Outcome, Workload};
+use crate::exit_code;
+use crate::out::kprintln;
+use crate::platform::{Platform, marker_begin, marker_end, timer_start, timer_stop};
+
+pub const WORKLOAD: Workload = Workload {
+    name: "idle",
+    keys: &["intervals", "interval_us", "tick_hz"],
+    text_keys: &["strategy"],
+    run,
+};
+
+const DEFAULT_INTERVALS: u64 = 50;
+/// The most intervals (the overshoots are kept in a fixed array on the stack).
+const MAX_INTERVALS: usize = 1000;
+const DEFAULT_INTERVAL_US: u64 = 10_000;
+/// The longest interval: one minute.
+const MAX_INTERVAL_US: u64 = 60_000_000;
+const DEFAULT_TICK_HZ: u64 = 1000;
+/// The fastest tick the host's timer gives (its minimum period).
+const MAX_TICK_HZ: u64 = 1_000_000 / TIMER_MIN_PERIOD_US as u64;
+
+/// The checked arguments.
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    strategy: Strategy,
+    intervals: usize,
+    interval_ns: u64,
+    /// The timer period (`hlt` only).
+    tick_us: u32,
+}
+
+/// How the timed loop idles, set up before the begin marker.
+enum Idler {
+    Spin,
+    Hlt,
+    Pv(PvIdle),
+}
+
+impl Idler {
+    /// Idles until `deadline_ns` (TSC time).
+    fn idle_until(&mut self, tsc: &Tsc, deadline_ns: u64) {
+        match self {
+            Idler::Spin => {
+                idle::spin(tsc, deadline_ns);
+            }
+            Idler::Hlt => {
+                idle::hlt(tsc, deadline_ns);
+            }
+            Idler::Pv(pv) => {
+                if let Err(e) = pv.idle_until(deadline_ns) {
+                    panic!("idle_yield: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
+    let cfg = match config(env.platform, args) {
+        Ok(cfg) => cfg,
+        Err(why) => usage(env, why),
+    };
+    let Some(tsc) = Tsc::from_cpuid() else {
+        unsupported(
+            env,
+            format_args!(
+                "the host reports no TSC frequency (CPUID leaf 0x40000010, feature TSC_KHZ)"
+            ),
+        )
+    };
+    let mut idler = match (cfg.strategy, env.platform) {
+        (Strategy::Spin, _) => Idler::Spin,
+        (Strategy::Hlt, _) => Idler::Hlt,
+        (Strategy::Pv, Platform::Pv(pv)) => {
+            if !pv.has(features::IDLE_YIELD | features::CLOCK) {
+                unsupported(
+                    env,
+                    format_args!(
+                        "strategy=pv needs idle_yield and clock_ns (host features {:#x})",
+                        pv.feature_bits()
+                    ),
+                );
+            }
+            match PvIdle::new(pv, tsc) {
+                Ok(pv_idle) => Idler::Pv(pv_idle),
+                Err(e) => panic!("clock_ns: {e}"),
+            }
+        }
+        // `config` refused it.
+        (Strategy::Pv, Platform::Trapped) => unreachable!("strategy=pv in trapped mode"),
+    };
+
+    let mut overshoots = [0u64; MAX_INTERVALS];
+    let overshoots = &mut overshoots[..cfg.intervals];
+    if cfg.strategy == Strategy::Hlt {
+        timer_start(cfg.tick_us);
+    }
+    let ticks_before = cpu::interrupt_count(TIMER_VECTOR);
+
+    marker_begin();
+    let start = tsc.now_ns();
+    let mut deadline = start;
+    for overshoot in overshoots.iter_mut() {
+        deadline = deadline.saturating_add(cfg.interval_ns);
+        idler.idle_until(&tsc, deadline);
+        *overshoot = tsc.now_ns().saturating_sub(deadline);
+    }
+    marker_end();
+
+    if cfg.strategy == Strategy::Hlt {
+        timer_stop();
+    }
+    let ticks = cpu::interrupt_count(TIMER_VECTOR) - ticks_before;
+    overshoots.sort_unstable();
+    let p50 = percentile(overshoots, 50).unwrap_or(0);
+    let p99 = percentile(overshoots, 99).unwrap_or(0);
+
+    let completed = overshoots.len() as u64;
+    let mut h = Fnv1a::new();
+    h.write_u64(completed);
+    let mut outcome = Outcome::new(completed, h.finish());
+    let _ = write!(
+        outcome.fields,
+        " strategy={} wake_overshoot_ns_p50={p50} wake_overshoot_ns_p99={p99} ticks={ticks}",
+        cfg.strategy.name()
+    );
+    outcome
+}
+
+/// Checks the arguments against each other and the mode.
+fn config<'a>(platform: Platform, args: &Args<'a>) -> Result<Config, ArgError<'a>> {
+    let strategy = match args.get_str("strategy") {
+        None => match platform {
+            Platform::Pv(_) => Strategy::Pv,
+            Platform::Trapped => Strategy::Hlt,
+        },
+        Some(name) => Strategy::from_name(name).ok_or(ArgError::Strategy(name))?,
+    };
+    if strategy == Strategy::Pv && matches!(platform, Platform::Trapped) {
+        return Err(ArgError::PvInTrapped);
+    }
+    let intervals = args.get_or("intervals", DEFAULT_INTERVALS);
+    if intervals == 0 || intervals > MAX_INTERVALS as u64 {
+        return Err(ArgError::Intervals(intervals));
+    }
+    let interval_us = args.get_or("interval_us", DEFAULT_INTERVAL_US);
+    if interval_us > MAX_INTERVAL_US {
+        return Err(ArgError::IntervalUs(interval_us));
+    }
+    let tick_hz = args.get_or("tick_hz", DEFAULT_TICK_HZ);
+    if tick_hz == 0 || tick_hz > MAX_TICK_HZ {
+        return Err(ArgError::TickHz(tick_hz));
+    }
+    Ok(Config {
+        strategy,
+        intervals: intervals as usize,
+        // At most 6e10 µs · 1000: no overflow, nor in `intervals` times it.
+        interval_ns: interval_us * 1000,
+        // 100..=1_000_000.
+        tick_us: (1_000_000 / tick_hz) as u32,
+    })
+}
+
+/// Why the arguments were refused.
+#[derive(Debug, Clone, Copy)]
+enum ArgError<'a> {
+    Strategy(&'a str),
+    PvInTrapped,
+    Intervals(u64),
+    IntervalUs(u64),
+    TickHz(u64),
+}
+
+impl fmt::Display for ArgError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArgError::Strategy(s) => write!(f, "unknown strategy '{s}' (known: spin, hlt, pv)"),
+            ArgError::PvInTrapped => f.write_str("strategy=pv needs mode pv (use spin or hlt)"),
+            ArgError::Intervals(n) => write!(f, "intervals={n} (want 1..={MAX_INTERVALS})"),
+            ArgError::IntervalUs(n) => {
+                write!(f, "interval_us={n} (want at most {MAX_INTERVAL_US})")
+            }
+            ArgError::TickHz(n) => write!(f, "tick_hz={n} (want 1..={MAX_TICK_HZ})"),
+        }
+    }
+}
+
+/// Reports bad arguments and exits with code 2.
+fn usage(env: &mut Env, why: ArgError<'_>) -> ! {
+    kprintln!(env.console, "error: workload '{}': {why}", WORKLOAD.name);
+    env.platform.exit(exit_code::USAGE)
+}
+
+/// Reports a host that lacks what the workload needs and exits with code 4.
+fn unsupported(env: &mut Env, why: fmt::Arguments<'_>) -> ! {
+    kprintln!(env.console, "error: workload '{}': {why}", WORKLOAD.name);
+    env.platform.exit(exit_code::NO_PVKIT)
+}

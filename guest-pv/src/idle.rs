@@ -1,0 +1,308 @@
+//! Idling until a deadline: the three strategies of [`hypercall_abi::idle`], measured on the
+//! exit-free [`Tsc`] clock.
+//!
+//! Every strategy idles until a deadline in [`Tsc::now_ns`] time and returns once the TSC says
+//! it has passed:
+//!
+//! | strategy | what the host learns | needs |
+//! |---|---|---|
+//! | [`spin`] | nothing: the vCPU thread burns a host CPU | the TSC clock |
+//! | [`hlt`] | "idle", on every tick of the trapped timer | CPL 0, [`crate::cpu::init`], the timer running ([`crate::trapped::timer_start`]) |
+//! | [`PvIdle`] | "idle until exactly then": one [`Pvkit::idle_yield`] parks the vCPU thread | a pvkit host with [`features::IDLE_YIELD`](hypercall_abi::features::IDLE_YIELD) and [`features::CLOCK`](hypercall_abi::features::CLOCK) |
+//!
+//! # Mapping TSC time to host time
+//! `idle_yield` takes its deadline in the host's `clock_ns` time. [`PvIdle::new`] maps the two
+//! clocks once: it reads the TSC (`t0`), then `clock_ns` (`c0`), and maps a TSC deadline `d` to
+//! `c0 + (d - t0)`. The host read its clock somewhere inside that one exit, after `t0`, so the
+//! mapped deadline is late by the time from `t0` to the host's clock read (about half an exit,
+//! a few µs on pvkit's KVM): the host never wakes the guest before the TSC deadline because of
+//! the mapping, at the price of that small, constant overshoot. Should the clocks drift apart
+//! and the host return [`Wake::Deadline`] while the TSC says "not yet", [`PvIdle::idle_until`]
+//! maps the clocks again (one more `clock_ns`) and parks again.
+
+use hypercall_abi::Call;
+use hypercall_abi::idle::{EVENT_VECTOR, WAKE_CAPPED, WAKE_DEADLINE, WAKE_EVENT, decode_wake};
+
+use crate::tsc::Tsc;
+use crate::{HypercallError, Pvkit, cpu};
+
+/// Why an [`Pvkit::idle_yield`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The deadline passed (or was already past).
+    Deadline,
+    /// Events for this guest were pending; the call consumed this many.
+    Event(u64),
+    /// Parked for [`hypercall_abi::idle::IDLE_MAX_NS`] without reaching the deadline: call
+    /// again.
+    Capped,
+    /// A reason this ABI version does not define (a newer host): the raw `idle_yield` value.
+    /// Treat it as an early return.
+    Unknown(u64),
+}
+
+impl Wake {
+    /// Decodes an `idle_yield` result value ([`decode_wake`]).
+    pub const fn from_value(value: u64) -> Wake {
+        match decode_wake(value) {
+            (WAKE_DEADLINE, _) => Wake::Deadline,
+            (WAKE_EVENT, events) => Wake::Event(events),
+            (WAKE_CAPPED, _) => Wake::Capped,
+            _ => Wake::Unknown(value),
+        }
+    }
+}
+
+impl Pvkit {
+    /// Parks the vCPU until `deadline_ns` (absolute, in [`Pvkit::clock_ns`] time) or until an
+    /// event for this guest is pending, whichever is first; at most
+    /// [`hypercall_abi::idle::IDLE_MAX_NS`] per call ([`Wake::Capped`]). A deadline already
+    /// past, or an event already pending, returns at once — an event that fires between the
+    /// guest's last look at its work and this call is never lost.
+    ///
+    /// Fails with `not_implemented` on a host without [`features::IDLE_YIELD`](hypercall_abi::features::IDLE_YIELD).
+    pub fn idle_yield(&self, deadline_ns: u64) -> Result<Wake, HypercallError> {
+        self.call(Call::IdleYield, [deadline_ns, 0, 0, 0])
+            .map(Wake::from_value)
+    }
+}
+
+/// How a kernel idles; the names are those of the `idle` workload's `strategy` argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// [`spin`].
+    Spin,
+    /// [`hlt`].
+    Hlt,
+    /// [`PvIdle`].
+    Pv,
+}
+
+impl Strategy {
+    /// Every strategy, from least to most informative.
+    pub const ALL: [Strategy; 3] = [Strategy::Spin, Strategy::Hlt, Strategy::Pv];
+
+    /// `spin`, `hlt` or `pv`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Strategy::Spin => "spin",
+            Strategy::Hlt => "hlt",
+            Strategy::Pv => "pv",
+        }
+    }
+
+    /// The strategy called `name`.
+    pub fn from_name(name: &str) -> Option<Strategy> {
+        Strategy::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// What happened while idling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdleStats {
+    /// Times the guest got control back before the deadline had passed or right at it:
+    /// interrupts that ended a `hlt` ([`hlt`]) or `idle_yield` returns ([`PvIdle`]); 0 for
+    /// [`spin`].
+    pub wakeups: u64,
+    /// Events seen: consumed by `idle_yield` ([`PvIdle`]) or [`EVENT_VECTOR`] interrupts taken
+    /// ([`hlt`]); 0 for [`spin`], which leaves them pending.
+    pub events: u64,
+}
+
+/// Polls the TSC until `deadline_ns` ([`Tsc::now_ns`] time). Nothing reaches the host; the
+/// vCPU stays busy. The loop has no `pause`: under KVM a pause loop can exit to the host
+/// (pause-loop exiting), and this strategy is the one that tells it nothing.
+pub fn spin(tsc: &Tsc, deadline_ns: u64) -> IdleStats {
+    while tsc.now_ns() < deadline_ns {}
+    IdleStats::default()
+}
+
+/// Halts with interrupts enabled until `deadline_ns` ([`Tsc::now_ns`] time): checks the TSC
+/// with IF = 0, then [`cpu::wait_for_interrupt`] (`sti; hlt; cli`), until the deadline has
+/// passed. Returns with IF = 0.
+///
+/// Needs CPL 0, [`cpu::init`], IF = 0 on entry, and a wake source for every `hlt` — the trapped
+/// timer running ([`crate::trapped::timer_start`]); its period bounds the overshoot. Without
+/// one pvkit's VMM ends the VM (a `hlt` nothing can end).
+///
+/// # Panics
+/// Before [`cpu::init`].
+pub fn hlt(tsc: &Tsc, deadline_ns: u64) -> IdleStats {
+    let events_before = cpu::interrupt_count(EVENT_VECTOR);
+    let mut wakeups = 0;
+    while tsc.now_ns() < deadline_ns {
+        cpu::wait_for_interrupt();
+        wakeups += 1;
+    }
+    IdleStats {
+        wakeups,
+        events: cpu::interrupt_count(EVENT_VECTOR) - events_before,
+    }
+}
+
+/// The mapping from [`Tsc`] time to the host's `clock_ns` time (see the
+/// [module docs](self#mapping-tsc-time-to-host-time)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockMap {
+    /// TSC time read just before the `clock_ns` call.
+    pub tsc_ns: u64,
+    /// The host time it returned.
+    pub host_ns: u64,
+}
+
+impl ClockMap {
+    /// Reads the TSC, then `clock_ns` (one exit).
+    pub fn new(pv: &Pvkit, tsc: &Tsc) -> Result<ClockMap, HypercallError> {
+        let tsc_ns = tsc.now_ns();
+        let host_ns = pv.clock_ns()?;
+        Ok(ClockMap { tsc_ns, host_ns })
+    }
+
+    /// The host time of TSC time `tsc_ns`: `host_ns + (tsc_ns - self.tsc_ns)`, saturating (a
+    /// TSC time before the mapping maps to `host_ns`, which is already past for the host).
+    pub const fn host_time(&self, tsc_ns: u64) -> u64 {
+        self.host_ns
+            .saturating_add(tsc_ns.saturating_sub(self.tsc_ns))
+    }
+}
+
+/// The PV strategy: [`Pvkit::idle_yield`] with deadlines mapped from TSC time.
+#[derive(Debug, Clone, Copy)]
+pub struct PvIdle {
+    pv: Pvkit,
+    tsc: Tsc,
+    map: ClockMap,
+    remaps: u64,
+}
+
+impl PvIdle {
+    /// Maps the clocks ([`ClockMap::new`], one `clock_ns` exit). Do it before the timed part.
+    ///
+    /// Fails with `not_implemented` on a host without [`features::CLOCK`](hypercall_abi::features::CLOCK).
+    pub fn new(pv: Pvkit, tsc: Tsc) -> Result<PvIdle, HypercallError> {
+        Ok(PvIdle {
+            pv,
+            tsc,
+            map: ClockMap::new(&pv, &tsc)?,
+            remaps: 0,
+        })
+    }
+
+    /// The current clock mapping.
+    pub const fn map(&self) -> ClockMap {
+        self.map
+    }
+
+    /// Times [`idle_until`](Self::idle_until) had to map the clocks again (the host said
+    /// "deadline" before the TSC did).
+    pub const fn remaps(&self) -> u64 {
+        self.remaps
+    }
+
+    /// Idles until `deadline_ns` ([`Tsc::now_ns`] time): while the TSC says "not yet",
+    /// `idle_yield` until the mapped deadline. [`Wake::Capped`], [`Wake::Event`] (its events
+    /// are consumed and counted) and unknown reasons park again; an early [`Wake::Deadline`]
+    /// maps the clocks again first. A deadline already past returns without a hypercall.
+    ///
+    /// Fails with the first hypercall error (`not_implemented` without
+    /// [`features::IDLE_YIELD`](hypercall_abi::features::IDLE_YIELD)).
+    pub fn idle_until(&mut self, deadline_ns: u64) -> Result<IdleStats, HypercallError> {
+        let mut stats = IdleStats::default();
+        while self.tsc.now_ns() < deadline_ns {
+            let wake = self.pv.idle_yield(self.map.host_time(deadline_ns))?;
+            stats.wakeups += 1;
+            match wake {
+                Wake::Deadline => {
+                    if self.tsc.now_ns() < deadline_ns {
+                        self.map = ClockMap::new(&self.pv, &self.tsc)?;
+                        self.remaps += 1;
+                    }
+                }
+                Wake::Event(n) => stats.events += n,
+                Wake::Capped | Wake::Unknown(_) => {}
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// The `percent`-th percentile of `sorted` (ascending) by the nearest-rank method: the element
+/// at index `⌈percent · n / 100⌉ - 1` (the smallest value with at least `percent`% of the values
+/// at or below it). `percent` is clamped to `1..=100`; `None` for an empty slice.
+///
+/// With 50 values: p50 is the 25th smallest, p99 the largest.
+pub fn percentile(sorted: &[u64], percent: u32) -> Option<u64> {
+    let n = sorted.len() as u64;
+    if n == 0 {
+        return None;
+    }
+    let p = u64::from(percent.clamp(1, 100));
+    let rank = (p * n).div_ceil(100);
+    Some(sorted[(rank - 1) as usize])
+}
+
+#[cfg(test)]
+mod tests {
+    use hypercall_abi::idle::encode_wake;
+
+    use super::*;
+
+    #[test]
+    fn wake_values_decode() {
+        assert_eq!(
+            Wake::from_value(encode_wake(WAKE_DEADLINE, 0)),
+            Wake::Deadline
+        );
+        assert_eq!(Wake::from_value(encode_wake(WAKE_EVENT, 3)), Wake::Event(3));
+        assert_eq!(Wake::from_value(encode_wake(WAKE_CAPPED, 0)), Wake::Capped);
+        assert_eq!(Wake::from_value(0x1207), Wake::Unknown(0x1207));
+        assert_eq!(Wake::from_value(0), Wake::Unknown(0));
+    }
+
+    #[test]
+    fn strategy_names_round_trip() {
+        for s in Strategy::ALL {
+            assert_eq!(Strategy::from_name(s.name()), Some(s));
+        }
+        assert_eq!(Strategy::from_name("halt"), None);
+        assert_eq!(Strategy::from_name(""), None);
+    }
+
+    #[test]
+    fn clock_map_offsets_and_saturates() {
+        let map = ClockMap {
+            tsc_ns: 1_000_000,
+            host_ns: 50_000,
+        };
+        assert_eq!(map.host_time(1_000_000), 50_000);
+        assert_eq!(map.host_time(11_000_000), 10_050_000);
+        assert_eq!(map.host_time(10), 50_000);
+        assert_eq!(map.host_time(u64::MAX), u64::MAX - 950_000);
+        let late = ClockMap {
+            tsc_ns: 0,
+            host_ns: 10,
+        };
+        assert_eq!(late.host_time(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        assert_eq!(percentile(&[], 50), None);
+        assert_eq!(percentile(&[7], 1), Some(7));
+        assert_eq!(percentile(&[7], 99), Some(7));
+        let fifty: std::vec::Vec<u64> = (1..=50).collect();
+        assert_eq!(percentile(&fifty, 50), Some(25));
+        assert_eq!(percentile(&fifty, 99), Some(50));
+        assert_eq!(percentile(&fifty, 100), Some(50));
+        let hundred: std::vec::Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&hundred, 50), Some(50));
+        assert_eq!(percentile(&hundred, 99), Some(99));
+        let thousand: std::vec::Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&thousand, 99), Some(990));
+        // Clamped.
+        assert_eq!(percentile(&hundred, 0), Some(1));
+        assert_eq!(percentile(&hundred, 250), Some(100));
+        // Even count: the lower middle.
+        assert_eq!(percentile(&[1, 2, 3, 4], 50), Some(2));
+    }
+}
