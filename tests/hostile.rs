@@ -50,17 +50,10 @@ fn unknown_reserved_and_malformed_calls_return_errors() {
         u64::from(status_of(u64::MAX, 0, 0).0),
         Error::UnknownCall.code()
     );
-    {
-        // zero_hints is still reserved.
-        let reserved = Call::ZeroHints;
-        let (code, r) = status_of(u64::from(reserved.raw()), 0, 0);
-        assert_eq!(
-            u64::from(code),
-            Error::NotImplemented.code(),
-            "{reserved:?}"
-        );
-        assert_eq!(r.stats.by_hypercall[reserved.name()], 1);
-    }
+    // A call with an unknown operation is malformed, not unknown.
+    let (code, r) = status_of(u64::from(Call::ZeroHints.raw()), 99, 0);
+    assert_eq!(u64::from(code), Error::InvalidArgument.code());
+    assert_eq!(r.stats.by_hypercall["zero_hints"], 1);
     let (code, _) = status_of(u64::from(Call::Exit.raw()), 1 << 32, 0);
     assert_eq!(u64::from(code), Error::InvalidArgument.code());
 }
