@@ -122,6 +122,8 @@ fn compare_prints_a_table_and_writes_json() {
         "5",
         "--idle-interval-us",
         "2000",
+        "--zero-mib",
+        "16",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -135,8 +137,9 @@ fn compare_prints_a_table_and_writes_json() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let recs = v.as_array().unwrap();
     // Two floor references (raw exit loops), two modes of null and console, and the
-    // pagetable sweep (two PV batch sizes) plus its trapped run, and the three idle strategies.
-    assert_eq!(recs.len(), 12);
+    // pagetable sweep (two PV batch sizes) plus its trapped run, the three idle strategies, and
+    // both modes of zero.
+    assert_eq!(recs.len(), 14);
     let modes: Vec<_> = recs
         .iter()
         .map(|r| {
@@ -161,7 +164,9 @@ fn compare_prints_a_table_and_writes_json() {
             "pagetable/trapped",
             "idle/spin",
             "idle/hlt",
-            "idle/pv"
+            "idle/pv",
+            "zero/pv",
+            "zero/trapped"
         ]
     );
     assert!(recs[0]["checksum"].is_null());
@@ -179,6 +184,12 @@ fn compare_prints_a_table_and_writes_json() {
         assert!(r["wake_overshoot_ns_p99"].as_u64().is_some(), "{r}");
         assert_eq!(r["checksum"], recs[9]["checksum"]);
     }
+    assert_eq!(recs[12]["checksum"], recs[13]["checksum"]);
+    assert!(
+        recs[12]["rss_drop_bytes"].as_u64().is_some(),
+        "{}",
+        recs[12]
+    );
     for r in recs {
         for key in [
             "workload",
