@@ -12,7 +12,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 use guest_pv::{Console, Pvkit, cpu, trapped};
 use hypercall_abi::boot::Mode;
-use hypercall_abi::ports::{MARKER_BEGIN, MARKER_END};
+use hypercall_abi::ports::{MARKER_BEGIN, MARKER_CHECKPOINT, MARKER_END};
 
 /// The mode chosen at boot, with the host token in PV mode.
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +80,13 @@ pub fn marker_begin() {
 pub fn marker_end() {
     // SAFETY: a pvkit VM (module docs); the marker port only records the value.
     unsafe { trapped::marker(MARKER_END) }
+}
+
+/// Marks a checkpoint inside the timed section (both modes): the host records how much guest
+/// RAM is resident.
+pub fn marker_checkpoint() {
+    // SAFETY: a pvkit VM (module docs); the marker port only records the value.
+    unsafe { trapped::marker(MARKER_CHECKPOINT) }
 }
 
 /// Writes `i as u32` to the null port for `i` = `0..n` in one tight loop; returns the wrapping

@@ -4,8 +4,8 @@
 //!   the hypercall wrappers are methods on it, so they cannot be reached elsewhere.
 //! - Hypercalls: [`Pvkit::null`], [`Pvkit::features`], [`Pvkit::console_write`] (and
 //!   [`Pvkit::console_write_phys`]), [`Pvkit::exit`], [`Pvkit::clock_ns`],
-//!   [`Pvkit::idle_yield`]. The one instruction sequence behind them is
-//!   [`hypercall::raw_hypercall`].
+//!   [`Pvkit::idle_yield`], [`Pvkit::zero_query`], [`Pvkit::zero_release`]. The one
+//!   instruction sequence behind them is [`hypercall::raw_hypercall`].
 //! - Measurement: [`Pvkit::null_loop`] issues `n` `null` calls in one tight asm loop (the bare
 //!   round trip, with no guest work in between); [`null_sum`] is what it returns.
 //! - The trapped twins, for code that must behave like an unmodified guest: the COM1
@@ -22,6 +22,10 @@
 //!   `ud2`, [`cpu::run_user`]), because pvkit's KVM runs CPL 3 code natively and emulates CPL 0;
 //!   and interrupts: counted per vector ([`cpu::interrupt_count`]), an optional hook, and
 //!   [`cpu::wait_for_interrupt`] (`sti; hlt; cli`).
+//! - [`frames`]: a 4 KiB frame allocator whose frames always read as zero; with
+//!   [`frames::Hints::Pv`] it skips zeroing frames the host knows are zero and releases freed
+//!   frames to the host in batches ([`Pvkit::zero_query`], [`Pvkit::zero_release`]), with
+//!   [`frames::Hints::None`] (the trapped twin) it zeroes every frame.
 //! - [`mmu`]: a page-table manager over pvkit's page-table pool, PV ([`mmu::Batch`] of
 //!   `mmu_update` hypercalls, [`Pvkit::mmu_pin`]) or trapped (plain stores), with one code path.
 //!
@@ -81,6 +85,7 @@ pub mod console;
 pub mod cpu;
 pub mod detect;
 mod exit;
+pub mod frames;
 pub mod hypercall;
 pub mod idle;
 pub mod mmu;
@@ -88,6 +93,7 @@ mod null;
 pub mod trapped;
 pub mod tsc;
 pub mod uart;
+mod zero;
 
 pub use checksum::Fnv1a;
 pub use console::{Console, PvConsole};

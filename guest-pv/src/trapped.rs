@@ -18,7 +18,9 @@ use core::arch::asm;
 use core::sync::atomic::{Ordering, compiler_fence};
 
 pub use hypercall_abi::idle::{EVENT_PORT, TIMER_PORT};
-pub use hypercall_abi::ports::{EXIT_PORT, MARKER_BEGIN, MARKER_END, MARKER_PORT, NULL_PORT};
+pub use hypercall_abi::ports::{
+    EXIT_PORT, MARKER_BEGIN, MARKER_CHECKPOINT, MARKER_END, MARKER_PORT, NULL_PORT,
+};
 use x86_64::instructions::port::Port;
 
 use crate::{halt_forever, null_sum};
@@ -35,8 +37,9 @@ pub unsafe fn exit_port(code: u32) -> ! {
     halt_forever()
 }
 
-/// Writes a measurement marker ([`MARKER_BEGIN`] or [`MARKER_END`]) to [`MARKER_PORT`]; the host
-/// timestamps it and counts exits between the two.
+/// Writes a measurement marker ([`MARKER_BEGIN`], [`MARKER_END`] or [`MARKER_CHECKPOINT`]) to
+/// [`MARKER_PORT`]; the host timestamps begin and end and counts exits between the two, and
+/// records how much guest RAM is resident at begin, at each checkpoint and at end.
 ///
 /// Compiler fences on both sides keep the compiler from moving the workload's memory accesses
 /// across the marker (the `out` itself is declared as touching no memory).

@@ -9,6 +9,7 @@ mod idle;
 mod null;
 mod pagetable;
 mod panic;
+mod zero;
 
 use core::fmt;
 
@@ -74,6 +75,7 @@ const WORKLOADS: &[Workload] = &[
     pagetable::WORKLOAD,
     cpl3::WORKLOAD,
     idle::WORKLOAD,
+    zero::WORKLOAD,
     panic::WORKLOAD,
 ];
 

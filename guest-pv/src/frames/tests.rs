@@ -1,0 +1,419 @@
+//! Unit tests on the host: the frames are host memory, the pvkit host is [`MockHost`].
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::boxed::Box;
+use std::vec::Vec;
+
+use super::mock::MockHost;
+use super::*;
+
+/// Page-aligned, zeroed host memory standing in for free RAM.
+struct Region {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl Region {
+    fn for_frames(frames: u64) -> Region {
+        let len = Frames::region_bytes(frames) as usize;
+        let layout = Layout::from_size_align(len, PAGE_SIZE as usize).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        ptr.expose_provenance();
+        Region { ptr, layout }
+    }
+
+    fn start(&self) -> u64 {
+        self.ptr.addr() as u64
+    }
+
+    fn len(&self) -> u64 {
+        self.layout.size() as u64
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `for_frames` with this layout.
+        unsafe { dealloc(self.ptr, self.layout) };
+    }
+}
+
+fn frames<'a>(region: &Region, hints: Hints, buffers: &'a mut HintBuffers) -> Frames<'a> {
+    // SAFETY: the region is host memory owned by the test, which touches it only through
+    // frames it allocated; the buffers are the test's own.
+    unsafe { Frames::new(region.start(), region.len(), hints, buffers) }.unwrap()
+}
+
+fn write(addr: u64, v: u64) {
+    let p = core::ptr::with_exposed_provenance_mut::<u64>(addr as usize);
+    // SAFETY: `addr` is in a frame the test allocated.
+    unsafe { p.write(v) };
+}
+
+fn read(addr: u64) -> u64 {
+    let p = core::ptr::with_exposed_provenance::<u64>(addr as usize);
+    // SAFETY: `addr` is in a frame the test allocated.
+    unsafe { p.read() }
+}
+
+fn is_zero(addr: u64) -> bool {
+    // SAFETY: a frame the test allocated.
+    unsafe { page::first_nonzero(addr) }.is_none()
+}
+
+fn free(f: &mut Frames<'_>, addr: u64) {
+    // SAFETY: the test no longer uses the frame.
+    unsafe { f.free(addr) }.unwrap();
+}
+
+#[test]
+fn region_bytes_and_capacity_agree() {
+    for n in [
+        1, 2, 63, 64, 65, 1000, 1022, 1023, 1024, 1025, 4096, 65536, 100_003,
+    ] {
+        let len = Frames::region_bytes(n);
+        assert_eq!(len % PAGE_SIZE, 0);
+        assert_eq!(capacity_of(len), n, "{n}");
+        assert!(capacity_of(len - PAGE_SIZE) < n, "{n}");
+        assert!(n * PAGE_SIZE + meta_bytes(n) <= len);
+    }
+    // 256 MiB of frames costs 64 + 2 frames of metadata.
+    assert_eq!(Frames::region_bytes(65536), (65536 + 66) * PAGE_SIZE);
+    assert_eq!(capacity_of(0), 0);
+    assert_eq!(capacity_of(PAGE_SIZE), 0);
+    assert_eq!(capacity_of(2 * PAGE_SIZE), 1);
+}
+
+#[test]
+fn bad_regions_are_refused() {
+    let mut b = Box::new(HintBuffers::new());
+    for (start, len) in [
+        (0x1000, 0),
+        (0x1000, 0x1000),
+        (0x1800, 0x10_0000),
+        (0x1000, 0x10_0800),
+        (u64::MAX - 0xfff, 0x2000),
+    ] {
+        // SAFETY: refused before any memory is touched.
+        let r = unsafe { Frames::new(start, len, Hints::None, &mut b) };
+        assert_eq!(r.unwrap_err(), FramesError::BadRegion { start, len });
+    }
+    for len in [16 << 40, u64::MAX - 0xfff] {
+        // SAFETY: refused before any memory is touched.
+        let r = unsafe { Frames::new(0, len, Hints::None, &mut b) };
+        assert_eq!(
+            r.unwrap_err(),
+            FramesError::TooManyFrames {
+                frames: len / PAGE_SIZE
+            }
+        );
+    }
+    assert_eq!(capacity_of(Frames::region_bytes(MAX_FRAMES)), MAX_FRAMES);
+    assert_eq!(
+        Frames::region_bytes(MAX_FRAMES + 1),
+        Frames::region_bytes(MAX_FRAMES)
+    );
+}
+
+#[test]
+fn bump_then_lifo_and_always_zero() {
+    let region = Region::for_frames(16);
+    let mut b = Box::new(HintBuffers::new());
+    let mut f = frames(&region, Hints::None, &mut b);
+    assert_eq!(
+        (f.start(), f.capacity(), f.in_use()),
+        (region.start(), 16, 0)
+    );
+    let a: Vec<u64> = (0..8).map(|_| f.alloc().unwrap()).collect();
+    for (i, &addr) in a.iter().enumerate() {
+        assert_eq!(addr, region.start() + i as u64 * PAGE_SIZE);
+        write(addr + 8, 0xdead);
+    }
+    free(&mut f, a[5]);
+    free(&mut f, a[2]);
+    // LIFO, and dirty frames come back zero.
+    assert_eq!(f.alloc(), Ok(a[2]));
+    assert!(is_zero(a[2]));
+    assert_eq!(f.alloc(), Ok(a[5]));
+    assert!(is_zero(a[5]));
+    assert_eq!(f.alloc(), Ok(region.start() + 8 * PAGE_SIZE));
+    assert_eq!(f.in_use(), 9);
+    let s = f.stats();
+    assert_eq!((s.allocs, s.frees), (11, 2));
+    assert_eq!(s.zeroed_bytes, 11 * PAGE_SIZE);
+    assert_eq!(s.skipped_bytes, 0);
+    assert_eq!(
+        (s.query_calls, s.release_calls, s.released_bytes),
+        (0, 0, 0)
+    );
+    assert_eq!(s.zero_ns, 0, "no clock");
+    f.flush();
+    assert_eq!(f.stats().release_calls, 0);
+}
+
+#[test]
+fn misuse_is_reported() {
+    let region = Region::for_frames(2);
+    let mut b = Box::new(HintBuffers::new());
+    let mut f = frames(&region, Hints::None, &mut b);
+    let x = f.alloc().unwrap();
+    let y = f.alloc().unwrap();
+    assert_eq!(f.alloc(), Err(FramesError::Exhausted { frames: 2 }));
+    for addr in [x + 8, x - PAGE_SIZE, y + PAGE_SIZE, 0] {
+        // SAFETY: refused: not a frame.
+        let r = unsafe { f.free(addr) };
+        assert_eq!(r, Err(FramesError::NotAFrame { addr }));
+    }
+    free(&mut f, y);
+    // SAFETY: refused: already free.
+    let r = unsafe { f.free(y) };
+    assert_eq!(r, Err(FramesError::NotAllocated { addr: y }));
+    assert_eq!(f.alloc(), Ok(y));
+    assert_eq!(f.in_use(), 2);
+}
+
+/// Runs the same alloc/free script and returns the frames (as offsets) it got.
+fn script(hints: Hints) -> Vec<u64> {
+    let region = Region::for_frames(64);
+    let mut b = Box::new(HintBuffers::new());
+    let mut f = frames(&region, hints, &mut b);
+    f.set_release_threshold(4 * PAGE_SIZE);
+    let mut got = Vec::new();
+    let mut live = Vec::new();
+    for round in 0..6u64 {
+        for _ in 0..(5 + round) {
+            let a = f.alloc().unwrap();
+            write(a, round + 1);
+            got.push(a - region.start());
+            live.push(a);
+        }
+        for k in 0..(3 + round % 3) {
+            let a = live.remove(((round + k) as usize * 7) % live.len());
+            free(&mut f, a);
+        }
+    }
+    got
+}
+
+#[test]
+fn the_order_does_not_depend_on_the_hints() {
+    let none = script(Hints::None);
+    let pv = script(Hints::Mock(MockHost::leak()));
+    assert_eq!(none, pv);
+}
+
+#[test]
+fn fresh_frames_known_zero_are_not_zeroed() {
+    let region = Region::for_frames(100);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    // Frame 3 is dirty before the allocator starts: the host must not call it zero.
+    write(region.start() + 3 * PAGE_SIZE + 16, 7);
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    f.set_check(true);
+    f.set_clock(Tsc::from_khz(1_000_000).unwrap());
+    for i in 0..10 {
+        let a = f.alloc().unwrap();
+        assert!(is_zero(a), "frame {i}");
+    }
+    let s = f.stats();
+    assert_eq!(s.query_calls, 1);
+    assert_eq!(*host.queries.borrow(), [(region.start() / PAGE_SIZE, 100)]);
+    assert_eq!(s.zeroed_bytes, PAGE_SIZE, "only frame 3");
+    assert_eq!(s.skipped_bytes, 9 * PAGE_SIZE);
+    assert_eq!(f.hint_error(), None);
+}
+
+#[test]
+fn queries_follow_the_bump_pointer_window_by_window() {
+    let n = QUERY_MAX_FRAMES + 100;
+    let region = Region::for_frames(n);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    for _ in 0..n {
+        f.alloc().unwrap();
+    }
+    let first = region.start() / PAGE_SIZE;
+    assert_eq!(
+        *host.queries.borrow(),
+        [(first, QUERY_MAX_FRAMES), (first + QUERY_MAX_FRAMES, 100)]
+    );
+    let s = f.stats();
+    assert_eq!((s.query_calls, s.zeroed_bytes), (2, 0));
+    assert_eq!(s.skipped_bytes, n * PAGE_SIZE);
+}
+
+#[test]
+fn frees_are_released_in_coalesced_batches_and_come_back_known_zero() {
+    let frames_n = 1200;
+    let region = Region::for_frames(frames_n);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    f.set_check(true);
+    let a: Vec<u64> = (0..frames_n).map(|_| f.alloc().unwrap()).collect();
+    for (i, &x) in a.iter().enumerate() {
+        write(x, i as u64 + 1);
+    }
+    for &x in a.iter().rev() {
+        free(&mut f, x);
+    }
+    // 2 MiB = 512 frames per release, one range each (descending frees coalesce).
+    let per = RELEASE_THRESHOLD_BYTES / PAGE_SIZE;
+    assert_eq!(f.stats().release_calls, frames_n / per);
+    assert_eq!(f.pending_bytes(), (frames_n % per) * PAGE_SIZE);
+    f.flush();
+    f.flush();
+    {
+        let releases = host.releases.borrow();
+        assert_eq!(releases.len() as u64, frames_n / per + 1);
+        assert!(releases.iter().all(|r| r.len() == 1));
+        let last = &releases[0][0];
+        assert_eq!(last.start, region.start() + (frames_n - per) * PAGE_SIZE);
+        assert_eq!(last.len, per * PAGE_SIZE);
+        let total: u64 = releases.iter().map(|r| r[0].len).sum();
+        assert_eq!(total, frames_n * PAGE_SIZE);
+    }
+    assert_eq!(f.pending_bytes(), 0);
+    let before = f.stats();
+    assert_eq!(before.released_bytes, frames_n * PAGE_SIZE);
+    // Same frames, same order, none zeroed (check mode verifies them), no new query.
+    for &x in &a {
+        assert_eq!(f.alloc(), Ok(x));
+    }
+    let s = f.stats();
+    assert_eq!(s.zeroed_bytes, before.zeroed_bytes);
+    assert_eq!(s.skipped_bytes - before.skipped_bytes, frames_n * PAGE_SIZE);
+    assert_eq!(s.query_calls, 1);
+}
+
+#[test]
+fn a_pending_frame_allocated_again_leaves_the_queue_and_is_zeroed() {
+    let region = Region::for_frames(8);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    let a: Vec<u64> = (0..4).map(|_| f.alloc().unwrap()).collect();
+    for &x in &a {
+        write(x, 0x55);
+    }
+    free(&mut f, a[1]);
+    free(&mut f, a[2]);
+    assert_eq!(f.pending_bytes(), 2 * PAGE_SIZE);
+    assert_eq!(f.alloc(), Ok(a[2]));
+    assert!(is_zero(a[2]));
+    assert_eq!(f.pending_bytes(), PAGE_SIZE);
+    write(a[2], 0x66);
+    f.flush();
+    assert_eq!(
+        *host.releases.borrow(),
+        [[ZeroRange {
+            start: a[1],
+            len: PAGE_SIZE
+        }]]
+    );
+    // The frame in use was not released.
+    assert_eq!(read(a[2]), 0x66);
+    // The released one comes back known zero.
+    let zeroed = f.stats().zeroed_bytes;
+    assert_eq!(f.alloc(), Ok(a[1]));
+    assert_eq!(f.stats().zeroed_bytes, zeroed);
+    // Then fresh frames.
+    assert_eq!(f.alloc(), Ok(region.start() + 4 * PAGE_SIZE));
+}
+
+#[test]
+fn a_full_range_list_is_released_at_once() {
+    let n = 2 * RELEASE_MAX_RANGES + 2;
+    let region = Region::for_frames(n);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    let a: Vec<u64> = (0..n).map(|_| f.alloc().unwrap()).collect();
+    // Every other frame: nothing coalesces.
+    for &x in a.iter().step_by(2) {
+        free(&mut f, x);
+    }
+    let releases = host.releases.borrow();
+    assert_eq!(releases.len(), 1);
+    assert_eq!(releases[0].len() as u64, RELEASE_MAX_RANGES);
+    assert_eq!(f.pending_bytes(), PAGE_SIZE);
+}
+
+#[test]
+fn refused_hints_degrade_to_zeroing() {
+    let region = Region::for_frames(600);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    host.fail.set(true);
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    let a: Vec<u64> = (0..600).map(|_| f.alloc().unwrap()).collect();
+    assert_eq!(f.stats().zeroed_bytes, 600 * PAGE_SIZE, "query refused");
+    for &x in &a {
+        write(x, 9);
+    }
+    for &x in a.iter().rev() {
+        free(&mut f, x);
+    }
+    f.flush();
+    let s = f.stats();
+    assert_eq!(
+        (s.release_calls, s.released_bytes, s.hint_errors),
+        (2, 0, 3)
+    );
+    assert_eq!(
+        f.hint_error().map(|e| e.error()),
+        Some(Some(hypercall_abi::Error::Denied))
+    );
+    // Nothing was released, so everything is zeroed again.
+    for &x in &a {
+        assert_eq!(f.alloc(), Ok(x));
+        assert!(is_zero(x));
+    }
+    assert_eq!(f.stats().zeroed_bytes, 1200 * PAGE_SIZE);
+}
+
+#[test]
+#[should_panic(expected = "was served without zeroing because the host reported it known zero")]
+fn check_mode_catches_a_wrong_hint() {
+    let region = Region::for_frames(8);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    host.lie.set(true);
+    write(region.start() + 2 * PAGE_SIZE + 0x18, 1);
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    f.set_check(true);
+    for _ in 0..3 {
+        f.alloc().unwrap();
+    }
+}
+
+#[test]
+fn without_check_mode_a_wrong_hint_goes_unnoticed() {
+    let region = Region::for_frames(8);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    host.lie.set(true);
+    write(region.start() + 0x18, 1);
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    assert_eq!(f.alloc(), Ok(region.start()));
+    assert_eq!(read(region.start() + 0x18), 1);
+}
+
+#[test]
+fn zeroing_is_timed_on_the_clock() {
+    let region = Region::for_frames(64);
+    let mut b = Box::new(HintBuffers::new());
+    let mut f = frames(&region, Hints::None, &mut b);
+    // A 1 GHz clock: 64 zeroings take far more than one tick of the real TSC.
+    f.set_clock(Tsc::from_khz(1_000_000).unwrap());
+    for _ in 0..64 {
+        f.alloc().unwrap();
+    }
+    let s = f.stats();
+    assert_eq!(s.zeroed_bytes, 64 * PAGE_SIZE);
+    assert!(s.zero_ns > 0, "{s:?}");
+}
