@@ -76,7 +76,20 @@ impl GuestRam {
         check_mem_size(size)?;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
             .map_err(|e| Error::GuestMemory(e.to_string()))?;
-        Ok(GuestRam { mem, size })
+        let ram = GuestRam { mem, size };
+        ram.advise_huge_pages();
+        Ok(ram)
+    }
+
+    /// Asks for transparent huge pages: a 2 MiB fault instead of 512 4 KiB ones (on our nested
+    /// KVM a host fault costs ~25 µs, so this dominates first-touch cost). Advisory: where THP
+    /// is unavailable the call fails and nothing changes.
+    fn advise_huge_pages(&self) {
+        if let Some(host) = self.host_addr(0) {
+            // SAFETY: the range is exactly our own anonymous mapping of guest RAM; MADV_HUGEPAGE
+            // only changes how the kernel may back it, not its contents or validity.
+            unsafe { libc::madvise(host.cast(), self.size as usize, libc::MADV_HUGEPAGE) };
+        }
     }
 
     /// Registers the RAM with KVM as memory slot 0.

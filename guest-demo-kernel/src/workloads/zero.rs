@@ -55,6 +55,9 @@ pub const WORKLOAD: Workload = Workload {
 };
 
 const DEFAULT_MIB: u64 = 256;
+/// A transparent huge page of the host.
+const HUGE_PAGE: u64 = 2 << 20;
+
 const FRAMES_PER_MIB: u64 = (1 << 20) / PAGE_SIZE;
 /// `u64`s in a frame.
 const WORDS: usize = (PAGE_SIZE / 8) as usize;
@@ -129,14 +132,19 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     };
     let region_len = Frames::region_bytes(frames);
     let list_len = (frames * 8).next_multiple_of(PAGE_SIZE);
-    let base = match free_ram_start(env.boot_info, region_len + list_len) {
-        Ok(base) => base,
+    // The frames start on a 2 MiB boundary (and `mib` MiB of them end on one when `mib` is
+    // even), so they share no huge page with other data: the host backs guest RAM with
+    // transparent huge pages, and a huge page is known zero only if nothing in it was touched;
+    // releases then cover whole huge pages, which the host can really free.
+    let base = match free_ram_start(env.boot_info, region_len + list_len + HUGE_PAGE) {
+        Ok(base) => base.next_multiple_of(HUGE_PAGE),
         Err(max) => usage(
             env,
             format_args!(
                 "mib={mib} does not fit in free RAM: it needs {} bytes (frames, allocator \
-                 metadata and frame list), the largest free region above the kernel has {max}",
-                region_len + list_len
+                 metadata, frame list and alignment), the largest free region above the kernel \
+                 has {max}",
+                region_len + list_len + HUGE_PAGE
             ),
         ),
     };
