@@ -138,8 +138,8 @@ fn compare_prints_a_table_and_writes_json() {
     let recs = v.as_array().unwrap();
     // Two floor references (raw exit loops), two modes of null and console, and the
     // pagetable sweep (two PV batch sizes) plus its trapped run, the three idle strategies, and
-    // both modes of zero.
-    assert_eq!(recs.len(), 14);
+    // zero: PV, PV without releasing, trapped.
+    assert_eq!(recs.len(), 15);
     let modes: Vec<_> = recs
         .iter()
         .map(|r| {
@@ -166,6 +166,7 @@ fn compare_prints_a_table_and_writes_json() {
             "idle/hlt",
             "idle/pv",
             "zero/pv",
+            "zero/pv-keep",
             "zero/trapped"
         ]
     );
@@ -184,7 +185,9 @@ fn compare_prints_a_table_and_writes_json() {
         assert!(r["wake_overshoot_ns_p99"].as_u64().is_some(), "{r}");
         assert_eq!(r["checksum"], recs[9]["checksum"]);
     }
-    assert_eq!(recs[12]["checksum"], recs[13]["checksum"]);
+    assert_eq!(recs[12]["checksum"], recs[14]["checksum"]);
+    assert_eq!(recs[13]["checksum"], recs[14]["checksum"]);
+    assert_eq!(recs[13]["released_bytes"], 0);
     assert!(
         recs[12]["rss_drop_bytes"].as_u64().is_some(),
         "{}",

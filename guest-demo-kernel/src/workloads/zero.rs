@@ -49,7 +49,7 @@ use crate::platform::{Platform, at_cpl3, marker_begin, marker_checkpoint, marker
 
 pub const WORKLOAD: Workload = Workload {
     name: "zero",
-    keys: &["mib", "check"],
+    keys: &["mib", "check", "release"],
     text_keys: &[],
     run,
 };
@@ -77,6 +77,9 @@ struct Job {
     buffers: &'static mut HintBuffers,
     tsc: Option<Tsc>,
     check: bool,
+    /// PV: report frees to the host (`release=1`, default) or keep them (`release=0`: hints
+    /// only; freed frames stay backed and are zeroed again by the guest on reuse).
+    release: bool,
     /// The allocator's range.
     region: u64,
     region_len: u64,
@@ -120,6 +123,10 @@ struct Phases {
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let mib = args.get_or("mib", DEFAULT_MIB);
     let check = args.get_or("check", 0);
+    let release = args.get_or("release", 1);
+    if release > 1 {
+        usage(env, format_args!("release={release} (want 0 or 1)"));
+    }
     if mib == 0 {
         usage(env, format_args!("mib=0 (want at least 1)"));
     }
@@ -166,6 +173,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         buffers: hint_buffers(),
         tsc: Tsc::from_cpuid(),
         check: check == 1,
+        release: release == 1,
         region: base,
         region_len,
         list: List(base + region_len),
@@ -222,6 +230,7 @@ impl Job {
             buffers,
             tsc,
             check,
+            release,
             region,
             region_len,
             list,
@@ -241,6 +250,9 @@ impl Job {
             frames.set_clock(tsc);
         }
         frames.set_check(check);
+        if !release {
+            frames.set_release_threshold(u64::MAX);
+        }
         let mut h = Fnv1a::new();
 
         marker_begin();
@@ -266,7 +278,9 @@ impl Job {
                 panic!("zero: free of frame {i}: {e}");
             }
         }
-        frames.flush();
+        if release {
+            frames.flush();
+        }
         marker_checkpoint();
         phases.freed = frames.stats();
 
