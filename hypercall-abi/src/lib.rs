@@ -26,7 +26,7 @@ pub mod zero;
 /// version differs from the one it was built against.
 pub const ABI_VERSION_MAJOR: u16 = 1;
 /// ABI minor version: bumped when calls or features are added compatibly.
-pub const ABI_VERSION_MINOR: u16 = 3;
+pub const ABI_VERSION_MINOR: u16 = 4;
 
 /// The ABI version packed as `major << 16 | minor` (the format of CPUID leaf
 /// [`CPUID_LEAF_VERSION`] `eax` and of [`Call::Features`]' result).
@@ -128,7 +128,8 @@ pub enum Call {
     /// (`a0` = [`zero::RELEASE`]). See [`zero`].
     ZeroHints = 17,
     /// Applies a batch of page-table updates: `a0` = GPA of an array of
-    /// [`mmu::MmuUpdate`], `a1` = entry count (≤ [`mmu::MMU_UPDATE_MAX`]). Returns the number
+    /// [`mmu::MmuUpdate`], `a1` = entry count (≤ [`mmu::MMU_UPDATE_MAX`]), `a2` = flags
+    /// ([`mmu::UPDATE_DEFER_SYNC`], since v1.4). Returns the number
     /// applied; on failure the status is the first entry's error and later entries are not
     /// applied. See [`mmu`].
     MmuUpdate = 18,

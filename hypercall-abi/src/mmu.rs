@@ -81,6 +81,16 @@ pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 /// The most entries one `mmu_update` call accepts.
 pub const MMU_UPDATE_MAX: u64 = 1024;
 
+/// `mmu_update` `a2` flag (since v1.4): postpone the host's refresh of its own view of the
+/// tables. Changing or removing a present entry requires the hypervisor to refresh what it
+/// derived from the tables (on our KVM: a resync of its shadow page tables, ~0.2 ms); by
+/// default every call that changed a present entry does it. With this flag the host postpones
+/// it to the next `mmu_update` without the flag (an empty one will do), `mmu_pin`, or trapped
+/// store. Until then the guest must not rely on the changed mappings, not even after its own
+/// `invlpg`. `guest_pv::mmu::Batch` sets it when it flushes because it is full, and clears it
+/// on explicit flushes (which precede TLB invalidations). Other `a2` bits must be zero.
+pub const UPDATE_DEFER_SYNC: u64 = 1 << 0;
+
 /// `mmu_pin` `a0`: pin the frame at `a1` as an L4 root (validating it if it is not one yet).
 pub const PIN_L4: u64 = 1;
 /// `mmu_pin` `a0`: drop a pin taken with [`PIN_L4`].

@@ -3,7 +3,7 @@
 
 use core::fmt;
 
-use hypercall_abi::mmu::{MMU_UPDATE_MAX, MmuUpdate, PTE_ACCESSED, PTE_DIRTY};
+use hypercall_abi::mmu::{MMU_UPDATE_MAX, MmuUpdate, PTE_ACCESSED, PTE_DIRTY, UPDATE_DEFER_SYNC};
 use hypercall_abi::{Call, Return};
 
 use super::MmuError;
@@ -29,6 +29,21 @@ impl Pvkit {
         if updates.is_empty() {
             return Ok(0);
         }
+        // SAFETY: the caller's contract is this function's.
+        unsafe { self.mmu_update_flags(updates, 0) }
+    }
+
+    /// [`Pvkit::mmu_update`] with flags (`a2`, e.g. [`hypercall_abi::mmu::UPDATE_DEFER_SYNC`]).
+    /// An empty slice still makes the call: without the defer flag it lets the host apply a
+    /// postponed resync.
+    ///
+    /// # Safety
+    /// As for [`Pvkit::mmu_update`].
+    pub unsafe fn mmu_update_flags(
+        &self,
+        updates: &[MmuUpdate],
+        flags: u64,
+    ) -> Result<u64, MmuError> {
         let gpa = updates.as_ptr().expose_provenance() as u64;
         let count = updates.len() as u64;
         // SAFETY: `self` proves a pvkit host. The host reads `count` entries at `gpa`, which is
@@ -36,7 +51,8 @@ impl Pvkit {
         // page-table pool frames, which this crate reads with volatile raw-pointer reads only
         // (no Rust reference to pool memory exists); that the new entries break nothing in use
         // is the caller's contract. Not `nomem`, so the entries are stored before the call.
-        let ret = unsafe { raw_hypercall(u64::from(Call::MmuUpdate.raw()), [gpa, count, 0, 0]) };
+        let ret =
+            unsafe { raw_hypercall(u64::from(Call::MmuUpdate.raw()), [gpa, count, flags, 0]) };
         decode_update(ret, count)
     }
 
@@ -83,6 +99,8 @@ pub struct Batch<'b> {
     capacity: usize,
     len: usize,
     filter: [u64; FILTER_BITS / 64],
+    /// The last call deferred the host's resync (`UPDATE_DEFER_SYNC`).
+    deferred: bool,
 }
 
 impl fmt::Debug for Batch<'_> {
@@ -116,6 +134,7 @@ impl<'b> Batch<'b> {
             capacity,
             len: 0,
             filter: [0; FILTER_BITS / 64],
+            deferred: false,
         })
     }
 
@@ -147,7 +166,9 @@ impl<'b> Batch<'b> {
     /// mapping anything relies on.
     pub unsafe fn push(&mut self, update: MmuUpdate) -> Result<(), MmuError> {
         if self.len >= self.capacity {
-            self.flush()?;
+            // Nothing relies on these entries yet (the caller flushes explicitly before it
+            // invalidates): let the host postpone its resync to that flush.
+            self.flush_with(UPDATE_DEFER_SYNC)?;
         }
         let Some(slot) = self.buf.get_mut(self.len) else {
             // Unreachable by the invariant (`len < capacity <= buf.len()` after the flush).
@@ -179,13 +200,26 @@ impl<'b> Batch<'b> {
     /// Applies the queued updates with one `mmu_update` hypercall (none if the batch is empty)
     /// and empties the batch; returns the number applied. On a refusal, the updates before the
     /// refused one are applied and the rest are dropped ([`MmuError::Update`]).
+    ///
+    /// The call also lets the host apply the resync that flushes made when the batch was full
+    /// postponed ([`hypercall_abi::mmu::UPDATE_DEFER_SYNC`]); after `flush` the changed
+    /// mappings are in effect for the host, and a TLB invalidation makes them so for the CPU.
     pub fn flush(&mut self) -> Result<u64, MmuError> {
+        self.flush_with(0)
+    }
+
+    fn flush_with(&mut self, flags: u64) -> Result<u64, MmuError> {
         let n = self.len;
         self.len = 0;
         self.filter = [0; FILTER_BITS / 64];
+        let defer = flags & UPDATE_DEFER_SYNC != 0;
+        if n == 0 && (defer || !self.deferred) {
+            return Ok(0);
+        }
+        self.deferred = defer;
         // SAFETY: `buf` is identity-mapped (`new`'s contract) and `n <= capacity <=
         // MMU_UPDATE_MAX`; every queued update was vetted by `push`'s caller.
-        unsafe { self.pv.mmu_update(&self.buf[..n]) }
+        unsafe { self.pv.mmu_update_flags(&self.buf[..n], flags) }
     }
 }
 

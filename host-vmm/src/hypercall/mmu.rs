@@ -4,7 +4,7 @@
 
 use hypercall_abi::Error as AbiError;
 use hypercall_abi::Return;
-use hypercall_abi::mmu::{MMU_UPDATE_MAX, MmuUpdate, PIN_L4, UNPIN};
+use hypercall_abi::mmu::{MMU_UPDATE_MAX, MmuUpdate, PIN_L4, UNPIN, UPDATE_DEFER_SYNC};
 use vm_memory::Bytes;
 use zerocopy::IntoBytes;
 
@@ -17,10 +17,13 @@ use crate::mmu::PtPool;
 pub fn update(
     ram: &GuestRam,
     pool: &mut PtPool,
-    batch_gpa: u64,
-    count: u64,
+    [batch_gpa, count, flags, _]: [u64; 4],
     stats: &mut ExitStats,
 ) -> Return {
+    if flags & !UPDATE_DEFER_SYNC != 0 {
+        return Return::err(AbiError::InvalidArgument);
+    }
+    pool.defer_resync(flags & UPDATE_DEFER_SYNC != 0);
     if count > MMU_UPDATE_MAX {
         return Return::err(AbiError::TooLarge);
     }
@@ -99,7 +102,7 @@ mod tests {
             },
         ];
         put(&ram, 0x10_0000, &batch);
-        let r = update(&ram, &mut pool, 0x10_0000, 3, &mut stats);
+        let r = update(&ram, &mut pool, [0x10_0000, 3, 0, 0], &mut stats);
         assert_eq!(
             r,
             Return {
@@ -120,18 +123,21 @@ mod tests {
         let (ram, mut pool, mut stats) = setup();
         let end = 16u64 << 20;
         assert_eq!(
-            update(&ram, &mut pool, end - 16, 2, &mut stats),
+            update(&ram, &mut pool, [end - 16, 2, 0, 0], &mut stats),
             Return::err(AbiError::BadAddress)
         );
         assert_eq!(
-            update(&ram, &mut pool, u64::MAX - 8, 1, &mut stats),
+            update(&ram, &mut pool, [u64::MAX - 8, 1, 0, 0], &mut stats),
             Return::err(AbiError::BadAddress)
         );
         assert_eq!(
-            update(&ram, &mut pool, 0, MMU_UPDATE_MAX + 1, &mut stats),
+            update(&ram, &mut pool, [0, MMU_UPDATE_MAX + 1, 0, 0], &mut stats),
             Return::err(AbiError::TooLarge)
         );
-        assert_eq!(update(&ram, &mut pool, 0, 0, &mut stats), Return::ok(0));
+        assert_eq!(
+            update(&ram, &mut pool, [0, 0, 0, 0], &mut stats),
+            Return::ok(0)
+        );
         assert_eq!(
             pin(&mut pool, 9, PT_POOL_GPA),
             Return::err(AbiError::InvalidArgument)

@@ -63,7 +63,7 @@ pub fn dispatch(ctx: &mut Context<'_>, regs: &Regs, stats: &mut ExitStats) -> Ou
         Call::ClockNs => Return::ok(ctx.clock.now_ns()),
         Call::IdleYield => idle::idle_yield(ctx.clock, ctx.events, a0),
         Call::ZeroHints => zero::zero_hints(ctx.ram, ctx.protected_end, regs.args, stats),
-        Call::MmuUpdate => mmu::update(ctx.ram, ctx.pool, a0, a1, stats),
+        Call::MmuUpdate => mmu::update(ctx.ram, ctx.pool, regs.args, stats),
         Call::MmuPin => mmu::pin(ctx.pool, a0, a1),
         _ => Return::err(AbiError::NotImplemented),
     };

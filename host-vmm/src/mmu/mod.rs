@@ -45,6 +45,8 @@ pub struct PtPool {
     /// A present entry changed or a table was released since the last [`PtPool::resync`]:
     /// KVM's shadow of the tables may be stale.
     stale: bool,
+    /// The guest asked to postpone the resync (`UPDATE_DEFER_SYNC`).
+    deferred: bool,
 }
 
 /// Index of the pool frame holding `gpa`, if `gpa` is inside the pool.
@@ -76,6 +78,7 @@ impl PtPool {
             frames: vec![FrameInfo::default(); POOL_FRAMES],
             ram_size,
             stale: false,
+            deferred: false,
         })
     }
 
@@ -107,7 +110,7 @@ impl PtPool {
     /// tables on the next accesses. New mappings (not-present to present) need none of this:
     /// KVM walks the guest tables on the fault.
     pub fn resync(&mut self, vm: &VmFd, slot: u32) -> Result<bool> {
-        if !std::mem::take(&mut self.stale) {
+        if self.deferred || !std::mem::take(&mut self.stale) {
             return Ok(false);
         }
         let delete = kvm_userspace_memory_region {
@@ -123,6 +126,12 @@ impl PtPool {
             .map_err(Error::kvm("delete pool memory region"))?;
         self.register(vm, slot)?;
         Ok(true)
+    }
+
+    /// Postpones (`true`) or allows (`false`) the next [`PtPool::resync`]; every guest
+    /// operation on the pool sets this (only a PV `mmu_update` with `UPDATE_DEFER_SYNC` defers).
+    pub fn defer_resync(&mut self, defer: bool) {
+        self.deferred = defer;
     }
 
     /// What the host knows about the frame holding `gpa`.
@@ -293,6 +302,7 @@ impl PtPool {
 
     /// `mmu_pin(PIN_L4, gpa)`: types a zero frame as a root, or adds a pin to a root.
     pub fn pin(&mut self, gpa: u64) -> std::result::Result<(), AbiError> {
+        self.deferred = false;
         if gpa % PAGE_SIZE != 0 {
             return Err(AbiError::InvalidArgument);
         }
@@ -308,6 +318,7 @@ impl PtPool {
     /// `mmu_pin(UNPIN, gpa)`: drops a pin; the last one releases the whole tree. The VMM's pin
     /// of the boot root cannot be dropped.
     pub fn unpin(&mut self, gpa: u64) -> std::result::Result<(), AbiError> {
+        self.deferred = false;
         if gpa % PAGE_SIZE != 0 {
             return Err(AbiError::InvalidArgument);
         }

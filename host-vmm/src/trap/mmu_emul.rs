@@ -7,6 +7,8 @@ use crate::mmu::PtPool;
 
 /// Handles a guest store of `data` at `gpa` inside the pool.
 pub fn store(pool: &mut PtPool, gpa: u64, data: &[u8], stats: &mut ExitStats) {
+    // An unmodified guest cannot defer: its store takes effect for the hypervisor at once.
+    pool.defer_resync(false);
     // Only a whole, aligned 8-byte entry can be validated; anything else is refused.
     let result = match <[u8; 8]>::try_from(data) {
         Ok(bytes) => pool
