@@ -458,6 +458,11 @@ fn mode_label(r: &Record) -> String {
     }
 }
 
+/// CPU time of the vCPU thread as a percentage of the window's wall time.
+fn cpu_pct(r: &Record) -> f64 {
+    100.0 * r.host_cpu_ns as f64 / r.wall_ns.max(1) as f64
+}
+
 fn checksum_text(r: &Record) -> &str {
     r.checksum.as_deref().unwrap_or("-")
 }
@@ -470,11 +475,6 @@ pub fn render_table(records: &[Record]) -> String {
         "workload", "mode", "ops", "exits", "exits/op", "wall ms", "ns/op", "host cpu%", "checksum"
     );
     for r in records {
-        let cpu_pct = if r.wall_ns == 0 {
-            0.0
-        } else {
-            100.0 * r.host_cpu_ns as f64 / r.wall_ns as f64
-        };
         s += &format!(
             "{:<9} {:<13} {:>9} {:>9} {:>8.3} {:>10.2} {:>10.1} {:>9.1}  {:<18}\n",
             r.workload,
@@ -484,7 +484,7 @@ pub fn render_table(records: &[Record]) -> String {
             r.exits_per_op,
             r.wall_ns as f64 / 1e6,
             r.ns_per_op,
-            cpu_pct,
+            cpu_pct(r),
             checksum_text(r)
         );
     }
@@ -506,7 +506,7 @@ pub fn render_table(records: &[Record]) -> String {
         find("idle", "hlt"),
         find("idle", "pv"),
     ) {
-        let cpu = |r: &Record| 100.0 * r.host_cpu_ns as f64 / r.wall_ns.max(1) as f64;
+        let cpu = cpu_pct;
         let p99 = |r: &Record| r.extra.get("wake_overshoot_ns_p99").copied().unwrap_or(0);
         s += &format!(
             "idle: vCPU thread CPU spin {:.1}% / hlt {:.1}% / pv {:.2}%; exits per idle second \
@@ -537,7 +537,7 @@ pub fn render_table(records: &[Record]) -> String {
     for tr in records.iter().filter(|r| r.mode == "trapped") {
         for pv in records
             .iter()
-            .filter(|r| r.workload == tr.workload && r.mode == "pv")
+            .filter(|r| r.workload == tr.workload && r.mode.starts_with("pv"))
         {
             let same = if pv.checksum == tr.checksum {
                 "same checksum"
