@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use host_vmm::loader::minimal_elf;
+use host_vmm::metrics::ExitReason;
 use hypercall_abi::Call;
 use hypercall_abi::idle::{EVENT_PORT, WAKE_CAPPED, WAKE_DEADLINE, WAKE_EVENT, decode_wake};
 use tests::asm::{PACK_STATUS_AND_VALUE, exit_with_eax, hypercall};
@@ -68,4 +69,55 @@ fn an_absurd_deadline_is_capped() {
         took >= Duration::from_millis(900),
         "parked about IDLE_MAX_NS: {took:?}"
     );
+}
+
+/// The demo kernel's idle workload, one strategy.
+fn idle_workload(mode: Mode, strategy: &str) -> host_vmm::vm::RunReport {
+    let strategy = format!("strategy={strategy}");
+    let r = tests::boot(
+        mode,
+        "idle",
+        &[&strategy, "intervals=10", "interval_us=5000"],
+    );
+    assert_eq!(r.exit_code, 0, "{}", tests::text(&r));
+    r
+}
+
+#[test]
+fn every_strategy_completes_with_the_same_checksum() {
+    let spin = idle_workload(Mode::Trapped, "spin");
+    let hlt = idle_workload(Mode::Trapped, "hlt");
+    let pv = idle_workload(Mode::Pv, "pv");
+    let sum = |r: &host_vmm::vm::RunReport| r.result.as_ref().unwrap().checksum();
+    assert_eq!(sum(&spin), sum(&hlt));
+    assert_eq!(sum(&hlt), sum(&pv));
+    for r in [&spin, &hlt, &pv] {
+        let res = r.result.as_ref().unwrap();
+        assert_eq!(res.ops(), Some(10));
+        assert!(res.get("wake_overshoot_ns_p99").is_some());
+    }
+}
+
+#[test]
+fn idle_exit_counts_follow_the_strategy() {
+    // PV: one idle_yield per interval (plus a small constant), nothing else.
+    let pv = idle_workload(Mode::Pv, "pv");
+    let w = pv.window.as_ref().unwrap();
+    assert!(w.exits.total <= 10 + 2, "{}", w.exits.summary());
+    assert_eq!(
+        w.exits.by_hypercall.get("idle_yield").copied(),
+        Some(w.exits.total)
+    );
+    // hlt + 1 kHz tick: about one exit per tick over 50 ms.
+    let hlt = idle_workload(Mode::Trapped, "hlt");
+    let w = hlt.window.as_ref().unwrap();
+    assert!(
+        w.exits.reason(ExitReason::Hlt) >= 40,
+        "{}",
+        w.exits.summary()
+    );
+    assert_eq!(w.exits.reason(ExitReason::Hypercall), 0);
+    // Spinning tells the host nothing: no exit at all.
+    let spin = idle_workload(Mode::Trapped, "spin");
+    assert_eq!(spin.window.as_ref().unwrap().exits.total, 0);
 }
