@@ -5,6 +5,7 @@ pub mod debug;
 pub mod event;
 pub mod serial;
 pub mod timer;
+pub mod virtio;
 
 use std::time::Duration;
 

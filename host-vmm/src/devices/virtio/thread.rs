@@ -1,0 +1,247 @@
+//! Per-device worker threads: a device's queue runs on its own host thread, so the vCPU thread
+//! never waits for disk I/O.
+//!
+//! The worker blocks on the queue's notification [`EventFd`] — the ioeventfd KVM signals when
+//! the guest writes QueueNotify — and takes control messages from a crossbeam channel. A
+//! message is delivered by sending it and then signalling the same `EventFd`, so one blocking
+//! `read` waits for both; the worker always drains the channel before touching the queue, so a
+//! `Stop` is never delayed behind queue work it was meant to prevent. A spurious wake-up only
+//! costs one look at an empty ring.
+
+use std::io;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{DeviceError, Interrupt};
+use crate::error::Error;
+
+/// The queue work of one device, run by a [`Worker`].
+pub trait QueueHandler: Send + 'static {
+    /// Processes everything the driver made available. Returns whether the driver wants an
+    /// interrupt for the buffers just used (EVENT_IDX). An error means the ring is beyond
+    /// repair: the worker sets `DEVICE_NEEDS_RESET` and stops processing until reset.
+    fn process(&mut self) -> Result<bool, DeviceError>;
+}
+
+/// Control messages for a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Stop and hand the handler back: used on device reset (the handler's backend is reused
+    /// by the next activation) and on VM shutdown.
+    Stop,
+}
+
+/// A running worker thread. Dropping it stops and joins the thread.
+#[derive(Debug)]
+pub struct Worker<H> {
+    control: Sender<Control>,
+    wake: EventFd,
+    thread: Option<JoinHandle<H>>,
+}
+
+impl<H: QueueHandler> Worker<H> {
+    /// Starts a thread named `name` that runs `handler` whenever `notify` is signalled and
+    /// raises `interrupt` when the handler says the driver wants one.
+    pub fn spawn(
+        name: &str,
+        handler: H,
+        notify: EventFd,
+        interrupt: Arc<Interrupt>,
+    ) -> crate::Result<Worker<H>> {
+        let io_err = |what: &str| {
+            let what = format!("{what} for virtio device thread {name}");
+            move |source| Error::Io { what, source }
+        };
+        let wake = notify
+            .try_clone()
+            .map_err(io_err("cannot duplicate the queue eventfd"))?;
+        let (control, rx) = unbounded();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(handler, notify, rx, interrupt))
+            .map_err(io_err("cannot start a thread"))?;
+        Ok(Worker {
+            control,
+            wake,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl<H> Worker<H> {
+    /// Stops the thread and returns its handler, or `None` if the thread panicked (a bug: the
+    /// handlers never panic on guest input).
+    pub fn stop(mut self) -> Option<H> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Option<H> {
+        let thread = self.thread.take()?;
+        // If the thread is gone the send fails and the join below returns at once.
+        let _ = self.control.send(Control::Stop);
+        let _ = self.wake.write(1);
+        thread.join().ok()
+    }
+}
+
+impl<H> Drop for Worker<H> {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The worker loop. Returns the handler when told to stop or when the eventfd fails.
+fn run<H: QueueHandler>(
+    mut handler: H,
+    notify: EventFd,
+    control: Receiver<Control>,
+    interrupt: Arc<Interrupt>,
+) -> H {
+    let mut broken = false;
+    loop {
+        match notify.read() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // An eventfd read only fails on a bad descriptor: nothing left to wait on.
+            Err(_) => return handler,
+        }
+        // Every sender is held by the `Worker`; a disconnected channel means it is gone.
+        match control.try_recv() {
+            Ok(Control::Stop) | Err(TryRecvError::Disconnected) => return handler,
+            Err(TryRecvError::Empty) => {}
+        }
+        if broken {
+            continue;
+        }
+        match handler.process() {
+            Ok(true) => interrupt.signal_used_queue(),
+            Ok(false) => {}
+            Err(_) => {
+                broken = true;
+                interrupt.signal_needs_reset();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::devices::event::EventQueue;
+
+    /// Counts calls; returns the scripted results in order, then `Ok(true)`.
+    struct Script {
+        calls: Arc<AtomicU32>,
+        results: Vec<Result<bool, DeviceError>>,
+    }
+
+    impl QueueHandler for Script {
+        fn process(&mut self) -> Result<bool, DeviceError> {
+            self.calls.fetch_add(1, Ordering::AcqRel);
+            if self.results.is_empty() {
+                Ok(true)
+            } else {
+                self.results.remove(0)
+            }
+        }
+    }
+
+    fn script(results: Vec<Result<bool, DeviceError>>) -> (Script, Arc<AtomicU32>) {
+        let calls = Arc::new(AtomicU32::new(0));
+        let s = Script {
+            calls: calls.clone(),
+            results,
+        };
+        (s, calls)
+    }
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        while !cond() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn notifications_run_the_handler_and_wake_the_vm() {
+        let mut events = EventQueue::default();
+        let waker = events.waker();
+        let irq = Interrupt::new(move || waker.wake());
+        let notify = EventFd::new(0).unwrap();
+        let kick = notify.try_clone().unwrap();
+        let (handler, calls) = script(vec![Ok(false)]);
+        let worker = Worker::spawn("test-worker", handler, notify, irq.clone()).unwrap();
+        // First pass: the driver did not want an interrupt.
+        kick.write(1).unwrap();
+        wait_for("the first pass", || calls.load(Ordering::Acquire) == 1);
+        assert_eq!(irq.status(), 0);
+        assert_eq!(events.drain(), 0);
+        // Second pass: it did.
+        kick.write(1).unwrap();
+        assert_eq!(events.wait(Some(Duration::from_secs(5))), 1);
+        assert_eq!(irq.status(), 1, "INT_VRING");
+        let handler = worker.stop().expect("the handler comes back");
+        assert_eq!(handler.calls.load(Ordering::Acquire), 2);
+    }
+
+    #[test]
+    fn stop_is_not_a_queue_notification() {
+        let irq = Interrupt::new(|| {});
+        let (handler, calls) = script(vec![]);
+        let worker = Worker::spawn(
+            "test-worker",
+            handler,
+            EventFd::new(0).unwrap(),
+            irq.clone(),
+        )
+        .unwrap();
+        assert!(worker.stop().is_some());
+        assert_eq!(calls.load(Ordering::Acquire), 0);
+        assert_eq!(irq.status(), 0);
+    }
+
+    #[test]
+    fn a_broken_ring_sets_needs_reset_and_stops_processing() {
+        let irq = Interrupt::new(|| {});
+        let notify = EventFd::new(0).unwrap();
+        let kick = notify.try_clone().unwrap();
+        let broken = Err(DeviceError::Ring(
+            virtio_queue::Error::InvalidAvailRingIndex,
+        ));
+        let (handler, calls) = script(vec![broken]);
+        let worker = Worker::spawn("test-worker", handler, notify, irq.clone()).unwrap();
+        kick.write(1).unwrap();
+        wait_for("needs-reset", || irq.needs_reset());
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            calls.load(Ordering::Acquire),
+            1,
+            "no processing after the ring broke"
+        );
+        assert!(worker.stop().is_some());
+    }
+
+    #[test]
+    fn dropping_the_worker_joins_the_thread() {
+        let (handler, _) = script(vec![]);
+        let worker = Worker::spawn(
+            "test-worker",
+            handler,
+            EventFd::new(0).unwrap(),
+            Interrupt::new(|| {}),
+        )
+        .unwrap();
+        drop(worker); // must not hang
+    }
+}
