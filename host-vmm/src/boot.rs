@@ -36,6 +36,8 @@ pub struct BootRequest<'a> {
     pub workload: &'a str,
     /// Workload arguments, joined with single spaces.
     pub args: &'a str,
+    /// virtio-mmio devices: (window base, virtio device ID), listed in the memory map.
+    pub devices: &'a [(u64, u32)],
 }
 
 /// Writes GDT, page tables and boot info into `ram`.
@@ -107,7 +109,16 @@ pub fn boot_info(mem_size: u64, kernel: &ElfInfo, req: &BootRequest<'_>) -> Resu
             start,
             len,
             kind,
-            reserved: 0,
+            info: 0,
+        })
+        .map_err(Error::BootInfo)?;
+    }
+    for &(start, device_id) in req.devices {
+        info.push_region(MemRegion {
+            start,
+            len: hypercall_abi::virtio::VIRTIO_MMIO_SLOT,
+            kind: region_kind::VIRTIO_MMIO,
+            info: device_id,
         })
         .map_err(Error::BootInfo)?;
     }
@@ -178,6 +189,7 @@ mod tests {
             mode: Mode::Trapped,
             workload: "null",
             args: "ops=5",
+            devices: &[],
         };
         let mut pool = PtPool::new(32 << 20).unwrap();
         write_boot_structures(&ram, &mut pool, &k, &req).unwrap();
@@ -220,6 +232,7 @@ mod tests {
             mode: Mode::Pv,
             workload: "null",
             args: &long,
+            devices: &[],
         };
         assert!(
             boot_info(16 << 20, &k, &req)

@@ -313,6 +313,7 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Resul
                 workload: w.clone(),
                 args: v.args,
                 kvm_device: opts.kvm_device.clone(),
+                disk: None,
             };
             let report = vm::run(&cfg, ConsoleSink::new(None))?;
             let mut rec = record(w, v.mode, &report)?;
@@ -398,6 +399,7 @@ pub fn run_floor(opts: &CompareOptions, floor: Floor, ops: u64) -> Result<Record
         workload: String::new(),
         args: Vec::new(),
         kvm_device: opts.kvm_device.clone(),
+        disk: None,
     };
     let report = vm::run(&cfg, ConsoleSink::new(None))?;
     let ops = u64::from(ops32);

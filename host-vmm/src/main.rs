@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use host_vmm::compare::{self, CompareOptions};
 use host_vmm::console::ConsoleSink;
 use host_vmm::memory::parse_mem_size;
-use host_vmm::vm::{self, KernelImage, VmConfig};
+use host_vmm::vm::{self, DiskConfig, KernelImage, VmConfig};
 use hypercall_abi::boot::Mode;
 
 /// Exit status when the VMM itself fails (the guest's own codes pass through unchanged).
@@ -39,12 +39,18 @@ enum Command {
         /// Guest RAM, e.g. 128M, 1G (16 MiB .. 3 GiB).
         #[arg(long, default_value = "128M", value_parser = mem_size)]
         mem: u64,
-        /// Workload for the demo kernel: hello, null, console, pagetable, idle, zero, cpl3, panic.
+        /// Workload for the demo kernel: hello, null, console, pagetable, idle, zero, blk, cpl3, panic.
         #[arg(long, default_value = "hello")]
         workload: String,
         /// Print exit statistics to stderr when the guest exits.
         #[arg(long)]
         stats: bool,
+        /// Attach this image file as a virtio-blk disk.
+        #[arg(long, value_name = "PATH")]
+        disk: Option<PathBuf>,
+        /// Attach the disk read-only (guest writes fail with an I/O error).
+        #[arg(long, requires = "disk")]
+        readonly: bool,
         /// KVM device node.
         #[arg(long, default_value = vm::DEFAULT_KVM_DEVICE)]
         kvm_device: PathBuf,
@@ -143,6 +149,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mem,
             workload,
             stats,
+            disk,
+            readonly,
             kvm_device,
             args,
         } => {
@@ -153,6 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 workload,
                 args,
                 kvm_device,
+                disk: disk.map(|path| DiskConfig { path, readonly }),
             };
             let report = vm::run(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
             if stats {
@@ -225,9 +234,13 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
+            // Our errors already say their cause; add only causes not yet in the message
+            // (e.g. under an anyhow context).
             let mut msg = e.to_string();
-            for cause in e.chain().skip(1) {
-                msg = format!("{msg}: {cause}");
+            for cause in e.chain().skip(1).map(|c| c.to_string()) {
+                if !msg.contains(&cause) {
+                    msg = format!("{msg}: {cause}");
+                }
             }
             eprintln!("host-vmm: error: {msg}");
             ExitCode::from(VMM_FAILURE)

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use hypercall_abi::idle::{EVENT_VECTOR, TIMER_VECTOR};
 use hypercall_abi::ports::{MARKER_BEGIN, MARKER_CHECKPOINT, MARKER_END};
-use hypercall_abi::{HYPERCALL_PORT, Regs};
+use hypercall_abi::{HYPERCALL_PORT, Regs, virtio};
 use kvm_ioctls::{SyncReg, VcpuExit};
 
 use crate::devices::PioAction;
@@ -149,15 +149,24 @@ fn step(vm: &mut Vm) -> Result<Step> {
         // Outside RAM and the pool nothing is mapped yet: reads float high, writes are dropped.
         // Pool reads never exit (the slot is readable); pool writes are trapped page-table
         // updates.
-        VcpuExit::MmioRead(_, data) => {
+        VcpuExit::MmioRead(gpa, data) => {
             stats.record(ExitReason::Mmio);
-            data.fill(0xff);
+            match vm.blk.as_ref().zip(virtio_offset(gpa)) {
+                Some((blk, offset)) => {
+                    stats.record_device("virtio-blk");
+                    blk.read(offset, data);
+                }
+                None => data.fill(0xff),
+            }
             Step::Continue
         }
         VcpuExit::MmioWrite(gpa, data) => {
             stats.record(ExitReason::Mmio);
             if mmu::frame_index(gpa).is_some() {
                 trap::mmu_emul::store(&mut vm.pool, gpa, data, stats);
+            } else if let Some((blk, offset)) = vm.blk.as_mut().zip(virtio_offset(gpa)) {
+                stats.record_device("virtio-blk");
+                blk.write(offset, data);
             }
             Step::Continue
         }
@@ -282,4 +291,10 @@ fn inject_interrupt(vcpu: &kvm_ioctls::VcpuFd, vector: u8) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The offset of `gpa` in virtio device window 0 (the block device), if it is inside it.
+fn virtio_offset(gpa: u64) -> Option<u64> {
+    let offset = gpa.checked_sub(virtio::window(0))?;
+    (offset < virtio::VIRTIO_MMIO_SLOT).then_some(offset)
 }

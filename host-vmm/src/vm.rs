@@ -6,11 +6,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use hypercall_abi::boot::Mode;
+use hypercall_abi::virtio;
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
 
 use crate::boot::{self, BootRequest};
 use crate::console::ConsoleSink;
 use crate::devices::PioBus;
+use crate::devices::virtio::Interrupt;
+use crate::devices::virtio::block::{Block, Disk};
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::error::{Error, Result};
 use crate::hypercall::clock::Clock;
 use crate::loader::{self, ElfInfo};
@@ -71,6 +75,17 @@ pub struct VmConfig {
     pub args: Vec<String>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
+    /// A disk image to attach as a virtio-blk device.
+    pub disk: Option<DiskConfig>,
+}
+
+/// A disk image for the virtio-blk device.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// The image file (or block device).
+    pub path: PathBuf,
+    /// Attach read-only: the guest's writes fail with an I/O error.
+    pub readonly: bool,
 }
 
 impl VmConfig {
@@ -83,6 +98,7 @@ impl VmConfig {
             workload: workload.into(),
             args: Vec::new(),
             kvm_device: DEFAULT_KVM_DEVICE.into(),
+            disk: None,
         }
     }
 }
@@ -171,6 +187,8 @@ pub struct Vm {
     _kvm: Kvm,
     pub(crate) ram: GuestRam,
     pub(crate) pool: PtPool,
+    /// The virtio-blk device at window 0, with `--disk`.
+    pub(crate) blk: Option<MmioTransport<Block>>,
     pub(crate) bus: PioBus,
     pub(crate) console: ConsoleSink,
     pub(crate) clock: Clock,
@@ -200,11 +218,20 @@ impl Vm {
             name: cfg.kernel.name.clone(),
             source,
         })?;
+        let disk = match &cfg.disk {
+            Some(d) => Some(Disk::open(&d.path, d.readonly)?),
+            None => None,
+        };
         let args = cfg.args.join(" ");
+        let devices: Vec<(u64, u32)> = disk
+            .iter()
+            .map(|_| (virtio::window(0), virtio::DEVICE_ID_BLOCK))
+            .collect();
         let req = BootRequest {
             mode: cfg.mode,
             workload: &cfg.workload,
             args: &args,
+            devices: &devices,
         };
 
         let kvm = open_kvm(&cfg.kvm_device)?;
@@ -239,13 +266,27 @@ impl Vm {
         if sync_regs {
             vcpu.set_sync_valid_reg(SyncReg::Register);
         }
+        let bus = PioBus::new(console.clone());
+        let blk = match disk {
+            Some(disk) => {
+                // Completions queue a guest event: they wake a parked idle_yield, or raise
+                // EVENT_VECTOR for a halted guest. Devices see RAM only, never the pool.
+                let waker = bus.events.waker();
+                let interrupt = Interrupt::new(move || waker.wake());
+                let t = MmioTransport::new(Block::new(disk), ram.mem().clone(), interrupt)?;
+                t.register_ioeventfds(&vm, virtio::window(0))?;
+                Some(t)
+            }
+            None => None,
+        };
         Ok(Vm {
             vcpu,
             vm,
             _kvm: kvm,
             ram,
             pool,
-            bus: PioBus::new(console.clone()),
+            blk,
+            bus,
             console,
             clock: Clock::new(),
             stats: ExitStats::default(),

@@ -293,3 +293,18 @@ fn missing_kvm_device_says_how_to_fix_it() {
     assert_vmm_error(&o, "cannot open /nonexistent/kvm");
     assert!(stderr(&o).contains("kvm_intel"), "{}", stderr(&o));
 }
+
+#[test]
+fn bad_disk_images_are_one_clean_error() {
+    assert_vmm_error(
+        &host_vmm(&["run", "--disk", "/nonexistent/disk.img"]),
+        "cannot open disk image /nonexistent/disk.img",
+    );
+    assert_vmm_error(&host_vmm(&["run", "--disk", "/"]), "disk image /");
+    assert_vmm_error(
+        &host_vmm(&["run", "--disk", "/", "--readonly"]),
+        "not a regular file or block device",
+    );
+    let o = host_vmm(&["run", "--readonly"]);
+    assert_eq!(o.status.code(), Some(2), "--readonly needs --disk");
+}

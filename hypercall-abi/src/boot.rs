@@ -56,6 +56,9 @@ pub mod region_kind {
     pub const PT_POOL: u32 = 4;
     /// Pool frames holding the VMM's boot page tables (typed and pinned).
     pub const PT_POOL_BOOT: u32 = 5;
+    /// A virtio-mmio device window (not RAM): `info` is the virtio device ID (see
+    /// `crate::virtio`).
+    pub const VIRTIO_MMIO: u32 = 6;
 }
 
 /// One range of guest-physical memory.
@@ -70,8 +73,8 @@ pub struct MemRegion {
     pub len: u64,
     /// One of [`region_kind`].
     pub kind: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// Kind-specific: the virtio device ID for [`region_kind::VIRTIO_MMIO`]; zero otherwise.
+    pub info: u32,
 }
 
 /// The boot-info block. All fields little-endian; unused array tails are zero.
@@ -226,7 +229,7 @@ mod tests {
             start: 0x30_0000,
             len: 0x100_0000,
             kind: region_kind::USABLE,
-            reserved: 0,
+            info: 0,
         })
         .unwrap();
         let bytes = b.as_bytes().to_vec();

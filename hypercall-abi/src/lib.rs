@@ -20,13 +20,14 @@ pub mod idle;
 pub mod layout;
 pub mod mmu;
 pub mod ports;
+pub mod virtio;
 pub mod zero;
 
 /// ABI major version: bumped on incompatible changes. A guest must refuse a host whose major
 /// version differs from the one it was built against.
 pub const ABI_VERSION_MAJOR: u16 = 1;
 /// ABI minor version: bumped when calls or features are added compatibly.
-pub const ABI_VERSION_MINOR: u16 = 4;
+pub const ABI_VERSION_MINOR: u16 = 5;
 
 /// The ABI version packed as `major << 16 | minor` (the format of CPUID leaf
 /// [`CPUID_LEAF_VERSION`] `eax` and of [`Call::Features`]' result).

@@ -144,7 +144,7 @@ mod tests {
             start,
             len,
             kind,
-            reserved: 0,
+            info: 0,
         }
     }
 

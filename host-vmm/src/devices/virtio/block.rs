@@ -150,6 +150,17 @@ impl Disk {
             .write(!readonly)
             .open(path)
             .map_err(io_err("cannot open"))?;
+        let kind = file
+            .metadata()
+            .map_err(io_err("cannot inspect"))?
+            .file_type();
+        if !(kind.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&kind)) {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file or block device",
+            );
+            return Err(io_err("cannot use")(e));
+        }
         // Seeking to the end also sizes block devices, whose metadata length is 0.
         let len = file.seek(SeekFrom::End(0)).map_err(io_err("cannot size"))?;
         let mut id = [0u8; ID_LEN];
