@@ -132,7 +132,7 @@ fn run(mut env: Env) -> ! {
         outcome.checksum,
         outcome.fields
     );
-    env.platform.exit(exit_code::OK)
+    env.platform.exit(outcome.exit_code)
 }
 
 /// Reports a fatal boot error on COM1 and ends the VM through the exit port (used before the

@@ -28,6 +28,11 @@
 //!   [`frames::Hints::None`] (the trapped twin) it zeroes every frame.
 //! - [`mmu`]: a page-table manager over pvkit's page-table pool, PV ([`mmu::Batch`] of
 //!   `mmu_update` hypercalls, [`Pvkit::mmu_pin`]) or trapped (plain stores), with one code path.
+//! - [`virtio`]: glue for the `virtio-drivers` crate (re-exported): device windows from the
+//!   boot memory map ([`virtio::devices`]), a [`Hal`](virtio::PvkitHal) over identity-mapped
+//!   RAM, the virtio-mmio transport ([`virtio::Mmio`], [`virtio::open_blk`]) and completion
+//!   waits ([`virtio::Waiter`]: poll the used ring, `idle_yield` until the device's event, or
+//!   `sti; hlt` until the event vector).
 //!
 //! The crate imposes no global allocator, panic handler or entry point, and builds for
 //! `x86_64-unknown-none` as well as for the host (where only its pure parts can run). Port I/O
@@ -93,6 +98,7 @@ mod null;
 pub mod trapped;
 pub mod tsc;
 pub mod uart;
+pub mod virtio;
 mod zero;
 
 pub use checksum::Fnv1a;

@@ -59,49 +59,88 @@ enum Command {
         args: Vec<String>,
     },
     /// Run workloads in PV and trapped mode in one process and print them side by side.
-    Compare {
-        /// Workload to compare, or `all`.
-        #[arg(long, default_value = "all", value_parser = workload_name)]
-        workload: String,
-        /// Also write the records as a JSON array to FILE.
-        #[arg(long, value_name = "FILE")]
-        json: Option<PathBuf>,
-        /// Number of calls of the `null` workload.
-        #[arg(long, default_value_t = compare::DEFAULT_NULL_OPS)]
-        null_ops: u64,
-        /// Bytes written by the `console` workload.
-        #[arg(long, default_value_t = compare::DEFAULT_CONSOLE_BYTES)]
-        console_bytes: u64,
-        /// Page-table updates of the `pagetable` workload (a multiple of 4).
-        #[arg(long, default_value_t = compare::DEFAULT_PT_UPDATES)]
-        pt_updates: u64,
-        /// PV batch sizes of the `pagetable` sweep, comma-separated (each 1..=1024).
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_values_t = compare::DEFAULT_PT_BATCHES.to_vec(),
-            value_parser = clap::value_parser!(u64).range(1..=1024)
-        )]
-        pt_batches: Vec<u64>,
-        /// Intervals of the `idle` workload.
-        #[arg(long, default_value_t = compare::DEFAULT_IDLE_INTERVALS)]
-        idle_intervals: u64,
-        /// Interval length of the `idle` workload, in microseconds.
-        #[arg(long, default_value_t = compare::DEFAULT_IDLE_INTERVAL_US)]
-        idle_interval_us: u64,
-        /// MiB the `zero` workload allocates (guest RAM is raised to fit).
-        #[arg(long, default_value_t = compare::DEFAULT_ZERO_MIB)]
-        zero_mib: u64,
-        /// Guest RAM per VM.
-        #[arg(long, default_value = "128M", value_parser = mem_size)]
-        mem: u64,
-        /// Kernel to run instead of the embedded demo kernel.
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        /// KVM device node.
-        #[arg(long, default_value = vm::DEFAULT_KVM_DEVICE)]
-        kvm_device: PathBuf,
-    },
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CompareArgs {
+    /// Workload to compare, or `all`.
+    #[arg(long, default_value = "all", value_parser = workload_name)]
+    workload: String,
+    /// Also write the records as a JSON array to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Number of calls of the `null` workload.
+    #[arg(long, default_value_t = compare::DEFAULT_NULL_OPS)]
+    null_ops: u64,
+    /// Bytes written by the `console` workload.
+    #[arg(long, default_value_t = compare::DEFAULT_CONSOLE_BYTES)]
+    console_bytes: u64,
+    /// Page-table updates of the `pagetable` workload (a multiple of 4).
+    #[arg(long, default_value_t = compare::DEFAULT_PT_UPDATES)]
+    pt_updates: u64,
+    /// PV batch sizes of the `pagetable` sweep, comma-separated (each 1..=1024).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_values_t = compare::DEFAULT_PT_BATCHES.to_vec(),
+        value_parser = clap::value_parser!(u64).range(1..=1024)
+    )]
+    pt_batches: Vec<u64>,
+    /// Intervals of the `idle` workload.
+    #[arg(long, default_value_t = compare::DEFAULT_IDLE_INTERVALS)]
+    idle_intervals: u64,
+    /// Interval length of the `idle` workload, in microseconds.
+    #[arg(long, default_value_t = compare::DEFAULT_IDLE_INTERVAL_US)]
+    idle_interval_us: u64,
+    /// MiB the `zero` workload allocates (guest RAM is raised to fit).
+    #[arg(long, default_value_t = compare::DEFAULT_ZERO_MIB)]
+    zero_mib: u64,
+    /// MiB each `blk` run transfers (on a scratch image twice that size).
+    #[arg(long, default_value_t = compare::DEFAULT_BLK_MIB)]
+    blk_mib: u64,
+    /// Request size of the sequential `blk` runs, in KiB (4..=1024).
+    #[arg(long, default_value_t = compare::DEFAULT_BLK_SIZE_KIB,
+          value_parser = clap::value_parser!(u64).range(4..=1024))]
+    blk_size_kib: u64,
+    /// Requests in flight in the `blk` runs (1..=5).
+    #[arg(long, default_value_t = compare::DEFAULT_BLK_DEPTH,
+          value_parser = clap::value_parser!(u64).range(1..=5))]
+    blk_depth: u64,
+    /// Guest RAM per VM.
+    #[arg(long, default_value = "128M", value_parser = mem_size)]
+    mem: u64,
+    /// Kernel to run instead of the embedded demo kernel.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// KVM device node.
+    #[arg(long, default_value = vm::DEFAULT_KVM_DEVICE)]
+    kvm_device: PathBuf,
+}
+
+impl CompareArgs {
+    fn options(self) -> anyhow::Result<CompareOptions> {
+        Ok(CompareOptions {
+            workloads: if self.workload == "all" {
+                compare::WORKLOADS.iter().map(|s| s.to_string()).collect()
+            } else {
+                vec![self.workload]
+            },
+            null_ops: self.null_ops,
+            console_bytes: self.console_bytes,
+            pt_updates: self.pt_updates,
+            pt_batches: self.pt_batches,
+            idle_intervals: self.idle_intervals,
+            idle_interval_us: self.idle_interval_us,
+            zero_mib: self.zero_mib,
+            blk_mib: self.blk_mib,
+            blk_size_kib: self.blk_size_kib,
+            blk_depth: self.blk_depth,
+            mem_size: self.mem,
+            kvm_device: self.kvm_device,
+            kernel: kernel_image(self.kernel)?,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -179,37 +218,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 u8::try_from(report.exit_code).unwrap_or(255),
             ))
         }
-        Command::Compare {
-            workload,
-            json,
-            null_ops,
-            console_bytes,
-            pt_updates,
-            pt_batches,
-            idle_intervals,
-            idle_interval_us,
-            zero_mib,
-            mem,
-            kernel,
-            kvm_device,
-        } => {
-            let opts = CompareOptions {
-                workloads: if workload == "all" {
-                    compare::WORKLOADS.iter().map(|s| s.to_string()).collect()
-                } else {
-                    vec![workload]
-                },
-                null_ops,
-                console_bytes,
-                pt_updates,
-                pt_batches,
-                idle_intervals,
-                idle_interval_us,
-                zero_mib,
-                mem_size: mem,
-                kvm_device,
-                kernel: kernel_image(kernel)?,
-            };
+        Command::Compare(args) => {
+            let json = args.json.clone();
+            let opts = args.options()?;
             let records = compare::run(&opts, |w, m| eprintln!("running {w} ({m})..."))?;
             print!("{}", compare::render_table(&records));
             std::io::stdout().flush().ok();

@@ -247,13 +247,17 @@ fn halt(vm: &mut Vm) -> Result<Step> {
             "halted (KVM_EXIT_HLT) with interrupts disabled: nothing can wake it".into(),
         ));
     }
+    // An active virtio device may complete a request at any time.
+    let device_active = vm.blk.as_ref().is_some_and(|b| b.is_active());
     let bus = &mut vm.bus;
     let tick = bus.timer.next_due();
     let mut events = bus.events.drain();
     if events == 0 {
-        if tick.is_none() && bus.event_device.outstanding() == 0 {
+        if tick.is_none() && bus.event_device.outstanding() == 0 && !device_active {
             return Ok(Step::Fault(
-                "halted (KVM_EXIT_HLT) with no timer running and no event outstanding".into(),
+                "halted (KVM_EXIT_HLT) with no timer running, no event outstanding and no \
+                 active device"
+                    .into(),
             ));
         }
         let timeout = tick.map(|t| t.saturating_duration_since(Instant::now()));

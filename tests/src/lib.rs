@@ -45,6 +45,23 @@ pub fn boot(mode: Mode, workload: &str, args: &[&str]) -> RunReport {
     run_cfg(cfg).unwrap_or_else(|e| panic!("VMM failed running {workload} ({}): {e}", mode.name()))
 }
 
+/// Boots the demo kernel with a virtio-blk disk attached.
+pub fn boot_with_disk(
+    mode: Mode,
+    workload: &str,
+    args: &[&str],
+    disk: &std::path::Path,
+    readonly: bool,
+) -> RunReport {
+    let mut cfg = VmConfig::new(mode, workload);
+    cfg.args = args.iter().map(|s| s.to_string()).collect();
+    cfg.disk = Some(host_vmm::vm::DiskConfig {
+        path: disk.into(),
+        readonly,
+    });
+    run_cfg(cfg).unwrap_or_else(|e| panic!("VMM failed running {workload} ({}): {e}", mode.name()))
+}
+
 /// Boots an arbitrary kernel image in `mode`.
 pub fn boot_image(mode: Mode, bytes: Vec<u8>) -> host_vmm::Result<RunReport> {
     let mut cfg = VmConfig::new(mode, "hello");

@@ -2,6 +2,7 @@
 //! with the markers, and returns an [`Outcome`] whose checksum must be equal in PV and trapped
 //! mode.
 
+mod blk;
 mod console;
 mod cpl3;
 mod hello;
@@ -18,6 +19,7 @@ use guest_pv::args::Args;
 use hypercall_abi::boot::{BootInfo, region_kind};
 use hypercall_abi::layout::{IDENTITY_MAP_SIZE, PAGE_SIZE};
 
+use crate::exit_code;
 use crate::out::Fields;
 use crate::platform::Platform;
 
@@ -41,15 +43,19 @@ pub struct Outcome {
     pub checksum: u64,
     /// Workload-specific fields appended to the line after `checksum`.
     pub fields: Fields,
+    /// The exit code after the result line: [`exit_code::OK`] unless the workload's own check
+    /// failed ([`exit_code::CHECK_FAILED`]).
+    pub exit_code: u32,
 }
 
 impl Outcome {
-    /// An outcome with no extra fields.
+    /// An outcome with no extra fields, exiting with [`exit_code::OK`].
     pub const fn new(ops: u64, checksum: u64) -> Outcome {
         Outcome {
             ops,
             checksum,
             fields: Fields::new(),
+            exit_code: exit_code::OK,
         }
     }
 }
@@ -76,6 +82,7 @@ const WORKLOADS: &[Workload] = &[
     cpl3::WORKLOAD,
     idle::WORKLOAD,
     zero::WORKLOAD,
+    blk::WORKLOAD,
     panic::WORKLOAD,
 ];
 

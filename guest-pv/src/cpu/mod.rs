@@ -4,7 +4,8 @@
 //! On pvkit's (nested, PVM-based) KVM every guest instruction at CPL 0 is emulated (~250 ns
 //! each) while CPL 3 code runs natively (~0.3 ns per instruction). A kernel that wants to run
 //! work at speed enters CPL 3 with [`run_user`] and asks CPL 0 for the few privileged operations
-//! it needs through *kernel services* ([`flush_tlb`], [`invlpg`], [`load_cr3`]).
+//! it needs through *kernel services* ([`flush_tlb`], [`invlpg`], [`load_cr3`],
+//! [`wait_for_interrupt`]).
 //!
 //! # What [`init`] installs (all statics, no allocator)
 //! - A GDT: null, kernel code `0x08`, kernel data `0x10`, user data `0x18` (selector
@@ -56,9 +57,11 @@
 //! ```
 //!
 //! [`enable_interrupts`] / [`disable_interrupts`] are plain `sti` / `cli` for kernels that want
-//! interrupts on for a while. All of these are CPL 0 only (`sti`, `cli` and `hlt` raise #GP at
-//! CPL 3), and the kernel must be built without a red zone (`x86_64-unknown-none` is), because
-//! an interrupt at CPL 0 pushes its frame right below `rsp`.
+//! interrupts on for a while. These two are CPL 0 only (`sti` and `cli` raise #GP at CPL 3);
+//! [`wait_for_interrupt`] also works at CPL 3, as the kernel service
+//! [`service::WAIT_FOR_INTERRUPT`] (the `sti; hlt; cli` runs in the #UD handler). The
+//! kernel must be built without a red zone (`x86_64-unknown-none` is), because an interrupt at
+//! CPL 0 pushes its frame right below `rsp`.
 //!
 //! # Entering CPL 3
 //! [`run_user`]`(f, arg, user_stack_top)` saves the kernel's callee-saved registers and stack
@@ -126,6 +129,9 @@ pub mod service {
     pub const LOAD_CR3: u64 = 3;
     /// End the current [`super::run_user`]: it returns the argument. Only from CPL 3.
     pub const RETURN_TO_KERNEL: u64 = 4;
+    /// `sti; hlt; cli` at CPL 0, then resume: [`super::wait_for_interrupt`] from CPL 3.
+    /// Argument ignored.
+    pub const WAIT_FOR_INTERRUPT: u64 = 5;
 }
 
 /// What the fatal hook is told.
@@ -343,7 +349,13 @@ pub fn disable_interrupts() {
 /// `sti; hlt; cli` in one asm block: sleeps until an interrupt has been taken, then returns
 /// with IF = 0. Call it with IF = 0 after checking the condition being waited for (see
 /// [Interrupts](self#interrupts)): `sti` delays interrupts by one instruction, so a wake-up
-/// cannot be taken between the check and the `hlt` and then be missed by it. CPL 0 only.
+/// cannot be taken between the check and the `hlt` and then be missed by it.
+///
+/// At CPL 3 (inside [`run_user`], where IF is always 0) it is the kernel service
+/// [`service::WAIT_FOR_INTERRUPT`]: the #UD handler runs the same `sti; hlt; cli` at CPL 0 and
+/// resumes the caller (the interrupt is taken on the trap stack, inside the handler). The
+/// check-then-wait pattern holds the same way, since IF stays 0 from the check to the `sti`.
+/// The service adds an exception round trip (~40 µs on pvkit's KVM) to the wait.
 ///
 /// Under pvkit something must be able to wake the vCPU — the trapped timer running
 /// ([`crate::trapped::timer_start`]) or an event outstanding
@@ -356,9 +368,15 @@ pub fn disable_interrupts() {
 #[inline]
 pub fn wait_for_interrupt() {
     assert_initialised("wait_for_interrupt");
-    // SAFETY: as in `enable_interrupts`: `init` ran (checked), so every vector has a gate in
-    // the loaded IDT; at CPL 3 the `sti` raises #GP, reported as fatal.
-    unsafe { interrupt::sti_hlt_cli() };
+    if cpl() == 0 {
+        // SAFETY: as in `enable_interrupts`: `init` ran (checked), so every vector has a gate
+        // in the loaded IDT; CPL 0 (checked), so `sti` does not fault.
+        unsafe { interrupt::sti_hlt_cli() };
+    } else {
+        // SAFETY: `init` ran (checked), so its #UD handler performs the service; the service
+        // has no precondition beyond `init`'s IDT (the handler's `sti` runs at CPL 0).
+        unsafe { trap::service_call(service::WAIT_FOR_INTERRUPT, 0) };
+    }
 }
 
 /// The current privilege level (0 = kernel, 3 = user), from the low bits of CS.

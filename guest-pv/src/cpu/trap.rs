@@ -99,16 +99,17 @@ trap_stub!(trap2, 2);
 trap_stub!(trap3, 3);
 trap_stub!(trap4, 4);
 trap_stub!(trap5, 5);
-/// #UD entry stub, with a fast path for [`service::FLUSH_TLB`] (the most frequent service):
-/// if `rax` asks for it and the faulting RIP is [`service_stub`] holding `ud2`, it reloads CR3,
-/// sets `rax` = 0 and resumes after the `ud2` right here — 11 instructions at CPL 0 instead of
-/// the ~60 of the general path, each emulated on pvkit's KVM. Everything else goes to
-/// [`trap_entry`] like any other vector.
+/// #UD entry stub, with fast paths for the frequent services [`service::FLUSH_TLB`] and
+/// [`service::WAIT_FOR_INTERRUPT`]: if `rax` asks for one of them and the faulting RIP is
+/// [`service_stub`] holding `ud2`, it reloads CR3 (or runs `sti; hlt; cli`: the interrupt that
+/// ends the `hlt` is taken right here, on this stack), sets `rax` = 0 and resumes after the
+/// `ud2` — 11 (15) instructions at CPL 0 instead of the ~60 of the general path, each emulated
+/// on pvkit's KVM. Everything else goes to [`trap_entry`] like any other vector.
 #[unsafe(naked)]
 unsafe extern "C" fn trap6() {
     naked_asm!(
         "cmp rax, {flush}",
-        "jne 3f",
+        "jne 4f",
         "lea rax, [rip + {stub}]",
         // The interrupted RIP is at [rsp] (no error code for #UD).
         "cmp qword ptr [rsp], rax",
@@ -120,6 +121,24 @@ unsafe extern "C" fn trap6() {
         "xor eax, eax",
         "add qword ptr [rsp], 2",
         "iretq",
+        "4:",
+        "cmp rax, {wait}",
+        "jne 3f",
+        "lea rax, [rip + {stub}]",
+        "cmp qword ptr [rsp], rax",
+        "jne 5f",
+        "cmp word ptr [rax], 0x0b0f",
+        "jne 5f",
+        // `sti` holds interrupts off for one more instruction: none is taken before the `hlt`.
+        "sti",
+        "hlt",
+        "cli",
+        "xor eax, eax",
+        "add qword ptr [rsp], 2",
+        "iretq",
+        "5:",
+        "mov eax, {wait}",
+        "jmp 3f",
         "2:",
         "mov eax, {flush}",
         "3:",
@@ -127,6 +146,7 @@ unsafe extern "C" fn trap6() {
         "push 6",
         "jmp {entry}",
         flush = const service::FLUSH_TLB,
+        wait = const service::WAIT_FOR_INTERRUPT,
         stub = sym service_stub,
         entry = sym trap_entry,
     )
@@ -299,6 +319,14 @@ fn perform_service(frame: &TrapFrame) -> Result<u64, FaultKind> {
             // root that maps everything in use the same way. The address has no reserved bits
             // (checked above), so the load cannot fault.
             unsafe { write_cr3(arg) };
+            Ok(0)
+        }
+        service::WAIT_FOR_INTERRUPT => {
+            // SAFETY: this handler runs at CPL 0 with `init`'s IDT loaded (it is one of its
+            // gates), so `sti` does not fault and the interrupt that ends the `hlt` runs one of
+            // this runtime's handlers, on this (trap) stack. (The #UD stub's fast path normally
+            // serves this service; this is the same for a frame that reaches the general path.)
+            unsafe { super::interrupt::sti_hlt_cli() };
             Ok(0)
         }
         service::RETURN_TO_KERNEL => {

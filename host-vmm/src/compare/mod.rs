@@ -3,6 +3,8 @@
 //! Numbers come only from what ran: the guest brackets the timed part with marker writes, the
 //! host timestamps them, counts exits between them and reads its vCPU thread's CPU time.
 
+pub mod blk;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -12,13 +14,13 @@ use serde::Serialize;
 use crate::console::ConsoleSink;
 use crate::error::{Error, Result};
 use crate::metrics::Window;
-use crate::vm::{self, KernelImage, RunReport, VmConfig};
+use crate::vm::{self, DiskConfig, KernelImage, RunReport, VmConfig};
 use hypercall_abi::HYPERCALL_PORT;
 use hypercall_abi::layout::{KERNEL_MIN_GPA, MAX_MEM_SIZE};
 use hypercall_abi::ports::{EXIT_PORT, MARKER_BEGIN, MARKER_END, MARKER_PORT, NULL_PORT};
 
 /// Workloads `compare` knows, in the order it runs them.
-pub const WORKLOADS: &[&str] = &["null", "console", "pagetable", "idle", "zero"];
+pub const WORKLOADS: &[&str] = &["null", "console", "pagetable", "idle", "zero", "blk"];
 /// Default number of null calls.
 pub const DEFAULT_NULL_OPS: u64 = 100_000;
 /// Default console bytes.
@@ -27,6 +29,12 @@ pub const DEFAULT_CONSOLE_BYTES: u64 = 16_384;
 pub const DEFAULT_PT_UPDATES: u64 = 65_536;
 /// Default MiB the `zero` workload allocates.
 pub const DEFAULT_ZERO_MIB: u64 = 256;
+/// Default MiB the `blk` workload transfers per run (the scratch image is twice that).
+pub const DEFAULT_BLK_MIB: u64 = 32;
+/// Default `blk` request size (KiB) for the sequential patterns.
+pub const DEFAULT_BLK_SIZE_KIB: u64 = 128;
+/// Default `blk` queue depth.
+pub const DEFAULT_BLK_DEPTH: u64 = 4;
 /// Default idle intervals.
 pub const DEFAULT_IDLE_INTERVALS: u64 = 50;
 /// Default idle interval length (µs).
@@ -53,6 +61,12 @@ pub struct CompareOptions {
     pub idle_interval_us: u64,
     /// `zero`: MiB to allocate.
     pub zero_mib: u64,
+    /// `blk`: MiB per run.
+    pub blk_mib: u64,
+    /// `blk`: sequential request size in KiB.
+    pub blk_size_kib: u64,
+    /// `blk`: requests in flight (1..=5 with the demo kernel's driver).
+    pub blk_depth: u64,
     /// Guest RAM.
     pub mem_size: u64,
     /// KVM device.
@@ -72,6 +86,9 @@ impl Default for CompareOptions {
             idle_intervals: DEFAULT_IDLE_INTERVALS,
             idle_interval_us: DEFAULT_IDLE_INTERVAL_US,
             zero_mib: DEFAULT_ZERO_MIB,
+            blk_mib: DEFAULT_BLK_MIB,
+            blk_size_kib: DEFAULT_BLK_SIZE_KIB,
+            blk_depth: DEFAULT_BLK_DEPTH,
             mem_size: 128 << 20,
             kvm_device: vm::DEFAULT_KVM_DEVICE.into(),
             kernel: KernelImage::embedded(),
@@ -89,6 +106,15 @@ pub struct Record {
     /// PV batch size of a sweep record.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch: Option<u64>,
+    /// I/O pattern of a `blk` record (`seq-read`, `seq-write`, `rand-read`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// `blk`: MiB per second over the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mib_s: Option<f64>,
+    /// `blk`: requests per second over the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iops: Option<f64>,
     /// Operations the guest completed (calls, bytes).
     pub ops: u64,
     /// Exits in the measured window: `total` and one key per reason.
@@ -129,6 +155,8 @@ struct Variant {
     batch: Option<u64>,
     /// Record `mode` when it is not the boot mode's name (idle strategies).
     label: Option<&'static str>,
+    /// `blk` pattern.
+    pattern: Option<&'static str>,
 }
 
 fn variants(name: &str, opts: &CompareOptions) -> Vec<Variant> {
@@ -137,6 +165,7 @@ fn variants(name: &str, opts: &CompareOptions) -> Vec<Variant> {
         args,
         batch: None,
         label: None,
+        pattern: None,
     };
     let both = |args: Vec<String>| {
         vec![
@@ -191,6 +220,36 @@ fn variants(name: &str, opts: &CompareOptions) -> Vec<Variant> {
             );
             v
         }
+        "blk" => [
+            ("seq-read", opts.blk_size_kib),
+            ("rand-read", 4),
+            ("seq-write", opts.blk_size_kib),
+        ]
+        .into_iter()
+        .flat_map(|(pattern, kib)| {
+            // PV completes by waking a parked idle_yield (or, pv-poll, by polling the used
+            // ring); trapped by halting until the completion interrupt.
+            [
+                (Mode::Pv, "pv", None),
+                (Mode::Pv, "poll", Some("pv-poll")),
+                (Mode::Trapped, "irq", None),
+            ]
+            .map(|(mode, wait, label)| {
+                let args = vec![
+                    format!("pattern={pattern}"),
+                    format!("size_kib={kib}"),
+                    format!("mib={}", opts.blk_mib),
+                    format!("depth={}", opts.blk_depth),
+                    format!("wait={wait}"),
+                ];
+                Variant {
+                    pattern: Some(pattern),
+                    label,
+                    ..variant(mode, args)
+                }
+            })
+        })
+        .collect(),
         _ => both(Vec::new()),
     }
 }
@@ -273,6 +332,9 @@ fn record_from_window(
         workload: workload.into(),
         mode: mode.into(),
         batch: None,
+        pattern: None,
+        mib_s: None,
+        iops: None,
         ops,
         exits,
         hypercalls: own(&window.exits.by_hypercall),
@@ -303,6 +365,10 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Resul
             records.push(run_floor(opts, floor, opts.null_ops.max(1))?);
         }
     }
+    let image = match opts.workloads.iter().any(|w| w == "blk") {
+        true => Some(blk::ScratchImage::create(opts.blk_mib * 2)?),
+        false => None,
+    };
     for w in &opts.workloads {
         for v in variants(w, opts) {
             progress(w, &v.args.join(" "));
@@ -313,7 +379,10 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Resul
                 workload: w.clone(),
                 args: v.args,
                 kvm_device: opts.kvm_device.clone(),
-                disk: None,
+                disk: image.as_ref().filter(|_| w == "blk").map(|i| DiskConfig {
+                    path: i.path().into(),
+                    readonly: false,
+                }),
             };
             let report = vm::run(&cfg, ConsoleSink::new(None))?;
             let mut rec = record(w, v.mode, &report)?;
@@ -321,10 +390,64 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Resul
             if let Some(label) = v.label {
                 rec.mode = label.into();
             }
+            if let Some(pattern) = v.pattern {
+                set_throughput(&mut rec, pattern);
+            }
             records.push(rec);
+        }
+        if let (true, Some(image)) = (w == "blk", &image) {
+            progress(w, "host read");
+            records.push(host_ceiling(opts, image.path())?);
         }
     }
     Ok(records)
+}
+
+/// MiB/s and IOPS of a `blk` record from the guest's byte and request counts.
+fn set_throughput(rec: &mut Record, pattern: &str) {
+    let secs = rec.wall_ns.max(1) as f64 / 1e9;
+    rec.pattern = Some(pattern.into());
+    rec.mib_s = rec
+        .extra
+        .get("bytes")
+        .map(|&b| b as f64 / (1 << 20) as f64 / secs);
+    rec.iops = rec.extra.get("requests").map(|&r| r as f64 / secs);
+}
+
+/// The host reading the same image through the page cache: the ceiling for `seq-read`.
+fn host_ceiling(opts: &CompareOptions, path: &std::path::Path) -> Result<Record> {
+    let request = (opts.blk_size_kib << 10) as usize;
+    let (wall_ns, bytes) = blk::host_read(path, opts.blk_mib << 20, request)?;
+    let requests = bytes.div_ceil(request as u64);
+    let mut rec = Record {
+        workload: "blk".into(),
+        mode: "host".into(),
+        batch: None,
+        pattern: None,
+        mib_s: None,
+        iops: None,
+        ops: requests,
+        exits: BTreeMap::from([("total".to_string(), 0)]),
+        hypercalls: BTreeMap::new(),
+        devices: BTreeMap::new(),
+        events: BTreeMap::new(),
+        exits_per_op: 0.0,
+        exits_per_s: 0.0,
+        resident_bytes: Vec::new(),
+        wall_ns,
+        ns_per_op: wall_ns as f64 / requests.max(1) as f64,
+        host_cpu_ns: 0,
+        checksum: None,
+        exit_code: 0,
+        extra: BTreeMap::from([
+            ("bytes".to_string(), bytes),
+            ("requests".to_string(), requests),
+            ("request_bytes".to_string(), request as u64),
+            ("queue_depth".to_string(), 1u64),
+        ]),
+    };
+    set_throughput(&mut rec, "seq-read");
+    Ok(rec)
 }
 
 /// Workload name of the floor reference records.
@@ -433,9 +556,13 @@ pub fn run_floor(opts: &CompareOptions, floor: Floor, ops: u64) -> Result<Record
 
 /// Workloads whose modes disagree on the checksum or op count (fidelity failures).
 pub fn fidelity_failures(records: &[Record]) -> Vec<String> {
-    let mut by_workload: BTreeMap<&str, Vec<&Record>> = BTreeMap::new();
+    let mut by_workload: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
     for r in records.iter().filter(|r| r.checksum.is_some()) {
-        by_workload.entry(&r.workload).or_default().push(r);
+        let key = match &r.pattern {
+            Some(p) => format!("{} {p}", r.workload),
+            None => r.workload.clone(),
+        };
+        by_workload.entry(key).or_default().push(r);
     }
     by_workload
         .into_iter()
@@ -454,9 +581,10 @@ pub fn fidelity_failures(records: &[Record]) -> Vec<String> {
 }
 
 fn mode_label(r: &Record) -> String {
-    match r.batch {
-        Some(b) => format!("{} b={b}", r.mode),
-        None => r.mode.clone(),
+    match (r.batch, &r.pattern) {
+        (Some(b), _) => format!("{} b={b}", r.mode),
+        (None, Some(p)) => format!("{} {p}", r.mode),
+        (None, None) => r.mode.clone(),
     }
 }
 
@@ -536,11 +664,29 @@ pub fn render_table(records: &[Record]) -> String {
             g(pv, "rss_drop_bytes") >> 20
         );
     }
-    for tr in records.iter().filter(|r| r.mode == "trapped") {
-        for pv in records
+    for r in records.iter().filter(|r| r.mib_s.is_some()) {
+        let host = records
             .iter()
-            .filter(|r| r.workload == tr.workload && r.mode.starts_with("pv"))
-        {
+            .find(|h| h.mode == "host" && h.pattern == r.pattern);
+        let of_host = match (r.mib_s, host.and_then(|h| h.mib_s)) {
+            (Some(m), Some(h)) if r.mode != "host" => {
+                format!(" ({:.0}% of the host's own read)", 100.0 * m / h)
+            }
+            _ => String::new(),
+        };
+        s += &format!(
+            "blk {} {}: {:.0} MiB/s, {:.0} IOPS, {:.2} exits/request{of_host}\n",
+            r.pattern.as_deref().unwrap_or("-"),
+            r.mode,
+            r.mib_s.unwrap_or(0.0),
+            r.iops.unwrap_or(0.0),
+            r.exits_per_op
+        );
+    }
+    for tr in records.iter().filter(|r| r.mode == "trapped") {
+        for pv in records.iter().filter(|r| {
+            r.workload == tr.workload && r.mode.starts_with("pv") && r.pattern == tr.pattern
+        }) {
             let same = if pv.checksum == tr.checksum {
                 "same checksum"
             } else {
