@@ -39,7 +39,7 @@ enum Command {
         /// Guest RAM, e.g. 128M, 1G (16 MiB .. 3 GiB).
         #[arg(long, default_value = "128M", value_parser = mem_size)]
         mem: u64,
-        /// Workload for the demo kernel: hello, null, console, pagetable, idle, zero, blk, cpl3, panic.
+        /// Workload for the demo kernel: hello, null, console, pagetable, idle, zero, blk, vconsole, cpl3, panic.
         #[arg(long, default_value = "hello")]
         workload: String,
         /// Print exit statistics to stderr when the guest exits.
@@ -51,6 +51,9 @@ enum Command {
         /// Attach the disk read-only (guest writes fail with an I/O error).
         #[arg(long, requires = "disk")]
         readonly: bool,
+        /// Attach a virtio-console device (output only; its bytes appear with the console's).
+        #[arg(long)]
+        virtio_console: bool,
         /// KVM device node.
         #[arg(long, default_value = vm::DEFAULT_KVM_DEVICE)]
         kvm_device: PathBuf,
@@ -190,6 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stats,
             disk,
             readonly,
+            virtio_console,
             kvm_device,
             args,
         } => {
@@ -201,6 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 args,
                 kvm_device,
                 disk: disk.map(|path| DiskConfig { path, readonly }),
+                virtio_console,
             };
             let report = vm::run(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
             if stats {

@@ -9,6 +9,7 @@ use hypercall_abi::{HYPERCALL_PORT, Regs, virtio};
 use kvm_ioctls::{SyncReg, VcpuExit};
 
 use crate::devices::PioAction;
+use crate::devices::virtio::MmioDevice;
 use crate::error::{Error, Result};
 use crate::hypercall::{self, Context, Outcome};
 use crate::metrics::{ExitReason, Snapshot, Window, thread_cpu_ns};
@@ -151,10 +152,10 @@ fn step(vm: &mut Vm) -> Result<Step> {
         // updates.
         VcpuExit::MmioRead(gpa, data) => {
             stats.record(ExitReason::Mmio);
-            match vm.blk.as_ref().zip(virtio_offset(gpa)) {
-                Some((blk, offset)) => {
-                    stats.record_device("virtio-blk");
-                    blk.read(offset, data);
+            match virtio_device(&vm.virtio, gpa) {
+                Some((dev, offset)) => {
+                    stats.record_device(dev.name());
+                    dev.read(offset, data);
                 }
                 None => data.fill(0xff),
             }
@@ -164,9 +165,11 @@ fn step(vm: &mut Vm) -> Result<Step> {
             stats.record(ExitReason::Mmio);
             if mmu::frame_index(gpa).is_some() {
                 trap::mmu_emul::store(&mut vm.pool, gpa, data, stats);
-            } else if let Some((blk, offset)) = vm.blk.as_mut().zip(virtio_offset(gpa)) {
-                stats.record_device("virtio-blk");
-                blk.write(offset, data);
+            } else if let Some((n, offset)) = virtio_slot(gpa)
+                && let Some(dev) = vm.virtio.get_mut(n)
+            {
+                stats.record_device(dev.name());
+                dev.write(offset, data);
             }
             Step::Continue
         }
@@ -248,7 +251,7 @@ fn halt(vm: &mut Vm) -> Result<Step> {
         ));
     }
     // An active virtio device may complete a request at any time.
-    let device_active = vm.blk.as_ref().is_some_and(|b| b.is_active());
+    let device_active = vm.virtio.iter().any(|d| d.is_active());
     let bus = &mut vm.bus;
     let tick = bus.timer.next_due();
     let mut events = bus.events.drain();
@@ -297,8 +300,34 @@ fn inject_interrupt(vcpu: &kvm_ioctls::VcpuFd, vector: u8) -> Result<()> {
     Ok(())
 }
 
-/// The offset of `gpa` in virtio device window 0 (the block device), if it is inside it.
-fn virtio_offset(gpa: u64) -> Option<u64> {
-    let offset = gpa.checked_sub(virtio::window(0))?;
-    (offset < virtio::VIRTIO_MMIO_SLOT).then_some(offset)
+/// The virtio device window `gpa` falls in, and its offset there, if it is inside the device
+/// windows at all.
+fn virtio_slot(gpa: u64) -> Option<(usize, u64)> {
+    let rel = gpa.checked_sub(virtio::window(0))?;
+    let n = rel / virtio::VIRTIO_MMIO_SLOT;
+    (n < virtio::VIRTIO_MMIO_MAX_DEVICES).then_some((n as usize, rel % virtio::VIRTIO_MMIO_SLOT))
+}
+
+/// The device whose window holds `gpa`, and the offset in it.
+fn virtio_device(devices: &[MmioDevice], gpa: u64) -> Option<(&MmioDevice, u64)> {
+    let (n, offset) = virtio_slot(gpa)?;
+    Some((devices.get(n)?, offset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_slots_cover_the_device_windows_only() {
+        assert_eq!(virtio_slot(virtio::window(0)), Some((0, 0)));
+        assert_eq!(virtio_slot(virtio::window(0) + 0x70), Some((0, 0x70)));
+        assert_eq!(virtio_slot(virtio::window(1) + 0xfff), Some((1, 0xfff)));
+        assert_eq!(virtio_slot(virtio::window(15)), Some((15, 0)));
+        assert_eq!(virtio_slot(virtio::window(16)), None);
+        assert_eq!(virtio_slot(virtio::window(0) - 1), None);
+        assert_eq!(virtio_slot(0), None);
+        assert_eq!(virtio_slot(u64::MAX), None);
+        assert!(virtio_device(&[], virtio::window(0)).is_none());
+    }
 }

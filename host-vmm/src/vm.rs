@@ -12,9 +12,10 @@ use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
 use crate::boot::{self, BootRequest};
 use crate::console::ConsoleSink;
 use crate::devices::PioBus;
-use crate::devices::virtio::Interrupt;
 use crate::devices::virtio::block::{Block, Disk};
+use crate::devices::virtio::console::Console;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::{Interrupt, MmioDevice};
 use crate::error::{Error, Result};
 use crate::hypercall::clock::Clock;
 use crate::loader::{self, ElfInfo};
@@ -77,6 +78,8 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// A disk image to attach as a virtio-blk device.
     pub disk: Option<DiskConfig>,
+    /// Attach a virtio-console device (output only: its bytes go to the console sink).
+    pub virtio_console: bool,
 }
 
 /// A disk image for the virtio-blk device.
@@ -99,6 +102,7 @@ impl VmConfig {
             args: Vec::new(),
             kvm_device: DEFAULT_KVM_DEVICE.into(),
             disk: None,
+            virtio_console: false,
         }
     }
 }
@@ -187,8 +191,9 @@ pub struct Vm {
     _kvm: Kvm,
     pub(crate) ram: GuestRam,
     pub(crate) pool: PtPool,
-    /// The virtio-blk device at window 0, with `--disk`.
-    pub(crate) blk: Option<MmioTransport<Block>>,
+    /// The virtio devices, device window `n` at index `n`: virtio-blk first (with `--disk`),
+    /// then virtio-console (with `--virtio-console`).
+    pub(crate) virtio: Vec<MmioDevice>,
     pub(crate) bus: PioBus,
     pub(crate) console: ConsoleSink,
     pub(crate) clock: Clock,
@@ -223,9 +228,14 @@ impl Vm {
             None => None,
         };
         let args = cfg.args.join(" ");
-        let devices: Vec<(u64, u32)> = disk
+        // Device windows in order: the disk, then the console.
+        let ids = disk
             .iter()
-            .map(|_| (virtio::window(0), virtio::DEVICE_ID_BLOCK))
+            .map(|_| virtio::DEVICE_ID_BLOCK)
+            .chain(cfg.virtio_console.then_some(virtio::DEVICE_ID_CONSOLE));
+        let devices: Vec<(u64, u32)> = (0..)
+            .zip(ids)
+            .map(|(n, id)| (virtio::window(n), id))
             .collect();
         let req = BootRequest {
             mode: cfg.mode,
@@ -267,25 +277,36 @@ impl Vm {
             vcpu.set_sync_valid_reg(SyncReg::Register);
         }
         let bus = PioBus::new(console.clone());
-        let blk = match disk {
-            Some(disk) => {
-                // Completions queue a guest event: they wake a parked idle_yield, or raise
-                // EVENT_VECTOR for a halted guest. Devices see RAM only, never the pool.
-                let waker = bus.events.waker();
-                let interrupt = Interrupt::new(move || waker.wake());
-                let t = MmioTransport::new(Block::new(disk), ram.mem().clone(), interrupt)?;
-                t.register_ioeventfds(&vm, virtio::window(0))?;
-                Some(t)
-            }
-            None => None,
+        // Completions queue a guest event: they wake a parked idle_yield, or raise
+        // EVENT_VECTOR for a halted guest. Devices see RAM only, never the pool.
+        let interrupt = || {
+            let waker = bus.events.waker();
+            Interrupt::new(move || waker.wake())
         };
+        let mut virtio_devices = Vec::new();
+        if let Some(disk) = disk {
+            let t = MmioTransport::new(Block::new(disk), ram.mem().clone(), interrupt())?;
+            virtio_devices.push(MmioDevice::Block(t));
+        }
+        if cfg.virtio_console {
+            let t = MmioTransport::new(
+                Console::new(console.clone()),
+                ram.mem().clone(),
+                interrupt(),
+            )?;
+            virtio_devices.push(MmioDevice::Console(t));
+        }
+        for (dev, &(base, id)) in virtio_devices.iter().zip(&devices) {
+            debug_assert_eq!(dev.device_id(), id);
+            dev.register_ioeventfds(&vm, base)?;
+        }
         Ok(Vm {
             vcpu,
             vm,
             _kvm: kvm,
             ram,
             pool,
-            blk,
+            virtio: virtio_devices,
             bus,
             console,
             clock: Clock::new(),

@@ -7,7 +7,8 @@
 //!   QueueNotify register, which the host serves in the kernel with an ioeventfd).
 //! - The boot-info memory map lists each device as a region of kind
 //!   [`crate::boot::region_kind::VIRTIO_MMIO`] whose `info` is the virtio device ID
-//!   ([`DEVICE_ID_BLOCK`], ...).
+//!   ([`DEVICE_ID_BLOCK`], [`DEVICE_ID_CONSOLE`]). Windows are numbered in the order the host
+//!   attaches devices (block, then console), so find a device by ID, not by window number.
 //! - Completion: when a device needs to notify the driver (a used buffer, subject to
 //!   `VIRTIO_F_EVENT_IDX` suppression), the host sets the transport's InterruptStatus bit and
 //!   queues a guest **event**, the same event the event device raises: a guest parked in

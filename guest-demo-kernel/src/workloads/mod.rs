@@ -10,6 +10,7 @@ mod idle;
 mod null;
 mod pagetable;
 mod panic;
+mod vconsole;
 mod zero;
 
 use core::fmt;
@@ -83,6 +84,7 @@ const WORKLOADS: &[Workload] = &[
     idle::WORKLOAD,
     zero::WORKLOAD,
     blk::WORKLOAD,
+    vconsole::WORKLOAD,
     panic::WORKLOAD,
 ];
 

@@ -9,7 +9,8 @@
 //!   requests use the caller's buffers in place.
 //! - [`Mmio`], the virtio-mmio transport (`virtio-drivers`' own, with a teardown that works on
 //!   pvkit's device: dropping a driver resets the device); [`DeviceInfo::transport`] builds it,
-//!   [`open_blk`] builds a block driver ([`Blk`]) on it.
+//!   [`open_blk`] builds a block driver ([`Blk`]) on it, [`open_console`] an output-only
+//!   console driver ([`VConsole`]; `virtio-drivers`' own console driver needs `alloc`).
 //! - [`Waiter`]: waiting for completions with a [`WaitPolicy`] — [`Poll`](WaitPolicy::Poll)
 //!   the used ring, [`PvWait`](WaitPolicy::PvWait) in `idle_yield` until the device's event,
 //!   or [`Interrupt`](WaitPolicy::Interrupt): `sti; hlt` until the event vector.
@@ -56,6 +57,7 @@
 //! # fn main() {}
 //! ```
 
+mod console;
 mod hal;
 mod transport;
 mod wait;
@@ -63,6 +65,7 @@ mod wait;
 use core::fmt;
 use core::ptr::NonNull;
 
+pub use console::{CONSOLE_MAX_CHAIN, CONSOLE_QUEUE_SIZE, VConsole};
 pub use hal::{DmaError, DmaPool, DmaStats, PvkitHal, dma_stats, set_dma_region};
 use hypercall_abi::boot::{BootInfo, region_kind};
 use hypercall_abi::layout::{IDENTITY_MAP_SIZE, MMIO_START, PAGE_SIZE};
@@ -232,6 +235,15 @@ pub unsafe fn open_blk(dev: &DeviceInfo) -> Result<Blk, VirtioError> {
     Ok(VirtIOBlk::new(transport)?)
 }
 
+/// An output-only console driver ([`VConsole`]) on the console device at `dev`.
+///
+/// # Safety
+/// As for [`DeviceInfo::transport`].
+pub unsafe fn open_console(dev: &DeviceInfo) -> Result<VConsole, VirtioError> {
+    // SAFETY: the caller's contract.
+    unsafe { VConsole::open(dev) }
+}
+
 #[cfg(test)]
 mod tests {
     use std::string::ToString;
@@ -323,6 +335,15 @@ mod tests {
             panic!("a console opened as a block device");
         };
         assert_eq!(e.to_string(), "virtio device ID 3, not the 2 asked for");
+        let blk = DeviceInfo {
+            device_id: DEVICE_ID_BLOCK,
+            ..console
+        };
+        // SAFETY: the device ID is refused before anything is read.
+        let Err(e) = (unsafe { open_console(&blk) }) else {
+            panic!("a block device opened as a console");
+        };
+        assert_eq!(e.to_string(), "virtio device ID 2, not the 3 asked for");
     }
 
     #[test]

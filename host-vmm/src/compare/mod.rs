@@ -383,6 +383,7 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Resul
                     path: i.path().into(),
                     readonly: false,
                 }),
+                virtio_console: false,
             };
             let report = vm::run(&cfg, ConsoleSink::new(None))?;
             let mut rec = record(w, v.mode, &report)?;
@@ -523,6 +524,7 @@ pub fn run_floor(opts: &CompareOptions, floor: Floor, ops: u64) -> Result<Record
         args: Vec::new(),
         kvm_device: opts.kvm_device.clone(),
         disk: None,
+        virtio_console: false,
     };
     let report = vm::run(&cfg, ConsoleSink::new(None))?;
     let ops = u64::from(ops32);

@@ -28,6 +28,11 @@
 //! * [`block::Block`] is virtio-blk over a [`std::fs::File`]; its request engine
 //!   [`block::Disk::process_queue`] takes a queue and guest memory and nothing else, so unit
 //!   tests drive it without threads or KVM.
+//! * [`console::Console`] is virtio-console (one port, output only): its transmit queue's
+//!   buffers go to the VM's [`crate::console::ConsoleSink`], like UART and `console_write`
+//!   bytes; its engine [`console::Transmitter::process_queue`] is tested like the block one.
+//! * [`MmioDevice`] is one device window of a VM (any of the devices above behind its
+//!   transport): what the vCPU loop dispatches MMIO exits to.
 //! * [`thread::Worker`] runs a device's queue on its own thread: it waits on the queue's
 //!   [`EventFd`] (the ioeventfd KVM signals on QueueNotify), takes `Stop` from a crossbeam
 //!   control channel, and reports completions through [`Interrupt`].
@@ -43,9 +48,11 @@
 //! no usable status byte, with a zero-length used entry); a ring the device cannot follow any
 //! more sets `DEVICE_NEEDS_RESET`. Nothing a guest does panics or stops the VMM.
 //!
-//! # Not wired yet
+//! # Wiring
 //!
-//! This module is groundwork; the VM does not create these devices yet. To wire it:
+//! `crate::vm::Vm` creates the devices (block with `--disk`, console with `--virtio-console`,
+//! windows numbered in that order) as a list of [`MmioDevice`]s; the vCPU loop routes MMIO exits
+//! by window. The steps, as done for the block device:
 //!
 //! 1. **ABI**: publish the device windows in `hypercall-abi` (e.g. `VIRTIO_MMIO_BASE =
 //!    MMIO_START`, [`mmio::MMIO_REGION_SIZE`] per device, one slot per device) and describe them
@@ -72,6 +79,7 @@
 //!    reference-counted), so the mapping outlives any thread still using it.
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 pub mod thread;
 
@@ -173,6 +181,65 @@ pub trait VirtioDevice: Send {
     /// Stops the device (joining any worker) and returns it to its initial state, ready for a
     /// new [`VirtioDevice::activate`]. No guest memory is touched after this returns.
     fn reset(&mut self);
+}
+
+/// One virtio-mmio device window of a VM: a device of any kind behind its transport.
+#[derive(Debug)]
+pub enum MmioDevice {
+    /// virtio-blk.
+    Block(mmio::MmioTransport<block::Block>),
+    /// virtio-console.
+    Console(mmio::MmioTransport<console::Console>),
+}
+
+impl MmioDevice {
+    /// The name its exits are counted under (`ExitStats::by_device`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            MmioDevice::Block(_) => "virtio-blk",
+            MmioDevice::Console(_) => "virtio-console",
+        }
+    }
+
+    /// The virtio device ID (what the boot memory map publishes).
+    pub fn device_id(&self) -> u32 {
+        match self {
+            MmioDevice::Block(t) => t.device().device_type(),
+            MmioDevice::Console(t) => t.device().device_type(),
+        }
+    }
+
+    /// A guest read at `offset` into the window.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        match self {
+            MmioDevice::Block(t) => t.read(offset, data),
+            MmioDevice::Console(t) => t.read(offset, data),
+        }
+    }
+
+    /// A guest write at `offset` into the window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        match self {
+            MmioDevice::Block(t) => t.write(offset, data),
+            MmioDevice::Console(t) => t.write(offset, data),
+        }
+    }
+
+    /// Whether the device is running (it may complete a request at any time).
+    pub fn is_active(&self) -> bool {
+        match self {
+            MmioDevice::Block(t) => t.is_active(),
+            MmioDevice::Console(t) => t.is_active(),
+        }
+    }
+
+    /// Registers its queue-notify ioeventfds for the window at `base`.
+    pub fn register_ioeventfds(&self, vm: &kvm_ioctls::VmFd, base: u64) -> crate::Result<()> {
+        match self {
+            MmioDevice::Block(t) => t.register_ioeventfds(vm, base),
+            MmioDevice::Console(t) => t.register_ioeventfds(vm, base),
+        }
+    }
 }
 
 /// Serves a config-space read from `config` (the device's configuration structure as bytes):

@@ -1,0 +1,481 @@
+//! virtio-console: one port, output only, into the VM's [`ConsoleSink`].
+//!
+//! Two queues, as the spec's single-port console has: receiveq (0) and transmitq (1). Offered
+//! features: `VIRTIO_F_VERSION_1` and `VIRTIO_RING_F_EVENT_IDX`; no `SIZE`, `MULTIPORT` or
+//! `EMERG_WRITE`, so the configuration space (`cols`, `rows`, `max_nr_ports`, `emerg_wr`)
+//! reads as zero and ignores writes.
+//!
+//! * **transmitq**: every buffer the driver makes available goes to the [`ConsoleSink`] — the
+//!   same sink as the UART and the `console_write` hypercall, so the bytes are echoed (stdout
+//!   for `host-vmm run`) and captured (tests, `RunReport::window_console`). Buffers are used
+//!   with length 0 (the device writes nothing into them), before the driver is told, so a
+//!   driver that waits for its buffer back knows the bytes are in the sink.
+//! * **receiveq**: the host has no input for the guest. The driver's receive buffers stay
+//!   available and are never used; notifications on queue 0 are ignored (no worker waits on
+//!   them).
+//!
+//! # Limits and failures
+//!
+//! A chain carries at most [`MAX_CHAIN_BYTES`] (64 KiB) in at most [`MAX_DESCRIPTORS`]
+//! descriptors. A chain that is longer, that has a device-writable descriptor, a buffer not
+//! entirely inside guest RAM, a descriptor loop or a `next` index outside the ring is
+//! **dropped**: none of its bytes reach the sink, it is used with length 0 and counted in
+//! [`ConsoleStats::dropped_chains`]. A ring the device cannot follow any more sets
+//! `DEVICE_NEEDS_RESET` (via the worker), as for the block device. Guest memory is read only
+//! through vm-memory's bounds-checked accessors on the RAM mapping.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::thread::{QueueHandler, Worker};
+use super::{Activation, DeviceError, VirtioDevice, read_config_bytes};
+use crate::console::ConsoleSink;
+
+/// Maximum size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue (port 0).
+pub const RECEIVEQ: u16 = 0;
+/// Index of the transmit queue (port 0).
+pub const TRANSMITQ: u16 = 1;
+/// Most bytes one transmit chain may carry; a longer chain is dropped.
+pub const MAX_CHAIN_BYTES: u32 = 64 << 10;
+/// Most descriptors one transmit chain may have; a longer chain is dropped.
+pub const MAX_DESCRIPTORS: usize = QUEUE_SIZE as usize;
+
+/// `struct virtio_console_config`: cols, rows (u16), max_nr_ports, emerg_wr (u32).
+const CONFIG_LEN: usize = 12;
+
+/// Transmit counters, for metrics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConsoleStats {
+    /// Chains whose bytes reached the sink.
+    pub chains: u64,
+    /// Bytes that reached the sink.
+    pub bytes: u64,
+    /// Chains dropped as malformed or over the limits.
+    pub dropped_chains: u64,
+}
+
+/// The transmit engine: a sink and counters. [`Transmitter::process_queue`] takes a queue and
+/// guest memory and nothing else, so unit tests drive it without threads or KVM.
+#[derive(Debug, Clone)]
+pub struct Transmitter {
+    sink: ConsoleSink,
+    stats: Arc<Mutex<ConsoleStats>>,
+}
+
+impl Transmitter {
+    /// A transmitter writing into `sink`.
+    pub fn new(sink: ConsoleSink) -> Transmitter {
+        Transmitter {
+            sink,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ConsoleStats {
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn count(&self, f: impl FnOnce(&mut ConsoleStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Sends every chain the driver made available on the transmit `queue` to the sink, then
+    /// re-enables notifications. Returns whether the driver wants an interrupt for what was
+    /// used (always, without EVENT_IDX; per `used_event` with it). An error means the ring
+    /// itself is broken.
+    pub fn process_queue(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
+        let mut used_any = false;
+        loop {
+            let mut progressed = false;
+            while let Some(chain) = queue.iter(mem).map_err(DeviceError::Ring)?.next() {
+                progressed = true;
+                let head = chain.head_index();
+                self.transmit(chain, mem);
+                // A head outside the ring names no descriptor: there is nothing to give back.
+                if head < queue.size() {
+                    queue.add_used(mem, head, 0).map_err(DeviceError::Ring)?;
+                    used_any = true;
+                }
+            }
+            if !queue.enable_notification(mem).map_err(DeviceError::Ring)? || !progressed {
+                break;
+            }
+        }
+        if !used_any {
+            return Ok(false);
+        }
+        queue.needs_notification(mem).map_err(DeviceError::Ring)
+    }
+
+    /// Copies one chain's bytes to the sink, or drops the chain if it is malformed.
+    fn transmit(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) {
+        match read_chain(chain, mem) {
+            Some(bytes) => {
+                self.sink.push(&bytes);
+                self.count(|s| {
+                    s.chains += 1;
+                    s.bytes += bytes.len() as u64;
+                });
+            }
+            None => self.count(|s| s.dropped_chains += 1),
+        }
+    }
+}
+
+/// The bytes of a transmit chain, or `None` if it is malformed (see the module docs). Nothing
+/// is read from guest memory before the whole chain has been checked.
+fn read_chain(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Option<Vec<u8>> {
+    let mut descs: Vec<Descriptor> = Vec::new();
+    let mut total = 0u32;
+    for d in chain {
+        if descs.len() == MAX_DESCRIPTORS || d.is_write_only() {
+            return None;
+        }
+        total = total
+            .checked_add(d.len())
+            .filter(|t| *t <= MAX_CHAIN_BYTES)?;
+        if !vm_memory::GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return None;
+        }
+        descs.push(d);
+    }
+    // The iterator stopped early: a loop cut off at the ring size, a bad `next`, ...
+    // (No descriptor at all: a head index outside the ring.)
+    if descs.last().is_none_or(Descriptor::has_next) {
+        return None;
+    }
+    let mut bytes = vec![0u8; total as usize];
+    let mut at = 0usize;
+    for d in &descs {
+        let n = d.len() as usize;
+        mem.read_slice(&mut bytes[at..at + n], d.addr()).ok()?;
+        at += n;
+    }
+    Some(bytes)
+}
+
+/// The queue work a [`Worker`] runs for the console: the transmit queue only.
+#[derive(Debug)]
+struct TransmitQueue {
+    tx: Transmitter,
+    queue: Queue,
+    mem: GuestMemoryMmap,
+}
+
+impl QueueHandler for TransmitQueue {
+    fn process(&mut self) -> Result<bool, DeviceError> {
+        self.tx.process_queue(&mut self.queue, &self.mem)
+    }
+}
+
+/// The virtio-console device: output on a worker thread while the driver has it running.
+#[derive(Debug)]
+pub struct Console {
+    tx: Transmitter,
+    worker: Option<Worker<TransmitQueue>>,
+    /// The receive queue while active: kept (never used) so the device owns both rings.
+    receiveq: Option<Queue>,
+    config: [u8; CONFIG_LEN],
+}
+
+impl Console {
+    /// A console whose output goes to `sink`.
+    pub fn new(sink: ConsoleSink) -> Console {
+        Console {
+            tx: Transmitter::new(sink),
+            worker: None,
+            receiveq: None,
+            config: [0; CONFIG_LEN],
+        }
+    }
+
+    /// Transmit counters so far (readable while the device runs).
+    pub fn stats(&self) -> ConsoleStats {
+        self.tx.stats()
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Nothing writable: EMERG_WRITE is not offered.
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
+        if self.worker.is_some() {
+            return Err(DeviceError::AlreadyActive);
+        }
+        let mut queues = activation.queues.into_iter();
+        let rx = queues
+            .next()
+            .ok_or(DeviceError::QueueNotReady { index: RECEIVEQ })?;
+        let tx = queues
+            .next()
+            .ok_or(DeviceError::QueueNotReady { index: TRANSMITQ })?;
+        let handler = TransmitQueue {
+            tx: self.tx.clone(),
+            queue: tx.queue,
+            mem: activation.mem,
+        };
+        let worker = Worker::spawn(
+            "pvkit-virtio-console",
+            handler,
+            tx.notify,
+            activation.interrupt,
+        )?;
+        self.worker = Some(worker);
+        self.receiveq = Some(rx.queue);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            // The transmitter is shared (a clone): nothing to take back.
+            let _ = worker.stop();
+        }
+        self.receiveq = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::super::block::tests::{BUF, Driver, MEM_SIZE, R, RING, W, guest_memory};
+    use super::super::{ActiveQueue, Interrupt};
+    use super::*;
+    use crate::devices::event::EventQueue;
+
+    fn put(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) {
+        mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+    }
+
+    struct Bench<'m> {
+        drv: Driver<'m>,
+        queue: Queue,
+        tx: Transmitter,
+        sink: ConsoleSink,
+        mem: &'m GuestMemoryMmap,
+    }
+
+    impl<'m> Bench<'m> {
+        fn new(mem: &'m GuestMemoryMmap, event_idx: bool) -> Bench<'m> {
+            let drv = Driver::new(mem, RING, 16);
+            let queue = drv.queue(event_idx);
+            let sink = ConsoleSink::new(None);
+            Bench {
+                drv,
+                queue,
+                tx: Transmitter::new(sink.clone()),
+                sink,
+                mem,
+            }
+        }
+
+        /// Submits one chain and processes the queue; returns the used length.
+        fn send(&mut self, parts: &[(u64, u32, bool)]) -> u32 {
+            let before = self.drv.used_idx();
+            self.drv.submit(parts);
+            self.tx.process_queue(&mut self.queue, self.mem).unwrap();
+            assert_eq!(
+                self.drv.used_idx(),
+                before.wrapping_add(1),
+                "one completion"
+            );
+            self.drv.used_elem(before).1
+        }
+    }
+
+    #[test]
+    fn transmitted_bytes_reach_the_sink_in_order() {
+        let mem = guest_memory();
+        let mut b = Bench::new(&mem, false);
+        put(&mem, BUF, b"hello, ");
+        put(&mem, BUF + 0x1000, b"virtio world\n");
+        assert_eq!(b.send(&[(BUF, 7, R), (BUF + 0x1000, 13, R)]), 0);
+        put(&mem, BUF, b"again\n");
+        assert_eq!(b.send(&[(BUF, 6, R)]), 0);
+        // An empty chain is fine and adds nothing.
+        assert_eq!(b.send(&[(BUF, 0, R)]), 0);
+        assert_eq!(b.sink.captured(), b"hello, virtio world\nagain\n");
+        let s = b.tx.stats();
+        assert_eq!((s.chains, s.bytes, s.dropped_chains), (3, 26, 0));
+    }
+
+    #[test]
+    fn malformed_chains_are_dropped_and_the_queue_keeps_working() {
+        let mem = guest_memory();
+        let mut b = Bench::new(&mem, false);
+        put(&mem, BUF, &[b'x'; 4096]);
+        // A device-writable buffer.
+        assert_eq!(b.send(&[(BUF, 4, W)]), 0);
+        assert_eq!(b.send(&[(BUF, 4, R), (BUF, 4, W)]), 0);
+        // Buffers (partly) outside guest RAM.
+        for addr in [MEM_SIZE - 8, MEM_SIZE, 0xC000_0000, u64::MAX - 3, u64::MAX] {
+            assert_eq!(b.send(&[(addr, 16, R)]), 0);
+            assert_eq!(b.send(&[(BUF, 4, R), (addr, 16, R)]), 0, "{addr:#x}");
+        }
+        // Over the byte cap, in one descriptor and summed (and a u32 overflow).
+        assert_eq!(b.send(&[(BUF, MAX_CHAIN_BYTES + 1, R)]), 0);
+        assert_eq!(b.send(&[(BUF, MAX_CHAIN_BYTES, R), (BUF, 1, R)]), 0);
+        assert_eq!(b.send(&[(BUF, u32::MAX, R), (BUF, 2, R)]), 0);
+        assert!(b.sink.captured().is_empty(), "nothing from a bad chain");
+        assert_eq!(b.tx.stats().dropped_chains, 15);
+        // Exactly the cap is fine.
+        put(&mem, BUF, &vec![b'y'; MAX_CHAIN_BYTES as usize]);
+        assert_eq!(b.send(&[(BUF, MAX_CHAIN_BYTES, R)]), 0);
+        assert_eq!(b.sink.captured().len(), MAX_CHAIN_BYTES as usize);
+    }
+
+    #[test]
+    fn descriptor_loops_and_bad_indices_end() {
+        let mem = guest_memory();
+        let mut b = Bench::new(&mem, false);
+        put(&mem, BUF, b"loop");
+        // 0 -> 1 -> 0 -> ...
+        b.drv.put_desc(0, BUF, 4, VRING_DESC_F_NEXT, 1);
+        b.drv.put_desc(1, BUF, 4, VRING_DESC_F_NEXT, 0);
+        b.drv.publish(0);
+        // `next` past the ring.
+        b.drv.put_desc(2, BUF, 4, VRING_DESC_F_NEXT, 999);
+        b.drv.publish(2);
+        // A head past the ring: consumed, nothing to give back.
+        b.drv.publish(999);
+        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap());
+        assert_eq!(b.drv.used_idx(), 2);
+        assert!(b.sink.captured().is_empty());
+        assert_eq!(b.tx.stats().dropped_chains, 3);
+        // Still working.
+        b.drv.submit(&[(BUF, 4, R)]);
+        b.tx.process_queue(&mut b.queue, &mem).unwrap();
+        assert_eq!(b.sink.captured(), b"loop");
+    }
+
+    #[test]
+    fn event_idx_asks_for_an_interrupt_only_when_used_event_is_passed() {
+        let mem = guest_memory();
+        let mut b = Bench::new(&mem, true);
+        put(&mem, BUF, b"z");
+        b.drv.set_used_event(2);
+        b.drv.submit(&[(BUF, 1, R)]);
+        assert!(!b.tx.process_queue(&mut b.queue, &mem).unwrap(), "1 used");
+        assert_eq!(b.drv.avail_event(), 1);
+        b.drv.submit(&[(BUF, 1, R)]);
+        b.drv.submit(&[(BUF, 1, R)]);
+        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap(), "3 used");
+        assert!(
+            !b.tx.process_queue(&mut b.queue, &mem).unwrap(),
+            "nothing new"
+        );
+        assert_eq!(b.sink.captured(), b"zzz");
+
+        // Without EVENT_IDX every batch that used something interrupts.
+        let mut b = Bench::new(&mem, false);
+        b.drv.set_used_event(100);
+        b.drv.submit(&[(BUF, 1, R)]);
+        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap());
+    }
+
+    #[test]
+    fn an_avail_index_running_ahead_is_an_error_not_a_hang() {
+        let mem = guest_memory();
+        let mut b = Bench::new(&mem, false);
+        b.drv.set_avail_idx(100);
+        let e = b.tx.process_queue(&mut b.queue, &mem).unwrap_err();
+        assert!(matches!(e, DeviceError::Ring(_)), "{e}");
+    }
+
+    #[test]
+    fn device_offers_two_queues_and_no_config() {
+        let c = Console::new(ConsoleSink::new(None));
+        assert_eq!(c.device_type(), 3);
+        assert_eq!(c.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
+        assert_eq!(
+            c.features(),
+            1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX
+        );
+        let mut cfg = [0xff; 4];
+        c.read_config(0, &mut cfg);
+        assert_eq!(cfg, [0; 4]);
+    }
+
+    /// Activation with both queues, output through the worker, reset, and activation again.
+    #[test]
+    fn worker_transmits_and_reset_reactivates() {
+        let mem = guest_memory();
+        let sink = ConsoleSink::new(None);
+        let mut console = Console::new(sink.clone());
+        for round in 0..2u8 {
+            let mut events = EventQueue::default();
+            let waker = events.waker();
+            let irq = Interrupt::new(move || waker.wake());
+            mem.write_slice(&[0; 0x6000], GuestAddress(RING)).unwrap();
+            let rx = Driver::new(&mem, RING, 16);
+            let mut tx = Driver::new(&mem, RING + 0x3000, 16);
+            let notify = EventFd::new(0).unwrap();
+            let kick = notify.try_clone().unwrap();
+            let act = |q: Queue, notify: EventFd| ActiveQueue { queue: q, notify };
+            // Only one queue: refused.
+            assert!(matches!(
+                console.activate(Activation {
+                    mem: mem.clone(),
+                    queues: vec![act(rx.queue(true), EventFd::new(0).unwrap())],
+                    features: 1 << VIRTIO_F_VERSION_1,
+                    interrupt: irq.clone(),
+                }),
+                Err(DeviceError::QueueNotReady { index: 1 })
+            ));
+            console
+                .activate(Activation {
+                    mem: mem.clone(),
+                    queues: vec![
+                        act(rx.queue(true), EventFd::new(0).unwrap()),
+                        act(tx.queue(true), notify),
+                    ],
+                    features: 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX,
+                    interrupt: irq.clone(),
+                })
+                .unwrap();
+            put(&mem, BUF, &[b'0' + round]);
+            tx.submit(&[(BUF, 1, R)]);
+            kick.write(1).unwrap();
+            assert_eq!(events.wait(Some(Duration::from_secs(5))), 1);
+            assert_eq!(tx.used_idx(), 1);
+            console.reset();
+        }
+        assert_eq!(sink.captured(), b"01");
+        assert_eq!(console.stats().chains, 2);
+    }
+}
