@@ -51,7 +51,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile};
 
 use super::thread::{QueueHandler, Worker};
@@ -216,29 +216,7 @@ impl Disk {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceError> {
-        let mut used_any = false;
-        loop {
-            let mut progressed = false;
-            while let Some(chain) = queue.iter(mem).map_err(DeviceError::Ring)?.next() {
-                progressed = true;
-                let head = chain.head_index();
-                let len = self.execute(chain, mem);
-                // A head outside the ring names no descriptor: there is nothing to give back.
-                if head < queue.size() {
-                    queue.add_used(mem, head, len).map_err(DeviceError::Ring)?;
-                    used_any = true;
-                }
-            }
-            // More arrived while notifications were off: go again. Without progress, stop
-            // rather than spin; anything the driver adds from here on comes with a notification.
-            if !queue.enable_notification(mem).map_err(DeviceError::Ring)? || !progressed {
-                break;
-            }
-        }
-        if !used_any {
-            return Ok(false);
-        }
-        queue.needs_notification(mem).map_err(DeviceError::Ring)
+        super::drain_queue(queue, mem, |chain| self.execute(chain, mem))
     }
 
     /// Runs one request; returns the used length (bytes written into guest buffers, status
@@ -561,6 +539,8 @@ pub(crate) mod tests {
     };
     use virtio_queue::desc::RawDescriptor;
     use vm_memory::GuestAddress;
+
+    use virtio_queue::QueueT;
 
     use super::*;
 

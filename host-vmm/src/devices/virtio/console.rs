@@ -30,7 +30,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::thread::{QueueHandler, Worker};
@@ -97,27 +97,10 @@ impl Transmitter {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceError> {
-        let mut used_any = false;
-        loop {
-            let mut progressed = false;
-            while let Some(chain) = queue.iter(mem).map_err(DeviceError::Ring)?.next() {
-                progressed = true;
-                let head = chain.head_index();
-                self.transmit(chain, mem);
-                // A head outside the ring names no descriptor: there is nothing to give back.
-                if head < queue.size() {
-                    queue.add_used(mem, head, 0).map_err(DeviceError::Ring)?;
-                    used_any = true;
-                }
-            }
-            if !queue.enable_notification(mem).map_err(DeviceError::Ring)? || !progressed {
-                break;
-            }
-        }
-        if !used_any {
-            return Ok(false);
-        }
-        queue.needs_notification(mem).map_err(DeviceError::Ring)
+        super::drain_queue(queue, mem, |chain| {
+            self.transmit(chain, mem);
+            0
+        })
     }
 
     /// Copies one chain's bytes to the sink, or drops the chain if it is malformed.

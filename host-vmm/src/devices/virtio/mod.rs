@@ -88,7 +88,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -319,6 +319,42 @@ impl Interrupt {
         self.status.store(0, Ordering::Release);
         self.needs_reset.store(false, Ordering::Release);
     }
+}
+
+/// Serves every chain the driver made available on `queue` with `serve` (which returns the
+/// used length: bytes written into the chain's buffers), then re-enables notifications and
+/// goes again if more arrived meanwhile. Returns whether the driver wants an interrupt for what
+/// was used (always without EVENT_IDX; per `used_event` with it). An error means the ring
+/// itself is broken (the available index ran more than a ring ahead, or the used ring cannot
+/// be written).
+pub fn drain_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+) -> Result<bool, DeviceError> {
+    let mut used_any = false;
+    loop {
+        let mut progressed = false;
+        while let Some(chain) = queue.iter(mem).map_err(DeviceError::Ring)?.next() {
+            progressed = true;
+            let head = chain.head_index();
+            let len = serve(chain);
+            // A head outside the ring names no descriptor: there is nothing to give back.
+            if head < queue.size() {
+                queue.add_used(mem, head, len).map_err(DeviceError::Ring)?;
+                used_any = true;
+            }
+        }
+        // More arrived while notifications were off: go again. Without progress, stop rather
+        // than spin; anything the driver adds from here on comes with a notification.
+        if !queue.enable_notification(mem).map_err(DeviceError::Ring)? || !progressed {
+            break;
+        }
+    }
+    if !used_any {
+        return Ok(false);
+    }
+    queue.needs_notification(mem).map_err(DeviceError::Ring)
 }
 
 #[cfg(test)]
