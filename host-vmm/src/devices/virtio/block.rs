@@ -39,7 +39,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -55,7 +54,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile};
 
 use super::thread::{QueueHandler, Worker};
-use super::{Activation, DeviceError, VirtioDevice, read_config_bytes};
+use super::{Activation, Counters, DeviceError, VirtioDevice, read_config_bytes};
 use crate::error::Error;
 
 /// Bytes per sector (the unit of `sector` and capacity).
@@ -126,7 +125,7 @@ pub struct Disk {
     readonly: bool,
     id: [u8; ID_LEN],
     write_through: bool,
-    stats: Arc<Mutex<BlockStats>>,
+    stats: Counters<BlockStats>,
 }
 
 impl Disk {
@@ -176,7 +175,7 @@ impl Disk {
             readonly,
             id,
             write_through: true,
-            stats: Arc::default(),
+            stats: Counters::default(),
         })
     }
 
@@ -200,11 +199,11 @@ impl Disk {
 
     /// Counters so far.
     pub fn stats(&self) -> BlockStats {
-        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+        self.stats.get()
     }
 
     fn count(&self, f: impl FnOnce(&mut BlockStats)) {
-        f(&mut self.stats.lock().unwrap_or_else(PoisonError::into_inner));
+        self.stats.update(f);
     }
 
     /// Serves every request the driver made available on `queue`, then re-enables
@@ -438,7 +437,7 @@ pub struct Block {
     worker: Option<Worker<BlockQueue>>,
     features: u64,
     config: [u8; CONFIG_LEN],
-    stats: Arc<Mutex<BlockStats>>,
+    stats: Counters<BlockStats>,
 }
 
 impl Block {
@@ -470,7 +469,7 @@ impl Block {
 
     /// Request counters so far (readable while the device runs).
     pub fn stats(&self) -> BlockStats {
-        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+        self.stats.get()
     }
 }
 

@@ -24,8 +24,6 @@
 //! `DEVICE_NEEDS_RESET` (via the worker), as for the block device. Guest memory is read only
 //! through vm-memory's bounds-checked accessors on the RAM mapping.
 
-use std::sync::{Arc, Mutex, PoisonError};
-
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -34,7 +32,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::thread::{QueueHandler, Worker};
-use super::{Activation, DeviceError, VirtioDevice, read_config_bytes};
+use super::{Activation, Counters, DeviceError, VirtioDevice, read_config_bytes};
 use crate::console::ConsoleSink;
 
 /// Maximum size of each queue.
@@ -67,7 +65,7 @@ pub struct ConsoleStats {
 #[derive(Debug, Clone)]
 pub struct Transmitter {
     sink: ConsoleSink,
-    stats: Arc<Mutex<ConsoleStats>>,
+    stats: Counters<ConsoleStats>,
 }
 
 impl Transmitter {
@@ -75,17 +73,17 @@ impl Transmitter {
     pub fn new(sink: ConsoleSink) -> Transmitter {
         Transmitter {
             sink,
-            stats: Arc::default(),
+            stats: Counters::default(),
         }
     }
 
     /// Counters so far.
     pub fn stats(&self) -> ConsoleStats {
-        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+        self.stats.get()
     }
 
     fn count(&self, f: impl FnOnce(&mut ConsoleStats)) {
-        f(&mut self.stats.lock().unwrap_or_else(PoisonError::into_inner));
+        self.stats.update(f);
     }
 
     /// Sends every chain the driver made available on the transmit `queue` to the sink, then

@@ -357,6 +357,35 @@ pub fn drain_queue(
     queue.needs_notification(mem).map_err(DeviceError::Ring)
 }
 
+/// A device's counters, shared between its worker thread and whoever reports them.
+#[derive(Debug, Default)]
+pub struct Counters<T>(std::sync::Arc<std::sync::Mutex<T>>);
+
+impl<T> Clone for Counters<T> {
+    fn clone(&self) -> Self {
+        Counters(self.0.clone())
+    }
+}
+
+impl<T: Copy> Counters<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, T> {
+        // A poisoned lock only means a panic elsewhere mid-update; the numbers are still usable.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The counters now.
+    pub fn get(&self) -> T {
+        *self.lock()
+    }
+
+    /// Updates the counters.
+    pub fn update(&self, f: impl FnOnce(&mut T)) {
+        f(&mut self.lock());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicU64;
