@@ -108,11 +108,12 @@ fn idle_exit_counts_follow_the_strategy() {
         w.exits.by_hypercall.get("idle_yield").copied(),
         Some(w.exits.total)
     );
-    // hlt + 1 kHz tick: about one exit per tick over 50 ms.
+    // hlt + 1 kHz tick: about one exit per tick over 50 ms (≈ 50; ticks a busy host delivers
+    // late are coalesced, so allow fewer — still twice PV's at the least).
     let hlt = idle_workload(Mode::Trapped, "hlt");
     let w = hlt.window.as_ref().unwrap();
     assert!(
-        w.exits.reason(ExitReason::Hlt) >= 40,
+        w.exits.reason(ExitReason::Hlt) >= 20,
         "{}",
         w.exits.summary()
     );
