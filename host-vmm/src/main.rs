@@ -36,7 +36,7 @@ enum Command {
         /// pv: use hypercalls; trapped: behave as an unmodified guest.
         #[arg(long, value_enum, default_value_t = ModeArg::Pv)]
         mode: ModeArg,
-        /// Guest RAM, e.g. 128M, 1G (16 MiB .. 3 GiB).
+        /// Guest RAM, e.g. 128M, 1G (16 MiB .. 3068 MiB, below the page-table pool).
         #[arg(long, default_value = "128M", value_parser = mem_size)]
         mem: u64,
         /// Workload for the demo kernel: hello, null, console, pagetable, idle, zero, blk, vconsole, cpl3, panic.
