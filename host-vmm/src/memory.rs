@@ -53,7 +53,7 @@ pub fn check_mem_size(bytes: u64) -> Result<()> {
     }
     if bytes > MAX_MEM_SIZE {
         return Err(Error::MemSize(format!(
-            "must be at most {} MiB (RAM ends below the MMIO window at {MAX_MEM_SIZE:#x})",
+            "must be at most {} MiB (RAM ends below the page-table pool at {MAX_MEM_SIZE:#x})",
             MAX_MEM_SIZE >> 20
         )));
     }
