@@ -190,6 +190,24 @@ impl GuestRam {
         }
     }
 
+    /// Reads `count` consecutive `T`s at `gpa` (a guest-supplied table), or `None` if any byte
+    /// of it lies outside guest RAM (overflow-checked). Callers bound `count` first.
+    pub fn read_array<T>(&self, gpa: u64, count: u64) -> Option<Vec<T>>
+    where
+        T: zerocopy::FromBytes + zerocopy::IntoBytes + Clone,
+    {
+        let len = count.checked_mul(size_of::<T>() as u64)?;
+        let addr = self.checked_range(gpa, len)?;
+        let mut items = vec![T::new_zeroed(); usize::try_from(count).ok()?];
+        vm_memory::Bytes::read_slice(
+            &self.mem,
+            zerocopy::IntoBytes::as_mut_bytes(&mut items[..]),
+            addr,
+        )
+        .ok()?;
+        Some(items)
+    }
+
     /// Checks that `[gpa, gpa + len)` lies entirely inside guest RAM (no overflow).
     pub fn checked_range(&self, gpa: u64, len: u64) -> Option<GuestAddress> {
         let end = gpa.checked_add(len)?;

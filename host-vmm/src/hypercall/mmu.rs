@@ -5,8 +5,6 @@
 use hypercall_abi::Error as AbiError;
 use hypercall_abi::Return;
 use hypercall_abi::mmu::{MMU_UPDATE_MAX, MmuUpdate, PIN_L4, UNPIN, UPDATE_DEFER_SYNC};
-use vm_memory::Bytes;
-use zerocopy::IntoBytes;
 
 use crate::memory::GuestRam;
 use crate::metrics::ExitStats;
@@ -27,14 +25,9 @@ pub fn update(
     if count > MMU_UPDATE_MAX {
         return Return::err(AbiError::TooLarge);
     }
-    let len = count * size_of::<MmuUpdate>() as u64;
-    let Some(addr) = ram.checked_range(batch_gpa, len) else {
+    let Some(entries) = ram.read_array::<MmuUpdate>(batch_gpa, count) else {
         return Return::err(AbiError::BadAddress);
     };
-    let mut entries = vec![MmuUpdate::default(); count as usize];
-    if ram.mem().read_slice(entries.as_mut_bytes(), addr).is_err() {
-        return Return::err(AbiError::BadAddress);
-    }
     for (done, e) in entries.iter().enumerate() {
         if let Err(err) = pool.apply(e.pte_gpa, e.value) {
             stats.add_event("pte_pv", done as u64);
@@ -66,7 +59,8 @@ pub fn pin(pool: &mut PtPool, op: u64, frame: u64) -> Return {
 mod tests {
     use hypercall_abi::layout::PT_POOL_GPA;
     use hypercall_abi::mmu::{PTE_PRESENT, PTE_WRITABLE};
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress};
+    use zerocopy::IntoBytes;
 
     use super::*;
 

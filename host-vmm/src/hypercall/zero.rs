@@ -6,7 +6,6 @@ use hypercall_abi::layout::PAGE_SIZE;
 use hypercall_abi::zero::{QUERY, QUERY_MAX_FRAMES, RELEASE, RELEASE_MAX_RANGES, ZeroRange};
 use hypercall_abi::{Error as AbiError, Return};
 use vm_memory::Bytes;
-use zerocopy::IntoBytes;
 
 use crate::memory::GuestRam;
 use crate::metrics::ExitStats;
@@ -74,13 +73,9 @@ pub fn release(
         return Return::err(AbiError::TooLarge);
     }
     let list_len = count * size_of::<ZeroRange>() as u64;
-    let Some(list) = ram.checked_range(ranges_gpa, list_len) else {
+    let Some(ranges) = ram.read_array::<ZeroRange>(ranges_gpa, count) else {
         return Return::err(AbiError::BadAddress);
     };
-    let mut ranges = vec![ZeroRange::default(); count as usize];
-    if ram.mem().read_slice(ranges.as_mut_bytes(), list).is_err() {
-        return Return::err(AbiError::BadAddress);
-    }
     let overlaps = |a: u64, alen: u64, b: u64, blen: u64| a < b + blen && b < a + alen;
     for r in &ranges {
         if r.start % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 {
@@ -109,6 +104,7 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
+    use zerocopy::IntoBytes;
 
     const MEM: u64 = 32 << 20;
     const PROTECTED: u64 = 0x40_0000;
