@@ -3,7 +3,7 @@
 
 use hypercall_abi::{
     CPUID_LEAF_SIGNATURE, CPUID_LEAF_TIMING, CPUID_LEAF_VERSION, CPUID_MAX_LEAF,
-    abi_version_packed, features, signature_registers,
+    abi_version_packed, signature_registers,
 };
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
 use kvm_ioctls::Kvm;
@@ -13,8 +13,9 @@ use crate::error::{Error, Result};
 /// CPUID leaf 1 ECX bit 31: "running under a hypervisor".
 const HYPERVISOR_BIT: u32 = 1 << 31;
 
-/// The CPUID table for a pvkit guest; `tsc_khz` is the guest's TSC frequency (0 if unknown).
-pub fn guest_cpuid(kvm: &Kvm, tsc_khz: u32) -> Result<CpuId> {
+/// The CPUID table for a pvkit guest advertising `feature_bits`; `tsc_khz` is the guest's TSC
+/// frequency (0 if unknown).
+pub fn guest_cpuid(kvm: &Kvm, feature_bits: u64, tsc_khz: u32) -> Result<CpuId> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::kvm("get supported CPUID"))?;
@@ -27,11 +28,7 @@ pub fn guest_cpuid(kvm: &Kvm, tsc_khz: u32) -> Result<CpuId> {
     for e in entries.iter_mut().filter(|e| e.function == 1) {
         e.ecx |= HYPERVISOR_BIT;
     }
-    let mut bits = crate::hypercall::HOST_FEATURES;
-    if tsc_khz == 0 {
-        bits &= !features::TSC_KHZ;
-    }
-    entries.extend(pvkit_leaves(bits, tsc_khz));
+    entries.extend(pvkit_leaves(feature_bits, tsc_khz));
     CpuId::from_entries(&entries).map_err(|_| Error::MissingCapability("a CPUID table this large"))
 }
 

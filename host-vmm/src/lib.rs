@@ -25,6 +25,7 @@ pub mod loader;
 pub mod memory;
 pub mod metrics;
 pub mod mmu;
+pub mod prepare;
 pub mod trap;
 mod vcpu;
 pub mod vm;

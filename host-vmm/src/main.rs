@@ -217,6 +217,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         w.host_cpu_ns as f64 / 1e6,
                         w.exits.summary().replace("exits:", "window exits:")
                     );
+                    for (i, ns) in w.checkpoint_ns.iter().enumerate() {
+                        eprintln!(
+                            "checkpoint {}: {:.3} ms after begin, resident guest RAM {} MiB",
+                            i + 1,
+                            *ns as f64 / 1e6,
+                            w.resident_bytes.get(i + 1).copied().unwrap_or(0) >> 20
+                        );
+                    }
                 }
             }
             Ok(ExitCode::from(

@@ -4,12 +4,15 @@
 //! or vm-memory's bounds-checked accessors: a guest-supplied address and length can never make
 //! the VMM touch memory outside guest RAM.
 
+use std::sync::OnceLock;
+
 use hypercall_abi::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE, PAGE_SIZE};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::error::{Error, Result};
+use crate::prepare::{PrepareStats, Preparer};
 
 /// Parses a memory size such as `128M`, `1G`, `65536K` or a plain byte count, and checks it
 /// against the VMM's limits.
@@ -66,6 +69,10 @@ pub fn check_mem_size(bytes: u64) -> Result<()> {
 /// Guest RAM and its size.
 #[derive(Debug)]
 pub struct GuestRam {
+    /// The thread that backs RAM ahead of use (`zero_hints(PREPARE)`), started on first use;
+    /// `None` inside if it could not start. Declared before `mem`: fields drop in order, and
+    /// the thread must be joined before the mapping goes away.
+    preparer: OnceLock<Option<Preparer>>,
     mem: GuestMemoryMmap,
     size: u64,
 }
@@ -76,7 +83,11 @@ impl GuestRam {
         check_mem_size(size)?;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
             .map_err(|e| Error::GuestMemory(e.to_string()))?;
-        let ram = GuestRam { mem, size };
+        let ram = GuestRam {
+            preparer: OnceLock::new(),
+            mem,
+            size,
+        };
         ram.advise_huge_pages();
         Ok(ram)
     }
@@ -89,6 +100,10 @@ impl GuestRam {
             // SAFETY: the range is exactly our own anonymous mapping of guest RAM; MADV_HUGEPAGE
             // only changes how the kernel may back it, not its contents or validity.
             unsafe { libc::madvise(host.cast(), self.size as usize, libc::MADV_HUGEPAGE) };
+            if std::env::var_os("PVKIT_EXP_PREFAULT").is_some() {
+                // SAFETY: experiment.
+                unsafe { libc::madvise(host.cast(), self.size as usize, 23) };
+            }
         }
     }
 
@@ -177,6 +192,10 @@ impl GuestRam {
         let host = self
             .host_addr(gpa)
             .ok_or_else(|| std::io::Error::other("unmapped"))?;
+        if let Some(Some(p)) = self.preparer.get() {
+            // Nothing of the range may be backed again after it is discarded.
+            p.cancel(gpa, len);
+        }
         // SAFETY: `[host, host + len)` lies inside our own private anonymous mapping of guest RAM
         // (checked above; RAM is one contiguous region). MADV_DONTNEED only drops its pages — the
         // mapping stays valid and reads as zero — and Rust holds no references into guest RAM
@@ -187,6 +206,51 @@ impl GuestRam {
             Ok(())
         } else {
             Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// True if this host can back RAM ahead of use ([`prepare`](Self::prepare)).
+    pub fn can_prepare(&self) -> bool {
+        crate::prepare::supported()
+    }
+
+    /// Queues `[gpa, gpa + len)` (page-aligned, inside RAM) to be backed by host memory on the
+    /// preparing thread, off the vCPU; its contents do not change. Returns the bytes queued (0
+    /// if the queue is full). A later [`discard`](Self::discard) of the range cancels what is
+    /// still queued of it.
+    pub fn prepare(&self, gpa: u64, len: u64) -> std::io::Result<u64> {
+        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || self.checked_range(gpa, len).is_none() {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        }
+        if !self.can_prepare() {
+            return Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
+        }
+        let preparer = self.preparer.get_or_init(|| {
+            let base = self.host_addr(0)? as usize;
+            // SAFETY: `base` is our private anonymous mapping of `size` bytes of guest RAM; it
+            // stays mapped until the preparer is dropped, because `preparer` is declared before
+            // `mem` and so dropped (joining the thread) first.
+            unsafe { Preparer::start(base, self.size) }.ok()
+        });
+        match preparer {
+            Some(p) => Ok(p.queue(gpa, len)),
+            None => Err(std::io::Error::other("cannot start the preparing thread")),
+        }
+    }
+
+    /// What the preparing thread did so far (zero if it never ran).
+    pub fn prepare_stats(&self) -> PrepareStats {
+        match self.preparer.get() {
+            Some(Some(p)) => p.stats(),
+            _ => PrepareStats::default(),
+        }
+    }
+
+    /// Bytes queued for preparing and not taken up yet.
+    pub fn prepare_queued_bytes(&self) -> u64 {
+        match self.preparer.get() {
+            Some(Some(p)) => p.queued_bytes(),
+            _ => 0,
         }
     }
 

@@ -187,6 +187,8 @@ pub struct Window {
     /// Guest RAM backed by host memory (bytes) at the begin marker, at each checkpoint marker,
     /// and at the end marker, in that order.
     pub resident_bytes: Vec<u64>,
+    /// Wall time from the begin marker to each checkpoint marker, in order.
+    pub checkpoint_ns: Vec<u64>,
 }
 
 impl Window {
@@ -199,6 +201,7 @@ impl Window {
             console_start: begin.console_bytes,
             console_end: end.console_bytes,
             resident_bytes: Vec::new(),
+            checkpoint_ns: Vec::new(),
         }
     }
 }

@@ -56,7 +56,8 @@ impl Drop for TimerSlack {
 
 fn run_guest(vm: &mut Vm) -> Result<(u32, Option<Window>)> {
     let mut begin: Option<Snapshot> = None;
-    let mut checkpoints = Vec::new();
+    // Resident guest RAM and time at the begin marker and at each checkpoint.
+    let mut checkpoints: Vec<(u64, std::time::Instant)> = Vec::new();
     let mut window = None;
     loop {
         let step = match step(vm)? {
@@ -72,19 +73,30 @@ fn run_guest(vm: &mut Vm) -> Result<(u32, Option<Window>)> {
             Step::Exit(code) => return Ok((code, window)),
             Step::Marker(MARKER_BEGIN) => {
                 checkpoints.clear();
-                checkpoints.push(vm.ram.resident_bytes());
-                begin = Some(snapshot(vm));
+                let resident = vm.ram.resident_bytes();
+                let b = snapshot(vm);
+                checkpoints.push((resident, b.at));
+                begin = Some(b);
             }
             Step::Marker(MARKER_END) => {
                 if let Some(b) = begin.take() {
                     let end = snapshot(vm);
-                    checkpoints.push(vm.ram.resident_bytes());
                     let mut w = Window::between(&b, &end);
-                    w.resident_bytes = std::mem::take(&mut checkpoints);
+                    w.resident_bytes = checkpoints.iter().map(|c| c.0).collect();
+                    w.resident_bytes.push(vm.ram.resident_bytes());
+                    // Checkpoint times, skipping the begin marker's own entry.
+                    w.checkpoint_ns = checkpoints[1.min(checkpoints.len())..]
+                        .iter()
+                        .map(|c| c.1.duration_since(b.at).as_nanos() as u64)
+                        .collect();
+                    checkpoints.clear();
                     window = Some(w);
                 }
             }
-            Step::Marker(MARKER_CHECKPOINT) => checkpoints.push(vm.ram.resident_bytes()),
+            Step::Marker(MARKER_CHECKPOINT) => {
+                let at = std::time::Instant::now();
+                checkpoints.push((vm.ram.resident_bytes(), at));
+            }
             Step::Marker(_) => {}
             Step::Fault(what) => {
                 let rip = vm.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -224,6 +236,7 @@ fn hypercall(vm: &mut Vm) -> Result<Step> {
         pool: &mut vm.pool,
         events: &mut vm.bus.events,
         protected_end,
+        features: vm.features,
     };
     let ret = match hypercall::dispatch(&mut ctx, &call, &mut vm.stats) {
         Outcome::Exit(code) => return Ok(Step::Exit(code)),

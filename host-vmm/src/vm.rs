@@ -22,7 +22,7 @@ use crate::loader::{self, ElfInfo};
 use crate::memory::GuestRam;
 use crate::metrics::{ExitStats, Window};
 use crate::mmu::PtPool;
-use crate::{cpuid, vcpu};
+use crate::{cpuid, hypercall, vcpu};
 
 /// KVM memory slot of the page-table pool (RAM is slot 0).
 pub(crate) const POOL_SLOT: u32 = 1;
@@ -199,6 +199,8 @@ pub struct Vm {
     pub(crate) clock: Clock,
     pub(crate) stats: ExitStats,
     pub(crate) sync_regs: bool,
+    /// The feature bits advertised to the guest.
+    pub(crate) features: u64,
     kernel: ElfInfo,
 }
 
@@ -265,7 +267,8 @@ impl Vm {
         // The timing leaf tells the guest its TSC rate; without it the guest has no clock that
         // costs no exit, so report 0 rather than fail where KVM cannot say.
         let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
-        vcpu.set_cpuid2(&cpuid::guest_cpuid(&kvm, tsc_khz)?)
+        let features = hypercall::host_features(tsc_khz);
+        vcpu.set_cpuid2(&cpuid::guest_cpuid(&kvm, features, tsc_khz)?)
             .map_err(Error::kvm("set CPUID"))?;
         let mut sregs = vcpu.get_sregs().map_err(Error::kvm("get sregs"))?;
         boot::long_mode_sregs(&mut sregs);
@@ -312,6 +315,7 @@ impl Vm {
             clock: Clock::new(),
             stats: ExitStats::default(),
             sync_regs,
+            features,
             kernel,
         })
     }

@@ -27,7 +27,7 @@ pub mod zero;
 /// version differs from the one it was built against.
 pub const ABI_VERSION_MAJOR: u16 = 1;
 /// ABI minor version: bumped when calls or features are added compatibly.
-pub const ABI_VERSION_MINOR: u16 = 5;
+pub const ABI_VERSION_MINOR: u16 = 6;
 
 /// The ABI version packed as `major << 16 | minor` (the format of CPUID leaf
 /// [`CPUID_LEAF_VERSION`] `eax` and of [`Call::Features`]' result).
@@ -87,6 +87,9 @@ pub mod features {
     pub const ZERO_HINTS: u64 = 1 << 9;
     /// `mmu_update` and `mmu_pin` (since v1.1).
     pub const MMU_UPDATE: u64 = 1 << 10;
+    /// `zero_hints(PREPARE)`: the host backs known-zero frames ahead of use, off the vCPU
+    /// (since v1.6; a host whose kernel cannot populate memory without touching it clears it).
+    pub const ZERO_PREPARE: u64 = 1 << 11;
     /// Everything a v1.0 host services.
     pub const V1_0: u64 = CONSOLE | EXIT | CLOCK | NULL;
     /// Everything a v1.1 host services.
@@ -95,6 +98,8 @@ pub mod features {
     pub const V1_2: u64 = V1_1 | IDLE_YIELD | TSC_KHZ;
     /// Everything a v1.3 host services.
     pub const V1_3: u64 = V1_2 | ZERO_HINTS;
+    /// Everything a v1.6 host services (v1.4 and v1.5 added no feature bits).
+    pub const V1_6: u64 = V1_3 | ZERO_PREPARE;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -18,8 +18,22 @@ use crate::memory::GuestRam;
 use crate::metrics::ExitStats;
 use crate::mmu::PtPool;
 
-/// What the host services, as advertised in CPUID and by `features`.
-pub const HOST_FEATURES: u64 = features::V1_3;
+/// Everything this VMM implements. What a VM advertises ([`host_features`]) can be less.
+pub const HOST_FEATURES: u64 = features::V1_6;
+
+/// What a VM advertises in CPUID and by `features`: [`HOST_FEATURES`] without `TSC_KHZ` when
+/// the TSC rate is unknown (`tsc_khz` = 0) and without `ZERO_PREPARE` when the host kernel
+/// cannot populate memory without touching it.
+pub fn host_features(tsc_khz: u32) -> u64 {
+    let mut bits = HOST_FEATURES;
+    if tsc_khz == 0 {
+        bits &= !features::TSC_KHZ;
+    }
+    if !crate::prepare::supported() {
+        bits &= !features::ZERO_PREPARE;
+    }
+    bits
+}
 
 /// What the guest can reach from a hypercall.
 #[derive(Debug)]
@@ -36,6 +50,8 @@ pub struct Context<'a> {
     pub events: &'a mut EventQueue,
     /// RAM below this (boot structures, stack, kernel image) cannot be released.
     pub protected_end: u64,
+    /// The feature bits this VM advertises ([`host_features`]).
+    pub features: u64,
 }
 
 /// The result of a hypercall.
@@ -57,7 +73,7 @@ pub fn dispatch(ctx: &mut Context<'_>, regs: &Regs, stats: &mut ExitStats) -> Ou
     let [a0, a1, ..] = regs.args;
     let ret = match call {
         Call::Null => Return::ok(a0),
-        Call::Features => Return::ok(HOST_FEATURES),
+        Call::Features => Return::ok(ctx.features),
         Call::ConsoleWrite => console::write(ctx.ram, ctx.console, a0, a1),
         Call::Exit => return exit(a0),
         Call::ClockNs => Return::ok(ctx.clock.now_ns()),
@@ -95,6 +111,7 @@ mod tests {
             pool: &mut pool,
             events: &mut events,
             protected_end: 0x40_0000,
+            features: host_features(1),
         };
         f(&mut ctx)
     }
@@ -109,8 +126,10 @@ mod tests {
             assert_eq!(call(ctx, 0, [42, 0, 0, 0]), Outcome::Return(Return::ok(42)));
             assert_eq!(
                 call(ctx, 1, [0; 4]),
-                Outcome::Return(Return::ok(features::V1_3))
+                Outcome::Return(Return::ok(host_features(1)))
             );
+            assert_eq!(host_features(1) & features::V1_3, features::V1_3);
+            assert_eq!(host_features(0) & features::TSC_KHZ, 0);
         });
     }
 

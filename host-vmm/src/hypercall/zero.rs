@@ -1,9 +1,13 @@
 //! `zero_hints`: QUERY reports which guest frames are known zero (not backed by host memory);
-//! RELEASE discards frames the guest freed, returning the memory to the host. All guest
-//! addresses are bounds-checked; RELEASE checks every range before releasing any.
+//! RELEASE discards frames the guest freed, returning the memory to the host; PREPARE (v1.6)
+//! backs known-zero frames the guest is about to use on the preparing thread
+//! ([`crate::prepare`]). All guest addresses are bounds-checked; RELEASE checks every range
+//! before releasing any.
 
 use hypercall_abi::layout::PAGE_SIZE;
-use hypercall_abi::zero::{QUERY, QUERY_MAX_FRAMES, RELEASE, RELEASE_MAX_RANGES, ZeroRange};
+use hypercall_abi::zero::{
+    PREPARE, QUERY, QUERY_MAX_FRAMES, RELEASE, RELEASE_MAX_RANGES, ZeroRange,
+};
 use hypercall_abi::{Error as AbiError, Return};
 use vm_memory::Bytes;
 
@@ -20,6 +24,7 @@ pub fn zero_hints(
     match op {
         QUERY => query(ram, a1, a2, a3, stats),
         RELEASE => release(ram, protected_end, a1, a2, stats),
+        PREPARE => prepare(ram, protected_end, a1, a2, stats),
         _ => Return::err(AbiError::InvalidArgument),
     }
 }
@@ -97,6 +102,38 @@ pub fn release(
     }
     stats.add_event("released_bytes", released);
     Return::ok(released)
+}
+
+/// Queues `[gpa, gpa + len)` for the preparing thread; the checks of [`release`]. Returns the
+/// bytes queued (0 if the queue is full).
+pub fn prepare(
+    ram: &GuestRam,
+    protected_end: u64,
+    gpa: u64,
+    len: u64,
+    stats: &mut ExitStats,
+) -> Return {
+    if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        return Return::err(AbiError::InvalidArgument);
+    }
+    if ram.checked_range(gpa, len).is_none() {
+        return Return::err(AbiError::BadAddress);
+    }
+    if gpa < protected_end {
+        return Return::err(AbiError::Denied);
+    }
+    match ram.prepare(gpa, len) {
+        Ok(queued) => {
+            stats.add_event("prepare_queued_bytes", queued);
+            if queued < len {
+                stats.record_event("prepare_dropped");
+            }
+            Return::ok(queued)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Return::err(AbiError::BadAddress),
+        // No MADV_POPULATE_WRITE, or no thread: the host cannot do it.
+        Err(_) => Return::err(AbiError::NotImplemented),
+    }
 }
 
 #[cfg(test)]
@@ -226,5 +263,96 @@ mod tests {
             query(&ram, 0, 0, QUERY_MAX_FRAMES + 1, &mut s),
             Return::err(AbiError::TooLarge)
         );
+    }
+
+    /// Waits until the preparing thread has populated `bytes`.
+    fn settle(ram: &GuestRam, bytes: u64) {
+        for _ in 0..2000 {
+            if ram.prepare_stats().populated_bytes >= bytes {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!(
+            "the preparing thread did not finish: {:?}",
+            ram.prepare_stats()
+        );
+    }
+
+    #[test]
+    fn prepare_backs_frames_without_changing_them() {
+        let ram = GuestRam::new(MEM).unwrap();
+        if !ram.can_prepare() {
+            panic!("this kernel lacks MADV_POPULATE_WRITE (Linux 5.14+), which pvkit's hosts have");
+        }
+        let mut s = ExitStats::default();
+        let gpa = 0x80_0000;
+        ram.mem()
+            .write_obj(7u64, GuestAddress(gpa + 0x1000))
+            .unwrap();
+        assert_eq!(
+            prepare(&ram, PROTECTED, gpa, 4 << 20, &mut s),
+            Return::ok(4 << 20)
+        );
+        settle(&ram, 4 << 20);
+        assert!(
+            ram.known_zero(gpa / PAGE_SIZE, 1024)
+                .unwrap()
+                .iter()
+                .all(|&z| !z),
+            "every prepared frame is backed"
+        );
+        let v: u64 = ram.mem().read_obj(GuestAddress(gpa + 0x1000)).unwrap();
+        assert_eq!(v, 7, "a written frame keeps its data");
+        let z: u64 = ram.mem().read_obj(GuestAddress(gpa + 0x3f_f000)).unwrap();
+        assert_eq!(z, 0, "a prepared frame reads zero");
+        assert_eq!(s.event("prepare_queued_bytes"), 4 << 20);
+    }
+
+    #[test]
+    fn release_cancels_what_is_still_queued() {
+        let ram = GuestRam::new(MEM).unwrap();
+        let mut s = ExitStats::default();
+        // Queue 16 MiB and release it at once: whatever the thread had not reached stays
+        // unbacked, and nothing is backed again afterwards.
+        let gpa = 0x100_0000;
+        assert_eq!(
+            prepare(&ram, PROTECTED, gpa, 16 << 20, &mut s),
+            Return::ok(16 << 20)
+        );
+        ram.discard(gpa, 16 << 20).unwrap();
+        assert_eq!(ram.prepare_queued_bytes(), 0);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            ram.known_zero(gpa / PAGE_SIZE, 4096)
+                .unwrap()
+                .iter()
+                .all(|&z| z),
+            "released memory stays released"
+        );
+    }
+
+    #[test]
+    fn bad_prepare_ranges_are_rejected() {
+        let ram = GuestRam::new(MEM).unwrap();
+        let mut s = ExitStats::default();
+        for (gpa, len, err) in [
+            (0x80_0100, 4096, AbiError::InvalidArgument),
+            (0x80_0000, 100, AbiError::InvalidArgument),
+            (MEM - 4096, 8192, AbiError::BadAddress),
+            (u64::MAX - 4095, 4096, AbiError::BadAddress),
+            (0x20_0000, 4096, AbiError::Denied),
+        ] {
+            assert_eq!(
+                prepare(&ram, PROTECTED, gpa, len, &mut s),
+                Return::err(err),
+                "{gpa:#x}+{len:#x}"
+            );
+        }
+        assert_eq!(
+            prepare(&ram, PROTECTED, 0x80_0000, 0, &mut s),
+            Return::ok(0)
+        );
+        assert_eq!(ram.prepare_stats().populated_bytes, 0);
     }
 }

@@ -1,0 +1,280 @@
+//! Backing guest RAM ahead of use, off the vCPU thread (`zero_hints(PREPARE)`, ABI v1.6).
+//!
+//! The first guest write to a frame the host has not backed stops the vCPU in a host page fault,
+//! and the fault's cost is the host zeroing the page (a 2 MiB transparent huge page here). A
+//! guest that is about to hand out known-zero frames says so with `PREPARE`; a [`Preparer`]
+//! thread then faults them in with `MADV_POPULATE_WRITE` — which allocates zeroed pages where
+//! none are and never touches a page that is already there, so whatever the guest writes
+//! meanwhile is safe — while the vCPU keeps running on another core.
+//!
+//! Ordering with releases: [`Preparer::cancel`] (called by [`crate::memory::GuestRam::discard`]
+//! before it discards) drops what is still queued of the discarded range and waits for the step
+//! in flight, so memory the guest released is never backed again behind its back.
+//!
+//! The queue holds at most [`QUEUE_MAX`] ranges; a hint that does not fit is dropped (hints are
+//! advisory: a frame reads the same prepared or not). Each range is populated from its top down,
+//! in 2 MiB steps: a guest allocating upward from the bottom meets the thread in the middle
+//! instead of racing it for the same pages.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use crate::metrics::thread_cpu_ns;
+
+/// The most ranges waiting at once.
+pub const QUEUE_MAX: usize = 64;
+/// Bytes populated per step (a transparent huge page).
+const STEP: u64 = 2 << 20;
+
+/// What the thread did so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrepareStats {
+    /// Bytes of guest RAM the thread populated (including pages that were already backed).
+    pub populated_bytes: u64,
+    /// CPU time of the thread.
+    pub cpu_ns: u64,
+    /// Steps that failed (the kernel refused to populate; the guest faults them in itself).
+    pub failed_steps: u64,
+}
+
+/// A range of guest-physical addresses `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: u64,
+    end: u64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    spans: VecDeque<Span>,
+    stop: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// Held while one step is populated: [`Preparer::cancel`] takes it to wait for that step.
+    busy: Mutex<()>,
+    populated_bytes: AtomicU64,
+    cpu_ns: AtomicU64,
+    failed_steps: AtomicU64,
+}
+
+/// The preparing thread of one guest RAM mapping. Dropping it stops and joins the thread.
+#[derive(Debug)]
+pub struct Preparer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Locks, ignoring poisoning: the data under these locks is valid after any panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// True if this kernel can populate memory without writing it (`MADV_POPULATE_WRITE`, Linux
+/// 5.14).
+pub fn supported() -> bool {
+    // A zero-length range at any page-aligned address validates the advice and does nothing.
+    let page = std::ptr::without_provenance_mut::<libc::c_void>(4096);
+    // SAFETY: a zero-length madvise touches no memory; it only checks its arguments.
+    unsafe { libc::madvise(page, 0, libc::MADV_POPULATE_WRITE) == 0 }
+}
+
+impl Preparer {
+    /// Starts the thread for the mapping of guest RAM at host address `host_base` (guest-physical
+    /// 0), `size` bytes long.
+    ///
+    /// # Safety
+    /// `[host_base, host_base + size)` must be a private anonymous mapping that stays mapped
+    /// until this `Preparer` is dropped (its drop joins the thread).
+    pub unsafe fn start(host_base: usize, size: u64) -> std::io::Result<Preparer> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            busy: Mutex::new(()),
+            populated_bytes: AtomicU64::new(0),
+            cpu_ns: AtomicU64::new(0),
+            failed_steps: AtomicU64::new(0),
+        });
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("pvkit-prepare".into())
+            .spawn(move || worker(&s, host_base, size))?;
+        Ok(Preparer {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `[gpa, gpa + len)` (the caller checked it lies inside RAM). Returns the bytes
+    /// queued: `len`, or 0 if the queue is full.
+    pub fn queue(&self, gpa: u64, len: u64) -> u64 {
+        if len == 0 {
+            return 0;
+        }
+        let mut q = lock(&self.shared.queue);
+        if q.spans.len() >= QUEUE_MAX {
+            return 0;
+        }
+        q.spans.push_back(Span {
+            start: gpa,
+            end: gpa + len,
+        });
+        self.shared.wake.notify_one();
+        len
+    }
+
+    /// Forgets what is queued of `[gpa, gpa + len)` and waits for the step in flight, so
+    /// nothing in that range is populated after this returns. Call it before discarding the
+    /// range.
+    pub fn cancel(&self, gpa: u64, len: u64) {
+        let end = gpa.saturating_add(len);
+        let mut q = lock(&self.shared.queue);
+        let spans = std::mem::take(&mut q.spans);
+        for s in spans {
+            // Keep the parts of `s` outside `[gpa, end)`.
+            if s.start < gpa {
+                q.spans.push_back(Span {
+                    start: s.start,
+                    end: s.end.min(gpa),
+                });
+            }
+            if s.end > end {
+                q.spans.push_back(Span {
+                    start: s.start.max(end),
+                    end: s.end,
+                });
+            }
+        }
+        // The worker takes `busy` before it lets go of the queue, so a step it took out of the
+        // queue before we got the lock holds `busy` until it is populated: wait for it.
+        drop(lock(&self.shared.busy));
+        drop(q);
+    }
+
+    /// Bytes still queued.
+    pub fn queued_bytes(&self) -> u64 {
+        lock(&self.shared.queue)
+            .spans
+            .iter()
+            .map(|s| s.end - s.start)
+            .sum()
+    }
+
+    /// What the thread did so far.
+    pub fn stats(&self) -> PrepareStats {
+        PrepareStats {
+            populated_bytes: self.shared.populated_bytes.load(Ordering::Relaxed),
+            cpu_ns: self.shared.cpu_ns.load(Ordering::Relaxed),
+            failed_steps: self.shared.failed_steps.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Preparer {
+    fn drop(&mut self) {
+        {
+            let mut q = lock(&self.shared.queue);
+            q.stop = true;
+            q.spans.clear();
+        }
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Takes the next step: the top 2 MiB-aligned piece of the oldest range.
+fn next_step(q: &mut Queue) -> Option<Span> {
+    let front = q.spans.front_mut()?;
+    let start = ((front.end - 1) / STEP * STEP).max(front.start);
+    let step = Span {
+        start,
+        end: front.end,
+    };
+    front.end = start;
+    if front.end == front.start {
+        q.spans.pop_front();
+    }
+    Some(step)
+}
+
+fn worker(shared: &Shared, host_base: usize, size: u64) {
+    let cpu0 = thread_cpu_ns();
+    loop {
+        let (step, busy) = {
+            let mut q = lock(&shared.queue);
+            loop {
+                if q.stop {
+                    return;
+                }
+                if let Some(step) = next_step(&mut q) {
+                    // Taken while the queue is locked: `cancel` cannot slip in between.
+                    break (step, lock(&shared.busy));
+                }
+                q = shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        let ok = step.end <= size && {
+            let addr = host_base + step.start as usize;
+            let len = (step.end - step.start) as usize;
+            // SAFETY: `[addr, addr + len)` lies inside the guest RAM mapping (`step.end <= size`,
+            // the caller of `start` keeps it mapped while this thread runs). MADV_POPULATE_WRITE
+            // faults in zeroed pages where there are none and leaves present pages — and so
+            // whatever the guest wrote — untouched; no Rust reference into guest RAM exists.
+            unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) == 0 }
+        };
+        drop(busy);
+        if ok {
+            shared
+                .populated_bytes
+                .fetch_add(step.end - step.start, Ordering::Relaxed);
+        } else {
+            shared.failed_steps.fetch_add(1, Ordering::Relaxed);
+        }
+        shared
+            .cpu_ns
+            .store(thread_cpu_ns().saturating_sub(cpu0), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spans(q: &Queue) -> Vec<(u64, u64)> {
+        q.spans.iter().map(|s| (s.start, s.end)).collect()
+    }
+
+    #[test]
+    fn steps_go_top_down_in_huge_pages() {
+        let mut q = Queue::default();
+        q.spans.push_back(Span {
+            start: 0x1000,
+            end: 0x50_0000,
+        });
+        q.spans.push_back(Span {
+            start: 0x80_0000,
+            end: 0x80_1000,
+        });
+        let mut got = Vec::new();
+        while let Some(s) = next_step(&mut q) {
+            got.push((s.start, s.end));
+        }
+        assert_eq!(
+            got,
+            [
+                (0x40_0000, 0x50_0000),
+                (0x20_0000, 0x40_0000),
+                (0x1000, 0x20_0000),
+                (0x80_0000, 0x80_1000)
+            ]
+        );
+        assert!(spans(&q).is_empty());
+    }
+}
