@@ -3,7 +3,9 @@
 //!
 //! [`crate::frames`] builds a frame allocator on top of both.
 
-use hypercall_abi::zero::{QUERY, QUERY_MAX_FRAMES, RELEASE, RELEASE_MAX_RANGES, ZeroRange};
+use hypercall_abi::zero::{
+    PREPARE, QUERY, QUERY_MAX_FRAMES, RELEASE, RELEASE_MAX_RANGES, ZeroRange,
+};
 use hypercall_abi::{Call, Error, Return};
 
 use crate::hypercall::raw_hypercall;
@@ -77,6 +79,25 @@ impl Pvkit {
         // released memory across it.
         let ret =
             unsafe { raw_hypercall(u64::from(Call::ZeroHints.raw()), [RELEASE, gpa, count, 0]) };
+        HypercallError::check(Call::ZeroHints, ret)
+    }
+
+    /// Tells the host that the guest is about to hand out the known-zero frames of
+    /// `[gpa, gpa + len)` (page-aligned, above the kernel image): the host backs them on
+    /// another thread, ahead of use, so the first writes do not stop the vCPU in host page
+    /// faults. Returns at once with the bytes the host queued (0 if its queue is full).
+    /// Preparing never changes what memory reads, so it needs no `unsafe`: but the host no
+    /// longer reports prepared frames in a later [`zero_query`](Self::zero_query) — prepare only
+    /// frames already known to be zero.
+    ///
+    /// Fails with `invalid_argument` (unaligned), `bad_address` (outside RAM), `denied` (below
+    /// the kernel's end), or `not_implemented` on a host without
+    /// [`features::ZERO_PREPARE`](hypercall_abi::features::ZERO_PREPARE) (ABI v1.6).
+    pub fn zero_prepare(&self, gpa: u64, len: u64) -> Result<u64, HypercallError> {
+        // SAFETY: `self` proves a pvkit host. PREPARE reads and writes no guest memory the
+        // guest can observe: it backs pages whose contents stay what they are.
+        let ret =
+            unsafe { raw_hypercall(u64::from(Call::ZeroHints.raw()), [PREPARE, gpa, len, 0]) };
         HypercallError::check(Call::ZeroHints, ret)
     }
 }

@@ -158,6 +158,18 @@ pub fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Page faults the calling thread took so far (minor + major, from `getrusage`). A vCPU
+/// thread's count includes the host faults KVM takes on the guest's behalf when it first
+/// touches guest RAM the host has not backed (one per transparent huge page).
+pub fn thread_faults() -> u64 {
+    // SAFETY: all-zero is a valid `rusage`.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage; RUSAGE_THREAD is supported since Linux 2.6.26;
+    // on failure `ru` stays zero.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    (ru.ru_minflt + ru.ru_majflt) as u64
+}
+
 /// A snapshot taken at a measurement marker.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -165,6 +177,10 @@ pub struct Snapshot {
     pub at: Instant,
     /// vCPU thread CPU time.
     pub cpu_ns: u64,
+    /// vCPU thread page faults ([`thread_faults`]).
+    pub faults: u64,
+    /// What the preparing thread did so far.
+    pub prepare: crate::prepare::PrepareStats,
     /// Exit counts so far.
     pub stats: ExitStats,
     /// Console bytes so far.
@@ -178,6 +194,13 @@ pub struct Window {
     pub wall_ns: u64,
     /// CPU time of the vCPU thread between the markers.
     pub host_cpu_ns: u64,
+    /// Page faults the vCPU thread took between the markers (host faults on first touch of
+    /// guest RAM, among others).
+    pub host_faults: u64,
+    /// CPU time of the preparing thread (`zero_hints(PREPARE)`) between the markers.
+    pub prepare_cpu_ns: u64,
+    /// Bytes the preparing thread populated between the markers.
+    pub prepared_bytes: u64,
     /// Exits between the markers (marker exits excluded).
     pub exits: ExitStats,
     /// Offset of the first console byte written inside the window (in the captured output).
@@ -197,6 +220,12 @@ impl Window {
         Window {
             wall_ns: end.at.duration_since(begin.at).as_nanos() as u64,
             host_cpu_ns: end.cpu_ns.saturating_sub(begin.cpu_ns),
+            host_faults: end.faults.saturating_sub(begin.faults),
+            prepare_cpu_ns: end.prepare.cpu_ns.saturating_sub(begin.prepare.cpu_ns),
+            prepared_bytes: end
+                .prepare
+                .populated_bytes
+                .saturating_sub(begin.prepare.populated_bytes),
             exits: end.stats.since(&begin.stats).without_markers(),
             console_start: begin.console_bytes,
             console_end: end.console_bytes,

@@ -114,6 +114,8 @@ fn snapshot(vm: &Vm) -> Snapshot {
     Snapshot {
         at: std::time::Instant::now(),
         cpu_ns: thread_cpu_ns(),
+        faults: crate::metrics::thread_faults(),
+        prepare: vm.ram.prepare_stats(),
         stats: vm.stats.clone(),
         console_bytes: vm.console.total(),
     }

@@ -140,9 +140,9 @@ fn compare_prints_a_table_and_writes_json() {
     let recs = v.as_array().unwrap();
     // Two floor references (raw exit loops), two modes of null and console, and the
     // pagetable sweep (two PV batch sizes) plus its trapped run, the three idle strategies, and
-    // zero: PV, PV without releasing, trapped; then blk: three patterns × (pv, pv-poll,
-    // trapped) and the host's own read.
-    assert_eq!(recs.len(), 25);
+    // zero: PV, PV without read-ahead, PV without releasing, trapped; then blk: three patterns
+    // × (pv, pv-poll, trapped) and the host's own read.
+    assert_eq!(recs.len(), 26);
     let modes: Vec<_> = recs
         .iter()
         .map(|r| {
@@ -169,6 +169,7 @@ fn compare_prints_a_table_and_writes_json() {
             "idle/hlt",
             "idle/pv",
             "zero/pv",
+            "zero/pv-no-prepare",
             "zero/pv-keep",
             "zero/trapped",
             "blk/pv",
@@ -183,13 +184,13 @@ fn compare_prints_a_table_and_writes_json() {
             "blk/host"
         ]
     );
-    for r in &recs[15..24] {
+    for r in &recs[16..25] {
         assert!(r["mib_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["pattern"].is_string(), "{r}");
     }
     // The same pattern gives the same data whichever way completions arrive.
-    for g in recs[15..24].chunks(3) {
+    for g in recs[16..25].chunks(3) {
         assert_eq!(g[0]["checksum"], g[1]["checksum"]);
         assert_eq!(g[0]["checksum"], g[2]["checksum"]);
     }
@@ -208,14 +209,25 @@ fn compare_prints_a_table_and_writes_json() {
         assert!(r["wake_overshoot_ns_p99"].as_u64().is_some(), "{r}");
         assert_eq!(r["checksum"], recs[9]["checksum"]);
     }
-    assert_eq!(recs[12]["checksum"], recs[14]["checksum"]);
-    assert_eq!(recs[13]["checksum"], recs[14]["checksum"]);
-    assert_eq!(recs[13]["released_bytes"], 0);
+    for r in &recs[12..15] {
+        assert_eq!(r["checksum"], recs[15]["checksum"]);
+    }
+    assert_eq!(recs[14]["released_bytes"], 0);
+    assert_eq!(recs[13]["prepare_calls"], 0);
     assert!(
-        recs[12]["rss_drop_bytes"].as_u64().is_some(),
+        recs[12]["prepare_calls"].as_u64().unwrap() > 0,
         "{}",
         recs[12]
     );
+    for key in [
+        "rss_drop_bytes",
+        "phase_touch_ns",
+        "phase_free_ns",
+        "phase_reuse_ns",
+    ] {
+        assert!(recs[12][key].as_u64().is_some(), "{key}: {}", recs[12]);
+    }
+    assert!(table.contains("zero pv           : touch"), "{table}");
     for r in recs {
         for key in [
             "workload",

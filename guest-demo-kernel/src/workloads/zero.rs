@@ -1,7 +1,7 @@
-//! `zero` (arguments `mib`, default 256; `check`, 0 or 1, default 0): frame allocation with
-//! pre-zeroed page hints (`guest_pv::frames`), PV (`Hints::Pv`: `zero_hints` QUERY for fresh
-//! frames, batched RELEASE of freed ones) against trapped (`Hints::None`: zero every frame,
-//! never report frees).
+//! `zero` (arguments `mib`, default 256; `check`, `release`, `prepare`, each 0 or 1, defaults
+//! 0, 1, 1): frame allocation with pre-zeroed page hints (`guest_pv::frames`), PV (`Hints::Pv`:
+//! `zero_hints` QUERY for fresh frames, batched RELEASE of freed ones, PREPARE read-ahead)
+//! against trapped (`Hints::None`: zero every frame, never report frees).
 //!
 //! `N` = `mib * 256` frames come from an allocator over free RAM (the first usable region above
 //! the kernel that holds the frames, the allocator's metadata and a list of `N` frame
@@ -30,7 +30,8 @@
 //! `zeroed_fresh_bytes` (bytes the guest zeroed in phase 1), `zeroed_reuse_bytes` (phase 5),
 //! `guest_zeroed_bytes` (total), `zero_ns` (time spent zeroing, TSC; 0 without the TSC
 //! frequency), `skipped_bytes` (served known zero), `released_bytes` (the guest's count),
-//! `release_calls`, `query_calls`. A `zero_hints` call the host refuses panics (exit 101).
+//! `release_calls`, `query_calls`, `prepare_calls`, `prepared_bytes` (read-ahead, `prepare=1`
+//! on a host with `ZERO_PREPARE`). A `zero_hints` call the host refuses panics (exit 101).
 
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -49,7 +50,7 @@ use crate::platform::{Platform, at_cpl3, marker_begin, marker_checkpoint, marker
 
 pub const WORKLOAD: Workload = Workload {
     name: "zero",
-    keys: &["mib", "check", "release"],
+    keys: &["mib", "check", "release", "prepare"],
     text_keys: &[],
     run,
 };
@@ -80,6 +81,9 @@ struct Job {
     /// PV: report frees to the host (`release=1`, default) or keep them (`release=0`: hints
     /// only; freed frames stay backed and are zeroed again by the guest on reuse).
     release: bool,
+    /// PV: read ahead with `zero_hints(PREPARE)` where the host offers it (`prepare=1`,
+    /// default) or not (`prepare=0`: the vCPU takes the host page faults itself).
+    prepare: bool,
     /// The allocator's range.
     region: u64,
     region_len: u64,
@@ -126,6 +130,10 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let release = args.get_or("release", 1);
     if release > 1 {
         usage(env, format_args!("release={release} (want 0 or 1)"));
+    }
+    let prepare = args.get_or("prepare", 1);
+    if prepare > 1 {
+        usage(env, format_args!("prepare={prepare} (want 0 or 1)"));
     }
     if mib == 0 {
         usage(env, format_args!("mib=0 (want at least 1)"));
@@ -174,6 +182,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         tsc: Tsc::from_cpuid(),
         check: check == 1,
         release: release == 1,
+        prepare: prepare == 1,
         region: base,
         region_len,
         list: List(base + region_len),
@@ -191,13 +200,16 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let _ = write!(
         outcome.fields,
         " zeroed_fresh_bytes={fresh} zeroed_reuse_bytes={reuse} guest_zeroed_bytes={} \
-         zero_ns={} skipped_bytes={} released_bytes={} release_calls={} query_calls={}",
+         zero_ns={} skipped_bytes={} released_bytes={} release_calls={} query_calls={} \
+         prepare_calls={} prepared_bytes={}",
         s.zeroed_bytes,
         s.zero_ns,
         s.skipped_bytes,
         s.released_bytes,
         s.release_calls,
-        s.query_calls
+        s.query_calls,
+        s.prepare_calls,
+        s.prepared_bytes
     );
     outcome
 }
@@ -231,6 +243,7 @@ impl Job {
             tsc,
             check,
             release,
+            prepare,
             region,
             region_len,
             list,
@@ -253,6 +266,7 @@ impl Job {
         if !release {
             frames.set_release_threshold(u64::MAX);
         }
+        frames.set_prepare(prepare);
         let mut h = Fnv1a::new();
 
         marker_begin();

@@ -19,10 +19,14 @@ pub struct MockHost {
     pub(crate) lie: Cell<bool>,
     /// Refuse every call.
     pub(crate) fail: Cell<bool>,
+    /// Refuse prepares.
+    pub(crate) fail_prepare: Cell<bool>,
     /// `(first frame, count)` of each query.
     pub(crate) queries: RefCell<Vec<(u64, u64)>>,
     /// The list of each release.
     pub(crate) releases: RefCell<Vec<Vec<ZeroRange>>>,
+    /// `(gpa, len)` of each prepare.
+    pub(crate) prepares: RefCell<Vec<(u64, u64)>>,
 }
 
 impl MockHost {
@@ -78,5 +82,14 @@ impl MockHost {
             bytes += r.len;
         }
         Ok(bytes)
+    }
+
+    pub(crate) fn prepare(&self, gpa: u64, len: u64) -> Result<u64, HypercallError> {
+        self.prepares.borrow_mut().push((gpa, len));
+        if self.fail.get() || self.fail_prepare.get() {
+            return Err(MockHost::refused());
+        }
+        assert!(gpa % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && len > 0);
+        Ok(len)
     }
 }

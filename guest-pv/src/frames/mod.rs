@@ -14,6 +14,11 @@
 //!   `zero_hints(RELEASE)` ([`Pvkit::zero_release`]) gives them all back to the host, which
 //!   discards their backing — so they are known zero again, without asking.
 //!   [`flush`](Frames::flush) releases whatever is pending.
+//!   On a host with [`features::ZERO_PREPARE`](hypercall_abi::features::ZERO_PREPARE) (ABI
+//!   v1.6) the allocator also reads ahead: it tells the host, with `zero_hints(PREPARE)`
+//!   ([`Pvkit::zero_prepare`]), which known-zero frames it will hand out next — up to
+//!   [`PREPARE_AHEAD_FRAMES`] ahead, [`PREPARE_CHUNK_FRAMES`] per call — and the host backs them
+//!   on another core, so writing them does not stop the vCPU in host page faults.
 //! - [`Hints::None`], the trapped twin (an unmodified guest): every frame is zeroed on
 //!   allocation and frees are never reported.
 //!
@@ -99,6 +104,15 @@ pub const MAX_FRAMES: u64 = 1 << 31;
 /// A free-stack entry's flag: the frame is known zero (it was released since it was freed).
 const KNOWN_ZERO: u32 = 1 << 31;
 
+/// How far ahead of the next allocation the allocator asks the host to prepare known-zero
+/// frames (32 MiB).
+pub const PREPARE_AHEAD_FRAMES: u64 = 8192;
+/// The most frames one `zero_hints(PREPARE)` covers (16 MiB).
+pub const PREPARE_CHUNK_FRAMES: u64 = 4096;
+/// Runs of known-zero frames on the free stack shorter than this (64 KiB) are not prepared:
+/// not worth an exit.
+pub const PREPARE_MIN_FRAMES: u64 = 16;
+
 /// Where the allocator learns which frames are zero.
 #[derive(Debug, Clone, Copy)]
 pub enum Hints {
@@ -169,6 +183,10 @@ pub struct FrameStats {
     pub release_calls: u64,
     /// `zero_hints(QUERY)` calls.
     pub query_calls: u64,
+    /// `zero_hints(PREPARE)` calls.
+    pub prepare_calls: u64,
+    /// Bytes the host queued for preparing.
+    pub prepared_bytes: u64,
     /// Query or release calls the host refused.
     pub hint_errors: u64,
 }
@@ -272,6 +290,15 @@ pub struct Frames<'a> {
     allocated: *mut u64,
     /// Frames `bump..frames` have never been handed out.
     bump: u64,
+    /// Read ahead with `zero_hints(PREPARE)`.
+    prepare: bool,
+    /// Fresh frames `bump..bump_prepared` were prepared.
+    bump_prepared: u64,
+    /// Known-zero frames of the current query window.
+    window_known: u64,
+    /// Free-stack entries `0..stack_unprepared` may be known-zero frames not prepared yet;
+    /// those above were prepared or are dirty.
+    stack_unprepared: u64,
     threshold: u64,
     check: bool,
     tsc: Option<Tsc>,
@@ -374,6 +401,15 @@ impl<'a> Frames<'a> {
             pending_from: 0,
             allocated,
             bump: 0,
+            prepare: match hints {
+                Hints::Pv(pv) => pv.has(hypercall_abi::features::ZERO_PREPARE),
+                Hints::None => false,
+                #[cfg(test)]
+                Hints::Mock(_) => true,
+            },
+            bump_prepared: 0,
+            window_known: 0,
+            stack_unprepared: 0,
             threshold: RELEASE_THRESHOLD_BYTES,
             check: false,
             tsc: None,
@@ -392,6 +428,13 @@ impl<'a> Frames<'a> {
     /// not.
     pub fn set_check(&mut self, check: bool) {
         self.check = check;
+    }
+
+    /// Read ahead with `zero_hints(PREPARE)` (default: on when the host has
+    /// [`features::ZERO_PREPARE`](hypercall_abi::features::ZERO_PREPARE); it cannot be turned
+    /// on without).
+    pub fn set_prepare(&mut self, on: bool) {
+        self.prepare = on && self.prepare;
     }
 
     /// Release once at least `bytes` are pending (default [`RELEASE_THRESHOLD_BYTES`]; at least
@@ -439,11 +482,19 @@ impl<'a> Frames<'a> {
     /// fresh frame of each window of [`QUERY_MAX_FRAMES`] issues a query.
     pub fn alloc(&mut self) -> Result<u64, FramesError> {
         let (i, known) = if self.depth > 0 {
-            self.pop()
+            let popped = self.pop();
+            if self.prepare {
+                self.prepare_stack();
+            }
+            popped
         } else if self.bump < self.frames {
             let i = self.bump;
             self.bump += 1;
-            (i, self.fresh_known_zero(i).then_some(Known::Host))
+            let known = self.fresh_known_zero(i).then_some(Known::Host);
+            if self.prepare {
+                self.prepare_fresh();
+            }
+            (i, known)
         } else {
             return Err(FramesError::Exhausted {
                 frames: self.frames,
@@ -560,9 +611,80 @@ impl<'a> Frames<'a> {
             #[cfg(test)]
             Hints::Mock(host) => host.query(bitmap, first, count),
         };
-        if let Err(e) = r {
-            self.bitmap.fill(0);
-            self.hint_failed(e);
+        match r {
+            Ok(known) => self.window_known = known,
+            Err(e) => {
+                self.bitmap.fill(0);
+                self.window_known = 0;
+                self.hint_failed(e);
+            }
+        }
+    }
+
+    /// Read-ahead over fresh frames: keeps [`PREPARE_AHEAD_FRAMES`] after the bump pointer
+    /// prepared, inside the current query window only (a frame the host backed is no longer
+    /// reported known zero, so preparing past the window would cost the next query its hints).
+    fn prepare_fresh(&mut self) {
+        let end = self.window.first + self.window.len;
+        let from = self.bump_prepared.max(self.bump);
+        if self.window_known == 0 || from >= end || from - self.bump >= PREPARE_AHEAD_FRAMES {
+            return;
+        }
+        let to = (from + PREPARE_CHUNK_FRAMES).min(end);
+        self.prepare_range(self.addr(from), (to - from) * PAGE_SIZE);
+        self.bump_prepared = to;
+    }
+
+    /// Read-ahead over the free stack: keeps the [`PREPARE_AHEAD_FRAMES`] entries below the top
+    /// prepared, one run of adjacent known-zero frames (up to [`PREPARE_CHUNK_FRAMES`]) per call.
+    fn prepare_stack(&mut self) {
+        self.stack_unprepared = self.stack_unprepared.min(self.depth);
+        let top = self.stack_unprepared;
+        if top == 0 || self.depth - top >= PREPARE_AHEAD_FRAMES {
+            return;
+        }
+        // Frames `run.0..=run.1`, adjacent in either direction, like `Pending`.
+        let mut run: Option<(u64, u64)> = None;
+        let mut lo = top;
+        while lo > 0 && top - lo < PREPARE_CHUNK_FRAMES {
+            // SAFETY: entry `lo - 1` < `depth` was written by `push` and lies in the stack part
+            // of the metadata.
+            let entry = unsafe { self.stack.add(lo as usize - 1).read() };
+            let f = u64::from(entry & !KNOWN_ZERO);
+            let known = entry & KNOWN_ZERO != 0;
+            run = match run {
+                // Dirty frames before a run starts are skipped: they are backed already.
+                None if !known => None,
+                None => Some((f, f)),
+                Some((a, b)) if known && f == b + 1 => Some((a, f)),
+                Some((a, b)) if known && f + 1 == a => Some((f, b)),
+                Some(_) => break,
+            };
+            lo -= 1;
+        }
+        self.stack_unprepared = lo;
+        if let Some((a, b)) = run
+            && b - a + 1 >= PREPARE_MIN_FRAMES
+        {
+            self.prepare_range(self.addr(a), (b - a + 1) * PAGE_SIZE);
+        }
+    }
+
+    /// One `zero_hints(PREPARE)`; a refusal turns read-ahead off.
+    fn prepare_range(&mut self, gpa: u64, len: u64) {
+        self.stats.prepare_calls += 1;
+        let r = match self.hints {
+            Hints::Pv(pv) => pv.zero_prepare(gpa, len),
+            Hints::None => Ok(0),
+            #[cfg(test)]
+            Hints::Mock(host) => host.prepare(gpa, len),
+        };
+        match r {
+            Ok(queued) => self.stats.prepared_bytes += queued,
+            Err(e) => {
+                self.prepare = false;
+                self.hint_failed(e);
+            }
         }
     }
 
@@ -594,6 +716,8 @@ impl<'a> Frames<'a> {
                     }
                 }
                 self.stats.released_bytes += self.pending.bytes();
+                // The released frames are known zero and not backed: read ahead over them.
+                self.stack_unprepared = self.depth;
             }
             Err(e) => self.hint_failed(e),
         }

@@ -254,6 +254,7 @@ fn frees_are_released_in_coalesced_batches_and_come_back_known_zero() {
     let host = MockHost::leak();
     let mut f = frames(&region, Hints::Mock(host), &mut b);
     f.set_check(true);
+    f.set_release_threshold(2 << 20);
     let a: Vec<u64> = (0..frames_n).map(|_| f.alloc().unwrap()).collect();
     for (i, &x) in a.iter().enumerate() {
         write(x, i as u64 + 1);
@@ -262,7 +263,7 @@ fn frees_are_released_in_coalesced_batches_and_come_back_known_zero() {
         free(&mut f, x);
     }
     // 2 MiB = 512 frames per release, one range each (descending frees coalesce).
-    let per = RELEASE_THRESHOLD_BYTES / PAGE_SIZE;
+    let per = 512;
     assert_eq!(f.stats().release_calls, frames_n / per);
     assert_eq!(f.pending_bytes(), (frames_n % per) * PAGE_SIZE);
     f.flush();
@@ -360,10 +361,13 @@ fn refused_hints_degrade_to_zeroing() {
     }
     f.flush();
     let s = f.stats();
+    // One query and one release refused (600 frames stay under the release threshold until
+    // the flush); a refused query leaves nothing known zero, so nothing is prepared.
     assert_eq!(
         (s.release_calls, s.released_bytes, s.hint_errors),
-        (2, 0, 3)
+        (1, 0, 2)
     );
+    assert!(host.prepares.borrow().is_empty());
     assert_eq!(
         f.hint_error().map(|e| e.error()),
         Some(Some(hypercall_abi::Error::Denied))
@@ -416,4 +420,138 @@ fn zeroing_is_timed_on_the_clock() {
     let s = f.stats();
     assert_eq!(s.zeroed_bytes, 64 * PAGE_SIZE);
     assert!(s.zero_ns > 0, "{s:?}");
+}
+
+/// Allocates `n` frames, checking after each allocation that no prepared range holds a frame
+/// already handed out. Returns the frames.
+fn alloc_checking_prepares(f: &mut Frames<'_>, host: &MockHost, n: u64) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    let mut seen = host.prepares.borrow().len();
+    for _ in 0..n {
+        let x = f.alloc().unwrap();
+        out.push(x);
+        let prepares = host.prepares.borrow();
+        for &(gpa, len) in &prepares[seen..] {
+            assert!(
+                out.iter().all(|&a| a < gpa || a >= gpa + len),
+                "prepared {gpa:#x}+{len:#x} holds a frame already handed out"
+            );
+            assert!(len <= PREPARE_CHUNK_FRAMES * PAGE_SIZE);
+        }
+        seen = prepares.len();
+    }
+    out
+}
+
+#[test]
+fn fresh_frames_are_prepared_ahead_inside_the_query_window() {
+    let n = QUERY_MAX_FRAMES + 5000;
+    let region = Region::for_frames(n);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    let a = alloc_checking_prepares(&mut f, host, n);
+    let start = region.start();
+    let prepares = host.prepares.borrow();
+    // Contiguous chunks from frame 1 up, never across the window boundary; the first frame of
+    // each window is the one being handed out when the window is queried.
+    let mut next = start + PAGE_SIZE;
+    for &(gpa, len) in prepares.iter() {
+        if gpa != next {
+            assert_eq!(
+                next,
+                start + QUERY_MAX_FRAMES * PAGE_SIZE,
+                "only the window start"
+            );
+            assert_eq!(gpa, next + PAGE_SIZE);
+        }
+        let boundary = start + QUERY_MAX_FRAMES * PAGE_SIZE;
+        assert!(
+            gpa >= boundary || gpa + len <= boundary,
+            "crosses the window"
+        );
+        next = gpa + len;
+    }
+    assert_eq!(next, start + n * PAGE_SIZE, "everything up to the end");
+    let s = f.stats();
+    assert_eq!(s.prepare_calls, prepares.len() as u64);
+    assert_eq!(s.prepared_bytes, (n - 2) * PAGE_SIZE);
+    assert_eq!(a.len() as u64, n);
+}
+
+#[test]
+fn released_frames_are_prepared_ahead_of_reuse_and_kept_frames_are_not() {
+    let n = 3 * PREPARE_CHUNK_FRAMES;
+    let region = Region::for_frames(n);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    f.set_check(true);
+    let a = alloc_checking_prepares(&mut f, host, n);
+    for (i, &x) in a.iter().enumerate() {
+        write(x, i as u64 + 1);
+    }
+    for &x in a.iter().rev() {
+        free(&mut f, x);
+    }
+    f.flush();
+    let fresh = host.prepares.borrow().len();
+    let again = alloc_checking_prepares(&mut f, host, n);
+    assert_eq!(again, a, "LIFO order");
+    let prepares = host.prepares.borrow();
+    // Every reused frame but the first (handed out as the read-ahead starts) was prepared, in
+    // ascending runs of at most a chunk, before it was handed out (checked above).
+    let mut next = a[1];
+    for &(gpa, len) in &prepares[fresh..] {
+        assert_eq!(gpa, next);
+        next = gpa + len;
+    }
+    assert_eq!(next, a[0] + n * PAGE_SIZE);
+    assert_eq!(f.stats().zeroed_bytes, 0, "everything came back known zero");
+    drop(prepares);
+
+    // Freed and kept (no release): dirty frames are not prepared.
+    f.set_release_threshold(u64::MAX);
+    for &x in again.iter().rev() {
+        free(&mut f, x);
+    }
+    let before = host.prepares.borrow().len();
+    for _ in 0..n {
+        f.alloc().unwrap();
+    }
+    assert_eq!(host.prepares.borrow().len(), before);
+}
+
+#[test]
+fn read_ahead_can_be_turned_off_and_a_refusal_turns_it_off() {
+    let region = Region::for_frames(2000);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    f.set_prepare(false);
+    for _ in 0..2000 {
+        f.alloc().unwrap();
+    }
+    assert!(host.prepares.borrow().is_empty());
+    assert_eq!(f.stats().zeroed_bytes, 0, "the hints still work");
+
+    let region = Region::for_frames(2000);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    host.fail_prepare.set(true);
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    for _ in 0..2000 {
+        f.alloc().unwrap();
+    }
+    let s = f.stats();
+    assert_eq!(
+        host.prepares.borrow().len(),
+        1,
+        "no second try after a refusal"
+    );
+    assert_eq!(
+        (s.prepare_calls, s.prepared_bytes, s.hint_errors),
+        (1, 0, 1)
+    );
+    assert_eq!(s.zeroed_bytes, 0, "the other hints still work");
 }
