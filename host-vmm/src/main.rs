@@ -99,6 +99,10 @@ struct CompareArgs {
     /// MiB the `zero` workload allocates (guest RAM is raised to fit).
     #[arg(long, default_value_t = compare::DEFAULT_ZERO_MIB)]
     zero_mib: u64,
+    /// Rounds of the `zero` variants, interleaved; each reports its median run (host memory
+    /// effects such as huge-page compaction otherwise fall on whichever runs first).
+    #[arg(long, default_value_t = compare::DEFAULT_ZERO_ROUNDS, value_parser = clap::value_parser!(u64).range(1..=100))]
+    zero_rounds: u64,
     /// MiB each `blk` run transfers (on a scratch image twice that size).
     #[arg(long, default_value_t = compare::DEFAULT_BLK_MIB)]
     blk_mib: u64,
@@ -136,6 +140,7 @@ impl CompareArgs {
             idle_intervals: self.idle_intervals,
             idle_interval_us: self.idle_interval_us,
             zero_mib: self.zero_mib,
+            zero_rounds: self.zero_rounds,
             blk_mib: self.blk_mib,
             blk_size_kib: self.blk_size_kib,
             blk_depth: self.blk_depth,

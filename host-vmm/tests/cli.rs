@@ -227,7 +227,8 @@ fn compare_prints_a_table_and_writes_json() {
     ] {
         assert!(recs[12][key].as_u64().is_some(), "{key}: {}", recs[12]);
     }
-    assert!(table.contains("zero pv           : touch"), "{table}");
+    assert!(table.contains("zero pv           : median of 3"), "{table}");
+    assert_eq!(recs[12]["rounds"], 3);
     for r in recs {
         for key in [
             "workload",

@@ -29,6 +29,8 @@ pub const DEFAULT_CONSOLE_BYTES: u64 = 16_384;
 pub const DEFAULT_PT_UPDATES: u64 = 65_536;
 /// Default MiB the `zero` workload allocates.
 pub const DEFAULT_ZERO_MIB: u64 = 256;
+/// Default rounds of the `zero` variants (the median is reported).
+pub const DEFAULT_ZERO_ROUNDS: u64 = 3;
 /// Default MiB the `blk` workload transfers per run (the scratch image is twice that).
 pub const DEFAULT_BLK_MIB: u64 = 32;
 /// Default `blk` request size (KiB) for the sequential patterns.
@@ -61,6 +63,8 @@ pub struct CompareOptions {
     pub idle_interval_us: u64,
     /// `zero`: MiB to allocate.
     pub zero_mib: u64,
+    /// `zero`: rounds over all variants, interleaved; each variant reports its median run.
+    pub zero_rounds: u64,
     /// `blk`: MiB per run.
     pub blk_mib: u64,
     /// `blk`: sequential request size in KiB.
@@ -86,6 +90,7 @@ impl Default for CompareOptions {
             idle_intervals: DEFAULT_IDLE_INTERVALS,
             idle_interval_us: DEFAULT_IDLE_INTERVAL_US,
             zero_mib: DEFAULT_ZERO_MIB,
+            zero_rounds: DEFAULT_ZERO_ROUNDS,
             blk_mib: DEFAULT_BLK_MIB,
             blk_size_kib: DEFAULT_BLK_SIZE_KIB,
             blk_depth: DEFAULT_BLK_DEPTH,
@@ -401,38 +406,66 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Resul
         if w == "zero" {
             warm_host_memory(mem_for(w, opts));
         }
-        for v in variants(w, opts) {
-            progress(w, &v.args.join(" "));
-            let cfg = VmConfig {
-                kernel: opts.kernel.clone(),
-                mode: v.mode,
-                mem_size: mem_for(w, opts),
-                workload: w.clone(),
-                args: v.args,
-                kvm_device: opts.kvm_device.clone(),
-                disk: image.as_ref().filter(|_| w == "blk").map(|i| DiskConfig {
-                    path: i.path().into(),
-                    readonly: false,
-                }),
-                virtio_console: false,
-            };
-            let report = vm::run(&cfg, ConsoleSink::new(None))?;
-            let mut rec = record(w, v.mode, &report)?;
-            rec.batch = v.batch;
-            if let Some(label) = v.label {
-                rec.mode = label.into();
+        // `zero` runs its variants in interleaved rounds and keeps each one's median: host
+        // memory effects (compaction, the order of runs) are larger than the differences.
+        let rounds = if w == "zero" {
+            opts.zero_rounds.max(1)
+        } else {
+            1
+        };
+        let vs = variants(w, opts);
+        let mut runs: Vec<Vec<Record>> = vs.iter().map(|_| Vec::new()).collect();
+        for _ in 0..rounds {
+            for (v, out) in vs.iter().zip(&mut runs) {
+                progress(w, &v.args.join(" "));
+                let cfg = VmConfig {
+                    kernel: opts.kernel.clone(),
+                    mode: v.mode,
+                    mem_size: mem_for(w, opts),
+                    workload: w.clone(),
+                    args: v.args.clone(),
+                    kvm_device: opts.kvm_device.clone(),
+                    disk: image.as_ref().filter(|_| w == "blk").map(|i| DiskConfig {
+                        path: i.path().into(),
+                        readonly: false,
+                    }),
+                    virtio_console: false,
+                };
+                let report = vm::run(&cfg, ConsoleSink::new(None))?;
+                let mut rec = record(w, v.mode, &report)?;
+                rec.batch = v.batch;
+                if let Some(label) = v.label {
+                    rec.mode = label.into();
+                }
+                if let Some(pattern) = v.pattern {
+                    set_throughput(&mut rec, pattern);
+                }
+                out.push(rec);
             }
-            if let Some(pattern) = v.pattern {
-                set_throughput(&mut rec, pattern);
-            }
-            records.push(rec);
         }
+        records.extend(runs.into_iter().filter_map(median_run));
+
         if let (true, Some(image)) = (w == "blk", &image) {
             progress(w, "host read");
             records.push(host_ceiling(opts, image.path())?);
         }
     }
     Ok(records)
+}
+
+/// The run with the median wall time, annotated with the round count and the fastest and
+/// slowest wall time when there was more than one.
+fn median_run(mut runs: Vec<Record>) -> Option<Record> {
+    runs.sort_by_key(|r| r.wall_ns);
+    let n = runs.len() as u64;
+    let (min, max) = (runs.first()?.wall_ns, runs.last()?.wall_ns);
+    let mut rec = runs.swap_remove(runs.len() / 2);
+    if n > 1 {
+        rec.extra.insert("rounds".into(), n);
+        rec.extra.insert("wall_ns_min".into(), min);
+        rec.extra.insert("wall_ns_max".into(), max);
+    }
+    Some(rec)
 }
 
 /// Backs and frees `bytes` of transparent huge pages once, before the `zero` runs: the first
@@ -730,16 +763,23 @@ pub fn render_table(records: &[Record]) -> String {
         );
         let ms = |ns: u64| ns as f64 / 1e6;
         for r in records.iter().filter(|r| r.workload == "zero") {
+            let rounds = match r.extra.get("rounds") {
+                Some(n) => format!(
+                    "median of {n}: {:.1}..{:.1} ms; ",
+                    ms(g(r, "wall_ns_min")),
+                    ms(g(r, "wall_ns_max"))
+                ),
+                None => String::new(),
+            };
             s += &format!(
-                "zero {:<13}: touch {:.1} + free {:.1} + reuse {:.1} ms; guest memset {} MiB in \
-                 {:.1} ms; vCPU host faults {}; prepare thread {} MiB in {:.1} ms CPU\n",
+                "zero {:<13}: {rounds}touch {:.1} + free {:.1} + reuse {:.1} ms; guest memset {} \
+                 MiB in {:.1} ms; prepare thread {} MiB in {:.1} ms CPU\n",
                 r.mode,
                 ms(g(r, "phase_touch_ns")),
                 ms(g(r, "phase_free_ns")),
                 ms(g(r, "phase_reuse_ns")),
                 g(r, "guest_zeroed_bytes") >> 20,
                 ms(g(r, "zero_ns")),
-                r.host_faults,
                 r.prepared_bytes >> 20,
                 ms(r.prepare_cpu_ns)
             );
