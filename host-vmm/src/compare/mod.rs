@@ -771,9 +771,16 @@ pub fn render_table(records: &[Record]) -> String {
                 ),
                 None => String::new(),
             };
+            let rss = r
+                .resident_bytes
+                .iter()
+                .map(|b| (b >> 20).to_string())
+                .collect::<Vec<_>>()
+                .join("/");
             s += &format!(
                 "zero {:<13}: {rounds}touch {:.1} + free {:.1} + reuse {:.1} ms; guest memset {} \
-                 MiB in {:.1} ms; prepare thread {} MiB in {:.1} ms CPU\n",
+                 MiB in {:.1} ms; prepare thread {} MiB in {:.1} ms CPU; RSS MiB \
+                 begin/touched/released/end {rss}\n",
                 r.mode,
                 ms(g(r, "phase_touch_ns")),
                 ms(g(r, "phase_free_ns")),
