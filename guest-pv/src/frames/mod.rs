@@ -51,7 +51,8 @@
 //! was zero — how tests prove the hints right.
 //!
 //! Hypercall failures never fail an allocation: a failed query counts as "nothing known zero",
-//! a failed release leaves its frames dirty; both are counted ([`FrameStats::hint_errors`]) and
+//! a failed release leaves its frames dirty, a failed prepare turns read-ahead off; all are
+//! counted ([`FrameStats::hint_errors`]) and
 //! the first is kept ([`Frames::hint_error`]).
 //!
 //! # Example
@@ -187,7 +188,7 @@ pub struct FrameStats {
     pub prepare_calls: u64,
     /// Bytes the host queued for preparing.
     pub prepared_bytes: u64,
-    /// Query or release calls the host refused.
+    /// Query, release or prepare calls the host refused.
     pub hint_errors: u64,
 }
 
