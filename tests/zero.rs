@@ -204,11 +204,9 @@ fn read_ahead_backs_memory_off_the_vcpu_without_changing_results() {
     assert!(field(&on, "prepare_calls") <= 2 * MIB / 16 + 4);
     let w = on.window.as_ref().unwrap();
     assert_eq!(w.exits.event("prepare_queued_bytes"), prepared);
-    assert!(
-        w.prepared_bytes >= MIB << 20,
-        "the preparing thread populated {} bytes in the window",
-        w.prepared_bytes
-    );
+    // How much the host's thread populated inside the window depends on scheduling (it runs
+    // beside the vCPU), so it is not asserted here; host-vmm's unit tests wait for it and
+    // check that prepared frames are backed and unchanged.
     assert_eq!(field(&off, "prepare_calls"), 0);
     assert_eq!(off.window.as_ref().unwrap().prepared_bytes, 0);
     // Guest zeroing is the same with or without read-ahead: none.
