@@ -78,10 +78,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// True if this kernel can populate memory without writing it (`MADV_POPULATE_WRITE`, Linux
 /// 5.14).
 pub fn supported() -> bool {
-    // A zero-length range at any page-aligned address validates the advice and does nothing.
-    let page = std::ptr::without_provenance_mut::<libc::c_void>(4096);
-    // SAFETY: a zero-length madvise touches no memory; it only checks its arguments.
-    unsafe { libc::madvise(page, 0, libc::MADV_POPULATE_WRITE) == 0 }
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        // A zero-length range at any page-aligned address validates the advice, nothing else.
+        let page = std::ptr::without_provenance_mut::<libc::c_void>(4096);
+        // SAFETY: a zero-length madvise touches no memory; it only checks its arguments.
+        unsafe { libc::madvise(page, 0, libc::MADV_POPULATE_WRITE) == 0 }
+    })
 }
 
 impl Preparer {
