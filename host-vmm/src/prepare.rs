@@ -135,24 +135,8 @@ impl Preparer {
     /// nothing in that range is populated after this returns. Call it before discarding the
     /// range.
     pub fn cancel(&self, gpa: u64, len: u64) {
-        let end = gpa.saturating_add(len);
         let mut q = lock(&self.shared.queue);
-        let spans = std::mem::take(&mut q.spans);
-        for s in spans {
-            // Keep the parts of `s` outside `[gpa, end)`.
-            if s.start < gpa {
-                q.spans.push_back(Span {
-                    start: s.start,
-                    end: s.end.min(gpa),
-                });
-            }
-            if s.end > end {
-                q.spans.push_back(Span {
-                    start: s.start.max(end),
-                    end: s.end,
-                });
-            }
-        }
+        remove(&mut q, gpa, gpa.saturating_add(len));
         // The worker takes `busy` before it lets go of the queue, so a step it took out of the
         // queue before we got the lock holds `busy` until it is populated: wait for it.
         drop(lock(&self.shared.busy));
@@ -188,6 +172,25 @@ impl Drop for Preparer {
         self.shared.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Cuts `[start, end)` out of every queued range, keeping order.
+fn remove(q: &mut Queue, start: u64, end: u64) {
+    let spans = std::mem::take(&mut q.spans);
+    for s in spans {
+        if s.start < start {
+            q.spans.push_back(Span {
+                start: s.start,
+                end: s.end.min(start),
+            });
+        }
+        if s.end > end {
+            q.spans.push_back(Span {
+                start: s.start.max(end),
+                end: s.end,
+            });
         }
     }
 }
@@ -278,6 +281,31 @@ mod tests {
                 (0x80_0000, 0x80_1000)
             ]
         );
+        assert!(spans(&q).is_empty());
+    }
+
+    #[test]
+    fn removing_a_range_keeps_what_lies_outside_it() {
+        let mut q = Queue::default();
+        for (start, end) in [
+            (0x10_0000, 0x50_0000),
+            (0x60_0000, 0x70_0000),
+            (0x80_0000, 0x90_0000),
+        ] {
+            q.spans.push_back(Span { start, end });
+        }
+        remove(&mut q, 0x20_0000, 0x30_0000);
+        remove(&mut q, 0x5f_0000, 0x71_0000);
+        remove(&mut q, 0x8f_f000, u64::MAX);
+        assert_eq!(
+            spans(&q),
+            [
+                (0x10_0000, 0x20_0000),
+                (0x30_0000, 0x50_0000),
+                (0x80_0000, 0x8f_f000)
+            ]
+        );
+        remove(&mut q, 0, u64::MAX);
         assert!(spans(&q).is_empty());
     }
 }
