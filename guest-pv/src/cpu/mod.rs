@@ -107,6 +107,25 @@
 //! # fn main() {}
 //! ```
 
+/// Assembly shared by the exception and interrupt entries: save the caller-saved registers
+/// (`rdi` pushed first, `r11` last — the order [`trap::TrapFrame`] describes), call
+/// `{dispatch}` on a 16-byte aligned stack with `rdi` as set by the caller, and restore them.
+macro_rules! call_with_scratch_saved {
+    ($($before_call:literal),*) => {
+        concat!(
+            "push rdi\n", "push rsi\n", "push rdx\n", "push rcx\n", "push rax\n",
+            "push r8\n", "push r9\n", "push r10\n", "push r11\n", "cld\n",
+            $($before_call, "\n",)*
+            // Align the stack for the call whatever the CPU did, keeping the old pointer.
+            "mov rax, rsp\n", "and rsp, -16\n", "push rax\n", "sub rsp, 8\n",
+            "call {dispatch}\n",
+            "add rsp, 8\n", "pop rsp\n",
+            "pop r11\n", "pop r10\n", "pop r9\n", "pop r8\n", "pop rax\n",
+            "pop rcx\n", "pop rdx\n", "pop rsi\n", "pop rdi\n",
+        )
+    };
+}
+
 mod interrupt;
 mod tables;
 mod trap;

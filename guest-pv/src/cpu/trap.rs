@@ -195,33 +195,8 @@ pub(super) fn stub_addresses() -> [u64; 32] {
 #[unsafe(naked)]
 unsafe extern "C" fn trap_entry() {
     naked_asm!(
-        "push rdi",
-        "push rsi",
-        "push rdx",
-        "push rcx",
-        "push rax",
-        "push r8",
-        "push r9",
-        "push r10",
-        "push r11",
-        "cld",
-        "mov rdi, rsp",
-        // Align the stack for the call whatever the CPU did, keeping the frame pointer.
-        "and rsp, -16",
-        "push rdi",
-        "sub rsp, 8",
-        "call {dispatch}",
-        "add rsp, 8",
-        "pop rsp",
-        "pop r11",
-        "pop r10",
-        "pop r9",
-        "pop r8",
-        "pop rax",
-        "pop rcx",
-        "pop rdx",
-        "pop rsi",
-        "pop rdi",
+        // The frame pointer: the saved registers start the `TrapFrame`.
+        call_with_scratch_saved!("mov rdi, rsp"),
         // Drop vector and error code.
         "add rsp, 16",
         "iretq",
