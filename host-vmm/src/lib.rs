@@ -26,6 +26,8 @@ pub mod memory;
 pub mod metrics;
 pub mod mmu;
 pub mod prepare;
+#[cfg(test)]
+mod test_util;
 pub mod trap;
 mod vcpu;
 pub mod vm;

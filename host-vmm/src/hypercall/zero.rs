@@ -265,20 +265,6 @@ mod tests {
         );
     }
 
-    /// Waits until the preparing thread has populated `bytes`.
-    fn settle(ram: &GuestRam, bytes: u64) {
-        for _ in 0..2000 {
-            if ram.prepare_stats().populated_bytes >= bytes {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        panic!(
-            "the preparing thread did not finish: {:?}",
-            ram.prepare_stats()
-        );
-    }
-
     #[test]
     fn prepare_backs_frames_without_changing_them() {
         let ram = GuestRam::new(MEM).unwrap();
@@ -294,7 +280,9 @@ mod tests {
             prepare(&ram, PROTECTED, gpa, 4 << 20, &mut s),
             Return::ok(4 << 20)
         );
-        settle(&ram, 4 << 20);
+        crate::test_util::wait_until("the preparing thread", || {
+            ram.prepare_stats().populated_bytes >= 4 << 20
+        });
         assert!(
             ram.known_zero(gpa / PAGE_SIZE, 1024)
                 .unwrap()

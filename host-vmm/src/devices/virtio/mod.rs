@@ -389,7 +389,7 @@ impl<T: Copy> Counters<T> {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicU64;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use virtio_bindings::virtio_blk::{
         VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN,
@@ -411,6 +411,7 @@ mod tests {
     use super::mmio::MmioTransport;
     use super::*;
     use crate::devices::event::EventQueue;
+    use crate::test_util::wait_until;
 
     #[test]
     fn interrupt_sets_acks_and_notifies() {
@@ -453,17 +454,6 @@ mod tests {
 
     fn w32(t: &mut MmioTransport<Block>, offset: u32, v: u32) {
         t.write(offset.into(), &v.to_le_bytes());
-    }
-
-    fn wait_until(what: &str, cond: impl Fn() -> bool) {
-        let t0 = Instant::now();
-        while !cond() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "timed out waiting for {what}"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
     }
 
     /// A driver's whole conversation with a block device over the register window, with the

@@ -130,10 +130,11 @@ fn run<H: QueueHandler>(
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use super::*;
     use crate::devices::event::EventQueue;
+    use crate::test_util::wait_until;
 
     /// Counts calls; returns the scripted results in order, then `Ok(true)`.
     struct Script {
@@ -161,17 +162,6 @@ mod tests {
         (s, calls)
     }
 
-    fn wait_for(what: &str, cond: impl Fn() -> bool) {
-        let t0 = Instant::now();
-        while !cond() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "timed out waiting for {what}"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
     #[test]
     fn notifications_run_the_handler_and_wake_the_vm() {
         let mut events = EventQueue::default();
@@ -183,7 +173,7 @@ mod tests {
         let worker = Worker::spawn("test-worker", handler, notify, irq.clone()).unwrap();
         // First pass: the driver did not want an interrupt.
         kick.write(1).unwrap();
-        wait_for("the first pass", || calls.load(Ordering::Acquire) == 1);
+        wait_until("the first pass", || calls.load(Ordering::Acquire) == 1);
         assert_eq!(irq.status(), 0);
         assert_eq!(events.drain(), 0);
         // Second pass: it did.
@@ -221,7 +211,7 @@ mod tests {
         let (handler, calls) = script(vec![broken]);
         let worker = Worker::spawn("test-worker", handler, notify, irq.clone()).unwrap();
         kick.write(1).unwrap();
-        wait_for("needs-reset", || irq.needs_reset());
+        wait_until("needs-reset", || irq.needs_reset());
         kick.write(1).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(
