@@ -65,6 +65,21 @@ pub fn query(
     Return::ok(known)
 }
 
+/// The checks RELEASE and PREPARE make of a guest range: page-aligned (`INVALID_ARGUMENT`),
+/// inside RAM (`BAD_ADDRESS`), not below `protected_end` (`DENIED`).
+fn check_range(ram: &GuestRam, protected_end: u64, start: u64, len: u64) -> Result<(), AbiError> {
+    if start % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        return Err(AbiError::InvalidArgument);
+    }
+    if ram.checked_range(start, len).is_none() {
+        return Err(AbiError::BadAddress);
+    }
+    if start < protected_end {
+        return Err(AbiError::Denied);
+    }
+    Ok(())
+}
+
 /// Discards `count` ranges listed at `ranges_gpa`. RAM below `protected_end` (boot structures,
 /// stack, kernel image) and the list itself may not be released.
 pub fn release(
@@ -83,13 +98,10 @@ pub fn release(
     };
     let overlaps = |a: u64, alen: u64, b: u64, blen: u64| a < b + blen && b < a + alen;
     for r in &ranges {
-        if r.start % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 {
-            return Return::err(AbiError::InvalidArgument);
+        if let Err(e) = check_range(ram, protected_end, r.start, r.len) {
+            return Return::err(e);
         }
-        if ram.checked_range(r.start, r.len).is_none() {
-            return Return::err(AbiError::BadAddress);
-        }
-        if r.start < protected_end || overlaps(r.start, r.len, ranges_gpa, list_len) {
+        if overlaps(r.start, r.len, ranges_gpa, list_len) {
             return Return::err(AbiError::Denied);
         }
     }
@@ -113,14 +125,8 @@ pub fn prepare(
     len: u64,
     stats: &mut ExitStats,
 ) -> Return {
-    if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-        return Return::err(AbiError::InvalidArgument);
-    }
-    if ram.checked_range(gpa, len).is_none() {
-        return Return::err(AbiError::BadAddress);
-    }
-    if gpa < protected_end {
-        return Return::err(AbiError::Denied);
+    if let Err(e) = check_range(ram, protected_end, gpa, len) {
+        return Return::err(e);
     }
     match ram.prepare(gpa, len) {
         Ok(queued) => {
