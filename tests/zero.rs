@@ -119,9 +119,16 @@ fn prepare_refuses_ranges_outside_ram_or_over_the_kernel() {
 const MIB: u64 = 32;
 
 fn zero_run(mode: Mode, check: bool) -> host_vmm::vm::RunReport {
+    zero_run_with(mode, check, &[])
+}
+
+/// A `zero` run of `MIB` MiB with more arguments; it must exit with 0.
+fn zero_run_with(mode: Mode, check: bool, extra: &[&str]) -> host_vmm::vm::RunReport {
     let mib = format!("mib={MIB}");
     let check = format!("check={}", u8::from(check));
-    let r = boot(mode, "zero", &[&mib, &check]);
+    let mut args = vec![mib.as_str(), check.as_str()];
+    args.extend_from_slice(extra);
+    let r = boot(mode, "zero", &args);
     assert_eq!(r.exit_code, 0, "{}", text(&r));
     r
 }
@@ -188,12 +195,7 @@ fn read_ahead_backs_memory_off_the_vcpu_without_changing_results() {
     // Read-ahead is on by default where the host offers it (pvkit's hosts do); the RSS drop
     // above is measured with it on, so a prepare never re-backs released memory.
     let on = zero_run(Mode::Pv, true);
-    let off = {
-        let mib = format!("mib={MIB}");
-        let r = boot(Mode::Pv, "zero", &[&mib, "check=1", "prepare=0"]);
-        assert_eq!(r.exit_code, 0, "{}", text(&r));
-        r
-    };
+    let off = zero_run_with(Mode::Pv, true, &["prepare=0"]);
     assert_eq!(
         on.result.as_ref().unwrap().checksum(),
         off.result.as_ref().unwrap().checksum()
