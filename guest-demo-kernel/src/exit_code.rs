@@ -7,9 +7,8 @@ pub const OK: u32 = 0;
 pub const CHECK_FAILED: u32 = 1;
 /// Unknown workload, or bad workload arguments.
 pub const USAGE: u32 = 2;
-/// The boot-info block is missing, invalid, or asks for an unknown mode.
-pub const BAD_BOOT_INFO: u32 = 3;
-/// Mode `pv` was requested but no (suitable) pvkit host was detected.
-pub const NO_PVKIT: u32 = 4;
-/// The kernel panicked (`PVKIT-PANIC: …` was printed).
-pub const PANIC: u32 = 101;
+/// The host lacks something the workload cannot do without (e.g. any way to read the TSC rate).
+pub const UNSUPPORTED: u32 = 4;
+// Before `kmain`, guest-pv's entry ends the VM with 3 (bad boot info) or 4 (a required feature
+// is missing); a panic or fatal CPU exception ends it with 101 (`PVKIT-PANIC: …` was printed).
+// See `guest_pv::kernel::exit_code`.

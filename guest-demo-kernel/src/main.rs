@@ -1,9 +1,10 @@
 //! pvkit's demo guest kernel.
 //!
-//! Entered by pvkit's VMM at [`_start`] (64-bit long mode, CPL 0, interrupts off, identity map
-//! of `0..4 GiB`, `rdi` = [`BootInfo`]). It greets, runs the workload named in the boot info in
-//! the requested mode (PV: hypercalls; trapped: port I/O only), prints one `PVKIT-RESULT` line
-//! and exits. See `README.md` for the workloads, their arguments and the output format.
+//! Entered by pvkit's VMM at `_start` (defined by [`guest_pv::entry!`]: 64-bit long mode, CPL 0,
+//! interrupts off, identity map of `0..4 GiB`, `rdi` = [`BootInfo`]). It greets, runs the
+//! workload named in the boot info — with hypercalls where the host offers the feature
+//! (detected by CPUID), with the trapped twin otherwise — prints one `PVKIT-RESULT` line and
+//! exits. See `README.md` for the workloads, their arguments and the output format.
 #![no_std]
 #![no_main]
 
@@ -13,7 +14,6 @@ compile_error!(
      `cargo build -p guest-demo-kernel --target x86_64-unknown-none`"
 );
 
-mod boot;
 mod exit_code;
 mod out;
 mod panic;
@@ -23,12 +23,10 @@ mod workloads;
 use core::fmt::Write;
 
 use guest_pv::args::Args;
-use guest_pv::{Console, Uart16550};
-use hypercall_abi::boot::{BootInfo, Mode};
-use hypercall_abi::features;
+use guest_pv::kernel::Kernel;
+use hypercall_abi::boot::BootInfo;
 
-use crate::out::{LineBuf, kprintln};
-use crate::platform::Platform;
+use crate::out::{Line, kprintln};
 use crate::workloads::Env;
 
 /// The fixed start of the first line the kernel prints.
@@ -37,58 +35,29 @@ pub const GREETING: &str = "pvkit demo kernel: hello from 64-bit long mode";
 /// The workload run when the boot info names none.
 const DEFAULT_WORKLOAD: &str = "hello";
 
-/// The kernel entry point, called by pvkit's VMM with `rdi` = the boot-info block.
-///
-/// # Safety
-/// pvkit's entry contract: 64-bit mode, CPL 0, interrupts off, the identity map of
-/// `0..4 GiB`, a stack below `rsp`, and `boot_info` pointing to the boot-info page the VMM filled,
-/// which nothing writes after entry. Only the VMM calls this.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn _start(boot_info: *const BootInfo) -> ! {
-    // SAFETY: by this function's contract `boot_info` is the VMM-filled, identity-mapped,
-    // never-written boot-info page; `boot::read` itself rejects a null or misaligned pointer.
-    let info = unsafe { boot::read(boot_info) };
-    let (info, mode) = match boot::validate(info) {
-        Ok(v) => v,
-        Err(why) => fail_on_uart(
-            format_args!("invalid boot info: {why}"),
-            exit_code::BAD_BOOT_INFO,
-        ),
-    };
-    let platform = match mode {
-        Mode::Trapped => Platform::Trapped,
-        Mode::Pv => match guest_pv::detect() {
-            Some(pv) if pv.has(features::CONSOLE | features::EXIT) => Platform::Pv(pv),
-            Some(pv) => fail_on_uart(
-                format_args!(
-                    "mode=pv but the pvkit host lacks console/exit (features {:#x})",
-                    pv.feature_bits()
-                ),
-                exit_code::NO_PVKIT,
-            ),
-            None => fail_on_uart(
-                format_args!("mode=pv but no pvkit host found (CPUID leaf 0x40000000)"),
-                exit_code::NO_PVKIT,
-            ),
-        },
-    };
-    let console = platform.console();
-    platform::set_current(platform);
+// `_start`: boot-info checks, PV or trapped by detection alone (no required feature: every
+// workload has a trapped twin, chosen per feature), then `kmain`. The ABI note tells the host
+// which ABI this kernel speaks.
+guest_pv::entry!(kmain);
+
+/// The kernel's main, called by guest-pv's entry once the boot info is checked and the platform
+/// detected. Installs the CPL 3 runtime and runs the workload.
+fn kmain(kernel: Kernel) -> u32 {
     platform::init_cpu();
     run(Env {
-        platform,
-        console,
-        boot_info: info,
+        platform: kernel.platform,
+        console: kernel.console(),
+        boot_info: kernel.boot_info,
     })
 }
 
 /// The greeting line, e.g. `pvkit demo kernel: hello from 64-bit long mode (abi 1.0, mem 128
 /// MiB)` plus `\n`. It names no mode, so the `hello` checksum (which covers it) is the same in
 /// both modes.
-pub fn greeting(info: &BootInfo) -> LineBuf {
+pub fn greeting(info: &BootInfo) -> Line {
     let (major, minor) = hypercall_abi::unpack_version(info.abi_version);
-    let mut line = LineBuf::new();
-    let _ = write!(
+    let mut line = Line::new();
+    let _ = writeln!(
         line,
         "{GREETING} (abi {major}.{minor}, mem {} MiB)",
         info.mem_size >> 20
@@ -96,10 +65,10 @@ pub fn greeting(info: &BootInfo) -> LineBuf {
     line
 }
 
-/// Greets, runs the requested workload, reports and exits.
-fn run(mut env: Env) -> ! {
+/// Greets, runs the requested workload, reports and returns the exit code.
+fn run(mut env: Env) -> u32 {
     let info = env.boot_info;
-    let _ = env.console.write_bytes(greeting(info).finish());
+    let _ = env.console.write_bytes(greeting(info).as_bytes());
 
     let name = match info.workload() {
         [] => DEFAULT_WORKLOAD.as_bytes(),
@@ -112,13 +81,13 @@ fn run(mut env: Env) -> ! {
             name.escape_ascii(),
             workloads::KnownNames
         );
-        env.platform.exit(exit_code::USAGE);
+        return exit_code::USAGE;
     };
     let args = match Args::parse_with_text(info.args(), workload.keys, workload.text_keys) {
         Ok(args) => args,
         Err(e) => {
             kprintln!(env.console, "error: workload '{}': {e}", workload.name);
-            env.platform.exit(exit_code::USAGE);
+            return exit_code::USAGE;
         }
     };
 
@@ -132,15 +101,5 @@ fn run(mut env: Env) -> ! {
         outcome.checksum,
         outcome.fields
     );
-    env.platform.exit(outcome.exit_code)
-}
-
-/// Reports a fatal boot error on COM1 and ends the VM through the exit port (used before the
-/// mode's own console and exit path are known to work).
-fn fail_on_uart(msg: core::fmt::Arguments<'_>, code: u32) -> ! {
-    let mut uart = Uart16550::com1();
-    uart.init();
-    let mut console = Console::Uart(uart);
-    kprintln!(console, "error: {msg}");
-    platform::exit_port(code)
+    outcome.exit_code
 }

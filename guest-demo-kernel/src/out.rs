@@ -1,41 +1,35 @@
-//! Line-buffered output: each line is formatted into a stack buffer and sent in one piece (one
-//! `console_write` hypercall in PV mode).
+//! Output helpers: [`Line`] (a line kept for hashing as well as printing), workload result
+//! [`Fields`], and `kprintln!`, which sends each line in one piece through
+//! `guest_pv::console::print_line` (one `console_write` hypercall when the host offers it).
 
 use core::fmt;
 
-use guest_pv::Console;
-
-/// The longest line sent in one piece; longer lines are cut (the newline is kept).
+/// The longest [`Line`]; longer text is cut.
 pub const LINE_MAX: usize = 512;
 
-/// A fixed-capacity line being formatted.
+/// A fixed-capacity line, kept so it can be both printed and hashed (the greeting).
 #[derive(Debug)]
-pub struct LineBuf {
+pub struct Line {
     buf: [u8; LINE_MAX],
     len: usize,
 }
 
-impl LineBuf {
+impl Line {
     /// An empty line.
-    pub const fn new() -> LineBuf {
-        LineBuf {
+    pub const fn new() -> Line {
+        Line {
             buf: [0; LINE_MAX],
             len: 0,
         }
     }
 
-    /// Ends the line with `\n` (overwriting the last byte if the buffer is full) and returns it.
-    pub fn finish(&mut self) -> &[u8] {
-        if self.len == LINE_MAX {
-            self.len -= 1;
-        }
-        self.buf[self.len] = b'\n';
-        self.len += 1;
+    /// The bytes written so far.
+    pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 }
 
-impl fmt::Write for LineBuf {
+impl fmt::Write for Line {
     /// Appends what fits and silently drops the rest, so a long message is cut, not lost.
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let n = s.len().min(LINE_MAX - self.len);
@@ -92,18 +86,10 @@ impl fmt::Display for Fields {
     }
 }
 
-/// Formats `args` plus `\n` and writes the line to `console` in one piece. Output errors are
-/// ignored: there is nowhere else to report them.
-pub fn print_line(console: &mut Console, args: fmt::Arguments<'_>) {
-    let mut line = LineBuf::new();
-    let _ = fmt::Write::write_fmt(&mut line, args);
-    let _ = console.write_bytes(line.finish());
-}
-
-/// `kprintln!(console, "fmt", args…)`: one line on a [`Console`], sent in one piece.
+/// `kprintln!(console, "fmt", args…)`: one line on a [`guest_pv::Console`], sent in one piece.
 macro_rules! kprintln {
     ($console:expr, $($arg:tt)*) => {
-        $crate::out::print_line(&mut $console, format_args!($($arg)*))
+        guest_pv::console::print_line(&mut $console, format_args!($($arg)*))
     };
 }
 pub(crate) use kprintln;

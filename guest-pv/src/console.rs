@@ -1,10 +1,11 @@
-//! Console output: the `console_write` hypercall, [`PvConsole`] over it, and [`Console`], which
-//! picks the hypercall or the trapped UART by mode.
+//! Console output: the `console_write` hypercall, [`PvConsole`] over it, [`Console`], which
+//! picks the hypercall or the trapped UART, and [`LineWriter`], which sends whole lines (one
+//! exit per line with the hypercall, instead of one per formatting fragment).
 
 use core::fmt;
 
 use hypercall_abi::boot::Mode;
-use hypercall_abi::{CONSOLE_WRITE_MAX, Call};
+use hypercall_abi::{CONSOLE_WRITE_MAX, Call, features};
 
 use crate::{HypercallError, Pvkit, Uart16550};
 
@@ -110,18 +111,22 @@ pub enum Console {
 }
 
 impl Console {
-    /// [`Console::Pv`] if `mode` is [`Mode::Pv`] and `pv` is `Some`, otherwise an initialised
-    /// COM1 [`Console::Uart`] (so in [`Mode::Trapped`] no hypercall is ever issued, even if the
-    /// host is pvkit).
+    /// [`Console::Pv`] if `mode` is [`Mode::Pv`] and `pv` is `Some` with
+    /// [`features::CONSOLE`], otherwise an initialised COM1 [`Console::Uart`] (so in
+    /// [`Mode::Trapped`] no hypercall is ever issued, even if the host is pvkit).
+    /// [`Platform::console`](crate::Platform::console) is the same without the mode.
     pub fn new(mode: Mode, pv: Option<Pvkit>) -> Console {
         match (mode, pv) {
-            (Mode::Pv, Some(pv)) => Console::Pv(pv.console()),
-            _ => {
-                let mut uart = Uart16550::com1();
-                uart.init();
-                Console::Uart(uart)
-            }
+            (Mode::Pv, Some(pv)) if pv.has(features::CONSOLE) => Console::Pv(pv.console()),
+            _ => Console::uart(),
         }
+    }
+
+    /// An initialised COM1 [`Console::Uart`].
+    pub fn uart() -> Console {
+        let mut uart = Uart16550::com1();
+        uart.init();
+        Console::Uart(uart)
     }
 
     /// Writes all of `bytes` (the UART never fails; the hypercall console can).
@@ -140,6 +145,86 @@ impl fmt::Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         self.write_bytes(s.as_bytes())
     }
+}
+
+/// Bytes a [`LineWriter`] holds before it sends them even without a newline.
+pub const LINE_MAX: usize = 512;
+
+/// A line-buffered writer: collects what is formatted into it and sends it to `W` at each
+/// newline, when [`LINE_MAX`] bytes are pending, and on [`flush`](Self::flush) or drop. Over
+/// the hypercall console that is one exit per line, however many fragments `write!` makes.
+/// Nothing is cut: a longer line goes out in several pieces.
+#[derive(Debug)]
+pub struct LineWriter<W: fmt::Write> {
+    out: W,
+    buf: [u8; LINE_MAX],
+    len: usize,
+}
+
+impl<W: fmt::Write> LineWriter<W> {
+    /// An empty line over `out`.
+    pub const fn new(out: W) -> LineWriter<W> {
+        LineWriter {
+            out,
+            buf: [0; LINE_MAX],
+            len: 0,
+        }
+    }
+
+    /// Sends what is pending.
+    pub fn flush(&mut self) -> fmt::Result {
+        if self.len == 0 {
+            return Ok(());
+        }
+        // Only whole `&str`s are appended, cut at character boundaries, so this is UTF-8.
+        let text = core::str::from_utf8(&self.buf[..self.len]).map_err(|_| fmt::Error);
+        self.len = 0;
+        self.out.write_str(text?)
+    }
+
+    /// The writer underneath (pending bytes stay pending).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+}
+
+impl<W: fmt::Write> fmt::Write for LineWriter<W> {
+    fn write_str(&mut self, mut s: &str) -> fmt::Result {
+        while !s.is_empty() {
+            // Up to and including the next newline, or what fits.
+            let line_end = s.find('\n').map_or(s.len(), |i| i + 1);
+            let mut n = line_end.min(LINE_MAX - self.len);
+            while !s.is_char_boundary(n) {
+                n -= 1;
+            }
+            if n == 0 {
+                // A character that does not fit: send what is pending first.
+                self.flush()?;
+                continue;
+            }
+            self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+            self.len += n;
+            if self.buf[self.len - 1] == b'\n' || self.len == LINE_MAX {
+                self.flush()?;
+            }
+            s = &s[n..];
+        }
+        Ok(())
+    }
+}
+
+impl<W: fmt::Write> Drop for LineWriter<W> {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+/// Formats `args` plus `\n` and sends it to `console` as one line (one `console_write` exit for
+/// lines up to [`LINE_MAX`] bytes). Output errors are ignored: there is nowhere to report them.
+pub fn print_line(console: &mut Console, args: fmt::Arguments<'_>) {
+    let mut line = LineWriter::new(console);
+    let _ = fmt::Write::write_fmt(&mut line, args);
+    let _ = fmt::Write::write_str(&mut line, "\n");
 }
 
 #[cfg(test)]
@@ -163,6 +248,45 @@ mod tests {
             Ok(take(n))
         });
         (calls, r)
+    }
+
+    /// Records each piece a [`LineWriter`] sends.
+    #[derive(Default)]
+    struct Pieces(Vec<std::string::String>);
+
+    impl fmt::Write for Pieces {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            self.0.push(s.into());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn line_writer_sends_whole_lines() {
+        use core::fmt::Write as _;
+        let mut out = Pieces::default();
+        {
+            let mut w = LineWriter::new(&mut out);
+            write!(w, "a={} b={}", 1, 2 + 2).unwrap();
+            writeln!(w, " c={:#x}", 255).unwrap();
+            write!(w, "x\ny\nrest").unwrap();
+        }
+        assert_eq!(out.0, ["a=1 b=4 c=0xff\n", "x\n", "y\n", "rest"]);
+    }
+
+    #[test]
+    fn line_writer_splits_long_lines_without_losing_bytes() {
+        use core::fmt::Write as _;
+        let mut out = Pieces::default();
+        let long = "é".repeat(LINE_MAX); // 2 bytes each
+        {
+            let mut w = LineWriter::new(&mut out);
+            w.write_str(&long).unwrap();
+            w.write_str("\n").unwrap();
+        }
+        assert!(out.0.iter().all(|p| p.len() <= LINE_MAX));
+        assert_eq!(out.0.concat(), long + "\n");
+        assert_eq!(out.0.len(), 3);
     }
 
     #[test]

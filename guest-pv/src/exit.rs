@@ -23,7 +23,7 @@ impl Pvkit {
 }
 
 /// Ends the VM the way `mode` asks for: the `exit` hypercall in [`Mode::Pv`] (when `pv` is
-/// `Some`), otherwise the trapped exit port ([`trapped::exit_port`]).
+/// `Some` and offers [`features::EXIT`](hypercall_abi::features::EXIT)), otherwise the trapped exit port ([`trapped::exit_port`]).
 ///
 /// In `Pv` mode, if the host refuses the hypercall, falls back to the exit port (safe: `pv`
 /// proves the machine is a pvkit VM).
@@ -32,7 +32,9 @@ impl Pvkit {
 /// When it falls back to the exit port with `pv == None`, the caller must guarantee the machine
 /// is a pvkit VM, as [`trapped::exit_port`] requires.
 pub unsafe fn exit(mode: Mode, pv: Option<Pvkit>, code: u32) -> ! {
-    if let (Mode::Pv, Some(pv)) = (mode, pv) {
+    if let (Mode::Pv, Some(pv)) = (mode, pv)
+        && pv.has(hypercall_abi::features::EXIT)
+    {
         let _ = pv.try_exit(code);
     }
     // SAFETY: either `pv` proves this is a pvkit VM, or the caller guarantees it (this

@@ -84,6 +84,7 @@ compile_error!("guest-pv supports x86-64 only (pvkit's hypercall is an x86 `out`
 extern crate std;
 
 pub mod args;
+pub mod boot;
 pub mod checksum;
 mod clock;
 pub mod console;
@@ -93,8 +94,10 @@ mod exit;
 pub mod frames;
 pub mod hypercall;
 pub mod idle;
+pub mod kernel;
 pub mod mmu;
 mod null;
+pub mod platform;
 pub mod trapped;
 pub mod tsc;
 pub mod uart;
@@ -106,6 +109,9 @@ pub use console::{Console, PvConsole};
 pub use detect::{Pvkit, detect};
 pub use exit::{exit, halt_forever};
 pub use hypercall::HypercallError;
+/// The ABI crate this library speaks (so a kernel needs no direct dependency on it).
+pub use hypercall_abi as abi;
 pub use hypercall_abi::boot::Mode;
 pub use null::null_sum;
+pub use platform::Platform;
 pub use uart::Uart16550;

@@ -2,9 +2,12 @@
 //! exit per reading.
 //!
 //! A pvkit v1.2 host reports the guest's TSC frequency in kHz in CPUID leaf
-//! [`CPUID_LEAF_TIMING`] `eax` and sets [`features::TSC_KHZ`]. [`Tsc::from_cpuid`] trusts the
-//! leaf only under the pvkit signature with that bit set. Reading CPUID is not a hypercall, so
-//! this works in both of pvkit's modes (and at CPL 3: `rdtsc` is not privileged).
+//! [`CPUID_LEAF_TIMING`] `eax` and sets [`features::TSC_KHZ`]. Other hypervisors use the same
+//! leaf (the VMware/KVM "timing" leaf: QEMU with `invtsc`, and `host-vmm --mode trapped`, which
+//! hides pvkit behind a plain KVM signature). [`Tsc::from_cpuid`] trusts the leaf under the pvkit
+//! signature only with that bit set, and under any other hypervisor signature when the highest
+//! hypervisor leaf reaches it. Reading CPUID is not a hypercall, so this works in every mode
+//! (and at CPL 3: `rdtsc` is not privileged).
 //!
 //! # Arithmetic
 //! No floating point (`x86_64-unknown-none` is soft-float) and no 128-bit division: `u128 / u64`
@@ -42,8 +45,8 @@ pub struct Tsc {
 }
 
 impl Tsc {
-    /// The TSC the pvkit host describes in CPUID leaf [`CPUID_LEAF_TIMING`]; `None` without a
-    /// pvkit signature, with a highest pvkit leaf below the timing leaf, without
+    /// The TSC the hypervisor describes in CPUID leaf [`CPUID_LEAF_TIMING`]; `None` on bare
+    /// metal, with a highest hypervisor leaf below the timing leaf, under pvkit without
     /// [`features::TSC_KHZ`], or with a frequency of 0.
     pub fn from_cpuid() -> Option<Tsc> {
         if cpuid(1).ecx & HYPERVISOR_PRESENT == 0 {
@@ -54,6 +57,34 @@ impl Tsc {
             cpuid(CPUID_LEAF_VERSION),
             || cpuid(CPUID_LEAF_TIMING),
         )
+    }
+
+    /// The TSC measured against another clock: reads `reference_ns` (e.g.
+    /// [`Pvkit::clock_ns`](crate::Pvkit::clock_ns)) and the TSC, waits until the reference has
+    /// advanced by at least `window_ns`, and divides. For a host that does not report the TSC
+    /// rate (no [`features::TSC_KHZ`]); `None` if the reference fails, stands still for
+    /// `2^32` readings, or the result is 0 or above `u32::MAX` kHz.
+    pub fn calibrate<E>(
+        mut reference_ns: impl FnMut() -> Result<u64, E>,
+        window_ns: u64,
+    ) -> Option<Tsc> {
+        let ref0 = reference_ns().ok()?;
+        let tsc0 = rdtsc();
+        let mut spins = 0u64;
+        let (ref1, tsc1) = loop {
+            let now = reference_ns().ok()?;
+            let tsc = rdtsc();
+            if now.saturating_sub(ref0) >= window_ns.max(1) {
+                break (now, tsc);
+            }
+            spins += 1;
+            if spins >= 1 << 32 {
+                return None;
+            }
+        };
+        let ticks = u128::from(tsc1.wrapping_sub(tsc0));
+        let khz = ticks * 1_000_000 / u128::from(ref1 - ref0);
+        Tsc::from_khz(u32::try_from(khz).ok()?)
     }
 
     /// A TSC ticking at `khz` kHz; `None` for 0.
@@ -95,15 +126,19 @@ impl Tsc {
     }
 }
 
-/// Decodes the pvkit leaves: the timing leaf (read through `timing` only if the others vouch
-/// for it) gives the frequency. Pure, so it can be tested on the host.
+/// Decodes the hypervisor leaves: the timing leaf (read through `timing` only if the others
+/// vouch for it) gives the frequency. Pure, so it can be tested on the host.
 fn decode_timing(
     signature: CpuidResult,
     version: CpuidResult,
     timing: impl FnOnce() -> CpuidResult,
 ) -> Option<Tsc> {
-    let pv = decode(signature, version)?;
-    if signature.eax < CPUID_LEAF_TIMING || !pv.has(features::TSC_KHZ) {
+    if signature.eax < CPUID_LEAF_TIMING || signature.eax >= CPUID_LEAF_SIGNATURE + 0x100 {
+        return None;
+    }
+    if let Some(pv) = decode(signature, version)
+        && !pv.has(features::TSC_KHZ)
+    {
         return None;
     }
     Tsc::from_khz(timing().eax)
@@ -188,6 +223,32 @@ mod tests {
         assert!(t - tsc.ns_to_ticks(tsc.ticks_to_ns(t)) < 3);
     }
 
+    #[test]
+    fn calibration_divides_ticks_by_reference_time() {
+        // The host's own TSC against a reference that advances 1 ms per reading: the result is
+        // whatever the TSC did in that time, but it must be a plausible, non-zero rate.
+        let mut t = 0u64;
+        let tsc = Tsc::calibrate(
+            || -> Result<u64, ()> {
+                t += 1_000_000;
+                Ok(t)
+            },
+            10_000_000,
+        );
+        assert!(tsc.is_some());
+        // A failing reference gives no clock; so does one that never moves.
+        assert_eq!(Tsc::calibrate(|| Err::<u64, ()>(()), 1), None);
+        let mut n = 0u64;
+        let stuck = Tsc::calibrate(
+            || -> Result<u64, ()> {
+                n += 1;
+                if n > 1000 { Err(()) } else { Ok(5) }
+            },
+            1,
+        );
+        assert_eq!(stuck, None);
+    }
+
     fn leaves(max_leaf: u32, feature_bits: u64) -> (CpuidResult, CpuidResult) {
         let (ebx, ecx, edx) = hypercall_abi::signature_registers();
         let signature = CpuidResult {
@@ -229,14 +290,18 @@ mod tests {
         // A host whose highest leaf is below the timing leaf.
         let (sig, ver) = leaves(CPUID_LEAF_VERSION, features::V1_2);
         assert_eq!(decode_timing(sig, ver, || unreachable!()), None);
-        // Another signature.
-        let (mut sig, ver) = leaves(hypercall_abi::CPUID_MAX_LEAF, features::V1_2);
-        sig.ebx ^= 1;
+        // Another hypervisor (KVM under QEMU with invtsc, pvkit in trapped mode) whose highest
+        // leaf reaches the timing leaf: trusted, whatever the version leaf says.
+        let (mut sig, ver) = leaves(hypercall_abi::CPUID_MAX_LEAF, 0);
+        sig.ebx = u32::from_le_bytes(*b"KVMK");
+        assert_eq!(
+            decode_timing(sig, ver, timing(2_000_000)),
+            Tsc::from_khz(2_000_000)
+        );
+        // ... but not when its highest leaf stops short, or is not a hypervisor leaf at all.
+        sig.eax = CPUID_LEAF_VERSION;
         assert_eq!(decode_timing(sig, ver, || unreachable!()), None);
-    }
-
-    #[test]
-    fn the_test_host_has_no_pvkit_timing_leaf() {
-        assert_eq!(Tsc::from_cpuid(), None);
+        sig.eax = 0x0000_000d;
+        assert_eq!(decode_timing(sig, ver, || unreachable!()), None);
     }
 }

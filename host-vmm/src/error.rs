@@ -47,6 +47,14 @@ pub enum Error {
         /// What is wrong with it.
         source: ElfError,
     },
+    /// The kernel's ABI note rules out booting it here.
+    #[error("kernel {name} cannot boot here: {source}")]
+    KernelRefused {
+        /// Path or "embedded demo kernel".
+        name: String,
+        /// Why.
+        source: crate::kernel_abi::AbiRefusal,
+    },
     /// Bad memory size.
     #[error("invalid memory size: {0}")]
     MemSize(String),

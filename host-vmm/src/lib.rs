@@ -21,6 +21,7 @@ pub mod devices;
 pub mod error;
 pub mod hypercall;
 pub mod kernel;
+pub mod kernel_abi;
 pub mod loader;
 pub mod memory;
 pub mod metrics;

@@ -21,6 +21,7 @@ const ELFDATA2LSB: u8 = 1;
 const EM_X86_64: u16 = 62;
 const ET_EXEC: u16 = 2;
 const PT_LOAD: u32 = 1;
+const PT_NOTE: u32 = 4;
 /// More program headers than any sane kernel has; bounds the work on hostile input.
 const MAX_PHDRS: u16 = 64;
 
@@ -241,9 +242,25 @@ pub fn load(ram: &GuestRam, image: &[u8]) -> Result<ElfInfo, ElfError> {
 }
 
 /// Builds a minimal valid ELF64 x86-64 executable: one PT_LOAD segment holding `code` at
-/// `paddr` (file offset 0x1000), `memsz` bytes in memory, entry at `paddr`. For tests and
-/// tools that need a purpose-built guest (or a deliberately broken one, by patching bytes).
+/// `paddr` (file offset 0x1000), `memsz` bytes in memory, entry at `paddr`, and a PT_NOTE
+/// segment with the pvkit ABI note of this ABI version requiring nothing (so `host-vmm` shows it
+/// pvkit in PV mode). For tests and tools that need a purpose-built guest (or a deliberately
+/// broken one, by patching bytes).
 pub fn minimal_elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
+    let note = hypercall_abi::note::AbiNote::new(0);
+    minimal_elf_with_note(
+        paddr,
+        code,
+        memsz,
+        Some(zerocopy::IntoBytes::as_bytes(&note)),
+    )
+}
+
+/// [`minimal_elf`] with the given note bytes in its PT_NOTE segment (at file offset 0x200, at
+/// most 0xe00 bytes), or without a PT_NOTE segment for `None` (a kernel that does not say which
+/// ABI it speaks: `host-vmm` boots it as an unmodified guest).
+pub fn minimal_elf_with_note(paddr: u64, code: &[u8], memsz: u64, note: Option<&[u8]>) -> Vec<u8> {
+    const NOTE_OFFSET: usize = 0x200;
     let mut f = vec![0u8; 0x1000];
     f[..4].copy_from_slice(b"\x7fELF");
     f[4] = ELFCLASS64;
@@ -256,7 +273,8 @@ pub fn minimal_elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
     f[32..40].copy_from_slice(&64u64.to_le_bytes());
     f[52..54].copy_from_slice(&64u16.to_le_bytes());
     f[54..56].copy_from_slice(&56u16.to_le_bytes());
-    f[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let phnum: u16 = if note.is_some() { 2 } else { 1 };
+    f[56..58].copy_from_slice(&phnum.to_le_bytes());
     let ph = &mut f[64..120];
     ph[0..4].copy_from_slice(&PT_LOAD.to_le_bytes());
     ph[4..8].copy_from_slice(&5u32.to_le_bytes());
@@ -265,8 +283,91 @@ pub fn minimal_elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
     ph[24..32].copy_from_slice(&paddr.to_le_bytes());
     ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
     ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+    if let Some(note) = note {
+        let note = &note[..note.len().min(0x1000 - NOTE_OFFSET)];
+        f[NOTE_OFFSET..NOTE_OFFSET + note.len()].copy_from_slice(note);
+        let ph = &mut f[120..176];
+        ph[0..4].copy_from_slice(&PT_NOTE.to_le_bytes());
+        ph[4..8].copy_from_slice(&4u32.to_le_bytes());
+        ph[8..16].copy_from_slice(&(NOTE_OFFSET as u64).to_le_bytes());
+        ph[32..40].copy_from_slice(&(note.len() as u64).to_le_bytes());
+        ph[40..48].copy_from_slice(&(note.len() as u64).to_le_bytes());
+        ph[48..56].copy_from_slice(&4u64.to_le_bytes());
+    }
     f.extend_from_slice(code);
     f
+}
+
+/// One program header, as `host-vmm inspect` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramHeader {
+    /// `p_type`.
+    pub kind: u32,
+    /// `p_flags` (bit 0 X, 1 W, 2 R).
+    pub flags: u32,
+    /// `p_offset`.
+    pub offset: u64,
+    /// `p_vaddr`.
+    pub vaddr: u64,
+    /// `p_paddr`.
+    pub paddr: u64,
+    /// `p_filesz`.
+    pub filesz: u64,
+    /// `p_memsz`.
+    pub memsz: u64,
+}
+
+impl ProgramHeader {
+    /// `LOAD`, `NOTE`, … or the number.
+    pub fn kind_name(&self) -> String {
+        match self.kind {
+            0 => "NULL".into(),
+            PT_LOAD => "LOAD".into(),
+            2 => "DYNAMIC".into(),
+            3 => "INTERP".into(),
+            PT_NOTE => "NOTE".into(),
+            6 => "PHDR".into(),
+            7 => "TLS".into(),
+            0x6474_e550 => "GNU_EH_FRAME".into(),
+            0x6474_e551 => "GNU_STACK".into(),
+            0x6474_e552 => "GNU_RELRO".into(),
+            k => format!("{k:#x}"),
+        }
+    }
+
+    /// `RWX` flags, `-` for a clear bit.
+    pub fn flags_str(&self) -> String {
+        let f = |bit: u32, c: char| if self.flags & bit != 0 { c } else { '-' };
+        [f(4, 'R'), f(2, 'W'), f(1, 'X')].iter().collect()
+    }
+}
+
+/// The program headers of an ELF64 little-endian image (at most 64), or an empty list if the
+/// header table cannot be read. For display; [`validate`] is what decides.
+pub fn program_headers(image: &[u8]) -> Vec<ProgramHeader> {
+    if image.len() < EHDR_SIZE || &image[..4] != b"\x7fELF" || image[4] != ELFCLASS64 {
+        return Vec::new();
+    }
+    let phoff = u64_at(image, 32);
+    let (entsize, phnum) = (u16_at(image, 54), u16_at(image, 56));
+    if usize::from(entsize) != PHDR_SIZE {
+        return Vec::new();
+    }
+    (0..usize::from(phnum.min(MAX_PHDRS)))
+        .map_while(|i| {
+            let at = usize::try_from(phoff).ok()?.checked_add(i * PHDR_SIZE)?;
+            let ph = image.get(at..at.checked_add(PHDR_SIZE)?)?;
+            Some(ProgramHeader {
+                kind: u32_at(ph, 0),
+                flags: u32_at(ph, 4),
+                offset: u64_at(ph, 8),
+                vaddr: u64_at(ph, 16),
+                paddr: u64_at(ph, 24),
+                filesz: u64_at(ph, 32),
+                memsz: u64_at(ph, 40),
+            })
+        })
+        .collect()
 }
 
 /// A seekable in-memory reader that linux-loader can read into guest memory from

@@ -8,9 +8,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use host_vmm::compare::{self, CompareOptions};
 use host_vmm::console::ConsoleSink;
+use host_vmm::kernel_abi::{HiddenBecause, KernelAbi, Offer};
 use host_vmm::memory::parse_mem_size;
-use host_vmm::vm::{self, DiskConfig, KernelImage, VmConfig};
+use host_vmm::vm::{self, DiskConfig, KernelImage, Vm, VmConfig};
 use hypercall_abi::boot::Mode;
+use hypercall_abi::features::{self, Names};
 
 /// Exit status when the VMM itself fails (the guest's own codes pass through unchanged).
 const VMM_FAILURE: u8 = 125;
@@ -33,9 +35,15 @@ enum Command {
     Run {
         /// ELF64 x86-64 kernel to boot (static executable loaded at >= 2 MiB).
         kernel: Option<PathBuf>,
-        /// pv: use hypercalls; trapped: behave as an unmodified guest.
+        /// pv: show the guest pvkit (CPUID leaves, hypercalls); trapped: hide pvkit, so the
+        /// guest runs as an unmodified guest and a hypercall is a guest error.
         #[arg(long, value_enum, default_value_t = ModeArg::Pv)]
         mode: ModeArg,
+        /// Clear these pvkit feature bits in PV mode, comma-separated (console, exit, clock,
+        /// null, tsc_khz, idle_yield, zero_hints, mmu_update, zero_prepare): the guest uses
+        /// their trapped twins.
+        #[arg(long, value_name = "FEATURE[,...]", value_delimiter = ',', value_parser = feature_bit)]
+        disable: Vec<u64>,
         /// Guest RAM, e.g. 128M, 1G (16 MiB .. 3068 MiB, below the page-table pool).
         #[arg(long, default_value = "128M", value_parser = mem_size)]
         mem: u64,
@@ -63,6 +71,21 @@ enum Command {
     },
     /// Run workloads in PV and trapped mode in one process and print them side by side.
     Compare(CompareArgs),
+    /// Show a kernel's entry point, segments and pvkit ABI note, and whether it will boot —
+    /// without running it. Exit status 0 if it will boot, 1 if not.
+    Inspect {
+        /// ELF64 kernel to inspect (default: the embedded demo kernel).
+        kernel: Option<PathBuf>,
+        /// The mode it would run in.
+        #[arg(long, value_enum, default_value_t = ModeArg::Pv)]
+        mode: ModeArg,
+        /// Guest RAM it would get.
+        #[arg(long, default_value = "128M", value_parser = mem_size)]
+        mem: u64,
+        /// Feature bits that would be cleared (as for `run`).
+        #[arg(long, value_name = "FEATURE[,...]", value_delimiter = ',', value_parser = feature_bit)]
+        disable: Vec<u64>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -170,6 +193,89 @@ fn mem_size(s: &str) -> Result<u64, String> {
     parse_mem_size(s).map_err(|e| e.to_string())
 }
 
+fn feature_bit(s: &str) -> Result<u64, String> {
+    features::from_name(s).ok_or_else(|| {
+        let known: Vec<&str> = features::NAMES.iter().map(|(_, n)| *n).collect();
+        format!("unknown feature (known: {})", known.join(", "))
+    })
+}
+
+/// Prints what `host-vmm inspect` shows; returns whether the kernel will boot.
+fn inspect(image: &KernelImage, mode: Mode, mem: u64, disable: u64) -> bool {
+    let bytes = &image.bytes;
+    println!("kernel: {} ({} bytes)", image.name, bytes.len());
+    let headers = host_vmm::loader::program_headers(bytes);
+    if bytes.len() >= 32 && bytes.starts_with(b"\x7fELF") {
+        let entry = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
+        println!("entry: {entry:#x}");
+    }
+    println!("program headers:");
+    for ph in &headers {
+        println!(
+            "  {:<12} {}  vaddr {:#012x}  paddr {:#012x}  filesz {:#9x}  memsz {:#9x}",
+            ph.kind_name(),
+            ph.flags_str(),
+            ph.vaddr,
+            ph.paddr,
+            ph.filesz,
+            ph.memsz
+        );
+    }
+    if headers.is_empty() {
+        println!("  (none readable)");
+    }
+    let abi = KernelAbi::read(bytes);
+    match abi {
+        KernelAbi::Note(d) => {
+            let (major, minor) = d.version();
+            println!(
+                "pvkit note: built against ABI {major}.{minor}, requires {}",
+                Names(d.required())
+            );
+        }
+        KernelAbi::Unmarked => {
+            println!("pvkit note: none (the kernel does not say which ABI it speaks)")
+        }
+        KernelAbi::Malformed => println!("pvkit note: malformed"),
+    }
+    let verdict = host_vmm::loader::validate(bytes, mem)
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            abi.offer(mode, host_vmm::hypercall::host_features(1), disable)
+                .map_err(|e| e.to_string())
+        });
+    let (hypervisor_mib, mode_name) = (mem >> 20, mode.name());
+    match verdict {
+        Ok(Offer::Pv(bits)) => {
+            println!(
+                "will boot: yes (--mode {mode_name}, {hypervisor_mib} MiB): pvkit shown with \
+                 features {} (tsc_khz if KVM reports the TSC rate)",
+                Names(bits)
+            );
+            true
+        }
+        Ok(Offer::Hidden(why)) => {
+            println!(
+                "will boot: yes (--mode {mode_name}, {hypervisor_mib} MiB): as an unmodified \
+                 guest, pvkit hidden ({})",
+                hidden_why(why)
+            );
+            true
+        }
+        Err(e) => {
+            println!("will boot: no: {e}");
+            false
+        }
+    }
+}
+
+fn hidden_why(why: HiddenBecause) -> &'static str {
+    match why {
+        HiddenBecause::TrappedMode => "--mode trapped",
+        HiddenBecause::NoNote => "the kernel has no pvkit ABI note",
+    }
+}
+
 fn workload_name(s: &str) -> Result<String, String> {
     if s == "all" || compare::WORKLOADS.contains(&s) {
         Ok(s.to_string())
@@ -193,6 +299,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             kernel,
             mode,
+            disable,
             mem,
             workload,
             stats,
@@ -205,6 +312,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = VmConfig {
                 kernel: kernel_image(kernel)?,
                 mode: mode.into(),
+                disable: disable.iter().fold(0, |a, b| a | b),
                 mem_size: mem,
                 workload,
                 args,
@@ -212,7 +320,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 disk: disk.map(|path| DiskConfig { path, readonly }),
                 virtio_console,
             };
-            let report = vm::run(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
+            let vm = Vm::new(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
+            if vm.offer() == Offer::Hidden(HiddenBecause::NoNote) && cfg.mode == Mode::Pv {
+                eprintln!(
+                    "host-vmm: note: {} has no pvkit ABI note; booting it as an unmodified \
+                     guest (pvkit hidden)",
+                    cfg.kernel.name
+                );
+            }
+            let report = vm.run()?;
             if stats {
                 eprintln!("{}", report.stats.summary());
                 if let Some(w) = &report.window {
@@ -235,6 +351,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(
                 u8::try_from(report.exit_code).unwrap_or(255),
             ))
+        }
+        Command::Inspect {
+            kernel,
+            mode,
+            mem,
+            disable,
+        } => {
+            let image = kernel_image(kernel)?;
+            let disable = disable.iter().fold(0, |a, b| a | b);
+            Ok(if inspect(&image, mode.into(), mem, disable) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Compare(args) => {
             let json = args.json.clone();

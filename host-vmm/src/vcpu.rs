@@ -12,6 +12,7 @@ use crate::devices::PioAction;
 use crate::devices::virtio::MmioDevice;
 use crate::error::{Error, Result};
 use crate::hypercall::{self, Context, Outcome};
+use crate::kernel_abi::{HiddenBecause, Offer};
 use crate::metrics::{ExitReason, Snapshot, Window, thread_cpu_ns};
 use crate::vm::{POOL_SLOT, Vm};
 use crate::{mmu, trap};
@@ -138,9 +139,25 @@ fn step(vm: &mut Vm) -> Result<Step> {
     };
     let stats = &mut vm.stats;
     Ok(match exit {
-        VcpuExit::IoOut(HYPERCALL_PORT, _) => {
+        VcpuExit::IoOut(HYPERCALL_PORT, _) if matches!(vm.offer, Offer::Pv(_)) => {
             stats.record(ExitReason::Hypercall);
             Step::Hypercall
+        }
+        // pvkit is hidden: an unmodified guest has no hypercall port, so a kernel that writes
+        // it skipped detection. Counted, and reported as the guest's error.
+        VcpuExit::IoOut(HYPERCALL_PORT, _) => {
+            stats.record(ExitReason::Pio);
+            stats.record_event("hypercall_while_hidden");
+            Step::Fault(format!(
+                "wrote to the hypercall port {HYPERCALL_PORT:#x} while pvkit is hidden ({}): \
+                 detect pvkit with CPUID before making hypercalls",
+                match vm.offer {
+                    Offer::Hidden(HiddenBecause::NoNote) => {
+                        "the kernel has no pvkit ABI note, so it runs as an unmodified guest"
+                    }
+                    _ => "--mode trapped runs the kernel as an unmodified guest",
+                }
+            ))
         }
         VcpuExit::IoOut(port, data) => {
             let action = vm.bus.write(port, data, stats);
@@ -238,7 +255,7 @@ fn hypercall(vm: &mut Vm) -> Result<Step> {
         pool: &mut vm.pool,
         events: &mut vm.bus.events,
         protected_end,
-        features: vm.features,
+        features: vm.offer.features(),
     };
     let ret = match hypercall::dispatch(&mut ctx, &call, &mut vm.stats) {
         Outcome::Exit(code) => return Ok(Step::Exit(code)),

@@ -18,6 +18,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{Interrupt, MmioDevice};
 use crate::error::{Error, Result};
 use crate::hypercall::clock::Clock;
+use crate::kernel_abi::{KernelAbi, Offer};
 use crate::loader::{self, ElfInfo};
 use crate::memory::GuestRam;
 use crate::metrics::{ExitStats, Window};
@@ -66,8 +67,11 @@ impl KernelImage {
 pub struct VmConfig {
     /// The kernel.
     pub kernel: KernelImage,
-    /// PV or trapped.
+    /// PV or trapped (pvkit hidden: an unmodified guest's view).
     pub mode: Mode,
+    /// Feature bits to clear in PV mode (`--disable`): the guest sees them unset and the host
+    /// answers their calls with `NOT_IMPLEMENTED`.
+    pub disable: u64,
     /// Guest RAM in bytes.
     pub mem_size: u64,
     /// Workload name passed to the guest.
@@ -97,6 +101,7 @@ impl VmConfig {
         VmConfig {
             kernel: KernelImage::embedded(),
             mode,
+            disable: 0,
             mem_size: 128 << 20,
             workload: workload.into(),
             args: Vec::new(),
@@ -199,8 +204,8 @@ pub struct Vm {
     pub(crate) clock: Clock,
     pub(crate) stats: ExitStats,
     pub(crate) sync_regs: bool,
-    /// The feature bits advertised to the guest.
-    pub(crate) features: u64,
+    /// What the guest is shown: pvkit with feature bits, or nothing.
+    pub(crate) offer: Offer,
     kernel: ElfInfo,
 }
 
@@ -225,6 +230,15 @@ impl Vm {
             name: cfg.kernel.name.clone(),
             source,
         })?;
+        let abi = KernelAbi::read(&cfg.kernel.bytes);
+        let refused = |source| Error::KernelRefused {
+            name: cfg.kernel.name.clone(),
+            source,
+        };
+        // Everything but the TSC rate is known without KVM: refuse early what cannot boot.
+        let offer = abi
+            .offer(cfg.mode, hypercall::host_features(1), cfg.disable)
+            .map_err(refused)?;
         let disk = match &cfg.disk {
             Some(d) => Some(Disk::open(&d.path, d.readonly)?),
             None => None,
@@ -240,7 +254,7 @@ impl Vm {
             .map(|(n, id)| (virtio::window(n), id))
             .collect();
         let req = BootRequest {
-            mode: cfg.mode,
+            mode: offer.mode(),
             workload: &cfg.workload,
             args: &args,
             devices: &devices,
@@ -267,8 +281,10 @@ impl Vm {
         // The timing leaf tells the guest its TSC rate; without it the guest has no clock that
         // costs no exit, so report 0 rather than fail where KVM cannot say.
         let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
-        let features = hypercall::host_features(tsc_khz);
-        vcpu.set_cpuid2(&cpuid::guest_cpuid(&kvm, features, tsc_khz)?)
+        let offer = abi
+            .offer(cfg.mode, hypercall::host_features(tsc_khz), cfg.disable)
+            .map_err(refused)?;
+        vcpu.set_cpuid2(&cpuid::guest_cpuid(&kvm, offer, tsc_khz)?)
             .map_err(Error::kvm("set CPUID"))?;
         let mut sregs = vcpu.get_sregs().map_err(Error::kvm("get sregs"))?;
         boot::long_mode_sregs(&mut sregs);
@@ -315,7 +331,7 @@ impl Vm {
             clock: Clock::new(),
             stats: ExitStats::default(),
             sync_regs,
-            features,
+            offer,
             kernel,
         })
     }
@@ -323,6 +339,11 @@ impl Vm {
     /// Where the kernel was loaded.
     pub fn kernel(&self) -> &ElfInfo {
         &self.kernel
+    }
+
+    /// What the guest is shown: pvkit with its feature bits, or nothing (and why).
+    pub fn offer(&self) -> Offer {
+        self.offer
     }
 
     /// Runs the guest until it exits (or faults).

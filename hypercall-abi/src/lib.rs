@@ -19,6 +19,7 @@ pub mod boot;
 pub mod idle;
 pub mod layout;
 pub mod mmu;
+pub mod note;
 pub mod ports;
 pub mod virtio;
 pub mod zero;
@@ -27,7 +28,7 @@ pub mod zero;
 /// version differs from the one it was built against.
 pub const ABI_VERSION_MAJOR: u16 = 1;
 /// ABI minor version: bumped when calls or features are added compatibly.
-pub const ABI_VERSION_MINOR: u16 = 6;
+pub const ABI_VERSION_MINOR: u16 = 7;
 
 /// The ABI version packed as `major << 16 | minor` (the format of CPUID leaf
 /// [`CPUID_LEAF_VERSION`] `eax` and of [`Call::Features`]' result).
@@ -100,6 +101,93 @@ pub mod features {
     pub const V1_3: u64 = V1_2 | ZERO_HINTS;
     /// Everything a v1.6 host services (v1.4 and v1.5 added no feature bits).
     pub const V1_6: u64 = V1_3 | ZERO_PREPARE;
+    /// Everything a v1.7 host services (v1.7 added no feature bit: it added the ELF note of
+    /// [`crate::note`] and made feature bits binding, see [`call_feature`]).
+    pub const V1_7: u64 = V1_6;
+
+    /// Every defined feature bit with its stable name (lowercase, as `host-vmm --disable` and
+    /// `host-vmm inspect` spell them), in bit order.
+    pub const NAMES: [(u64, &str); 9] = [
+        (CONSOLE, "console"),
+        (EXIT, "exit"),
+        (CLOCK, "clock"),
+        (NULL, "null"),
+        (TSC_KHZ, "tsc_khz"),
+        (IDLE_YIELD, "idle_yield"),
+        (ZERO_HINTS, "zero_hints"),
+        (MMU_UPDATE, "mmu_update"),
+        (ZERO_PREPARE, "zero_prepare"),
+    ];
+
+    /// The name of one feature bit; `None` for a reserved bit or a value that is not exactly
+    /// one bit.
+    pub const fn name(bit: u64) -> Option<&'static str> {
+        let mut i = 0;
+        while i < NAMES.len() {
+            if NAMES[i].0 == bit {
+                return Some(NAMES[i].1);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// The bit of a feature name ([`NAMES`]); `-` is accepted for `_` and case is ignored.
+    pub fn from_name(name: &str) -> Option<u64> {
+        NAMES.iter().find_map(|&(bit, n)| {
+            let same = n.len() == name.len()
+                && n.bytes().zip(name.bytes()).all(|(a, b)| {
+                    let b = b.to_ascii_lowercase();
+                    a == b || (a == b'_' && b == b'-')
+                });
+            same.then_some(bit)
+        })
+    }
+
+    /// Displays a set of feature bits as names joined by `,` (reserved bits as `bitN`; the
+    /// empty set as `none`), e.g. `console,exit,mmu_update`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Names(pub u64);
+
+    impl core::fmt::Display for Names {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            if self.0 == 0 {
+                return f.write_str("none");
+            }
+            let mut first = true;
+            for i in 0..64 {
+                let bit = 1u64 << i;
+                if self.0 & bit == 0 {
+                    continue;
+                }
+                if !first {
+                    f.write_str(",")?;
+                }
+                first = false;
+                match name(bit) {
+                    Some(n) => f.write_str(n)?,
+                    None => write!(f, "bit{i}")?,
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The feature bit that must be set for a host to service `call` (since v1.7 a host answers a
+/// call whose bit it clears with [`Error::NotImplemented`]); `None` for `features`, which is
+/// always serviced.
+pub const fn call_feature(call: Call) -> Option<u64> {
+    Some(match call {
+        Call::Null => features::NULL,
+        Call::Features => return None,
+        Call::ConsoleWrite => features::CONSOLE,
+        Call::Exit => features::EXIT,
+        Call::ClockNs => features::CLOCK,
+        Call::IdleYield => features::IDLE_YIELD,
+        Call::ZeroHints => features::ZERO_HINTS,
+        Call::MmuUpdate | Call::MmuPin => features::MMU_UPDATE,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -292,6 +380,9 @@ impl Return {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use std::string::ToString;
+
     use super::*;
 
     #[test]
@@ -350,6 +441,37 @@ mod tests {
         s[4..8].copy_from_slice(&c.to_le_bytes());
         s[8..].copy_from_slice(&d.to_le_bytes());
         assert_eq!(s, CPUID_SIGNATURE);
+    }
+
+    #[test]
+    fn feature_names_round_trip() {
+        for (bit, name) in features::NAMES {
+            assert_eq!(bit.count_ones(), 1);
+            assert_eq!(features::name(bit), Some(name));
+            assert_eq!(features::from_name(name), Some(bit));
+            assert_eq!(
+                features::from_name(&name.to_uppercase().replace('_', "-")),
+                Some(bit)
+            );
+        }
+        assert_eq!(features::from_name("mmu"), None);
+        assert_eq!(features::from_name(""), None);
+        assert_eq!(features::name(1 << 40), None);
+        assert_eq!(features::name(features::CONSOLE | features::EXIT), None);
+        assert_eq!(
+            features::Names(features::CONSOLE | features::MMU_UPDATE | (1 << 40)).to_string(),
+            "console,mmu_update,bit40"
+        );
+        assert_eq!(features::Names(0).to_string(), "none");
+        let all = features::NAMES.iter().fold(0, |a, (b, _)| a | b);
+        assert_eq!(all, features::V1_7);
+    }
+
+    #[test]
+    fn every_call_but_features_has_a_feature_bit() {
+        assert_eq!(call_feature(Call::Features), None);
+        assert_eq!(call_feature(Call::MmuPin), Some(features::MMU_UPDATE));
+        assert_eq!(call_feature(Call::Null), Some(features::NULL));
     }
 
     #[test]

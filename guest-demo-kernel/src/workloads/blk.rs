@@ -185,7 +185,9 @@ impl fmt::Display for ArgError<'_> {
                 "unknown pattern '{p}' (known: seq-read, seq-write, rand-read, write-ro-probe)"
             ),
             ArgError::Wait(w) => write!(f, "unknown wait '{w}' (known: poll, pv, irq)"),
-            ArgError::PvInTrapped => f.write_str("wait=pv needs mode pv (use poll or irq)"),
+            ArgError::PvInTrapped => {
+                f.write_str("wait=pv needs a pvkit host offering idle_yield (use poll or irq)")
+            }
             ArgError::Ack(a) => write!(f, "unknown ack '{a}' (known: end, wake)"),
             ArgError::SizeKib(n) => {
                 write!(f, "size_kib={n} (want {MIN_SIZE_KIB}..={MAX_SIZE_KIB})")
@@ -205,20 +207,18 @@ impl fmt::Display for ArgError<'_> {
     }
 }
 
-/// Checks the arguments against each other and the mode.
+/// Checks the arguments against each other and the host's features.
 fn config<'a>(platform: Platform, args: &Args<'a>) -> Result<Config, ArgError<'a>> {
     let pattern = match args.get_str("pattern") {
         None => Pattern::SeqRead,
         Some(name) => Pattern::from_name(name).ok_or(ArgError::Pattern(name))?,
     };
     let wait = match args.get_str("wait") {
-        None => match platform {
-            Platform::Pv(_) => WaitKind::Pv,
-            Platform::Trapped => WaitKind::Irq,
-        },
+        None if platform.feature(features::IDLE_YIELD).is_some() => WaitKind::Pv,
+        None => WaitKind::Irq,
         Some(name) => WaitKind::from_name(name).ok_or(ArgError::Wait(name))?,
     };
-    if wait == WaitKind::Pv && matches!(platform, Platform::Trapped) {
+    if wait == WaitKind::Pv && platform.feature(features::IDLE_YIELD).is_none() {
         return Err(ArgError::PvInTrapped);
     }
     let ack = match args.get_str("ack") {
@@ -282,21 +282,12 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
             format_args!("no virtio block device (run with --disk PATH)"),
         );
     };
-    let policy = match (cfg.wait, env.platform) {
+    let policy = match (cfg.wait, env.platform.feature(features::IDLE_YIELD)) {
         (WaitKind::Poll, _) => WaitPolicy::Poll,
         (WaitKind::Irq, _) => WaitPolicy::Interrupt,
-        (WaitKind::Pv, Platform::Pv(pv)) if pv.has(features::IDLE_YIELD) => WaitPolicy::PvWait(pv),
-        (WaitKind::Pv, Platform::Pv(pv)) => {
-            kprintln!(
-                env.console,
-                "error: workload '{}': wait=pv needs idle_yield (host features {:#x})",
-                WORKLOAD.name,
-                pv.feature_bits()
-            );
-            env.platform.exit(exit_code::NO_PVKIT);
-        }
+        (WaitKind::Pv, Some(pv)) => WaitPolicy::PvWait(pv),
         // `config` refused it.
-        (WaitKind::Pv, Platform::Trapped) => unreachable!("wait=pv in trapped mode"),
+        (WaitKind::Pv, None) => unreachable!("wait=pv without idle_yield"),
     };
 
     // DMA pages for the rings, then the transfer buffer, in free RAM above the kernel.
@@ -373,7 +364,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
 /// Reports an argument error and exits with [`exit_code::USAGE`] (at CPL 0 or CPL 3).
 fn usage(env: &mut Env, msg: fmt::Arguments<'_>) -> ! {
     kprintln!(env.console, "error: workload '{}': {msg}", WORKLOAD.name);
-    env.platform.exit(exit_code::USAGE)
+    env.exit(exit_code::USAGE)
 }
 
 /// The lowercase name of a request status (`ok`, `ioerr`, `unsupp`, `notready`, `other`).

@@ -48,7 +48,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
                 "error: workload '{}': bytes={bytes} does not fit in free RAM (max {max})",
                 WORKLOAD.name
             );
-            env.platform.exit(exit_code::USAGE);
+            env.exit(exit_code::USAGE);
         }
     };
     for (j, b) in (0u64..).zip(buf.iter_mut()) {

@@ -43,7 +43,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
             "error: workload '{}': fault={fault} (want 0 = none, 1 = #UD, 2 = #PF, 3 = #GP)",
             WORKLOAD.name
         );
-        env.platform.exit(exit_code::USAGE);
+        env.exit(exit_code::USAGE);
     }
     let checksum = at_cpl3(|| {
         let mut h = Fnv1a::new();

@@ -27,12 +27,21 @@ use crate::platform::Platform;
 /// What a workload works with.
 #[derive(Debug)]
 pub struct Env {
-    /// The boot mode.
+    /// PV (with the host's feature bits) or trapped, by detection.
     pub platform: Platform,
-    /// The mode's console (hypercall console in PV mode, COM1 in trapped mode).
+    /// The console (hypercall console if the host offers it, else COM1).
     pub console: Console,
     /// The validated boot info.
     pub boot_info: &'static BootInfo,
+}
+
+impl Env {
+    /// Ends the VM with `code` (the `exit` hypercall if offered, else the exit port).
+    pub fn exit(&self, code: u32) -> ! {
+        // SAFETY: this kernel runs only under pvkit (see `platform`'s module docs), so the exit
+        // port of the trapped path is pvkit's.
+        unsafe { self.platform.exit(code) }
+    }
 }
 
 /// A workload's result, reported in the `PVKIT-RESULT` line.

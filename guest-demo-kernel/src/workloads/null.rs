@@ -1,5 +1,5 @@
 //! `null` (argument `ops`, default 100000): bare host round trips, timed as one tight loop with
-//! no guest work per call but the call itself. PV: `ops` `null` hypercalls (`Pvkit::null_loop`,
+//! no guest work per call but the call itself. PV (the host offers `null`): `ops` `null` hypercalls (`Pvkit::null_loop`,
 //! `null(i)` for `i` = `0..ops`); trapped: `ops` 32-bit writes of `i as u32` to the null port
 //! (`null_port_loop`).
 //!
@@ -10,9 +10,10 @@
 
 use guest_pv::args::Args;
 use guest_pv::{Fnv1a, null_sum};
+use hypercall_abi::features;
 
 use super::{Env, Outcome, Workload};
-use crate::platform::{Platform, marker_begin, marker_end, null_port_loop, null_port_read};
+use crate::platform::{marker_begin, marker_end, null_port_loop, null_port_read};
 
 pub const WORKLOAD: Workload = Workload {
     name: "null",
@@ -26,8 +27,8 @@ const DEFAULT_OPS: u64 = 100_000;
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let ops = args.get_or("ops", DEFAULT_OPS);
     let expected = null_sum(ops);
-    let sum = match env.platform {
-        Platform::Pv(pv) => {
+    let sum = match env.platform.feature(features::NULL) {
+        Some(pv) => {
             marker_begin();
             let r = pv.null_loop(ops);
             marker_end();
@@ -37,7 +38,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
                 Err(e) => panic!("null hypercalls: {e}"),
             }
         }
-        Platform::Trapped => {
+        None => {
             marker_begin();
             let sum = null_port_loop(ops);
             marker_end();

@@ -48,7 +48,7 @@ use hypercall_abi::mmu::{
 use super::{Env, Outcome, Workload, free_ram_start};
 use crate::exit_code;
 use crate::out::kprintln;
-use crate::platform::{Platform, at_cpl3, marker_begin, marker_end};
+use crate::platform::{at_cpl3, marker_begin, marker_end};
 
 pub const WORKLOAD: Workload = Workload {
     name: "pagetable",
@@ -113,12 +113,12 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         "new" => Root::New,
         other => usage(env, format_args!("root={other} (want boot or new)")),
     };
-    if root == Root::New && matches!(env.platform, Platform::Trapped) {
+    if root == Root::New && env.platform.feature(features::MMU_UPDATE).is_none() {
         usage(
             env,
             format_args!(
-                "root=new needs mode pv (a new root must be pinned with mmu_pin; the host cannot \
-                 see a trapped guest's CR3 loads)"
+                "root=new needs a pvkit host offering mmu_update (a new root must be pinned with \
+                 mmu_pin; the host cannot see a trapped guest's CR3 loads)"
             ),
         );
     }
@@ -146,9 +146,9 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
             ),
         );
     }
-    let updater = match env.platform {
-        Platform::Pv(pv) => Updater::Pv(pv_batch(env, pv, batch as usize)),
-        Platform::Trapped => Updater::Trapped,
+    let updater = match env.platform.feature(features::MMU_UPDATE) {
+        Some(pv) => Updater::Pv(pv_batch(pv, batch as usize)),
+        None => Updater::Trapped,
     };
     let job = Job {
         pool: &pool,
@@ -163,7 +163,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
 /// Reports an argument error and exits with [`exit_code::USAGE`].
 fn usage(env: &mut Env, msg: fmt::Arguments<'_>) -> ! {
     kprintln!(env.console, "error: workload '{}': {msg}", WORKLOAD.name);
-    env.platform.exit(exit_code::USAGE)
+    env.exit(exit_code::USAGE)
 }
 
 /// Tables to map `pages` pages from [`BASE_VA`]: L1 tables, L2 tables and one L3 table.
@@ -173,18 +173,8 @@ const fn tables_needed(pages: u64) -> u64 {
     l1 + l1.div_ceil(per_l1) + 1
 }
 
-/// The batch of a PV run, in this module's static buffer. Exits (code 4) if the host lacks
-/// `mmu_update`.
-fn pv_batch(env: &mut Env, pv: Pvkit, capacity: usize) -> Batch<'static> {
-    if !pv.has(features::MMU_UPDATE) {
-        kprintln!(
-            env.console,
-            "error: workload '{}': the pvkit host lacks mmu_update (features {:#x})",
-            WORKLOAD.name,
-            pv.feature_bits()
-        );
-        env.platform.exit(exit_code::NO_PVKIT);
-    }
+/// The batch of a PV run (the host offers `mmu_update`), in this module's static buffer.
+fn pv_batch(pv: Pvkit, capacity: usize) -> Batch<'static> {
     // SAFETY: `batch_buffer` is a kernel static, identity-mapped (VA == GPA) by pvkit's boot
     // tables.
     match unsafe { Batch::new(pv, batch_buffer(), capacity) } {

@@ -49,7 +49,7 @@ const fn pattern(j: u64) -> u8 {
 
 fn usage(env: &mut Env, msg: core::fmt::Arguments<'_>) -> ! {
     kprintln!(env.console, "error: workload '{}': {msg}", WORKLOAD.name);
-    env.platform.exit(exit_code::USAGE)
+    env.exit(exit_code::USAGE)
 }
 
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {

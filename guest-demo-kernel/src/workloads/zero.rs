@@ -46,7 +46,7 @@ use hypercall_abi::layout::PAGE_SIZE;
 use super::{Env, Outcome, Workload, free_ram_start};
 use crate::exit_code;
 use crate::out::kprintln;
-use crate::platform::{Platform, at_cpl3, marker_begin, marker_checkpoint, marker_end};
+use crate::platform::{at_cpl3, marker_begin, marker_checkpoint, marker_end};
 
 pub const WORKLOAD: Workload = Workload {
     name: "zero",
@@ -163,18 +163,9 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
             ),
         ),
     };
-    let hints = match env.platform {
-        Platform::Pv(pv) if pv.has(features::ZERO_HINTS) => Hints::Pv(pv),
-        Platform::Pv(pv) => {
-            kprintln!(
-                env.console,
-                "error: workload '{}': the pvkit host lacks zero_hints (features {:#x})",
-                WORKLOAD.name,
-                pv.feature_bits()
-            );
-            env.platform.exit(exit_code::NO_PVKIT);
-        }
-        Platform::Trapped => Hints::None,
+    let hints = match env.platform.feature(features::ZERO_HINTS) {
+        Some(pv) => Hints::Pv(pv),
+        None => Hints::None,
     };
     let job = Job {
         hints,
@@ -217,7 +208,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
 /// Reports an argument error and exits with [`exit_code::USAGE`].
 fn usage(env: &mut Env, msg: fmt::Arguments<'_>) -> ! {
     kprintln!(env.console, "error: workload '{}': {msg}", WORKLOAD.name);
-    env.platform.exit(exit_code::USAGE)
+    env.exit(exit_code::USAGE)
 }
 
 /// The query bitmap and release list, handed out once per boot (one workload runs per boot).

@@ -421,6 +421,7 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Resul
                 let cfg = VmConfig {
                     kernel: opts.kernel.clone(),
                     mode: v.mode,
+                    disable: 0,
                     mem_size: mem_for(w, opts),
                     workload: w.clone(),
                     args: v.args.clone(),
@@ -614,7 +615,12 @@ pub fn run_floor(opts: &CompareOptions, floor: Floor, ops: u64) -> Result<Record
             name: "floor guest".into(),
             bytes: image.into(),
         },
-        mode: Mode::Trapped,
+        // The hypercall floor needs the port served; the PIO floor is an unmodified guest.
+        mode: match floor {
+            Floor::Pio => Mode::Trapped,
+            Floor::Hypercall => Mode::Pv,
+        },
+        disable: 0,
         mem_size: opts.mem_size,
         workload: String::new(),
         args: Vec::new(),

@@ -19,7 +19,7 @@ use crate::metrics::ExitStats;
 use crate::mmu::PtPool;
 
 /// Everything this VMM implements. What a VM advertises ([`host_features`]) can be less.
-pub const HOST_FEATURES: u64 = features::V1_6;
+pub const HOST_FEATURES: u64 = features::V1_7;
 
 /// What a VM advertises in CPUID and by `features`: [`HOST_FEATURES`] without `TSC_KHZ` when
 /// the TSC rate is unknown (`tsc_khz` = 0) and without `ZERO_PREPARE` when the host kernel
@@ -70,6 +70,13 @@ pub fn dispatch(ctx: &mut Context<'_>, regs: &Regs, stats: &mut ExitStats) -> Ou
         return Outcome::Return(Return::err(AbiError::UnknownCall));
     };
     stats.record_hypercall(call.name());
+    // A call whose feature bit this VM clears (`--disable`, or a host that cannot service it)
+    // is not serviced: the guest must have checked the bit (ABI §3).
+    if let Some(bit) = hypercall_abi::call_feature(call)
+        && ctx.features & bit == 0
+    {
+        return Outcome::Return(Return::err(AbiError::NotImplemented));
+    }
     let [a0, a1, ..] = regs.args;
     let ret = match call {
         Call::Null => Return::ok(a0),
