@@ -61,6 +61,24 @@ pub unsafe fn read(ptr: *const BootInfo) -> Result<&'static BootInfo, BootError>
     check(info)
 }
 
+/// The largest usable RAM region above the kernel image (page-aligned start, length), from the
+/// boot memory map: where a kernel without an allocator of its own can put its data.
+pub fn free_ram(info: &BootInfo) -> Option<(u64, u64)> {
+    const PAGE: u64 = hypercall_abi::layout::PAGE_SIZE;
+    info.regions()
+        .iter()
+        .filter(|r| r.kind == region_kind::USABLE)
+        .filter_map(|r| {
+            let end = r.start.checked_add(r.len)?;
+            let start = r
+                .start
+                .max(info.kernel_end)
+                .checked_next_multiple_of(PAGE)?;
+            (start < end).then_some((start, end - start))
+        })
+        .max_by_key(|&(_, len)| len)
+}
+
 /// The checks of [`read`] on a block already borrowed.
 pub fn check(info: &BootInfo) -> Result<&BootInfo, BootError> {
     if info.is_valid() {
@@ -92,6 +110,24 @@ mod tests {
         let mut bad = good.clone();
         bad.magic ^= 1;
         assert!(matches!(check(&bad), Err(BootError::Invalid { .. })));
+        assert_eq!(free_ram(&good), None, "no memory map, no free RAM");
+        let mut mapped = good.clone();
+        mapped.kernel_end = 0x30_1234;
+        for (start, len, kind) in [
+            (0, 0x10_0000, region_kind::RESERVED),
+            (0x20_0000, 0x20_0000, region_kind::USABLE),
+            (0x40_0000, 0x400_0000, region_kind::USABLE),
+        ] {
+            mapped
+                .push_region(MemRegion {
+                    start,
+                    len,
+                    kind,
+                    info: 0,
+                })
+                .unwrap();
+        }
+        assert_eq!(free_ram(&mapped), Some((0x40_0000, 0x400_0000)));
         let mut other_major = good.clone();
         other_major.abi_version = 2 << 16;
         assert!(matches!(

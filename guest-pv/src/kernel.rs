@@ -73,6 +73,14 @@ impl Kernel {
         }
     }
 
+    /// Writes pvkit's measurement marker port: [`MARKER_BEGIN`](hypercall_abi::ports::MARKER_BEGIN)
+    /// and [`MARKER_END`](hypercall_abi::ports::MARKER_END) bracket the timed section
+    /// `host-vmm run --stats` reports (wall time, vCPU CPU time, exits inside), in both modes.
+    pub fn marker(&self, value: u32) {
+        // SAFETY: a `Kernel` proves a pvkit VM (see `exit`); the marker port only records.
+        unsafe { trapped::marker(value) }
+    }
+
     /// Ends the VM with `code`: the `exit` hypercall if offered, else pvkit's exit port.
     pub fn exit(&self, code: u32) -> ! {
         // SAFETY: a `Kernel` exists only for a machine that booted us with a pvkit boot-info
