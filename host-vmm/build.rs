@@ -11,8 +11,9 @@
 //! the `targets` of `rust-toolchain.toml` only when it installs the toolchain itself, not for a
 //! toolchain that is already there, so this script checks the toolchain's sysroot and, if the
 //! target is missing from a rustup toolchain, runs `rustup target add` for that toolchain
-//! (a `cargo:warning` says so). If it cannot (no rustup, offline, a toolchain rustup does not
-//! manage), the build fails with one line saying what to do.
+//! (a `cargo:warning` says so). If that is impossible (no rustup, offline, a toolchain rustup
+//! does not manage), the build fails with one line saying what to do. The script runs again
+//! whenever the target's library directory changes or disappears.
 
 use std::env;
 use std::ffi::{OsStr, OsString};
@@ -99,6 +100,9 @@ struct Toolchain {
 /// not a rustup toolchain, or not known to be one), or the one-line error to report.
 fn ensure_guest_target(rustc: &OsStr) -> Result<Option<Toolchain>, String> {
     let (sysroot, libdir) = sysroot_and_libdir(rustc)?;
+    // Run again if the target goes away (`rustup target remove`): a missing path counts as
+    // changed, so the next build adds it back instead of failing in the nested cargo.
+    println!("cargo:rerun-if-changed={}", libdir.display());
     let toolchain = rustup_toolchain(&sysroot);
     if has_core(&libdir) {
         return Ok(toolchain);
