@@ -28,11 +28,22 @@
 //!   [`frames::Hints::None`] (the trapped twin) it zeroes every frame.
 //! - [`mmu`]: a page-table manager over pvkit's page-table pool, PV ([`mmu::Batch`] of
 //!   `mmu_update` hypercalls, [`Pvkit::mmu_pin`]) or trapped (plain stores), with one code path.
-//! - [`virtio`]: glue for the `virtio-drivers` crate (re-exported): device windows from the
-//!   boot memory map ([`virtio::devices`]), a [`Hal`](virtio::PvkitHal) over identity-mapped
-//!   RAM, the virtio-mmio transport ([`virtio::Mmio`], [`virtio::open_blk`]) and completion
-//!   waits ([`virtio::Waiter`]: poll the used ring, `idle_yield` until the device's event, or
-//!   `sti; hlt` until the event vector).
+// The `virtio` item links only where the module exists (rustdoc denies broken links).
+#![cfg_attr(
+    feature = "virtio",
+    doc = "- [`virtio`] (cargo feature `virtio`): glue for the `virtio-drivers` crate \
+           (re-exported): device windows from the boot memory map ([`virtio::devices`]), a \
+           [`Hal`](virtio::PvkitHal) over identity-mapped RAM, the virtio-mmio transport \
+           ([`virtio::Mmio`], [`virtio::open_blk`]) and completion waits ([`virtio::Waiter`]: \
+           poll the used ring, `idle_yield` until the device's event, or `sti; hlt` until the \
+           event vector)."
+)]
+#![cfg_attr(
+    not(feature = "virtio"),
+    doc = "- `virtio` (cargo feature `virtio`, off in this build): glue for the `virtio-drivers` \
+           crate: device windows from the boot memory map, a DMA `Hal` over identity-mapped \
+           RAM, the virtio-mmio transport and completion waits."
+)]
 //!
 //! The crate imposes no global allocator, panic handler or entry point, and builds for
 //! `x86_64-unknown-none` as well as for the host (where only its pure parts can run). Port I/O
@@ -76,6 +87,8 @@
 //! addresses straight to the host; a kernel with other mappings translates and uses
 //! [`Pvkit::console_write_phys`].
 #![no_std]
+// docs.rs builds with `--cfg docsrs` on nightly: mark feature-gated items.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("guest-pv supports x86-64 only (pvkit's hypercall is an x86 `out`)");
@@ -101,6 +114,8 @@ pub mod platform;
 pub mod trapped;
 pub mod tsc;
 pub mod uart;
+#[cfg(feature = "virtio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "virtio")))]
 pub mod virtio;
 mod zero;
 

@@ -3,8 +3,9 @@
 //! This crate is the single source of truth for every number and layout that crosses the
 //! guest/host boundary: detection CPUID leaves, the register convention of a hypercall, call
 //! numbers, error codes, feature bits, payload structs, the boot-info block and the
-//! guest-physical memory map. It contains no logic beyond encoding and decoding.
-//! `docs/ABI.md` is the normative prose version of the same contract.
+//! guest-physical memory map. It contains no logic beyond encoding and decoding. The pvkit
+//! repository's [`docs/ABI.md`](https://github.com/pvkit/pvkit/blob/main/docs/ABI.md) is the
+//! normative prose version of the same contract.
 //!
 //! # Transport in one paragraph
 //! A hypercall is a 32-bit port write `out dx, eax` with `dx` = [`HYPERCALL_PORT`] and
