@@ -103,7 +103,7 @@ pub mod features {
     /// Everything a v1.6 host services (v1.4 and v1.5 added no feature bits).
     pub const V1_6: u64 = V1_3 | ZERO_PREPARE;
     /// Everything a v1.7 host services (v1.7 added no feature bit: it added the ELF note of
-    /// [`crate::note`] and made feature bits binding, see [`call_feature`]).
+    /// [`crate::note`] and made feature bits binding, see [`crate::call_feature`]).
     pub const V1_7: u64 = V1_6;
 
     /// Every defined feature bit with its stable name (lowercase, as `host-vmm --disable` and
