@@ -31,7 +31,8 @@ enum Command {
     /// Boot a kernel (default: the embedded demo kernel) and run one workload.
     /// Exit status: the guest's exit code (capped at 255); 125 if the VMM fails.
     Run {
-        /// ELF64 x86-64 kernel to boot (static executable loaded at >= 2 MiB).
+        /// ELF64 x86-64 kernel to boot (static executable linked at a physical address
+        /// >= 2 MiB, virtual == physical).
         kernel: Option<PathBuf>,
         /// pv: use hypercalls; trapped: behave as an unmodified guest.
         #[arg(long, value_enum, default_value_t = ModeArg::Pv)]

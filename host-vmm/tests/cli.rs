@@ -312,6 +312,26 @@ fn segment_that_does_not_fit_in_mem() {
 }
 
 #[test]
+fn kernels_linked_at_the_wrong_address_say_how_to_link() {
+    // Higher-half link: loaded at 2 MiB, virtual -2 GiB.
+    let mut hh = minimal_elf(0x20_0000, &[0xf4], 0x1000);
+    hh[64 + 16..64 + 24].copy_from_slice(&0xffff_ffff_8020_0000u64.to_le_bytes());
+    let mut moved = minimal_elf(0x20_0000, &[0xf4], 0x1000);
+    moved[64 + 16..64 + 24].copy_from_slice(&0x40_0000u64.to_le_bytes());
+    let high = minimal_elf(0xC000_0000, &[0xf4], 0x1000);
+    for (name, img, needle) in [
+        ("higher-half", hh, "higher half"),
+        ("vaddr", moved, "virtual must equal physical"),
+        ("high", high, "link it lower"),
+    ] {
+        let p = temp_file(name, &img);
+        let o = host_vmm(&["run", "--mem", "3068M", p.to_str().unwrap()]);
+        assert_vmm_error(&o, needle);
+        assert!(!stderr(&o).contains("increase --mem"), "{}", stderr(&o));
+    }
+}
+
+#[test]
 fn bad_mem_and_mode_are_usage_errors() {
     for args in [
         &["run", "--mem", "lots"][..],
