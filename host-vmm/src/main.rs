@@ -212,6 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kvm_device,
                 disk: disk.map(|path| DiskConfig { path, readonly }),
                 virtio_console,
+                timeout: None,
             };
             let report = vm::run(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
             if stats {
