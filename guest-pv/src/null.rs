@@ -39,7 +39,7 @@ impl Pvkit {
 /// [`crate::trapped::null_port_loop`] return for `n`.
 pub const fn null_sum(n: u64) -> u64 {
     // Halve the even factor first, so the product never needs more than 64 bits before wrapping.
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         (n / 2).wrapping_mul(n.wrapping_sub(1))
     } else {
         n.wrapping_mul((n - 1) / 2)

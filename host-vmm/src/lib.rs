@@ -27,6 +27,7 @@ pub mod memory;
 pub mod metrics;
 pub mod mmu;
 pub mod prepare;
+pub mod stop;
 #[cfg(test)]
 mod test_util;
 pub mod trap;

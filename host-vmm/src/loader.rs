@@ -6,7 +6,7 @@
 
 use std::io::{Read, Seek, SeekFrom};
 
-use hypercall_abi::layout::{KERNEL_MIN_GPA, PAGE_SIZE};
+use hypercall_abi::layout::{KERNEL_MIN_GPA, MAX_MEM_SIZE, MIN_MEM_SIZE, PAGE_SIZE};
 use linux_loader::loader::{KernelLoader, elf::Elf};
 use vm_memory::{
     GuestAddress, ReadVolatile, VolatileMemoryError, VolatileSlice, bitmap::BitmapSlice,
@@ -24,6 +24,8 @@ const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
 /// More program headers than any sane kernel has; bounds the work on hostile input.
 const MAX_PHDRS: u16 = 64;
+/// Start of the canonical higher half, where higher-half kernels link themselves.
+pub const HIGHER_HALF: u64 = 0xffff_8000_0000_0000;
 
 /// Why an image cannot be booted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,10 +86,53 @@ pub enum ElfError {
         /// KERNEL_MIN_GPA.
         min: u64,
     },
-    /// A segment that does not fit in guest RAM.
+    /// A segment whose virtual address differs from its physical one.
+    #[error(
+        "segment {index}: virtual address {vaddr:#x} differs from physical address {paddr:#x}; \
+         pvkit loads segments at their physical address (p_paddr) and enters through an \
+         identity map, so virtual must equal physical: link with p_vaddr == p_paddr (e.g. no \
+         higher-half)"
+    )]
+    VirtualNotPhysical {
+        /// Program header index.
+        index: usize,
+        /// p_vaddr.
+        vaddr: u64,
+        /// p_paddr.
+        paddr: u64,
+    },
+    /// A segment or the entry point linked in the higher half.
+    #[error(
+        "{what} at {addr:#x} is in the higher half (>= 0xffff800000000000): pvkit enters \
+         through an identity map of guest RAM and cannot boot higher-half kernels; link the \
+         kernel at a physical address >= 2 MiB ({KERNEL_MIN_GPA:#x}) with virtual == physical"
+    )]
+    HigherHalf {
+        /// "segment N" or "entry point".
+        what: String,
+        /// The higher-half address.
+        addr: u64,
+    },
+    /// A segment that ends beyond the largest guest RAM pvkit can give.
+    #[error(
+        "segment {index} ({start:#x}..{end:#x}) is linked beyond the RAM pvkit can give a guest \
+         (at most {max_mib} MiB, ending at {MAX_MEM_SIZE:#x} below the page-table pool), so no \
+         --mem makes it fit; link it lower, inside {KERNEL_MIN_GPA:#x}..{MAX_MEM_SIZE:#x}"
+    )]
+    BeyondMaxRam {
+        /// Program header index.
+        index: usize,
+        /// First byte.
+        start: u64,
+        /// One past the last byte (saturated).
+        end: u64,
+        /// The largest guest RAM in MiB.
+        max_mib: u64,
+    },
+    /// A segment that does not fit in this guest's RAM, but would with a larger `--mem`.
     #[error(
         "segment {index} ({start:#x}..{end:#x}) does not fit in {mem_mib} MiB of guest memory; \
-         increase --mem"
+         increase --mem to at least {need_mib} MiB"
     )]
     SegmentDoesNotFit {
         /// Program header index.
@@ -98,6 +143,8 @@ pub enum ElfError {
         end: u64,
         /// Guest RAM in MiB.
         mem_mib: u64,
+        /// The smallest `--mem` (MiB) that holds the segment.
+        need_mib: u64,
     },
     /// Entry point not inside any loaded segment.
     #[error("entry point {0:#x} is not inside any loadable segment")]
@@ -176,6 +223,7 @@ pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
             continue;
         }
         let offset = u64_at(ph, 8);
+        let vaddr = u64_at(ph, 16);
         let paddr = u64_at(ph, 24);
         let filesz = u64_at(ph, 32);
         let memsz = u64_at(ph, 40);
@@ -194,6 +242,21 @@ pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
         if filesz > memsz {
             return Err(ElfError::FileSizeExceedsMemSize(index));
         }
+        // Higher-half first: such a kernel usually also has p_vaddr != p_paddr, and
+        // "higher half" is the more useful message.
+        if let Some(addr) = [vaddr, paddr].into_iter().find(|&a| a >= HIGHER_HALF) {
+            return Err(ElfError::HigherHalf {
+                what: format!("segment {index}"),
+                addr,
+            });
+        }
+        if vaddr != paddr {
+            return Err(ElfError::VirtualNotPhysical {
+                index,
+                vaddr,
+                paddr,
+            });
+        }
         if paddr < KERNEL_MIN_GPA {
             return Err(ElfError::SegmentTooLow {
                 index,
@@ -201,21 +264,38 @@ pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
                 min: KERNEL_MIN_GPA,
             });
         }
-        let seg_end = paddr.checked_add(memsz).filter(|&e| e <= mem_size);
-        let Some(seg_end) = seg_end else {
+        let seg_end = paddr.saturating_add(memsz);
+        if seg_end > MAX_MEM_SIZE {
+            return Err(ElfError::BeyondMaxRam {
+                index,
+                start: paddr,
+                end: seg_end,
+                max_mib: MAX_MEM_SIZE >> 20,
+            });
+        }
+        if seg_end > mem_size {
+            // A bigger --mem holds it. MAX_MEM_SIZE is a whole number of MiB, so rounding the
+            // end up to a MiB stays within the limit.
             return Err(ElfError::SegmentDoesNotFit {
                 index,
                 start: paddr,
-                end: paddr.saturating_add(memsz),
+                end: seg_end,
                 mem_mib: mem_size >> 20,
+                need_mib: seg_end.div_ceil(1 << 20).max(MIN_MEM_SIZE >> 20),
             });
-        };
+        }
         entry_ok |= (paddr..seg_end).contains(&entry);
         start = start.min(paddr);
         end = end.max(seg_end);
     }
     if end == 0 {
         return Err(ElfError::NoLoadableSegments);
+    }
+    if entry >= HIGHER_HALF {
+        return Err(ElfError::HigherHalf {
+            what: "entry point".into(),
+            addr: entry,
+        });
     }
     if !entry_ok {
         return Err(ElfError::BadEntry(entry));
@@ -496,7 +576,7 @@ mod tests {
         let wrap = tiny_elf(0x20_0000, &[0xf4], u64::MAX);
         assert!(matches!(
             validate(&wrap, MEM),
-            Err(ElfError::SegmentDoesNotFit { .. })
+            Err(ElfError::BeyondMaxRam { .. })
         ));
         let fat = patched(|i| i[64 + 32] = 0xff);
         assert!(matches!(
@@ -509,5 +589,115 @@ mod tests {
             validate(&over, MEM),
             Err(ElfError::FileSizeExceedsMemSize(0))
         );
+    }
+
+    /// Sets segment 0's p_vaddr.
+    fn with_vaddr(mut img: Vec<u8>, vaddr: u64) -> Vec<u8> {
+        img[64 + 16..64 + 24].copy_from_slice(&vaddr.to_le_bytes());
+        img
+    }
+
+    #[test]
+    fn virtual_must_equal_physical() {
+        let img = with_vaddr(tiny_elf(0x20_0000, &[0xf4], 0x1000), 0x40_0000);
+        let e = validate(&img, MEM).unwrap_err();
+        assert_eq!(
+            e,
+            ElfError::VirtualNotPhysical {
+                index: 0,
+                vaddr: 0x40_0000,
+                paddr: 0x20_0000
+            }
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("virtual must equal physical"), "{msg}");
+        assert!(msg.contains("p_vaddr == p_paddr"), "{msg}");
+        assert!(!msg.contains("--mem"), "{msg}");
+    }
+
+    #[test]
+    fn higher_half_kernels_are_named_as_such() {
+        // The usual higher-half link: loaded low, running at -2 GiB.
+        let img = with_vaddr(tiny_elf(0x20_0000, &[0xf4], 0x1000), 0xffff_ffff_8020_0000);
+        let e = validate(&img, MEM).unwrap_err();
+        assert_eq!(
+            e,
+            ElfError::HigherHalf {
+                what: "segment 0".into(),
+                addr: 0xffff_ffff_8020_0000
+            }
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("higher half"), "{msg}");
+        assert!(msg.contains(">= 2 MiB"), "{msg}");
+        assert!(!msg.contains("--mem"), "{msg}");
+        // Physical address in the higher half too (virtual == physical).
+        let both = tiny_elf(0xffff_8000_0020_0000, &[0xf4], 0x1000);
+        assert!(matches!(
+            validate(&both, MEM),
+            Err(ElfError::HigherHalf {
+                addr: 0xffff_8000_0020_0000,
+                ..
+            })
+        ));
+        // Only the entry point up there.
+        let mut entry = tiny_elf(0x20_0000, &[0xf4], 0x1000);
+        entry[24..32].copy_from_slice(&0xffff_ffff_8020_0000u64.to_le_bytes());
+        assert_eq!(
+            validate(&entry, MEM).unwrap_err(),
+            ElfError::HigherHalf {
+                what: "entry point".into(),
+                addr: 0xffff_ffff_8020_0000
+            }
+        );
+    }
+
+    #[test]
+    fn mem_is_suggested_only_when_a_bigger_mem_would_fit() {
+        // Ends at 34 MiB: --mem 34M would hold it.
+        let big = tiny_elf(0x20_0000, &[0xf4], 32 << 20);
+        let e = validate(&big, MEM).unwrap_err();
+        assert_eq!(
+            e,
+            ElfError::SegmentDoesNotFit {
+                index: 0,
+                start: 0x20_0000,
+                end: 0x220_0000,
+                mem_mib: 16,
+                need_mib: 34
+            }
+        );
+        assert!(e.to_string().contains("increase --mem to at least 34 MiB"));
+        assert!(validate(&big, 34 << 20).is_ok());
+        // Linked at 3 GiB (in the page-table pool / MMIO window): no --mem can hold it.
+        let high = tiny_elf(0xC000_0000, &[0xf4], 0x1000);
+        let e = validate(&high, MAX_MEM_SIZE).unwrap_err();
+        assert_eq!(
+            e,
+            ElfError::BeyondMaxRam {
+                index: 0,
+                start: 0xC000_0000,
+                end: 0xC000_1000,
+                max_mib: 3068
+            }
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("beyond the RAM pvkit can give"), "{msg}");
+        assert!(msg.contains("link it lower"), "{msg}");
+        assert!(!msg.contains("increase --mem"), "{msg}");
+        // Ending exactly at the largest RAM fits with the largest --mem.
+        let edge = tiny_elf(MAX_MEM_SIZE - 0x1000, &[0xf4], 0x1000);
+        assert!(validate(&edge, MAX_MEM_SIZE).is_ok());
+        let e = validate(&edge, MEM).unwrap_err();
+        assert!(matches!(
+            e,
+            ElfError::SegmentDoesNotFit { need_mib: 3068, .. }
+        ));
+        // One page further does not.
+        let over = tiny_elf(MAX_MEM_SIZE, &[0xf4], 0x1000);
+        assert!(matches!(
+            validate(&over, MAX_MEM_SIZE),
+            Err(ElfError::BeyondMaxRam { .. })
+        ));
     }
 }

@@ -3,6 +3,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -10,9 +12,12 @@ use host_vmm::compare::{self, CompareOptions};
 use host_vmm::console::ConsoleSink;
 use host_vmm::kernel_abi::{HiddenBecause, KernelAbi, Offer};
 use host_vmm::memory::parse_mem_size;
-use host_vmm::vm::{self, DiskConfig, KernelImage, Vm, VmConfig};
+use host_vmm::stop::{self, StopReason, Stopper};
+use host_vmm::vm::{self, DiskConfig, KernelImage, RunReport, Vm, VmConfig};
 use hypercall_abi::boot::Mode;
 use hypercall_abi::features::{self, Names};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::{Handle, Signals};
 
 /// Exit status when the VMM itself fails (the guest's own codes pass through unchanged).
 const VMM_FAILURE: u8 = 125;
@@ -31,9 +36,13 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a kernel (default: the embedded demo kernel) and run one workload.
-    /// Exit status: the guest's exit code (capped at 255); 125 if the VMM fails.
+    ///
+    /// Exit status: the guest's exit code (capped at 255); 124 if --timeout stopped it; 130 or
+    /// 143 if SIGINT or SIGTERM stopped it; 125 if the VMM fails; 2 for usage errors. A
+    /// stopped run prints `--stats` as usual and one `host-vmm: guest stopped: REASON` line.
     Run {
-        /// ELF64 x86-64 kernel to boot (static executable loaded at >= 2 MiB).
+        /// ELF64 x86-64 kernel to boot (static executable linked at a physical address
+        /// >= 2 MiB, virtual == physical).
         kernel: Option<PathBuf>,
         /// pv: show the guest pvkit (CPUID leaves, hypercalls); trapped: hide pvkit, so the
         /// guest runs as an unmodified guest and a hypercall is a guest error.
@@ -50,9 +59,13 @@ enum Command {
         /// Workload for the demo kernel: hello, null, console, pagetable, idle, zero, blk, vconsole, cpl3, panic.
         #[arg(long, default_value = "hello")]
         workload: String,
-        /// Print exit statistics to stderr when the guest exits.
+        /// Print exit statistics to stderr when the guest exits (or is stopped).
         #[arg(long)]
         stats: bool,
+        /// Stop the guest if it is still running this long after it started, e.g. 500ms, 5s,
+        /// 2m (a plain number is seconds); exit status 124.
+        #[arg(long, value_name = "DURATION", value_parser = timeout_arg)]
+        timeout: Option<Duration>,
         /// Attach this image file as a virtio-blk disk.
         #[arg(long, value_name = "PATH")]
         disk: Option<PathBuf>,
@@ -276,6 +289,10 @@ fn hidden_why(why: HiddenBecause) -> &'static str {
     }
 }
 
+fn timeout_arg(s: &str) -> Result<Duration, String> {
+    stop::parse_duration(s)
+}
+
 fn workload_name(s: &str) -> Result<String, String> {
     if s == "all" || compare::WORKLOADS.contains(&s) {
         Ok(s.to_string())
@@ -303,6 +320,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mem,
             workload,
             stats,
+            timeout,
             disk,
             readonly,
             virtio_console,
@@ -319,6 +337,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kvm_device,
                 disk: disk.map(|path| DiskConfig { path, readonly }),
                 virtio_console,
+                timeout,
             };
             let vm = Vm::new(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
             if vm.offer() == Offer::Hidden(HiddenBecause::NoNote) && cfg.mode == Mode::Pv {
@@ -328,29 +347,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cfg.kernel.name
                 );
             }
-            let report = vm.run()?;
+            let report = {
+                let _signals = StopOnSignals::install(vm.stopper())?;
+                vm.run()?
+            };
             if stats {
-                eprintln!("{}", report.stats.summary());
-                if let Some(w) = &report.window {
-                    eprintln!(
-                        "measured window: {:.3} ms wall, {:.3} ms vCPU thread CPU\n{}",
-                        w.wall_ns as f64 / 1e6,
-                        w.host_cpu_ns as f64 / 1e6,
-                        w.exits.summary().replace("exits:", "window exits:")
-                    );
-                    for (i, ns) in w.checkpoint_ns.iter().enumerate() {
-                        eprintln!(
-                            "checkpoint {}: {:.3} ms after begin, resident guest RAM {} MiB",
-                            i + 1,
-                            *ns as f64 / 1e6,
-                            w.resident_bytes.get(i + 1).copied().unwrap_or(0) >> 20
-                        );
-                    }
-                }
+                print_stats(&report);
             }
-            Ok(ExitCode::from(
-                u8::try_from(report.exit_code).unwrap_or(255),
-            ))
+            Ok(match report.stopped {
+                Some(reason) => {
+                    eprintln!("host-vmm: guest stopped: {reason}");
+                    ExitCode::from(reason.exit_status())
+                }
+                None => ExitCode::from(u8::try_from(report.exit_code).unwrap_or(255)),
+            })
         }
         Command::Inspect {
             kernel,
@@ -384,6 +394,62 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 anyhow::bail!("fidelity check failed: {}", failures.join("; "))
             }
+        }
+    }
+}
+
+fn print_stats(report: &RunReport) {
+    eprintln!("{}", report.stats.summary());
+    if let Some(w) = &report.window {
+        eprintln!(
+            "measured window: {:.3} ms wall, {:.3} ms vCPU thread CPU\n{}",
+            w.wall_ns as f64 / 1e6,
+            w.host_cpu_ns as f64 / 1e6,
+            w.exits.summary().replace("exits:", "window exits:")
+        );
+        for (i, ns) in w.checkpoint_ns.iter().enumerate() {
+            eprintln!(
+                "checkpoint {}: {:.3} ms after begin, resident guest RAM {} MiB",
+                i + 1,
+                *ns as f64 / 1e6,
+                w.resident_bytes.get(i + 1).copied().unwrap_or(0) >> 20
+            );
+        }
+    }
+}
+
+/// While it lives, SIGINT and SIGTERM stop the VM (instead of killing the process) so that
+/// `run` can still report. A thread waits for them; dropping this ends and joins it.
+struct StopOnSignals {
+    handle: Handle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StopOnSignals {
+    fn install(stopper: Stopper) -> anyhow::Result<StopOnSignals> {
+        let mut signals =
+            Signals::new([SIGINT, SIGTERM]).context("cannot install SIGINT/SIGTERM handlers")?;
+        let handle = signals.handle();
+        let thread = std::thread::Builder::new()
+            .name("pvkit-signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    stopper.stop(StopReason::Signal(signal));
+                }
+            })
+            .context("cannot start the signal thread")?;
+        Ok(StopOnSignals {
+            handle,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for StopOnSignals {
+    fn drop(&mut self) {
+        self.handle.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

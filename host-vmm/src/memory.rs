@@ -60,7 +60,7 @@ pub fn check_mem_size(bytes: u64) -> Result<()> {
             MAX_MEM_SIZE >> 20
         )));
     }
-    if bytes % PAGE_SIZE != 0 {
+    if !bytes.is_multiple_of(PAGE_SIZE) {
         return Err(Error::MemSize("must be a multiple of 4 KiB".into()));
     }
     Ok(())
@@ -183,7 +183,10 @@ impl GuestRam {
     /// Discards the host backing of `[gpa, gpa + len)` (page-aligned, inside RAM): the memory
     /// goes back to the host and the range reads as zero afterwards.
     pub fn discard(&self, gpa: u64, len: u64) -> std::io::Result<()> {
-        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || self.checked_range(gpa, len).is_none() {
+        if !gpa.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
+            || self.checked_range(gpa, len).is_none()
+        {
             return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
         }
         if len == 0 {
@@ -219,7 +222,10 @@ impl GuestRam {
     /// if the queue is full). A later [`discard`](Self::discard) of the range cancels what is
     /// still queued of it.
     pub fn prepare(&self, gpa: u64, len: u64) -> std::io::Result<u64> {
-        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || self.checked_range(gpa, len).is_none() {
+        if !gpa.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
+            || self.checked_range(gpa, len).is_none()
+        {
             return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
         }
         if !self.can_prepare() {

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::hypercall::{self, Context, Outcome};
 use crate::kernel_abi::{HiddenBecause, Offer};
 use crate::metrics::{ExitReason, Snapshot, Window, thread_cpu_ns};
+use crate::stop::StopReason;
 use crate::vm::{POOL_SLOT, Vm};
 use crate::{mmu, trap};
 
@@ -27,9 +28,22 @@ enum Step {
     Fault(String),
 }
 
-/// Runs until the guest exits. Returns the exit code and the measured window.
-pub(crate) fn run_loop(vm: &mut Vm) -> Result<(u32, Option<Window>)> {
+/// How a run ended without a VMM error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The guest exited with this code.
+    Exit(u32),
+    /// A stop was requested (timeout, signal) and the loop stopped at an exit boundary.
+    Stopped(StopReason),
+}
+
+/// Runs until the guest exits or a stop is requested. Returns how it ended and the measured
+/// window.
+pub(crate) fn run_loop(vm: &mut Vm) -> Result<(End, Option<Window>)> {
     let _slack = TimerSlack::precise();
+    // While this lives, a stop request kicks this thread out of KVM_RUN.
+    let stop = vm.stop.clone();
+    let _running = stop.running();
     run_guest(vm)
 }
 
@@ -55,12 +69,17 @@ impl Drop for TimerSlack {
     }
 }
 
-fn run_guest(vm: &mut Vm) -> Result<(u32, Option<Window>)> {
+fn run_guest(vm: &mut Vm) -> Result<(End, Option<Window>)> {
     let mut begin: Option<Snapshot> = None;
     // Resident guest RAM and time at the begin marker and at each checkpoint.
     let mut checkpoints: Vec<(u64, std::time::Instant)> = Vec::new();
     let mut window = None;
     loop {
+        // Before every entry: a stop requested while the guest ran kicked it out of KVM_RUN
+        // (EINTR) or woke its idle wait, and ends the run here.
+        if let Some(reason) = vm.stop.requested() {
+            return Ok((End::Stopped(reason), window));
+        }
         let step = match step(vm)? {
             Step::Hypercall => hypercall(vm)?,
             Step::Halt => halt(vm)?,
@@ -71,7 +90,7 @@ fn run_guest(vm: &mut Vm) -> Result<(u32, Option<Window>)> {
         }
         match step {
             Step::Continue | Step::Hypercall | Step::Halt => {}
-            Step::Exit(code) => return Ok((code, window)),
+            Step::Exit(code) => return Ok((End::Exit(code), window)),
             Step::Marker(MARKER_BEGIN) => {
                 checkpoints.clear();
                 let resident = vm.ram.resident_bytes();
@@ -297,6 +316,10 @@ fn halt(vm: &mut Vm) -> Result<Step> {
         }
         let timeout = tick.map(|t| t.saturating_duration_since(Instant::now()));
         events = bus.events.wait(timeout);
+        if vm.stop.requested().is_some() {
+            // Woken to stop: the loop ends before the next entry; inject nothing.
+            return Ok(Step::Continue);
+        }
     }
     let vector = if events > 0 {
         EVENT_VECTOR

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hypercall_abi::boot::Mode;
 use hypercall_abi::virtio;
@@ -23,6 +23,7 @@ use crate::loader::{self, ElfInfo};
 use crate::memory::GuestRam;
 use crate::metrics::{ExitStats, Window};
 use crate::mmu::PtPool;
+use crate::stop::{StopReason, Stopper};
 use crate::{cpuid, hypercall, vcpu};
 
 /// KVM memory slot of the page-table pool (RAM is slot 0).
@@ -84,6 +85,9 @@ pub struct VmConfig {
     pub disk: Option<DiskConfig>,
     /// Attach a virtio-console device (output only: its bytes go to the console sink).
     pub virtio_console: bool,
+    /// Stop the run this long after it starts (the guest's first entry), if the guest has
+    /// not exited by then; the report then says [`StopReason::Timeout`].
+    pub timeout: Option<Duration>,
 }
 
 /// A disk image for the virtio-blk device.
@@ -108,6 +112,7 @@ impl VmConfig {
             kvm_device: DEFAULT_KVM_DEVICE.into(),
             disk: None,
             virtio_console: false,
+            timeout: None,
         }
     }
 }
@@ -162,8 +167,11 @@ impl GuestResult {
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct RunReport {
-    /// The guest's exit code.
+    /// The guest's exit code; for a stopped run, the reason's conventional status
+    /// ([`StopReason::exit_status`]: 124 for a timeout, 128 + n for signal n).
     pub exit_code: u32,
+    /// Why the run was stopped, or `None` if the guest exited by itself.
+    pub stopped: Option<StopReason>,
     /// All exits of the run.
     pub stats: ExitStats,
     /// The measured window between markers, if the guest set both.
@@ -206,6 +214,8 @@ pub struct Vm {
     pub(crate) sync_regs: bool,
     /// What the guest is shown: pvkit with feature bits, or nothing.
     pub(crate) offer: Offer,
+    pub(crate) stop: Stopper,
+    timeout: Option<Duration>,
     kernel: ElfInfo,
 }
 
@@ -296,6 +306,7 @@ impl Vm {
             vcpu.set_sync_valid_reg(SyncReg::Register);
         }
         let bus = PioBus::new(console.clone());
+        let stop = Stopper::new(bus.events.waker())?;
         // Completions queue a guest event: they wake a parked idle_yield, or raise
         // EVENT_VECTOR for a halted guest. Devices see RAM only, never the pool.
         let interrupt = || {
@@ -332,8 +343,16 @@ impl Vm {
             stats: ExitStats::default(),
             sync_regs,
             offer,
+            stop,
+            timeout: cfg.timeout,
             kernel,
         })
+    }
+
+    /// A handle that stops this VM's run from another thread (see [`Stopper::stop`]). Take it
+    /// before calling [`Vm::run`], which consumes the VM.
+    pub fn stopper(&self) -> Stopper {
+        self.stop.clone()
     }
 
     /// Where the kernel was loaded.
@@ -346,15 +365,38 @@ impl Vm {
         self.offer
     }
 
-    /// Runs the guest until it exits (or faults).
+    /// Runs the guest until it exits (or faults), or until it is stopped: by the configured
+    /// timeout or through a [`Stopper`]. A stopped run is not an error; its report says why.
     pub fn run(mut self) -> Result<RunReport> {
         let start = Instant::now();
-        let run = vcpu::run_loop(&mut self);
+        let stopper = self.stop.clone();
+        let timeout = self.timeout;
+        let run = std::thread::scope(|s| {
+            if let Some(t) = timeout {
+                // Waits for the deadline or the end of the run, whichever is first; joined
+                // when the scope ends, so it never outlives the run.
+                std::thread::Builder::new()
+                    .name("pvkit-timeout".into())
+                    .spawn_scoped(s, move || {
+                        stopper.stop_at(start.checked_add(t), StopReason::Timeout(t))
+                    })
+                    .map_err(|source| Error::Io {
+                        what: "cannot start the timeout thread".into(),
+                        source,
+                    })?;
+            }
+            vcpu::run_loop(&mut self)
+        });
         self.console.flush();
-        let (exit_code, window) = run?;
+        let (end, window) = run?;
+        let (exit_code, stopped) = match end {
+            vcpu::End::Exit(code) => (code, None),
+            vcpu::End::Stopped(r) => (u32::from(r.exit_status()), Some(r)),
+        };
         let console = self.console.captured();
         Ok(RunReport {
             exit_code,
+            stopped,
             result: GuestResult::parse(&console),
             stats: self.stats,
             window,

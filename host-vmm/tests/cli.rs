@@ -1,8 +1,10 @@
 //! The `host-vmm` command line as a user meets it: the two main commands work, and every bad
 //! input gives one readable error line and a non-zero status — never a panic or backtrace.
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use host_vmm::loader::minimal_elf;
 
@@ -23,6 +25,132 @@ fn host_vmm(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("spawn host-vmm")
+}
+
+/// Starts `host-vmm args` with its output piped.
+fn spawn(args: &[&str]) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn host-vmm")
+}
+
+/// Far more than any stop takes; only catches a VMM that never exits.
+const HANG: Duration = Duration::from_secs(60);
+
+/// Waits for `child` to exit; kills it and fails if it hangs.
+fn finish(mut child: Child) -> Output {
+    let t0 = Instant::now();
+    while child.try_wait().expect("wait for host-vmm").is_none() {
+        if t0.elapsed() > HANG {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("host-vmm did not exit within {HANG:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("collect host-vmm output")
+}
+
+/// A stopped run: the given status, `--stats` printed as for a normal end, and exactly one
+/// `host-vmm: guest stopped: ...` line, the last one, with no error and no panic.
+fn assert_stopped(o: &Output, status: i32, reason: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(status), "stderr: {err}");
+    assert!(err.starts_with("exits: total="), "stats expected: {err}");
+    assert!(err.contains("\nhypercalls: "), "{err}");
+    let stops: Vec<_> = err.lines().filter(|l| l.contains("stopped")).collect();
+    assert_eq!(
+        stops,
+        [format!("host-vmm: guest stopped: {reason}")],
+        "{err}"
+    );
+    assert_eq!(err.lines().last(), Some(stops[0]), "{err}");
+    assert!(!err.contains("error") && !err.contains("panicked"), "{err}");
+}
+
+/// A guest that loops for ever without a single exit (`jmp $`).
+fn spin_guest() -> PathBuf {
+    temp_file("spin", &minimal_elf(0x20_0000, &[0xeb, 0xfe], 0x1000))
+}
+
+#[test]
+fn timeout_stops_a_guest_spinning_without_exits() {
+    require_kvm();
+    let spin = spin_guest();
+    let o = finish(spawn(&[
+        "run",
+        spin.to_str().unwrap(),
+        "--timeout",
+        "300ms",
+        "--stats",
+    ]));
+    assert_stopped(&o, 124, "timeout after 300ms");
+    assert_eq!(stdout(&o), "");
+}
+
+#[test]
+fn timeout_stops_a_guest_parked_in_idle_yield_or_hlt() {
+    require_kvm();
+    // One 60 s interval: the guest parks in idle_yield (PV, 1 s per call) or in hlt with a
+    // 1 Hz tick (trapped).
+    let idle = ["--workload", "idle", "--timeout", "300ms", "--stats", "--"];
+    for (mode, strategy) in [("pv", "strategy=pv"), ("trapped", "strategy=hlt")] {
+        let mut args = vec!["run", "--mode", mode];
+        args.extend(idle);
+        args.extend([strategy, "intervals=1", "interval_us=60000000", "tick_hz=1"]);
+        let o = finish(spawn(&args));
+        assert_stopped(&o, 124, "timeout after 300ms");
+        assert!(
+            stdout(&o).starts_with("pvkit demo kernel: hello"),
+            "{}",
+            stdout(&o)
+        );
+        assert!(!stdout(&o).contains("PVKIT-RESULT"), "{}", stdout(&o));
+    }
+}
+
+#[test]
+fn sigint_and_sigterm_stop_a_running_guest_and_print_stats() {
+    require_kvm();
+    // Prints "R\n" on the UART, then spins: once the line is out, the guest is running (and
+    // the signal handlers are installed).
+    let code = [
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'R', 0xee, // mov al, 'R'; out dx, al
+        0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+        0xeb, 0xfe, // jmp $
+    ];
+    let guest = temp_file("print-spin", &minimal_elf(0x20_0000, &code, 0x1000));
+    for (signal, status, name) in [
+        (libc::SIGTERM, 143, "SIGTERM"),
+        (libc::SIGINT, 130, "SIGINT"),
+    ] {
+        let mut child = spawn(&["run", guest.to_str().unwrap(), "--stats"]);
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            out.read_line(&mut text).unwrap();
+            let _ = tx.send(());
+            out.read_to_string(&mut text).unwrap();
+            text
+        });
+        if rx.recv_timeout(HANG).is_err() {
+            let _ = child.kill();
+            panic!("the guest printed nothing within {HANG:?}");
+        }
+        let pid = i32::try_from(child.id()).unwrap();
+        // SAFETY: sends a signal to our own child process, which has not been waited for yet
+        // (so the pid cannot have been reused).
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        let o = finish(child);
+        assert_stopped(&o, status, name);
+        assert!(stderr(&o).contains("uart=2"), "{}", stderr(&o));
+        assert_eq!(reader.join().unwrap(), "R\n");
+    }
 }
 
 fn stderr(o: &Output) -> String {
@@ -312,12 +440,35 @@ fn segment_that_does_not_fit_in_mem() {
 }
 
 #[test]
+fn kernels_linked_at_the_wrong_address_say_how_to_link() {
+    // Higher-half link: loaded at 2 MiB, virtual -2 GiB.
+    let mut hh = minimal_elf(0x20_0000, &[0xf4], 0x1000);
+    hh[64 + 16..64 + 24].copy_from_slice(&0xffff_ffff_8020_0000u64.to_le_bytes());
+    let mut moved = minimal_elf(0x20_0000, &[0xf4], 0x1000);
+    moved[64 + 16..64 + 24].copy_from_slice(&0x40_0000u64.to_le_bytes());
+    let high = minimal_elf(0xC000_0000, &[0xf4], 0x1000);
+    for (name, img, needle) in [
+        ("higher-half", hh, "higher half"),
+        ("vaddr", moved, "virtual must equal physical"),
+        ("high", high, "link it lower"),
+    ] {
+        let p = temp_file(name, &img);
+        let o = host_vmm(&["run", "--mem", "3068M", p.to_str().unwrap()]);
+        assert_vmm_error(&o, needle);
+        assert!(!stderr(&o).contains("increase --mem"), "{}", stderr(&o));
+    }
+}
+
+#[test]
 fn bad_mem_and_mode_are_usage_errors() {
     for args in [
         &["run", "--mem", "lots"][..],
         &["run", "--mem", "1M"],
         &["run", "--mem", "64G"],
         &["run", "--mode", "turbo"],
+        &["run", "--timeout", "soon"],
+        &["run", "--timeout", "0"],
+        &["run", "--timeout", "1.5s"],
         &["compare", "--workload", "nope"],
         &["frobnicate"],
     ] {

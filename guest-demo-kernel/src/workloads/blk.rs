@@ -553,10 +553,10 @@ impl Job {
         waiter.ack(&mut blk);
         marker_end();
 
-        if cfg.pattern == Pattern::SeqWrite {
-            if let Err(e) = blk.flush() {
-                panic!("blk: flush: {e}");
-            }
+        if cfg.pattern == Pattern::SeqWrite
+            && let Err(e) = blk.flush()
+        {
+            panic!("blk: flush: {e}");
         }
         report.checksum = Fnv1a::hash(&buf.bytes()[..cfg.bytes as usize]);
         report.requests = requests;

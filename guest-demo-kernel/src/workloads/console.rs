@@ -79,7 +79,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         }
     }
     // Keep the result line on a line of its own.
-    if bytes % 64 != 0 {
+    if !bytes.is_multiple_of(64) {
         let _ = env.console.write_bytes(b"\n");
     }
     Outcome::new(bytes, checksum)

@@ -96,7 +96,7 @@ struct Pages {
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let updates = args.get_or("updates", DEFAULT_UPDATES);
     let batch = args.get_or("batch", DEFAULT_BATCH);
-    if updates == 0 || updates % 4 != 0 {
+    if updates == 0 || !updates.is_multiple_of(4) {
         usage(
             env,
             format_args!("updates={updates} (want a positive multiple of 4)"),

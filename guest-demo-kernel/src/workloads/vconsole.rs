@@ -107,7 +107,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let chains = console.chains();
     drop(console);
     // Keep the result line on a line of its own.
-    if bytes % 64 != 0 {
+    if !bytes.is_multiple_of(64) {
         let _ = env.console.write_bytes(b"\n");
     }
     let mut outcome = Outcome::new(bytes, checksum);

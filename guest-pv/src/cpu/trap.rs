@@ -344,10 +344,10 @@ fn fatal(frame: &TrapFrame, kind: FaultKind) -> ! {
 
 /// Hands `fault` to the fatal hook once; a fault while the hook runs stops the CPU.
 pub(super) fn report(fault: &Fault) -> ! {
-    if !IN_FATAL.swap(true, Ordering::Relaxed) {
-        if let Some(hook) = super::fatal_hook() {
-            hook(fault);
-        }
+    if !IN_FATAL.swap(true, Ordering::Relaxed)
+        && let Some(hook) = super::fatal_hook()
+    {
+        hook(fault);
     }
     crate::halt_forever()
 }

@@ -89,7 +89,7 @@ impl MockHost {
         if self.fail.get() || self.fail_prepare.get() {
             return Err(MockHost::refused());
         }
-        assert!(gpa % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && len > 0);
+        assert!(gpa.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE) && len > 0);
         Ok(len)
     }
 }

@@ -369,7 +369,10 @@ impl<'a> Frames<'a> {
         buffers: &'a mut HintBuffers,
     ) -> Result<Frames<'a>, FramesError> {
         let bad = FramesError::BadRegion { start, len };
-        if start % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || start.checked_add(len).is_none() {
+        if !start.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
+            || start.checked_add(len).is_none()
+        {
             return Err(bad);
         }
         if len > Frames::region_bytes(MAX_FRAMES) {
@@ -553,7 +556,7 @@ impl<'a> Frames<'a> {
 
     /// The index of the frame at `addr`, if it is one of ours.
     const fn index_of(&self, addr: u64) -> Option<u64> {
-        if addr < self.start || addr % PAGE_SIZE != 0 {
+        if addr < self.start || !addr.is_multiple_of(PAGE_SIZE) {
             return None;
         }
         let i = (addr - self.start) / PAGE_SIZE;

@@ -218,7 +218,7 @@ pub const fn table_entry(frame: u64) -> u64 {
 
 /// A 4 KiB leaf mapping `pa` with [`LEAF_FLAGS`] plus `flags`.
 pub const fn leaf_entry(pa: u64, flags: u64) -> Result<u64, MmuError> {
-    if pa % PAGE_SIZE != 0 || pa & !PTE_ADDR_MASK != 0 {
+    if !pa.is_multiple_of(PAGE_SIZE) || pa & !PTE_ADDR_MASK != 0 {
         return Err(MmuError::BadPa { pa });
     }
     if flags & !LEAF_FLAGS_ALLOWED != 0 {
@@ -229,7 +229,7 @@ pub const fn leaf_entry(pa: u64, flags: u64) -> Result<u64, MmuError> {
 
 /// Checks that the manager may map `va`: page-aligned, canonical, not in L4 slot 0.
 pub const fn check_va(va: u64) -> Result<(), MmuError> {
-    if va % PAGE_SIZE != 0 || !crate::cpu::is_canonical(va) || table_index(va, 4) == 0 {
+    if !va.is_multiple_of(PAGE_SIZE) || !crate::cpu::is_canonical(va) || table_index(va, 4) == 0 {
         return Err(MmuError::BadVa { va });
     }
     Ok(())

@@ -84,7 +84,7 @@ impl PtPool {
     /// Returns `frame` to the pool. The caller must know the host has released it (it is zero
     /// and untyped again), or never linked it.
     pub fn free(&self, frame: u64) -> Result<(), MmuError> {
-        if !PtPool::contains(frame) || frame % PAGE_SIZE != 0 {
+        if !PtPool::contains(frame) || !frame.is_multiple_of(PAGE_SIZE) {
             return Err(MmuError::NotInPool { gpa: frame });
         }
         let index = frame_index(frame);
@@ -97,7 +97,7 @@ impl PtPool {
 
     /// True if `frame` is a free pool frame.
     pub fn is_free(&self, frame: u64) -> bool {
-        PtPool::contains(frame) && frame % PAGE_SIZE == 0 && self.get(frame_index(frame))
+        PtPool::contains(frame) && frame.is_multiple_of(PAGE_SIZE) && self.get(frame_index(frame))
     }
 
     /// The number of free frames.
@@ -182,7 +182,7 @@ mod tests {
         let mut last = 0;
         for _ in 0..n {
             let f = pool.alloc().unwrap();
-            assert!(f > last && PtPool::contains(f) && f % PAGE_SIZE == 0);
+            assert!(f > last && PtPool::contains(f) && f.is_multiple_of(PAGE_SIZE));
             last = f;
         }
         assert_eq!(last, PT_POOL_GPA + PT_POOL_SIZE - PAGE_SIZE);

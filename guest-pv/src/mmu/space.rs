@@ -324,7 +324,7 @@ impl<'a> AddressSpace<'a> {
 
 /// Reads the entry at `pte`, an 8-byte aligned address in the page-table pool.
 fn read_entry(pte: u64) -> u64 {
-    if !PtPool::contains(pte) || pte % 8 != 0 {
+    if !PtPool::contains(pte) || !pte.is_multiple_of(8) {
         // Every caller passes a pool entry address; never read anything else.
         return 0;
     }

@@ -90,7 +90,11 @@ impl DmaPool {
     pub fn set(&self, start: u64, len: u64) -> Result<(), DmaError> {
         let bad = DmaError::BadRegion { start, len };
         let end = start.checked_add(len).ok_or(bad)?;
-        if start == 0 || len == 0 || start % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        if start == 0
+            || len == 0
+            || !start.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
+        {
             return Err(bad);
         }
         if end > IDENTITY_MAP_SIZE {

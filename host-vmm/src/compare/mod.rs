@@ -431,6 +431,7 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Resul
                         readonly: false,
                     }),
                     virtio_console: false,
+                    timeout: None,
                 };
                 let report = vm::run(&cfg, ConsoleSink::new(None))?;
                 let mut rec = record(w, v.mode, &report)?;
@@ -627,6 +628,7 @@ pub fn run_floor(opts: &CompareOptions, floor: Floor, ops: u64) -> Result<Record
         kvm_device: opts.kvm_device.clone(),
         disk: None,
         virtio_console: false,
+        timeout: None,
     };
     let report = vm::run(&cfg, ConsoleSink::new(None))?;
     let ops = u64::from(ops32);

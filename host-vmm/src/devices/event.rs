@@ -123,10 +123,10 @@ impl EventDevice {
                 self.requests = Some(tx);
             }
         }
-        if let Some(tx) = &self.requests {
-            if tx.send(delay).is_ok() {
-                self.scheduled += 1;
-            }
+        if let Some(tx) = &self.requests
+            && tx.send(delay).is_ok()
+        {
+            self.scheduled += 1;
         }
     }
 

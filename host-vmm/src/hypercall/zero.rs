@@ -68,7 +68,7 @@ pub fn query(
 /// The checks RELEASE and PREPARE make of a guest range: page-aligned (`INVALID_ARGUMENT`),
 /// inside RAM (`BAD_ADDRESS`), not below `protected_end` (`DENIED`).
 fn check_range(ram: &GuestRam, protected_end: u64, start: u64, len: u64) -> Result<(), AbiError> {
-    if start % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+    if !start.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(AbiError::InvalidArgument);
     }
     if ram.checked_range(start, len).is_none() {

@@ -141,7 +141,7 @@ impl PtPool {
 
     /// Reads the 8-byte entry at `gpa` (which must be an aligned pool address).
     pub fn read_entry(&self, gpa: u64) -> Option<u64> {
-        if gpa % 8 != 0 || frame_index(gpa).is_none() {
+        if !gpa.is_multiple_of(8) || frame_index(gpa).is_none() {
             return None;
         }
         self.mem.read_obj(GuestAddress(gpa)).ok()
@@ -173,7 +173,7 @@ impl PtPool {
 
     /// Validates `value` for the entry at `pte_gpa` and applies it, or refuses it untouched.
     pub fn apply(&mut self, pte_gpa: u64, value: u64) -> std::result::Result<(), AbiError> {
-        if pte_gpa % 8 != 0 {
+        if !pte_gpa.is_multiple_of(8) {
             return Err(AbiError::InvalidArgument);
         }
         let fi = frame_index(pte_gpa).ok_or(AbiError::BadAddress)?;
@@ -303,7 +303,7 @@ impl PtPool {
     /// `mmu_pin(PIN_L4, gpa)`: types a zero frame as a root, or adds a pin to a root.
     pub fn pin(&mut self, gpa: u64) -> std::result::Result<(), AbiError> {
         self.deferred = false;
-        if gpa % PAGE_SIZE != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(AbiError::InvalidArgument);
         }
         let i = frame_index(gpa).ok_or(AbiError::BadAddress)?;
@@ -319,7 +319,7 @@ impl PtPool {
     /// of the boot root cannot be dropped.
     pub fn unpin(&mut self, gpa: u64) -> std::result::Result<(), AbiError> {
         self.deferred = false;
-        if gpa % PAGE_SIZE != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(AbiError::InvalidArgument);
         }
         let i = frame_index(gpa).ok_or(AbiError::BadAddress)?;

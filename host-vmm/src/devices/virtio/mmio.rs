@@ -171,7 +171,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             return;
         }
         let value = self.read_register(offset as u32);
@@ -190,7 +190,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if offset % 4 == 0 {
+        if offset.is_multiple_of(4) {
             self.write_register(offset as u32, u32::from_le_bytes(bytes));
         }
     }
