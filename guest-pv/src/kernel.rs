@@ -66,10 +66,11 @@ pub struct Kernel {
 impl Kernel {
     /// A console of this kernel's platform (hypercall or COM1), already initialised.
     pub fn console(&self) -> Console {
-        match self.platform.console() {
-            // `start` initialised COM1 already; initialising again would drop queued bytes.
-            Console::Uart(_) => Console::Uart(Uart16550::com1()),
-            pv => pv,
+        match self.platform.feature(hypercall_abi::features::CONSOLE) {
+            Some(pv) => Console::Pv(pv.console()),
+            // `set_current` initialised COM1 already; initialising it again would cost exits
+            // and drop bytes still in the FIFO.
+            None => Console::Uart(Uart16550::com1()),
         }
     }
 
