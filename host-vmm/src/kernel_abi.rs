@@ -197,23 +197,11 @@ fn note_ranges(image: &[u8]) -> Vec<&[u8]> {
     if image.get(..4) != Some(b"\x7fELF") || image.get(4) != Some(&2) {
         return Vec::new();
     }
-    let mut out = Vec::new();
-    // Program headers: e_phoff at 32, e_phentsize at 54, e_phnum at 56.
-    if let (Some(phoff), Some(56), Some(phnum)) = (u64_at(32), u16_at(54), u16_at(56)) {
-        for i in 0..usize::from(phnum).min(64) {
-            let Some(at) = usize::try_from(phoff)
-                .ok()
-                .and_then(|p| p.checked_add(i * 56))
-            else {
-                break;
-            };
-            if u32_at(at) == Some(PT_NOTE)
-                && let Some(r) = range(u64_at(at + 8), u64_at(at + 32))
-            {
-                out.push(r);
-            }
-        }
-    }
+    let mut out: Vec<&[u8]> = crate::loader::program_headers(image)
+        .iter()
+        .filter(|ph| ph.kind == PT_NOTE)
+        .filter_map(|ph| range(Some(ph.offset), Some(ph.filesz)))
+        .collect();
     if !out.is_empty() {
         return out;
     }
