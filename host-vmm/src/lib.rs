@@ -14,6 +14,7 @@
 //! ```
 
 pub mod boot;
+pub mod bus;
 pub mod compare;
 pub mod console;
 pub mod cpuid;
@@ -27,7 +28,10 @@ pub mod memory;
 pub mod metrics;
 pub mod mmu;
 pub mod prepare;
+pub mod rusage;
+pub mod state;
 pub mod stop;
+pub mod sync;
 #[cfg(test)]
 mod test_util;
 pub mod trap;

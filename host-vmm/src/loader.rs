@@ -9,10 +9,9 @@ use std::io::{Read, Seek, SeekFrom};
 use hypercall_abi::layout::{KERNEL_MIN_GPA, MAX_MEM_SIZE, MIN_MEM_SIZE, PAGE_SIZE};
 use linux_loader::loader::{KernelLoader, elf::Elf};
 use vm_memory::{
-    GuestAddress, ReadVolatile, VolatileMemoryError, VolatileSlice, bitmap::BitmapSlice,
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, VolatileMemoryError,
+    VolatileSlice, bitmap::BitmapSlice,
 };
-
-use crate::memory::GuestRam;
 
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
@@ -303,20 +302,15 @@ pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
     Ok(ElfInfo { entry, start, end })
 }
 
-/// Validates and loads `image` into `ram`. Returns where it landed.
-pub fn load(ram: &GuestRam, image: &[u8]) -> Result<ElfInfo, ElfError> {
-    let info = validate(image, ram.size())?;
+/// Validates and loads `image` into guest RAM `ram`. Returns where it landed.
+pub fn load(ram: &GuestMemoryMmap, image: &[u8]) -> Result<ElfInfo, ElfError> {
+    let info = validate(image, ram.last_addr().0 + 1)?;
     let mut reader = SliceReader {
         data: image,
         pos: 0,
     };
-    let res = Elf::load(
-        ram.mem(),
-        None,
-        &mut reader,
-        Some(GuestAddress(KERNEL_MIN_GPA)),
-    )
-    .map_err(|e| ElfError::Load(e.to_string()))?;
+    let res = Elf::load(ram, None, &mut reader, Some(GuestAddress(KERNEL_MIN_GPA)))
+        .map_err(|e| ElfError::Load(e.to_string()))?;
     debug_assert!(res.kernel_end <= info.end.next_multiple_of(PAGE_SIZE));
     Ok(info)
 }
@@ -517,8 +511,8 @@ mod tests {
                 end: 0x20_2000
             }
         );
-        let ram = GuestRam::new(MEM).unwrap();
-        load(&ram, &img).unwrap();
+        let ram = crate::memory::GuestRam::new(MEM).unwrap();
+        load(ram.mem(), &img).unwrap();
         let mut b = [0u8; 2];
         vm_memory::Bytes::read_slice(ram.mem(), &mut b, GuestAddress(0x20_0000)).unwrap();
         assert_eq!(b, [0xf4, 0x90]);

@@ -146,30 +146,6 @@ impl ExitStats {
     }
 }
 
-/// CPU time consumed by the calling thread, from the OS, in nanoseconds.
-pub fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is always supported on
-    // Linux, and on failure `ts` stays zero (reported as 0 ns).
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Page faults the calling thread took so far (minor + major, from `getrusage`). A vCPU
-/// thread's count includes the host faults KVM takes on the guest's behalf when it first
-/// touches guest RAM the host has not backed (one per transparent huge page).
-pub fn thread_faults() -> u64 {
-    // SAFETY: all-zero is a valid `rusage`.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a valid, writable rusage; RUSAGE_THREAD is supported since Linux 2.6.26;
-    // on failure `ru` stays zero.
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
-    (ru.ru_minflt + ru.ru_majflt) as u64
-}
-
 /// A snapshot taken at a measurement marker.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -177,7 +153,7 @@ pub struct Snapshot {
     pub at: Instant,
     /// vCPU thread CPU time.
     pub cpu_ns: u64,
-    /// vCPU thread page faults ([`thread_faults`]).
+    /// vCPU thread page faults ([`crate::rusage::thread_faults`]).
     pub faults: u64,
     /// What the preparing thread did so far.
     pub prepare: crate::prepare::PrepareStats,
@@ -261,12 +237,12 @@ mod tests {
 
     #[test]
     fn thread_cpu_time_advances() {
-        let t0 = thread_cpu_ns();
+        let t0 = crate::rusage::thread_cpu_ns();
         let mut x = 0u64;
         for i in 0..2_000_000u64 {
             x = x.wrapping_mul(31).wrapping_add(i);
         }
         std::hint::black_box(x);
-        assert!(thread_cpu_ns() > t0);
+        assert!(crate::rusage::thread_cpu_ns() > t0);
     }
 }

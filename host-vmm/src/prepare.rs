@@ -18,10 +18,11 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use crate::metrics::thread_cpu_ns;
+use crate::rusage::thread_cpu_ns;
+use crate::sync::{lock, wait};
 
 /// The most ranges waiting at once.
 pub const QUEUE_MAX: usize = 64;
@@ -68,11 +69,6 @@ struct Shared {
 pub struct Preparer {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
-}
-
-/// Locks, ignoring poisoning: the data under these locks is valid after any panic.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// True if this kernel can populate memory without writing it (`MADV_POPULATE_WRITE`, Linux
@@ -223,7 +219,7 @@ fn worker(shared: &Shared, host_base: usize, size: u64) {
                     // Taken while the queue is locked: `cancel` cannot slip in between.
                     break (step, lock(&shared.busy));
                 }
-                q = shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
+                q = wait(&shared.wake, q);
             }
         };
         let ok = step.end <= size && {

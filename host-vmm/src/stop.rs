@@ -151,9 +151,7 @@ impl Stopper {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // The state stays consistent whatever a panicking holder did: every update is a
-        // single assignment.
-        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.0.state)
     }
 
     /// Asks the run to stop for `reason`; the first request's reason is the one reported.
@@ -186,12 +184,7 @@ impl Stopper {
                 break;
             }
             kick(thread);
-            state = self
-                .0
-                .changed
-                .wait_timeout(state, KICK_INTERVAL)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = crate::sync::wait_timeout(&self.0.changed, state, KICK_INTERVAL);
         }
     }
 
@@ -206,18 +199,8 @@ impl Stopper {
             let now = Instant::now();
             state = match deadline {
                 Some(d) if d <= now => break,
-                Some(d) => {
-                    self.0
-                        .changed
-                        .wait_timeout(state, d - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
-                }
-                None => self
-                    .0
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(|p| p.into_inner()),
+                Some(d) => crate::sync::wait_timeout(&self.0.changed, state, d - now),
+                None => crate::sync::wait(&self.0.changed, state),
             };
         }
         self.request(state, reason);

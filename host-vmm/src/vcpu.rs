@@ -13,7 +13,8 @@ use crate::devices::virtio::MmioDevice;
 use crate::error::{Error, Result};
 use crate::hypercall::{self, Context, Outcome};
 use crate::kernel_abi::{HiddenBecause, Offer};
-use crate::metrics::{ExitReason, Snapshot, Window, thread_cpu_ns};
+use crate::metrics::{ExitReason, Snapshot, Window};
+use crate::rusage::{thread_cpu_ns, thread_faults};
 use crate::stop::StopReason;
 use crate::vm::{POOL_SLOT, Vm};
 use crate::{mmu, trap};
@@ -134,7 +135,7 @@ fn snapshot(vm: &Vm) -> Snapshot {
     Snapshot {
         at: std::time::Instant::now(),
         cpu_ns: thread_cpu_ns(),
-        faults: crate::metrics::thread_faults(),
+        faults: thread_faults(),
         prepare: vm.ram.prepare_stats(),
         stats: vm.stats.clone(),
         console_bytes: vm.console.total(),

@@ -281,7 +281,7 @@ impl Vm {
         }
         let mut pool = PtPool::new(cfg.mem_size)?;
         pool.register(&vm, POOL_SLOT)?;
-        let kernel = loader::load(&ram, &cfg.kernel.bytes).map_err(|source| Error::Elf {
+        let kernel = loader::load(ram.mem(), &cfg.kernel.bytes).map_err(|source| Error::Elf {
             name: cfg.kernel.name.clone(),
             source,
         })?;

@@ -369,10 +369,7 @@ impl<T> Clone for Counters<T> {
 
 impl<T: Copy> Counters<T> {
     fn lock(&self) -> std::sync::MutexGuard<'_, T> {
-        // A poisoned lock only means a panic elsewhere mid-update; the numbers are still usable.
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.0)
     }
 
     /// The counters now.
