@@ -50,8 +50,17 @@ pub fn build(cfg: &VmConfig, console: ConsoleSink) -> Result<Vm> {
     let kernel = load_kernel(&ram, cfg)?;
     let (vcpu, offer, tsc_khz) = create_vcpu(&kvm, &vm_fd, &checked)?;
     let events = EventQueue::default();
-    let attached = attach_devices(&vm_fd, &ram, &console, &events, checked.disk, cfg)?;
-    let pool_arc = configure_boot(
+    let mut devices = attach_pio_devices(&console, &events)?;
+    attach_virtio_devices(
+        &mut devices,
+        &vm_fd,
+        &ram,
+        &console,
+        &events,
+        checked.disk,
+        cfg.virtio_console,
+    )?;
+    configure_boot(
         BootSetup {
             kvm: &kvm,
             vcpu: &vcpu,
@@ -62,30 +71,18 @@ pub fn build(cfg: &VmConfig, console: ConsoleSink) -> Result<Vm> {
             tsc_khz,
         },
         cfg,
-        &attached.windows,
-    )
-    .map(|()| Arc::new(Mutex::new(pool)))?;
-    let mut mmio = attached.mmio;
-    mmio.insert(
-        PT_POOL_GPA,
-        PT_POOL_SIZE,
-        Arc::new(Mutex::new(PoolWindow::new(pool_arc.clone(), PT_POOL_GPA))),
-    )
-    .map_err(bus_error)?;
+        &devices.windows,
+    )?;
     let stopper = Stopper::new(events.interrupter())?;
-    let machine = Machine {
+    let machine = assemble_machine(MachineParts {
         ram,
-        pool: pool_arc,
-        pio: attached.pio,
-        mmio,
-        devices: attached.devices,
+        pool,
+        devices,
         events,
-        clock: Clock::new(),
         console,
-        stats: ExitStats::default(),
         offer,
         protected_end: kernel.end.next_multiple_of(PAGE_SIZE),
-    };
+    })?;
     Ok(Vm::from_parts(
         kvm,
         vm_fd,
@@ -195,12 +192,12 @@ pub fn create_vcpu(kvm: &Kvm, vm: &VmFd, checked: &Checked) -> Result<(Vcpu, Off
     Ok((vcpu, offer, tsc_khz))
 }
 
-/// What [`attach_devices`] made.
+/// A VM's devices while it is being built: both buses and the typed handles.
 #[derive(Debug)]
-pub struct Attached {
+pub struct DeviceSet {
     /// The PIO bus.
     pub pio: Bus,
-    /// The MMIO bus (the pool window is added by [`build`]).
+    /// The MMIO bus (the pool window is added by [`assemble_machine`]).
     pub mmio: Bus,
     /// Typed handles to the same devices.
     pub devices: Devices,
@@ -208,17 +205,9 @@ pub struct Attached {
     pub windows: Vec<(u64, u32)>,
 }
 
-/// Step 5: the PIO devices (COM1, exit, marker, null, timer, event) and the virtio devices
-/// (virtio-blk with a disk, then virtio-console if asked), each on its bus; queue-notify
-/// ioeventfds registered with KVM. Device completions wake the guest through `events`.
-pub fn attach_devices(
-    vm: &VmFd,
-    ram: &GuestRam,
-    console: &ConsoleSink,
-    events: &EventQueue,
-    disk: Option<Disk>,
-    cfg: &VmConfig,
-) -> Result<Attached> {
+/// Step 5a: the PIO devices (COM1, exit, marker, null, timer, event), each on its range of
+/// the PIO bus. Needs no KVM.
+pub fn attach_pio_devices(console: &ConsoleSink, events: &EventQueue) -> Result<DeviceSet> {
     let uart = Arc::new(Mutex::new(Uart::new(console.clone())));
     let null = Arc::new(Mutex::new(NullDevice::default()));
     let timer = Arc::new(Mutex::new(PeriodicTimer::default()));
@@ -235,9 +224,35 @@ pub fn attach_devices(
     for (port, len, dev) in ports {
         pio.insert(u64::from(port), len, dev).map_err(bus_error)?;
     }
+    Ok(DeviceSet {
+        pio,
+        mmio: Bus::new(),
+        devices: Devices {
+            uart,
+            null,
+            timer,
+            event,
+            virtio: Vec::new(),
+        },
+        windows: Vec::new(),
+    })
+}
 
+/// Step 5b: the virtio devices (virtio-blk with a disk, then virtio-console if asked), window
+/// `n` at [`virtio::window`]`(n)` on the MMIO bus, queue-notify ioeventfds registered with
+/// KVM. Device completions wake the guest through `events`; devices see RAM only, never the
+/// page-table pool.
+pub fn attach_virtio_devices(
+    set: &mut DeviceSet,
+    vm: &VmFd,
+    ram: &GuestRam,
+    console: &ConsoleSink,
+    events: &EventQueue,
+    disk: Option<Disk>,
+    virtio_console: bool,
+) -> Result<()> {
     // Completions queue a guest event: they wake a parked idle_yield, or raise EVENT_VECTOR
-    // for a halted guest. Devices see RAM only, never the pool.
+    // for a halted guest.
     let interrupt = || {
         let waker = events.waker();
         Interrupt::new(move || waker.wake())
@@ -247,7 +262,7 @@ pub fn attach_devices(
         let t = MmioTransport::new(Block::new(disk), ram.mem().clone(), interrupt())?;
         virtio_devices.push(MmioDevice::Block(t));
     }
-    if cfg.virtio_console {
+    if virtio_console {
         let t = MmioTransport::new(
             Console::new(console.clone()),
             ram.mem().clone(),
@@ -255,29 +270,61 @@ pub fn attach_devices(
         )?;
         virtio_devices.push(MmioDevice::Console(t));
     }
-    let mut mmio = Bus::new();
-    let mut windows = Vec::new();
-    let mut virtio = Vec::new();
-    for (n, dev) in (0..).zip(virtio_devices) {
-        let base = virtio::window(n);
-        windows.push((base, dev.device_id()));
+    for dev in virtio_devices {
+        let base = virtio::window(set.windows.len() as u64);
         dev.register_ioeventfds(vm, base)?;
+        set.windows.push((base, dev.device_id()));
         let dev = Arc::new(Mutex::new(dev));
-        mmio.insert(base, virtio::VIRTIO_MMIO_SLOT, dev.clone())
+        set.mmio
+            .insert(base, virtio::VIRTIO_MMIO_SLOT, dev.clone())
             .map_err(bus_error)?;
-        virtio.push(dev);
+        set.devices.virtio.push(dev);
     }
-    Ok(Attached {
-        pio,
+    Ok(())
+}
+
+/// What [`assemble_machine`] puts together.
+#[derive(Debug)]
+pub struct MachineParts {
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// The page-table pool (boot tables installed).
+    pub pool: PtPool,
+    /// The devices.
+    pub devices: DeviceSet,
+    /// The event queue the devices wake.
+    pub events: EventQueue,
+    /// The console sink.
+    pub console: ConsoleSink,
+    /// What the guest is shown.
+    pub offer: Offer,
+    /// RAM below this cannot be released by the guest.
+    pub protected_end: u64,
+}
+
+/// Step 7: the [`Machine`]: the parts, the pool's trapped window on the MMIO bus, a fresh
+/// clock and statistics. Needs no KVM.
+pub fn assemble_machine(parts: MachineParts) -> Result<Machine> {
+    let pool = Arc::new(Mutex::new(parts.pool));
+    let mut mmio = parts.devices.mmio;
+    mmio.insert(
+        PT_POOL_GPA,
+        PT_POOL_SIZE,
+        Arc::new(Mutex::new(PoolWindow::new(pool.clone(), PT_POOL_GPA))),
+    )
+    .map_err(bus_error)?;
+    Ok(Machine {
+        ram: parts.ram,
+        pool,
+        pio: parts.devices.pio,
         mmio,
-        devices: Devices {
-            uart,
-            null,
-            timer,
-            event,
-            virtio,
-        },
-        windows,
+        devices: parts.devices.devices,
+        events: parts.events,
+        clock: Clock::new(),
+        console: parts.console,
+        stats: ExitStats::default(),
+        offer: parts.offer,
+        protected_end: parts.protected_end,
     })
 }
 

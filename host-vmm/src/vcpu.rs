@@ -32,6 +32,9 @@ pub struct Vcpu {
     /// KVM copies the general registers into the run area on every exit (KVM_CAP_SYNC_REGS),
     /// so a hypercall costs no `KVM_GET_REGS`/`KVM_SET_REGS`.
     sync_regs: bool,
+    /// KVM has entered at least once, so the run area holds the registers (with sync
+    /// registers on). Before that, registers go through the ioctls.
+    entered: bool,
     control: Arc<Control>,
 }
 
@@ -41,6 +44,7 @@ impl Vcpu {
         let mut vcpu = Vcpu {
             fd,
             sync_regs,
+            entered: false,
             control: Arc::default(),
         };
         if sync_regs {
@@ -57,6 +61,8 @@ impl Vcpu {
     /// Enters the guest until the next exit. `EINTR`/`EAGAIN` (a kick) come back as
     /// `VcpuExit::Intr`.
     pub fn run(&mut self) -> Result<VcpuExit<'_>> {
+        // KVM stores the sync registers on every return from KVM_RUN, interrupted or not.
+        self.entered = true;
         match self.fd.run() {
             Ok(exit) => Ok(exit),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(VcpuExit::Intr),
@@ -70,7 +76,7 @@ impl Vcpu {
     /// The general registers: from the run area after an exit when sync registers are on,
     /// else with `KVM_GET_REGS`.
     pub fn regs(&mut self) -> Result<kvm_regs> {
-        if self.sync_regs {
+        if self.sync_regs && self.entered {
             Ok(self.fd.sync_regs().regs)
         } else {
             self.fd.get_regs().map_err(Error::kvm("get regs"))
@@ -79,7 +85,7 @@ impl Vcpu {
 
     /// Sets the general registers (loaded on the next entry).
     pub fn set_regs(&mut self, regs: &kvm_regs) -> Result<()> {
-        if self.sync_regs {
+        if self.sync_regs && self.entered {
             self.fd.sync_regs_mut().regs = *regs;
             self.fd.set_sync_dirty_reg(SyncReg::Register);
             Ok(())
@@ -90,7 +96,7 @@ impl Vcpu {
 
     /// Sets only `rax` and `rdx` (a hypercall's return registers).
     pub fn set_return(&mut self, rax: u64, rdx: u64) -> Result<()> {
-        if self.sync_regs {
+        if self.sync_regs && self.entered {
             let regs = &mut self.fd.sync_regs_mut().regs;
             regs.rax = rax;
             regs.rdx = rdx;
@@ -232,16 +238,34 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
-    /// Stops the vCPU at its next exit boundary and returns once it is parked there. A pause
-    /// requested before the run starts parks it before its first entry. A vCPU waiting in
+    /// Stops the vCPU at its next exit boundary and returns once it is parked there
+    /// ([`VcpuHandle::request_pause`] then [`VcpuHandle::wait_paused`]). A vCPU waiting in
     /// `idle_yield` or `hlt` is woken (the guest sees an early, eventless return, which the
     /// ABI allows).
     pub fn pause(&self, timeout: Duration) -> std::result::Result<(), ControlError> {
+        self.request_pause();
+        self.wait_paused(timeout)
+    }
+
+    /// Asks the vCPU to park at its next exit boundary and returns at once. Requested before
+    /// the run starts, the vCPU parks before its first entry (at the kernel's entry point),
+    /// which is where a debugger attaches.
+    pub fn request_pause(&self) {
         self.control.pause.store(true, Ordering::Release);
+    }
+
+    /// Waits until the vCPU is parked (after [`VcpuHandle::request_pause`]), kicking it out of
+    /// the guest or out of an idle wait as often as needed. Waits for the run to start if it
+    /// has not.
+    pub fn wait_paused(&self, timeout: Duration) -> std::result::Result<(), ControlError> {
         let deadline = Instant::now() + timeout;
         loop {
             if lock(&self.control.state).parked {
                 return Ok(());
+            }
+            if !self.control.pause.load(Ordering::Acquire) {
+                // Resumed by another handle before it parked.
+                return Err(ControlError::NotPaused);
             }
             let phase = self.stopper.kick();
             if phase == RunPhase::Done {
@@ -251,18 +275,14 @@ impl VcpuHandle {
             if now >= deadline {
                 return Err(ControlError::Timeout(timeout));
             }
+            let wait = KICK_INTERVAL.min(deadline - now);
+            if phase == RunPhase::NotStarted {
+                // Nothing to kick yet: it parks at its first check.
+                self.stopper.wait_phase_change(RunPhase::NotStarted, wait);
+            }
             let st = lock(&self.control.state);
             if !st.parked {
-                drop(wait_timeout(
-                    &self.control.changed,
-                    st,
-                    KICK_INTERVAL.min(deadline - now),
-                ));
-            }
-            if phase == RunPhase::NotStarted {
-                // Parks at its first check; nothing to kick yet.
-                self.stopper
-                    .wait_phase_change(RunPhase::NotStarted, KICK_INTERVAL);
+                drop(wait_timeout(&self.control.changed, st, wait));
             }
         }
     }

@@ -362,3 +362,6 @@ pub struct MachineState {
     /// The event device.
     pub event_device: EventDeviceState,
 }
+
+#[cfg(test)]
+mod tests;
