@@ -188,11 +188,7 @@ impl Machine {
                 stats.record(ExitReason::Mmio);
                 match self.mmio.write(gpa, data) {
                     Some((name, action)) => {
-                        // The pool window is not a device the guest knows of: its stores are
-                        // counted as page-table events only.
-                        if name != "pt-pool" {
-                            stats.record_device(name);
-                        }
+                        stats.record_device(name);
                         Self::step_for(stats, action)
                     }
                     None => Step::Continue,
