@@ -22,6 +22,7 @@ pub mod layout;
 pub mod mmu;
 pub mod note;
 pub mod ports;
+pub mod request;
 pub mod virtio;
 pub mod zero;
 
