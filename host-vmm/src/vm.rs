@@ -22,7 +22,7 @@ use crate::kernel_abi::{KernelAbi, Offer};
 use crate::loader::{self, ElfInfo};
 use crate::memory::GuestRam;
 use crate::metrics::{ExitStats, Window};
-use crate::mmu::PtPool;
+use crate::mmu::PageTablePool;
 use crate::stop::{StopReason, Stopper};
 use crate::{cpuid, hypercall, vcpu};
 
@@ -203,7 +203,7 @@ pub struct Vm {
     pub(crate) vm: VmFd,
     _kvm: Kvm,
     pub(crate) ram: GuestRam,
-    pub(crate) pool: PtPool,
+    pub(crate) pool: PageTablePool,
     /// The virtio devices, device window `n` at index `n`: virtio-blk first (with `--disk`),
     /// then virtio-console (with `--virtio-console`).
     pub(crate) virtio: Vec<MmioDevice>,
@@ -279,7 +279,7 @@ impl Vm {
                 "read-only memory slots (KVM_CAP_READONLY_MEM)",
             ));
         }
-        let mut pool = PtPool::new(cfg.mem_size)?;
+        let mut pool = PageTablePool::new(cfg.mem_size)?;
         pool.register(&vm, POOL_SLOT)?;
         let kernel = loader::load(ram.mem(), &cfg.kernel.bytes).map_err(|source| Error::Elf {
             name: cfg.kernel.name.clone(),

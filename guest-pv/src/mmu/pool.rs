@@ -1,4 +1,4 @@
-//! [`PtPool`]: which page-table pool frames are free for new tables.
+//! [`PtFrameAllocator`]: which page-table pool frames are free for new tables.
 
 use core::cell::Cell;
 
@@ -15,7 +15,7 @@ const WORDS: usize = POOL_FRAMES.div_ceil(64);
 
 /// A bitmap of the free frames of the page-table pool ([`PT_POOL_GPA`], [`PT_POOL_SIZE`]).
 ///
-/// Built from the boot memory map ([`PtPool::from_boot_info`]): frames of kind
+/// Built from the boot memory map ([`PtFrameAllocator::from_boot_info`]): frames of kind
 /// [`region_kind::PT_POOL`] are free, everything else (the VMM's boot tables,
 /// [`region_kind::PT_POOL_BOOT`]) is not. The host guarantees that a free frame is zero (it
 /// scrubs every frame it releases), which is what lets a new table be linked without writing it
@@ -23,31 +23,31 @@ const WORDS: usize = POOL_FRAMES.div_ceil(64);
 ///
 /// Allocation takes the lowest free frame, so the same sequence of operations yields the same
 /// frames in every run. The bitmap is 128 bytes of [`Cell`]s, so several
-/// [`super::AddressSpace`]s can share one `&PtPool`; it is not `Sync` (pvkit guests run on one
+/// [`super::AddressSpace`]s can share one `&PtFrameAllocator`; it is not `Sync` (pvkit guests run on one
 /// CPU: keep it on the kernel's stack, or wrap it).
 #[derive(Debug)]
-pub struct PtPool {
+pub struct PtFrameAllocator {
     /// Bit `i` set: frame `PT_POOL_GPA + i * PAGE_SIZE` is free.
     free: [Cell<u64>; WORDS],
 }
 
-impl PtPool {
+impl PtFrameAllocator {
     /// A pool with no free frame (every allocation fails with [`MmuError::PoolExhausted`]).
-    pub const fn empty() -> PtPool {
-        PtPool {
+    pub const fn empty() -> PtFrameAllocator {
+        PtFrameAllocator {
             free: [const { Cell::new(0) }; WORDS],
         }
     }
 
     /// The free frames the boot memory map lists (kind [`region_kind::PT_POOL`]).
-    pub fn from_boot_info(info: &BootInfo) -> PtPool {
-        PtPool::from_regions(info.regions())
+    pub fn from_boot_info(info: &BootInfo) -> PtFrameAllocator {
+        PtFrameAllocator::from_regions(info.regions())
     }
 
     /// The free frames of the [`region_kind::PT_POOL`] regions in `regions` (only their whole
     /// frames inside the pool range count).
-    pub fn from_regions(regions: &[MemRegion]) -> PtPool {
-        let pool = PtPool::empty();
+    pub fn from_regions(regions: &[MemRegion]) -> PtFrameAllocator {
+        let pool = PtFrameAllocator::empty();
         for r in regions.iter().filter(|r| r.kind == region_kind::PT_POOL) {
             let start = r.start.max(PT_POOL_GPA).next_multiple_of(PAGE_SIZE);
             let end = r
@@ -84,7 +84,7 @@ impl PtPool {
     /// Returns `frame` to the pool. The caller must know the host has released it (it is zero
     /// and untyped again), or never linked it.
     pub fn free(&self, frame: u64) -> Result<(), MmuError> {
-        if !PtPool::contains(frame) || !frame.is_multiple_of(PAGE_SIZE) {
+        if !PtFrameAllocator::contains(frame) || !frame.is_multiple_of(PAGE_SIZE) {
             return Err(MmuError::NotInPool { gpa: frame });
         }
         let index = frame_index(frame);
@@ -97,7 +97,7 @@ impl PtPool {
 
     /// True if `frame` is a free pool frame.
     pub fn is_free(&self, frame: u64) -> bool {
-        PtPool::contains(frame) && frame.is_multiple_of(PAGE_SIZE) && self.get(frame_index(frame))
+        PtFrameAllocator::contains(frame) && frame.is_multiple_of(PAGE_SIZE) && self.get(frame_index(frame))
     }
 
     /// The number of free frames.
@@ -122,9 +122,9 @@ impl PtPool {
     }
 }
 
-impl Default for PtPool {
-    fn default() -> PtPool {
-        PtPool::empty()
+impl Default for PtFrameAllocator {
+    fn default() -> PtFrameAllocator {
+        PtFrameAllocator::empty()
     }
 }
 
@@ -164,7 +164,7 @@ mod tests {
 
     #[test]
     fn boot_frames_are_not_free() {
-        let pool = PtPool::from_regions(&vmm_regions());
+        let pool = PtFrameAllocator::from_regions(&vmm_regions());
         assert_eq!(POOL_FRAMES, 1024);
         assert_eq!(pool.free_frames(), 1024 - PT_POOL_BOOT_FRAMES as usize);
         assert!(!pool.is_free(PT_POOL_GPA));
@@ -177,12 +177,12 @@ mod tests {
 
     #[test]
     fn allocates_lowest_first_until_exhausted() {
-        let pool = PtPool::from_regions(&vmm_regions());
+        let pool = PtFrameAllocator::from_regions(&vmm_regions());
         let n = pool.free_frames();
         let mut last = 0;
         for _ in 0..n {
             let f = pool.alloc().unwrap();
-            assert!(f > last && PtPool::contains(f) && f.is_multiple_of(PAGE_SIZE));
+            assert!(f > last && PtFrameAllocator::contains(f) && f.is_multiple_of(PAGE_SIZE));
             last = f;
         }
         assert_eq!(last, PT_POOL_GPA + PT_POOL_SIZE - PAGE_SIZE);
@@ -194,7 +194,7 @@ mod tests {
 
     #[test]
     fn free_checks_its_argument() {
-        let pool = PtPool::from_regions(&vmm_regions());
+        let pool = PtFrameAllocator::from_regions(&vmm_regions());
         let f = pool.alloc().unwrap();
         assert_eq!(pool.free(f + 8), Err(MmuError::NotInPool { gpa: f + 8 }));
         assert_eq!(
@@ -216,7 +216,7 @@ mod tests {
     #[test]
     fn regions_are_clipped_to_the_pool() {
         // A (hostile) region reaching beyond the pool, and one with a partial frame.
-        let pool = PtPool::from_regions(&[
+        let pool = PtFrameAllocator::from_regions(&[
             region(
                 PT_POOL_GPA + PT_POOL_SIZE - 2 * PAGE_SIZE,
                 16 * PAGE_SIZE,
@@ -230,7 +230,7 @@ mod tests {
             region(0, u64::MAX, region_kind::USABLE),
         ]);
         assert_eq!(pool.free_frames(), 2);
-        assert_eq!(PtPool::empty().alloc(), None);
-        assert_eq!(PtPool::default().free_frames(), 0);
+        assert_eq!(PtFrameAllocator::empty().alloc(), None);
+        assert_eq!(PtFrameAllocator::default().free_frames(), 0);
     }
 }

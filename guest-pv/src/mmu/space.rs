@@ -6,7 +6,7 @@ use hypercall_abi::mmu::{
 };
 
 use super::pool::POOL_FRAMES;
-use super::{Batch, MmuError, PtPool, Updater, check_va, entry_gpa, leaf_entry, table_entry};
+use super::{Batch, MmuError, PtFrameAllocator, Updater, check_va, entry_gpa, leaf_entry, table_entry};
 use crate::cpu;
 
 /// A page-table root and the means to change the tables under it.
@@ -25,7 +25,7 @@ pub struct AddressSpace<'a> {
     root: u64,
     /// True if this address space pinned `root` and must unpin it.
     pinned: bool,
-    pool: &'a PtPool,
+    pool: &'a PtFrameAllocator,
     updater: Updater<'a>,
 }
 
@@ -33,7 +33,7 @@ impl<'a> AddressSpace<'a> {
     /// pvkit's boot root ([`PML4_GPA`]), changed through `updater`. Its boot tables are the
     /// VMM's; tables this address space adds under L4 slots 1..=511 come from `pool` and stay
     /// linked.
-    pub fn boot(pool: &'a PtPool, updater: Updater<'a>) -> AddressSpace<'a> {
+    pub fn boot(pool: &'a PtFrameAllocator, updater: Updater<'a>) -> AddressSpace<'a> {
         AddressSpace {
             root: PML4_GPA,
             pinned: false,
@@ -49,7 +49,7 @@ impl<'a> AddressSpace<'a> {
     /// It is not loaded: see [`activate`](Self::activate). Give it back with
     /// [`release`](Self::release).
     pub fn new_pinned(
-        pool: &'a PtPool,
+        pool: &'a PtFrameAllocator,
         mut batch: Batch<'a>,
     ) -> Result<AddressSpace<'a>, MmuError> {
         batch.flush()?;
@@ -257,7 +257,7 @@ impl<'a> AddressSpace<'a> {
             return Ok(None);
         }
         let table = e & PTE_ADDR_MASK;
-        if !PtPool::contains(table) {
+        if !PtFrameAllocator::contains(table) {
             return Err(MmuError::NotInPool { gpa: table });
         }
         Ok(Some(table))
@@ -297,7 +297,7 @@ impl<'a> AddressSpace<'a> {
             return Err(MmuError::HugePage { va, level });
         }
         let next = e & PTE_ADDR_MASK;
-        if !PtPool::contains(next) {
+        if !PtFrameAllocator::contains(next) {
             return Err(MmuError::NotInPool { gpa: next });
         }
         Ok(Some(next))
@@ -324,7 +324,7 @@ impl<'a> AddressSpace<'a> {
 
 /// Reads the entry at `pte`, an 8-byte aligned address in the page-table pool.
 fn read_entry(pte: u64) -> u64 {
-    if !PtPool::contains(pte) || !pte.is_multiple_of(8) {
+    if !PtFrameAllocator::contains(pte) || !pte.is_multiple_of(8) {
         // Every caller passes a pool entry address; never read anything else.
         return 0;
     }
@@ -345,7 +345,7 @@ impl FrameSet {
     }
 
     fn insert(&mut self, frame: u64) {
-        if !PtPool::contains(frame) {
+        if !PtFrameAllocator::contains(frame) {
             return;
         }
         let i = ((frame - hypercall_abi::layout::PT_POOL_GPA) / PAGE_SIZE) as usize;
