@@ -56,11 +56,12 @@ use core::fmt;
 
 pub use batch::{Batch, Updater};
 use hypercall_abi::layout::PAGE_SIZE;
+pub use hypercall_abi::mmu::POOL_FRAMES;
 use hypercall_abi::mmu::{
     Level, PTE_ACCESSED, PTE_ADDR_MASK, PTE_DIRTY, PTE_GLOBAL, PTE_PCD, PTE_PRESENT, PTE_PWT,
     PTE_USER, PTE_WRITABLE, table_index,
 };
-pub use pool::{POOL_FRAMES, PtFrameAllocator};
+pub use pool::PtFrameAllocator;
 pub use space::AddressSpace;
 
 use crate::HypercallError;

@@ -1,14 +1,14 @@
-//! [`PtFrameAllocator`]: which page-table pool frames are free for new tables.
+//! [`PtFrameAllocator`]: which page-table pool frames are free for new tables. (The host's
+//! counterpart, which holds the pool and validates every entry, is a different thing: this is
+//! only the guest's record of the frames it has not used.)
 
 use core::cell::Cell;
 
 use hypercall_abi::boot::{BootInfo, MemRegion, region_kind};
 use hypercall_abi::layout::{PAGE_SIZE, PT_POOL_GPA, PT_POOL_SIZE};
+use hypercall_abi::mmu::{POOL_FRAMES, in_pool, pool_frame_gpa, pool_frame_index};
 
 use super::MmuError;
-
-/// Frames in the page-table pool.
-pub const POOL_FRAMES: usize = (PT_POOL_SIZE / PAGE_SIZE) as usize;
 
 /// Words of the free bitmap.
 const WORDS: usize = POOL_FRAMES.div_ceil(64);
@@ -65,7 +65,7 @@ impl PtFrameAllocator {
 
     /// True if `gpa` lies in the page-table pool (free or not).
     pub const fn contains(gpa: u64) -> bool {
-        gpa >= PT_POOL_GPA && gpa - PT_POOL_GPA < PT_POOL_SIZE
+        in_pool(gpa)
     }
 
     /// Takes the lowest free frame; its guest-physical address, or `None` if none is left.
@@ -78,7 +78,7 @@ impl PtFrameAllocator {
             .find(|&(_, bits)| bits != 0)?;
         let index = word * 64 + bits.trailing_zeros() as usize;
         self.set(index, false);
-        Some(PT_POOL_GPA + index as u64 * PAGE_SIZE)
+        Some(pool_frame_gpa(index))
     }
 
     /// Returns `frame` to the pool. The caller must know the host has released it (it is zero
@@ -97,7 +97,9 @@ impl PtFrameAllocator {
 
     /// True if `frame` is a free pool frame.
     pub fn is_free(&self, frame: u64) -> bool {
-        PtFrameAllocator::contains(frame) && frame.is_multiple_of(PAGE_SIZE) && self.get(frame_index(frame))
+        PtFrameAllocator::contains(frame)
+            && frame.is_multiple_of(PAGE_SIZE)
+            && self.get(frame_index(frame))
     }
 
     /// The number of free frames.
@@ -128,9 +130,10 @@ impl Default for PtFrameAllocator {
     }
 }
 
-/// The index of pool frame `gpa` (which must be in the pool).
+/// The index of pool frame `gpa`; callers check that it is in the pool (an address outside
+/// maps to an index past the bitmap, which `get` and `set` ignore).
 fn frame_index(gpa: u64) -> usize {
-    ((gpa - PT_POOL_GPA) / PAGE_SIZE) as usize
+    pool_frame_index(gpa).unwrap_or(POOL_FRAMES)
 }
 
 #[cfg(test)]

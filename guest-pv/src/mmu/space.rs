@@ -2,12 +2,14 @@
 
 use hypercall_abi::layout::{PAGE_SIZE, PML4_GPA};
 use hypercall_abi::mmu::{
-    ENTRIES_PER_TABLE, Level, MmuUpdate, PIN_L4, PTE_ADDR_MASK, PTE_HUGE, PTE_PRESENT, UNPIN,
+    ENTRIES_PER_TABLE, Level, MmuUpdate, POOL_FRAMES, PTE_ADDR_MASK, PTE_HUGE, PTE_PRESENT,
 };
 
-use super::pool::POOL_FRAMES;
-use super::{Batch, MmuError, PtFrameAllocator, Updater, check_va, entry_gpa, leaf_entry, table_entry};
+use super::{
+    Batch, MmuError, PtFrameAllocator, Updater, check_va, entry_gpa, leaf_entry, table_entry,
+};
 use crate::cpu;
+use hypercall_abi::request::PinOp;
 
 /// A page-table root and the means to change the tables under it.
 ///
@@ -55,7 +57,7 @@ impl<'a> AddressSpace<'a> {
         batch.flush()?;
         let root = pool.alloc().ok_or(MmuError::PoolExhausted)?;
         // SAFETY: pinning a zero frame that nothing uses releases nothing.
-        if let Err(e) = unsafe { batch.pvkit().mmu_pin(PIN_L4, root) } {
+        if let Err(e) = unsafe { batch.pvkit().mmu_pin(PinOp::PinL4, root) } {
             // The host did not type it, so it is still a zero, untyped frame.
             let _ = pool.free(root);
             return Err(MmuError::Pin(e));
@@ -220,7 +222,7 @@ impl<'a> AddressSpace<'a> {
         };
         // SAFETY: the root is not loaded (checked above), and CR3 is only ever loaded with it
         // through this address space, which is consumed.
-        unsafe { pv.mmu_pin(UNPIN, self.root) }.map_err(MmuError::Pin)?;
+        unsafe { pv.mmu_pin(PinOp::Unpin, self.root) }.map_err(MmuError::Pin)?;
         for frame in owned.frames() {
             self.pool.free(frame)?;
         }
