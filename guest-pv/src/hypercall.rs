@@ -3,7 +3,7 @@
 //! This file holds every piece of inline assembly that talks to the pvkit host:
 //! - [`raw_hypercall`]: one 32-bit `out dx, eax` to [`HYPERCALL_PORT`] with the register
 //!   convention of `hypercall_abi`; [`raw_request`] issues a typed
-//!   [`Request`](hypercall_abi::request::Request), whose `encode` is the one definition of each
+//!   [`Request`], whose `encode` is the one definition of each
 //!   call's registers. Every wrapper in this crate builds a `Request` and goes through
 //!   [`raw_request`] or the crate-private `Pvkit::request`, reachable only with a [`Pvkit`]
 //!   token, i.e. after [`crate::detect()`] has proven that the host is pvkit.

@@ -87,8 +87,8 @@ pub const MMU_UPDATE_MAX: u64 = 1024;
 /// tables. Changing or removing a present entry requires the hypervisor to refresh what it
 /// derived from the tables (on our KVM: a resync of its shadow page tables, ~0.2 ms); by
 /// default every call that changed a present entry does it. With this flag the host postpones
-/// it to the next `mmu_update` without the flag (an empty one will do), `mmu_pin`, or trapped
-/// store. Until then the guest must not rely on the changed mappings, not even after its own
+/// it to the next accepted `mmu_update` without the flag (an empty one will do), accepted
+/// `mmu_pin`, or trapped store; a call refused as a whole neither starts nor ends a deferral. Until then the guest must not rely on the changed mappings, not even after its own
 /// `invlpg`. `guest_pv::mmu::Batch` sets it when it flushes because it is full, and clears it
 /// on explicit flushes (which precede TLB invalidations). Other `a2` bits must be zero.
 pub const UPDATE_DEFER_SYNC: u64 = 1 << 0;
