@@ -63,7 +63,7 @@ pub unsafe fn raw_hypercall(nr: u64, args: [u64; 4]) -> Return {
 ///
 /// # Safety
 /// As for [`raw_hypercall`].
-#[inline]
+#[inline(always)]
 pub unsafe fn raw_request(request: Request) -> Return {
     let Regs { nr, args } = request.encode();
     // SAFETY: the caller's contract is `raw_hypercall`'s.
@@ -185,7 +185,11 @@ impl Pvkit {
     /// Crate-private on purpose: it is safe only for calls that make the host *read* guest memory
     /// at most (every v1.0 call). A wrapper for a call that makes the host write guest memory
     /// must use [`raw_hypercall`] with its own safety argument.
-    #[inline]
+    ///
+    /// Always inlined, so that each wrapper's [`Request`] variant is known where it is encoded
+    /// and the encoding folds to register moves (a shared out-of-line copy would `match` on the
+    /// variant at run time, on every call).
+    #[inline(always)]
     pub(crate) fn request(&self, request: Request) -> Result<u64, HypercallError> {
         // SAFETY: `self` exists only if `detect` found the pvkit signature, so the host services
         // the hypercall port. Callers in this crate pass only calls after which the host reads
