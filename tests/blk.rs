@@ -42,7 +42,7 @@ impl Drop for Image {
     }
 }
 
-fn blk(mode: Mode, img: &Image, readonly: bool, args: &[&str]) -> host_vmm::vm::RunReport {
+fn blk(mode: Mode, img: &Image, readonly: bool, args: &[&str]) -> host_vmm::compare::Measured {
     let mib = format!("mib={MIB}");
     let mut all = vec![mib.as_str()];
     all.extend_from_slice(args);

@@ -3,9 +3,10 @@
 //! hypercall port; the demo kernel runs every workload with each feature turned off.
 
 use host_vmm::Error;
+use host_vmm::compare::Measured;
+use host_vmm::config::{KernelImage, VmConfig};
 use host_vmm::kernel_abi::AbiRefusal;
 use host_vmm::loader::{minimal_elf, minimal_elf_with_note};
-use host_vmm::vm::{KernelImage, RunReport, VmConfig};
 use hypercall_abi::features::{self, Names};
 use hypercall_abi::note::AbiNote;
 use hypercall_abi::{Call, Error as AbiError};
@@ -145,7 +146,7 @@ fn a_disabled_call_is_not_serviced() {
 }
 
 /// Runs the demo kernel with `disable` cleared.
-fn demo(mode: Mode, disable: u64, workload: &str, args: &[&str]) -> RunReport {
+fn demo(mode: Mode, disable: u64, workload: &str, args: &[&str]) -> Measured {
     let mut cfg = VmConfig::new(mode, workload);
     cfg.args = args.iter().map(|s| s.to_string()).collect();
     cfg.disable = disable;
@@ -224,7 +225,7 @@ fn each_disabled_feature_falls_back_to_its_trapped_twin() {
         let trapped = demo(Mode::Trapped, 0, w, args);
         let pv = demo(Mode::Pv, 0, w, args);
         let off = demo(Mode::Pv, bit, w, args);
-        let sum = |r: &RunReport| r.result.as_ref().and_then(|x| x.checksum());
+        let sum = |r: &Measured| r.result.as_ref().and_then(|x| x.checksum());
         let what = format!("{w} without {}", Names(bit));
         assert!(sum(&trapped).is_some(), "{what}");
         assert_eq!(sum(&off), sum(&trapped), "{what}: checksum");

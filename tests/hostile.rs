@@ -11,7 +11,7 @@ use tests::{Mode, boot_image};
 const MEM: u64 = 128 << 20;
 
 /// Runs one hypercall and exits with its status; returns (exit code, report).
-fn status_of(nr: u64, a0: u64, a1: u64) -> (u32, host_vmm::vm::RunReport) {
+fn status_of(nr: u64, a0: u64, a1: u64) -> (u32, host_vmm::compare::Measured) {
     let mut code = hypercall(nr, a0, a1);
     code.extend(exit_with_eax());
     let r = boot_image(Mode::Pv, minimal_elf(0x20_0000, &code, 0x1000)).expect("VMM keeps running");

@@ -72,7 +72,7 @@ fn an_absurd_deadline_is_capped() {
 }
 
 /// The demo kernel's idle workload, one strategy.
-fn idle_workload(mode: Mode, strategy: &str) -> host_vmm::vm::RunReport {
+fn idle_workload(mode: Mode, strategy: &str) -> host_vmm::compare::Measured {
     let strategy = format!("strategy={strategy}");
     let r = tests::boot(
         mode,
@@ -88,7 +88,7 @@ fn every_strategy_completes_with_the_same_checksum() {
     let spin = idle_workload(Mode::Trapped, "spin");
     let hlt = idle_workload(Mode::Trapped, "hlt");
     let pv = idle_workload(Mode::Pv, "pv");
-    let sum = |r: &host_vmm::vm::RunReport| r.result.as_ref().unwrap().checksum();
+    let sum = |r: &host_vmm::compare::Measured| r.result.as_ref().unwrap().checksum();
     assert_eq!(sum(&spin), sum(&hlt));
     assert_eq!(sum(&hlt), sum(&pv));
     for r in [&spin, &hlt, &pv] {

@@ -110,7 +110,7 @@ fn reserved_bits_are_refused() {
 
 /// A trapped guest: store `value` at `pte_gpa` with an 8-byte (or 4-byte) `mov`, read the entry
 /// back and exit with its low 32 bits.
-fn trapped_store(pte_gpa: u64, value: u64, wide: bool) -> host_vmm::vm::RunReport {
+fn trapped_store(pte_gpa: u64, value: u64, wide: bool) -> host_vmm::compare::Measured {
     let mut code = mov_imm(3, pte_gpa);
     code.extend(mov_imm(0, value));
     if wide {
@@ -150,7 +150,7 @@ fn refused_trapped_stores_are_dropped_and_the_guest_sees_it() {
 
 const UPDATES: u64 = 4096;
 
-fn pagetable(mode: Mode, batch: u64) -> host_vmm::vm::RunReport {
+fn pagetable(mode: Mode, batch: u64) -> host_vmm::compare::Measured {
     let updates = format!("updates={UPDATES}");
     let batch = format!("batch={batch}");
     let args: Vec<&str> = match mode {

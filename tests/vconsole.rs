@@ -2,7 +2,7 @@
 //! pattern, and the transfer costs (almost) no exits: QueueNotify is an ioeventfd and the
 //! guest polls the used ring.
 
-use host_vmm::vm::VmConfig;
+use host_vmm::config::VmConfig;
 use tests::{Mode, boot, console_pattern, fnv1a, run_cfg, text};
 
 const K: u64 = 10_000;
@@ -11,11 +11,11 @@ fn boot_vconsole(
     mode: Mode,
     args: &[&str],
     disk: Option<&std::path::Path>,
-) -> host_vmm::vm::RunReport {
+) -> host_vmm::compare::Measured {
     let mut cfg = VmConfig::new(mode, "vconsole");
     cfg.args = args.iter().map(|s| s.to_string()).collect();
     cfg.virtio_console = true;
-    cfg.disk = disk.map(|path| host_vmm::vm::DiskConfig {
+    cfg.disk = disk.map(|path| host_vmm::config::DiskConfig {
         path: path.into(),
         readonly: true,
     });

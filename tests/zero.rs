@@ -118,12 +118,12 @@ fn prepare_refuses_ranges_outside_ram_or_over_the_kernel() {
 
 const MIB: u64 = 32;
 
-fn zero_run(mode: Mode, check: bool) -> host_vmm::vm::RunReport {
+fn zero_run(mode: Mode, check: bool) -> host_vmm::compare::Measured {
     zero_run_with(mode, check, &[])
 }
 
 /// A `zero` run of `MIB` MiB with more arguments; it must exit with 0.
-fn zero_run_with(mode: Mode, check: bool, extra: &[&str]) -> host_vmm::vm::RunReport {
+fn zero_run_with(mode: Mode, check: bool, extra: &[&str]) -> host_vmm::compare::Measured {
     let mib = format!("mib={MIB}");
     let check = format!("check={}", u8::from(check));
     let mut args = vec![mib.as_str(), check.as_str()];
@@ -133,7 +133,7 @@ fn zero_run_with(mode: Mode, check: bool, extra: &[&str]) -> host_vmm::vm::RunRe
     r
 }
 
-fn field(r: &host_vmm::vm::RunReport, k: &str) -> u64 {
+fn field(r: &host_vmm::compare::Measured, k: &str) -> u64 {
     r.result
         .as_ref()
         .unwrap()

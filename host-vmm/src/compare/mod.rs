@@ -4,6 +4,7 @@
 //! host timestamps them, counts exits between them and reads its vCPU thread's CPU time.
 
 pub mod blk;
+pub mod window;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,13 +12,15 @@ use std::path::PathBuf;
 use hypercall_abi::boot::Mode;
 use serde::Serialize;
 
+use crate::config::{self, DiskConfig, KernelImage, VmConfig};
 use crate::console::ConsoleSink;
 use crate::error::{Error, Result};
 use crate::metrics::Window;
-use crate::vm::{self, DiskConfig, KernelImage, RunReport, VmConfig};
+
 use hypercall_abi::HYPERCALL_PORT;
 use hypercall_abi::layout::{KERNEL_MIN_GPA, MAX_MEM_SIZE};
 use hypercall_abi::ports::{EXIT_PORT, MARKER_BEGIN, MARKER_END, MARKER_PORT, NULL_PORT};
+pub use window::{Measured, WindowRecorder, measure};
 
 /// Workloads `compare` knows, in the order it runs them.
 pub const WORKLOADS: &[&str] = &["null", "console", "pagetable", "idle", "zero", "blk"];
@@ -95,7 +98,7 @@ impl Default for CompareOptions {
             blk_size_kib: DEFAULT_BLK_SIZE_KIB,
             blk_depth: DEFAULT_BLK_DEPTH,
             mem_size: 128 << 20,
-            kvm_device: vm::DEFAULT_KVM_DEVICE.into(),
+            kvm_device: config::DEFAULT_KVM_DEVICE.into(),
             kernel: KernelImage::embedded(),
         }
     }
@@ -284,7 +287,7 @@ fn mem_for(workload: &str, opts: &CompareOptions) -> u64 {
 }
 
 /// Builds the record of one run.
-pub fn record(workload: &str, mode: Mode, report: &RunReport) -> Result<Record> {
+pub fn record(workload: &str, mode: Mode, report: &Measured) -> Result<Record> {
     let fail = |why: String| Error::GuestFault {
         what: format!("{workload}/{}: {why}", mode.name()),
         rip: 0,
@@ -433,7 +436,7 @@ pub fn run(opts: &CompareOptions, mut progress: impl FnMut(&str, &str)) -> Resul
                     virtio_console: false,
                     timeout: None,
                 };
-                let report = vm::run(&cfg, ConsoleSink::new(None))?;
+                let report = measure(&cfg, ConsoleSink::new(None))?;
                 let mut rec = record(w, v.mode, &report)?;
                 rec.batch = v.batch;
                 if let Some(label) = v.label {
@@ -630,7 +633,7 @@ pub fn run_floor(opts: &CompareOptions, floor: Floor, ops: u64) -> Result<Record
         virtio_console: false,
         timeout: None,
     };
-    let report = vm::run(&cfg, ConsoleSink::new(None))?;
+    let report = measure(&cfg, ConsoleSink::new(None))?;
     let ops = u64::from(ops32);
     let fail = |why: String| Error::GuestFault {
         what: format!("floor/{}: {why}", floor.name()),
