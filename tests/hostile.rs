@@ -87,3 +87,23 @@ fn memory_beyond_ram_reads_all_ones_and_ignores_writes() {
     assert_eq!(r.exit_code, u32::MAX);
     assert_eq!(r.stats.reason(ExitReason::Mmio), 2);
 }
+
+#[test]
+fn malformed_mmu_pin_calls_get_their_error_codes() {
+    use hypercall_abi::layout::{PML4_GPA, PT_POOL_GPA};
+    use hypercall_abi::mmu::{PIN_L4, UNPIN};
+    let pin = u64::from(Call::MmuPin.raw());
+    for (op, frame, err) in [
+        (0, PT_POOL_GPA + 0x10_0000, Error::InvalidArgument),
+        (3, PT_POOL_GPA + 0x10_0000, Error::InvalidArgument),
+        (u64::MAX, PT_POOL_GPA + 0x10_0000, Error::InvalidArgument),
+        (PIN_L4, PT_POOL_GPA + 8, Error::InvalidArgument),
+        (PIN_L4, 0x30_0000, Error::BadAddress),
+        (UNPIN, PT_POOL_GPA + 0x10_0000, Error::TypeConflict),
+        (UNPIN, PML4_GPA, Error::Denied),
+    ] {
+        let (code, r) = status_of(pin, op, frame);
+        assert_eq!(u64::from(code), err.code(), "op {op} frame {frame:#x}");
+        assert_eq!(r.stats.by_hypercall["mmu_pin"], 1);
+    }
+}

@@ -35,7 +35,7 @@ use crate::loader::{self, ElfInfo};
 use crate::machine::{Devices, Machine, POOL_SLOT};
 use crate::memory::GuestRam;
 use crate::metrics::ExitStats;
-use crate::mmu::PtPool;
+use crate::mmu::PageTablePool;
 use crate::stop::Stopper;
 use crate::trap::pool_window::PoolWindow;
 use crate::vcpu::Vcpu;
@@ -148,7 +148,7 @@ pub fn open_kvm(path: &Path) -> Result<Kvm> {
 }
 
 /// Step 2: the KVM VM, its RAM (slot 0) and the page-table pool (a read-only slot).
-pub fn create_vm(kvm: &Kvm, mem_size: u64) -> Result<(VmFd, GuestRam, PtPool)> {
+pub fn create_vm(kvm: &Kvm, mem_size: u64) -> Result<(VmFd, GuestRam, PageTablePool)> {
     let vm = kvm.create_vm().map_err(Error::kvm("create VM"))?;
     let ram = GuestRam::new(mem_size)?;
     ram.register(&vm)?;
@@ -157,7 +157,7 @@ pub fn create_vm(kvm: &Kvm, mem_size: u64) -> Result<(VmFd, GuestRam, PtPool)> {
             "read-only memory slots (KVM_CAP_READONLY_MEM)",
         ));
     }
-    let pool = PtPool::new(mem_size)?;
+    let pool = PageTablePool::new(mem_size)?;
     pool.register(&vm, POOL_SLOT)?;
     Ok((vm, ram, pool))
 }
@@ -338,7 +338,7 @@ pub struct BootSetup<'a> {
     /// Guest RAM.
     pub ram: &'a GuestRam,
     /// The page-table pool.
-    pub pool: &'a mut PtPool,
+    pub pool: &'a mut PageTablePool,
     /// Where the kernel landed.
     pub kernel: &'a ElfInfo,
     /// What the guest is shown.

@@ -31,7 +31,7 @@ use crate::hypercall::{self, Context, Outcome};
 use crate::kernel_abi::{HiddenBecause, Offer};
 use crate::memory::GuestRam;
 use crate::metrics::{ExitReason, ExitStats};
-use crate::mmu::PtPool;
+use crate::mmu::PageTablePool;
 use crate::state::{Persist, STATE_VERSION, StateError, check_version};
 use crate::sync::lock;
 
@@ -85,7 +85,7 @@ pub struct Devices {
 #[derive(Debug)]
 pub struct Machine {
     pub(crate) ram: GuestRam,
-    pub(crate) pool: Arc<Mutex<PtPool>>,
+    pub(crate) pool: Arc<Mutex<PageTablePool>>,
     pub(crate) pio: Bus,
     pub(crate) mmio: Bus,
     pub(crate) devices: Devices,

@@ -2,11 +2,11 @@
 //! `KVM_EXIT_MMIO`; we decode it, run the shared validator, and apply it through the host's
 //! writable mapping — or drop it. The guest's `mov` then retires as if it had written.
 
-use crate::mmu::PtPool;
+use crate::mmu::PageTablePool;
 
 /// Handles a guest store of `data` at `gpa` inside the pool. Returns the event to count:
 /// `pte_trapped` (applied) or `pte_rejected` (refused, the entry is unchanged).
-pub fn store(pool: &mut PtPool, gpa: u64, data: &[u8]) -> &'static str {
+pub fn store(pool: &mut PageTablePool, gpa: u64, data: &[u8]) -> &'static str {
     // An unmodified guest cannot defer: its store takes effect for the hypervisor at once.
     pool.defer_resync(false);
     // Only a whole, aligned 8-byte entry can be validated; anything else is refused.
@@ -31,7 +31,7 @@ mod tests {
 
     #[test]
     fn decodes_validates_and_counts() {
-        let mut pool = PtPool::new(64 << 20).unwrap();
+        let mut pool = PageTablePool::new(64 << 20).unwrap();
         pool.pin(PT_POOL_GPA).unwrap();
         let l3 = PT_POOL_GPA + 0x1000;
         let events = [

@@ -6,19 +6,19 @@
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{BusAction, BusDevice};
-use crate::mmu::PtPool;
+use crate::mmu::PageTablePool;
 use crate::sync::lock;
 
 /// The pool as an MMIO device, sharing the pool with the hypercall handlers.
 #[derive(Debug)]
 pub struct PoolWindow {
-    pool: Arc<Mutex<PtPool>>,
+    pool: Arc<Mutex<PageTablePool>>,
     base: u64,
 }
 
 impl PoolWindow {
     /// The window of `pool`, whose first frame is at guest-physical `base`.
-    pub fn new(pool: Arc<Mutex<PtPool>>, base: u64) -> PoolWindow {
+    pub fn new(pool: Arc<Mutex<PageTablePool>>, base: u64) -> PoolWindow {
         PoolWindow { pool, base }
     }
 }
