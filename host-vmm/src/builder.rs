@@ -289,7 +289,7 @@ pub struct MachineParts {
     /// Guest RAM.
     pub ram: GuestRam,
     /// The page-table pool (boot tables installed).
-    pub pool: PtPool,
+    pub pool: PageTablePool,
     /// The devices.
     pub devices: DeviceSet,
     /// The event queue the devices wake.

@@ -5,7 +5,7 @@
 //! the exit and marker ports and the null device ([`debug`]), the periodic timer
 //! ([`timer::PeriodicTimer`]) and the event device ([`event::EventDevice`]). The MMIO devices
 //! are the virtio transports ([`virtio`]) and the page-table pool's trapped window
-//! ([`crate::trap::mmu_emul::PoolWindow`]). Each implements [`BusDevice`](crate::bus::BusDevice)
+//! ([`crate::trap::pool_window::PoolWindow`]). Each implements [`BusDevice`](crate::bus::BusDevice)
 //! and, where it has state, [`Persist`](crate::state::Persist).
 
 pub mod debug;

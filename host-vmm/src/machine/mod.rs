@@ -306,6 +306,7 @@ impl Machine {
             ram_size: self.ram.size(),
             clock: self.clock.save(),
             events: self.events.save(),
+            pool: lock(&self.pool).save(),
             uart: lock(&self.devices.uart).save(),
             null: lock(&self.devices.null).save(),
             timer: lock(&self.devices.timer).save(),
@@ -328,6 +329,7 @@ impl Machine {
                 ),
             ));
         }
+        lock(&self.pool).restore(&state.pool)?;
         self.clock.restore(&state.clock)?;
         self.events.restore(&state.events)?;
         lock(&self.devices.uart).restore(&state.uart)?;
@@ -349,6 +351,8 @@ pub struct MachineState {
     pub clock: ClockState,
     /// The event queue.
     pub events: EventQueueState,
+    /// The page-table pool: frame types, reference counts and the tables themselves.
+    pub pool: crate::mmu::state::PageTablePoolState,
     /// COM1.
     pub uart: UartState,
     /// The null device.

@@ -19,7 +19,7 @@ fn machine(offer: Offer) -> Machine {
     let devices = attach_pio_devices(&console, &events).unwrap();
     assemble_machine(MachineParts {
         ram: GuestRam::new(MEM).unwrap(),
-        pool: PtPool::new(MEM).unwrap(),
+        pool: PageTablePool::new(MEM).unwrap(),
         devices,
         events,
         console,
@@ -188,6 +188,7 @@ fn machine_state_round_trips_and_refuses_other_machines() {
     fresh.restore(&back).unwrap();
     let again = fresh.save();
     assert_eq!(again.null, saved.null);
+    assert_eq!(again.pool, saved.pool);
     assert_eq!(again.uart, saved.uart);
     assert_eq!(again.events, saved.events);
     assert_eq!(again.timer.period_us, 500);

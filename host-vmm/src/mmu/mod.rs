@@ -22,7 +22,7 @@ use vm_memory::{
 
 use crate::error::{Error, Result};
 
-mod state;
+pub mod state;
 
 pub use state::{FrameState, PageTablePoolState};
 
