@@ -894,6 +894,50 @@ pub(crate) mod tests {
     const NO_STATUS: u8 = 0xee;
 
     #[test]
+    fn block_state_round_trips_and_refuses_another_image() {
+        let image = TempImage::new(8, 100);
+        let b = Block::new(Disk::open(&image.0, false).unwrap());
+        b.stats.update(|s| {
+            s.reads = 3;
+            s.bytes_read = 1536;
+        });
+        let mut fresh = Block::new(Disk::open(&image.0, false).unwrap());
+        let json = crate::state::assert_round_trip(&b, &mut fresh);
+        assert!(json.contains("\"len\":4196"), "{json}");
+        assert_eq!(fresh.stats().reads, 3);
+
+        let state = b.save();
+        let refused = |mut other: Block, why: &str| {
+            let before = other.save();
+            let e = other.restore(&state).expect_err(why);
+            assert!(matches!(e, StateError::Mismatch { .. }), "{why}: {e}");
+            assert_eq!(other.save(), before, "{why}: unchanged");
+        };
+        // Same name and sectors, another length.
+        let other = TempImage::new(8, 0);
+        let disk = Disk::open(&other.0, false).unwrap().with_id(&state.disk.id);
+        refused(Block::new(disk), "length");
+        refused(Block::new(Disk::open(&image.0, true).unwrap()), "read-only");
+        refused(
+            Block::new(Disk::open(&image.0, false).unwrap().with_id(b"other")),
+            "id",
+        );
+        let mut tampered = state.clone();
+        tampered.features |= 1 << 40;
+        let mut fresh = Block::new(Disk::open(&image.0, false).unwrap());
+        assert!(matches!(
+            fresh.restore(&tampered),
+            Err(StateError::Mismatch { .. })
+        ));
+        tampered = state.clone();
+        tampered.config.truncate(3);
+        assert!(matches!(
+            fresh.restore(&tampered),
+            Err(StateError::Mismatch { .. })
+        ));
+    }
+
+    #[test]
     fn capacity_features_and_config() {
         let image = TempImage::new(8, 100);
         let block = Block::new(Disk::open(&image.0, false).unwrap());

@@ -364,6 +364,31 @@ mod tests {
     }
 
     #[test]
+    fn console_state_round_trips_and_refuses_another_device() {
+        let c = Console::new(ConsoleSink::new(None));
+        c.tx.stats.update(|s| {
+            s.chains = 2;
+            s.bytes = 10;
+            s.dropped_chains = 1;
+        });
+        let mut fresh = Console::new(ConsoleSink::new(None));
+        crate::state::assert_round_trip(&c, &mut fresh);
+        assert_eq!(fresh.stats().dropped_chains, 1);
+        let mut bad = c.save();
+        bad.features = 0;
+        assert!(matches!(
+            fresh.restore(&bad),
+            Err(StateError::Mismatch { .. })
+        ));
+        bad = c.save();
+        bad.config = vec![1; 12];
+        assert!(matches!(
+            fresh.restore(&bad),
+            Err(StateError::Mismatch { .. })
+        ));
+    }
+
+    #[test]
     fn transmitted_bytes_reach_the_sink_in_order() {
         let mem = guest_memory();
         let mut b = Bench::new(&mem, false);

@@ -31,11 +31,14 @@
 //! * [`console::Console`] is virtio-console (one port, output only): its transmit queue's
 //!   buffers go to the VM's [`crate::console::ConsoleSink`], like UART and `console_write`
 //!   bytes; its engine [`console::Transmitter::process_queue`] is tested like the block one.
-//! * [`MmioDevice`] is one device window of a VM (any of the devices above behind its
-//!   transport): what the vCPU loop dispatches MMIO exits to.
+//! * Each [`mmio::MmioTransport`] is a [`crate::bus::BusDevice`] (one MMIO bus range per
+//!   device window) and a [`mmio::VirtioWindow`] (what the VM asks of any window: `is_active`,
+//!   ioeventfds, `pause`/`resume`). [`MmioDevice`], a closed enum of the windows, is what the
+//!   vCPU loop dispatched to before the MMIO bus; it goes once the windows are on the bus.
 //! * [`thread::Worker`] runs a device's queue on its own thread: it waits on the queue's
 //!   [`EventFd`] (the ioeventfd KVM signals on QueueNotify), takes `Stop` from a crossbeam
-//!   control channel, and reports completions through [`Interrupt`].
+//!   control channel, and reports completions through [`Interrupt`]. It can be paused at a
+//!   batch boundary and resumed on the same queue (for saving state).
 //!
 //! # Trust
 //!

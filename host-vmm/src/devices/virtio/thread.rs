@@ -318,6 +318,31 @@ mod tests {
     }
 
     #[test]
+    fn a_paused_worker_touches_nothing_until_resumed() {
+        let irq = Interrupt::new(|| {});
+        let notify = EventFd::new(0).unwrap();
+        let kick = notify.try_clone().unwrap();
+        let (handler, calls) = script(vec![Ok(false), Ok(false), Ok(false)]);
+        let mut worker = Worker::spawn("test-worker", handler, notify, irq.clone()).unwrap();
+        kick.write(1).unwrap();
+        wait_until("the first pass", || calls.load(Ordering::Acquire) == 1);
+        worker.pause();
+        worker.pause();
+        assert!(worker.is_paused());
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(worker.with_handler(|h| h.calls.load(Ordering::Acquire)), 1);
+        // Resuming looks at the ring once, whether or not a notification came meanwhile.
+        worker.resume().unwrap();
+        wait_until("the pass after resume", || {
+            calls.load(Ordering::Acquire) == 2
+        });
+        worker.resume().unwrap();
+        assert!(!worker.is_paused());
+        assert!(worker.stop().is_some());
+    }
+
+    #[test]
     fn dropping_the_worker_joins_the_thread() {
         let (handler, _) = script(vec![]);
         let worker = Worker::spawn(
