@@ -104,6 +104,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::state::{Persist, StateError};
+
 /// Why a device could not start or had to stop: something the guest set up that the device
 /// cannot use, or (rarely) a host resource. Reported to the guest as `DEVICE_NEEDS_RESET`.
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +268,56 @@ impl MmioDevice {
         match self {
             MmioDevice::Block(t) => t.register_ioeventfds(vm, base),
             MmioDevice::Console(t) => t.register_ioeventfds(vm, base),
+        }
+    }
+
+    /// [`mmio::MmioTransport::pause`].
+    pub fn pause(&mut self) {
+        match self {
+            MmioDevice::Block(t) => t.pause(),
+            MmioDevice::Console(t) => t.pause(),
+        }
+    }
+
+    /// [`mmio::MmioTransport::resume`].
+    pub fn resume(&mut self) -> Result<(), DeviceError> {
+        match self {
+            MmioDevice::Block(t) => t.resume(),
+            MmioDevice::Console(t) => t.resume(),
+        }
+    }
+}
+
+/// [`MmioDevice`] state: the window's transport state, tagged with its kind of device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum MmioDeviceState {
+    /// virtio-blk.
+    Block(mmio::MmioTransportState<block::BlockState>),
+    /// virtio-console.
+    Console(mmio::MmioTransportState<console::ConsoleState>),
+}
+
+impl Persist for MmioDevice {
+    type State = MmioDeviceState;
+
+    fn save(&self) -> MmioDeviceState {
+        match self {
+            MmioDevice::Block(t) => MmioDeviceState::Block(t.save()),
+            MmioDevice::Console(t) => MmioDeviceState::Console(t.save()),
+        }
+    }
+
+    fn restore(&mut self, state: &MmioDeviceState) -> Result<(), StateError> {
+        match (self, state) {
+            (MmioDevice::Block(t), MmioDeviceState::Block(s)) => t.restore(s),
+            (MmioDevice::Console(t), MmioDeviceState::Console(s)) => t.restore(s),
+            (d, _) => Err(StateError::mismatch(
+                "virtio-mmio",
+                format!(
+                    "state of another kind of device for the {} window",
+                    d.name()
+                ),
+            )),
         }
     }
 }
@@ -602,6 +654,29 @@ mod tests {
             Err(crate::state::StateError::Mismatch { .. })
         ));
         assert_eq!(r32(&wrong, VIRTIO_MMIO_STATUS), 0);
+    }
+
+    #[test]
+    fn mmio_device_states_restore_only_into_the_same_kind_of_window() {
+        let mem = guest_memory();
+        let image = TempImage::new(8, 0);
+        let block = || {
+            let b = Block::new(Disk::open(&image.0, false).unwrap());
+            MmioDevice::Block(MmioTransport::new(b, mem.clone(), Interrupt::new(|| {})).unwrap())
+        };
+        let console = || {
+            let c = Console::new(ConsoleSink::new(None));
+            MmioDevice::Console(MmioTransport::new(c, mem.clone(), Interrupt::new(|| {})).unwrap())
+        };
+        crate::state::assert_round_trip(&block(), &mut block());
+        crate::state::assert_round_trip(&console(), &mut console());
+        assert!(matches!(
+            block().restore(&console().save()),
+            Err(crate::state::StateError::Mismatch { .. })
+        ));
+        let mut d = console();
+        d.pause();
+        d.resume().unwrap();
     }
 
     /// The same for virtio-console: the restored worker sends what was queued before the
