@@ -12,7 +12,8 @@ use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::error::{Error, Result};
-use crate::prepare::{PrepareStats, Preparer};
+use crate::prepare::{PrepareQueueState, PrepareStats, Preparer};
+use crate::state::{Persist, STATE_VERSION, StateError, check_version};
 
 /// Parses a memory size such as `128M`, `1G`, `65536K` or a plain byte count, and checks it
 /// against the VMM's limits.
@@ -97,13 +98,10 @@ impl GuestRam {
     /// is unavailable the call fails and nothing changes.
     fn advise_huge_pages(&self) {
         if let Some(host) = self.host_addr(0) {
-            // SAFETY: the range is exactly our own anonymous mapping of guest RAM; MADV_HUGEPAGE
-            // only changes how the kernel may back it, not its contents or validity.
+            // SAFETY: `[host, host + size)` is exactly our own private anonymous mapping of guest
+            // RAM (one region from guest-physical 0). MADV_HUGEPAGE only changes how the kernel
+            // may back it, not its contents or validity, and Rust holds no references into it.
             unsafe { libc::madvise(host.cast(), self.size as usize, libc::MADV_HUGEPAGE) };
-            if std::env::var_os("PVKIT_EXP_PREFAULT").is_some() {
-                // SAFETY: experiment.
-                unsafe { libc::madvise(host.cast(), self.size as usize, 23) };
-            }
         }
     }
 
@@ -285,6 +283,58 @@ impl GuestRam {
     }
 }
 
+/// [`GuestRam`]'s host-side state: its size and the prepare queue (`zero_hints(PREPARE)`
+/// ranges not backed yet). The RAM's contents are not part of it (a snapshot saves them
+/// separately); which frames are backed is not state either (a frame reads the same either
+/// way, and `QUERY` asks the host kernel).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuestRamState {
+    /// [`STATE_VERSION`].
+    pub version: u32,
+    /// RAM size in bytes: restoring into RAM of another size is refused.
+    pub size: u64,
+    /// Ranges queued for the preparing thread.
+    pub prepare: PrepareQueueState,
+}
+
+impl Persist for GuestRam {
+    type State = GuestRamState;
+
+    fn save(&self) -> GuestRamState {
+        let prepare = match self.preparer.get() {
+            Some(Some(p)) => p.queued(),
+            _ => PrepareQueueState::default(),
+        };
+        GuestRamState {
+            version: STATE_VERSION,
+            size: self.size,
+            prepare,
+        }
+    }
+
+    /// Checks the size and the queued ranges, then queues the ranges again (starting the
+    /// preparing thread if need be). Preparing is advisory: on a host that cannot prepare
+    /// (no `MADV_POPULATE_WRITE`) the ranges are checked and dropped.
+    fn restore(&mut self, state: &GuestRamState) -> std::result::Result<(), StateError> {
+        check_version(state.version)?;
+        if state.size != self.size {
+            return Err(StateError::mismatch(
+                "guest RAM",
+                format!(
+                    "saved with {:#x} bytes of RAM, this VM has {:#x}",
+                    state.size, self.size
+                ),
+            ));
+        }
+        state.prepare.check(self.size)?;
+        for &(start, end) in &state.prepare.ranges {
+            // Checked above; an unsupported host or a full queue only loses a hint.
+            let _ = self.prepare(start, end - start);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,6 +385,60 @@ mod tests {
         assert!(ram.discard(0x300_001, 4096).is_err());
         assert!(ram.discard(16 << 20, 4096).is_err());
         assert!(ram.known_zero(4095, 2).is_err());
+    }
+
+    #[test]
+    fn ram_state_round_trips_and_requeues_prepared_ranges() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let mut fresh = GuestRam::new(16 << 20).unwrap();
+        let json = crate::state::assert_round_trip(&ram, &mut fresh);
+        assert!(json.contains("16777216"), "{json}");
+        if !ram.can_prepare() {
+            return;
+        }
+        // Queued ranges come back queued: the new thread backs them.
+        let state = GuestRamState {
+            version: STATE_VERSION,
+            size: 16 << 20,
+            prepare: PrepareQueueState {
+                ranges: vec![(0x40_0000, 0x60_0000), (0x80_0000, 0x80_2000)],
+            },
+        };
+        fresh.restore(&state).unwrap();
+        crate::test_util::wait_until("the restored ranges to be prepared", || {
+            fresh.prepare_stats().populated_bytes == 0x20_2000
+        });
+        assert_eq!(fresh.save().prepare, PrepareQueueState::default());
+    }
+
+    #[test]
+    fn ram_states_of_another_size_or_with_bad_ranges_are_refused() {
+        let mut ram = GuestRam::new(16 << 20).unwrap();
+        let good = ram.save();
+        let mut other = good.clone();
+        other.size = 32 << 20;
+        assert!(matches!(
+            ram.restore(&other),
+            Err(StateError::Mismatch { .. })
+        ));
+        let mut other = good.clone();
+        other.version += 1;
+        assert!(matches!(
+            ram.restore(&other),
+            Err(StateError::Version { .. })
+        ));
+        let mut other = good.clone();
+        other.prepare.ranges = vec![(0x40_0000, 0x60_0000), (0xff_f000, 0x101_0000)];
+        assert!(matches!(
+            ram.restore(&other),
+            Err(StateError::Invalid { .. })
+        ));
+        assert_eq!(
+            ram.prepare_queued_bytes(),
+            0,
+            "nothing queued from a refused state"
+        );
+        assert_eq!(ram.prepare_stats().populated_bytes, 0);
     }
 
     #[test]

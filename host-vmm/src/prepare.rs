@@ -21,7 +21,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
+use hypercall_abi::layout::PAGE_SIZE;
+
 use crate::rusage::thread_cpu_ns;
+use crate::state::StateError;
 use crate::sync::{lock, wait};
 
 /// The most ranges waiting at once.
@@ -38,6 +41,46 @@ pub struct PrepareStats {
     pub cpu_ns: u64,
     /// Steps that failed (the kernel refused to populate; the guest faults them in itself).
     pub failed_steps: u64,
+}
+
+/// The prepare queue as data: the ranges still waiting, oldest first, as guest-physical
+/// `[start, end)`. The step the thread is populating when the state is read is not in it (hints
+/// are advisory: a frame reads the same prepared or not); neither are the thread's counters,
+/// which measure this host's thread.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PrepareQueueState {
+    /// `(start, end)` of each queued range.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl PrepareQueueState {
+    /// Checks the state against guest RAM of `ram_size` bytes: at most [`QUEUE_MAX`] ranges,
+    /// each non-empty, page-aligned and inside RAM.
+    pub fn check(&self, ram_size: u64) -> Result<(), StateError> {
+        const WHAT: &str = "prepare queue";
+        if self.ranges.len() > QUEUE_MAX {
+            return Err(StateError::invalid(
+                WHAT,
+                format!("{} ranges, at most {QUEUE_MAX}", self.ranges.len()),
+            ));
+        }
+        for &(start, end) in &self.ranges {
+            if start >= end
+                || end > ram_size
+                || !start.is_multiple_of(PAGE_SIZE)
+                || !end.is_multiple_of(PAGE_SIZE)
+            {
+                return Err(StateError::invalid(
+                    WHAT,
+                    format!(
+                        "range {start:#x}..{end:#x} is empty, not page-aligned or outside \
+                         {ram_size:#x} bytes of RAM"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A range of guest-physical addresses `[start, end)`.
@@ -137,6 +180,17 @@ impl Preparer {
         // queue before we got the lock holds `busy` until it is populated: wait for it.
         drop(lock(&self.shared.busy));
         drop(q);
+    }
+
+    /// The ranges still queued, as data.
+    pub fn queued(&self) -> PrepareQueueState {
+        PrepareQueueState {
+            ranges: lock(&self.shared.queue)
+                .spans
+                .iter()
+                .map(|s| (s.start, s.end))
+                .collect(),
+        }
     }
 
     /// Bytes still queued.
@@ -303,5 +357,33 @@ mod tests {
         );
         remove(&mut q, 0, u64::MAX);
         assert!(spans(&q).is_empty());
+    }
+
+    #[test]
+    fn queue_states_are_checked_against_ram() {
+        let ok = PrepareQueueState {
+            ranges: vec![(0, 0x1000), (0x20_0000, 0x100_0000)],
+        };
+        ok.check(16 << 20).unwrap();
+        let json = serde_json::to_string(&ok).unwrap();
+        assert_eq!(
+            serde_json::from_str::<PrepareQueueState>(&json).unwrap(),
+            ok
+        );
+        for bad in [
+            vec![(0x1000, 0x1000)],
+            vec![(0x2000, 0x1000)],
+            vec![(0x800, 0x1000)],
+            vec![(0, 0x1800)],
+            vec![(0xff_f000, 0x100_1000)],
+            vec![(u64::MAX - 0xfff, u64::MAX)],
+            vec![(0, 0x1000); QUEUE_MAX + 1],
+        ] {
+            let state = PrepareQueueState { ranges: bad };
+            assert!(
+                matches!(state.check(16 << 20), Err(StateError::Invalid { .. })),
+                "{state:?}"
+            );
+        }
     }
 }

@@ -50,12 +50,13 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile};
 
 use super::thread::{QueueHandler, Worker};
 use super::{Activation, Counters, DeviceError, VirtioDevice, read_config_bytes};
 use crate::error::Error;
+use crate::state::{Persist, StateError};
 
 /// Bytes per sector (the unit of `sector` and capacity).
 pub const SECTOR_SIZE: u64 = 512;
@@ -80,8 +81,8 @@ const HEADER_LEN: u32 = 16;
 /// blk_size.
 const CONFIG_LEN: usize = 24;
 
-/// Request counters, for metrics and tests.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Request counters, for metrics and tests (and part of [`BlockState`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockStats {
     /// Successful IN requests.
     pub reads: u64,
@@ -121,6 +122,8 @@ enum Failure {
 #[derive(Debug)]
 pub struct Disk {
     file: File,
+    /// Length of the image in bytes.
+    len: u64,
     capacity: u64,
     readonly: bool,
     id: [u8; ID_LEN],
@@ -171,6 +174,7 @@ impl Disk {
         id[..n].copy_from_slice(&name[..n]);
         Ok(Disk {
             file,
+            len,
             capacity: len / SECTOR_SIZE,
             readonly,
             id,
@@ -185,6 +189,15 @@ impl Disk {
         let n = id.len().min(ID_LEN);
         self.id[..n].copy_from_slice(&id[..n]);
         self
+    }
+
+    /// The identity of the image as the guest sees it (what [`BlockState`] records).
+    fn identity(&self) -> DiskIdentity {
+        DiskIdentity {
+            len: self.len,
+            readonly: self.readonly,
+            id: self.id,
+        }
     }
 
     /// Capacity in 512-byte sectors.
@@ -434,10 +447,40 @@ impl QueueHandler for BlockQueue {
 pub struct Block {
     /// The disk while the device is idle; `None` while the worker owns it (or if it was lost).
     disk: Option<Disk>,
+    /// Running or paused while the driver has the device active.
     worker: Option<Worker<BlockQueue>>,
+    /// The disk's identity, kept here because the worker owns the disk while active.
+    identity: DiskIdentity,
     features: u64,
     config: [u8; CONFIG_LEN],
     stats: Counters<BlockStats>,
+}
+
+/// What identifies a disk image to the guest: a restored guest must find the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskIdentity {
+    /// Length of the image in bytes (the capacity is its whole sectors).
+    pub len: u64,
+    /// Opened read-only (`VIRTIO_BLK_F_RO` offered, writes refused).
+    pub readonly: bool,
+    /// The GET_ID string.
+    pub id: [u8; ID_LEN],
+}
+
+/// [`Block`] state: the device's side of a virtio-blk window (its transport and queues are in
+/// [`super::mmio::MmioTransportState`]). The image's contents are not state: the image is a
+/// file named by the VM configuration; its identity is recorded so that restoring against a
+/// different image is refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    /// The image behind the device.
+    pub disk: DiskIdentity,
+    /// Offered features.
+    pub features: u64,
+    /// The configuration space (`struct virtio_blk_config`, the part filled in).
+    pub config: Vec<u8>,
+    /// Request counters.
+    pub stats: BlockStats,
 }
 
 impl Block {
@@ -460,6 +503,7 @@ impl Block {
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         Block {
             stats: disk.stats.clone(),
+            identity: disk.identity(),
             disk: Some(disk),
             worker: None,
             features,
@@ -523,6 +567,77 @@ impl VirtioDevice for Block {
             // `None` only if the worker panicked; the device then reports BackendLost.
             self.disk = worker.stop().map(|q| q.disk);
         }
+    }
+
+    fn name(&self) -> &'static str {
+        "virtio-blk"
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.worker
+            .as_ref()
+            .map(|w| w.with_handler(|h| vec![h.queue.state()]))
+            .unwrap_or_default()
+    }
+
+    fn pause(&mut self) {
+        if let Some(w) = &mut self.worker {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), DeviceError> {
+        self.worker.as_mut().map_or(Ok(()), Worker::resume)
+    }
+}
+
+impl Persist for Block {
+    type State = BlockState;
+
+    fn save(&self) -> BlockState {
+        BlockState {
+            disk: self.identity,
+            features: self.features,
+            config: self.config.to_vec(),
+            stats: self.stats(),
+        }
+    }
+
+    /// Checks that `state` describes this device over the same image, then loads the counters.
+    /// The device must be inactive (freshly built or reset): queues are the transport's to
+    /// restore, and it re-activates the device.
+    fn restore(&mut self, state: &BlockState) -> Result<(), StateError> {
+        const WHAT: &str = "virtio-blk";
+        let disk = state.disk;
+        if disk != self.identity {
+            return Err(StateError::mismatch(
+                WHAT,
+                format!(
+                    "saved with a {} byte{} image {:?}, this VM has a {} byte{} image {:?}",
+                    disk.len,
+                    if disk.readonly { " read-only" } else { "" },
+                    String::from_utf8_lossy(&disk.id).trim_end_matches('\0'),
+                    self.identity.len,
+                    if self.identity.readonly {
+                        " read-only"
+                    } else {
+                        ""
+                    },
+                    String::from_utf8_lossy(&self.identity.id).trim_end_matches('\0'),
+                ),
+            ));
+        }
+        if state.features != self.features || state.config != self.config {
+            return Err(StateError::mismatch(
+                WHAT,
+                "offered features or configuration differ",
+            ));
+        }
+        if self.worker.is_some() {
+            return Err(StateError::invalid(WHAT, "restore into an active device"));
+        }
+        self.stats.update(|s| *s = state.stats);
+        Ok(())
     }
 }
 
@@ -777,6 +892,50 @@ pub(crate) mod tests {
     const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
     const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
     const NO_STATUS: u8 = 0xee;
+
+    #[test]
+    fn block_state_round_trips_and_refuses_another_image() {
+        let image = TempImage::new(8, 100);
+        let b = Block::new(Disk::open(&image.0, false).unwrap());
+        b.stats.update(|s| {
+            s.reads = 3;
+            s.bytes_read = 1536;
+        });
+        let mut fresh = Block::new(Disk::open(&image.0, false).unwrap());
+        let json = crate::state::assert_round_trip(&b, &mut fresh);
+        assert!(json.contains("\"len\":4196"), "{json}");
+        assert_eq!(fresh.stats().reads, 3);
+
+        let state = b.save();
+        let refused = |mut other: Block, why: &str| {
+            let before = other.save();
+            let e = other.restore(&state).expect_err(why);
+            assert!(matches!(e, StateError::Mismatch { .. }), "{why}: {e}");
+            assert_eq!(other.save(), before, "{why}: unchanged");
+        };
+        // Same name and sectors, another length.
+        let other = TempImage::new(8, 0);
+        let disk = Disk::open(&other.0, false).unwrap().with_id(&state.disk.id);
+        refused(Block::new(disk), "length");
+        refused(Block::new(Disk::open(&image.0, true).unwrap()), "read-only");
+        refused(
+            Block::new(Disk::open(&image.0, false).unwrap().with_id(b"other")),
+            "id",
+        );
+        let mut tampered = state.clone();
+        tampered.features |= 1 << 40;
+        let mut fresh = Block::new(Disk::open(&image.0, false).unwrap());
+        assert!(matches!(
+            fresh.restore(&tampered),
+            Err(StateError::Mismatch { .. })
+        ));
+        tampered = state.clone();
+        tampered.config.truncate(3);
+        assert!(matches!(
+            fresh.restore(&tampered),
+            Err(StateError::Mismatch { .. })
+        ));
+    }
 
     #[test]
     fn capacity_features_and_config() {

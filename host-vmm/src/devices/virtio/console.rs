@@ -28,12 +28,13 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::thread::{QueueHandler, Worker};
 use super::{Activation, Counters, DeviceError, VirtioDevice, read_config_bytes};
 use crate::console::ConsoleSink;
+use crate::state::{Persist, StateError};
 
 /// Maximum size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -49,8 +50,8 @@ pub const MAX_DESCRIPTORS: usize = QUEUE_SIZE as usize;
 /// `struct virtio_console_config`: cols, rows (u16), max_nr_ports, emerg_wr (u32).
 const CONFIG_LEN: usize = 12;
 
-/// Transmit counters, for metrics and tests.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Transmit counters, for metrics and tests (and part of [`ConsoleState`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConsoleStats {
     /// Chains whose bytes reached the sink.
     pub chains: u64,
@@ -166,6 +167,7 @@ impl QueueHandler for TransmitQueue {
 #[derive(Debug)]
 pub struct Console {
     tx: Transmitter,
+    /// Running or paused while the driver has the device active.
     worker: Option<Worker<TransmitQueue>>,
     /// The receive queue while active: kept (never used) so the device owns both rings.
     receiveq: Option<Queue>,
@@ -244,6 +246,68 @@ impl VirtioDevice for Console {
         }
         self.receiveq = None;
     }
+
+    fn name(&self) -> &'static str {
+        "virtio-console"
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        match (&self.receiveq, &self.worker) {
+            (Some(rx), Some(w)) => vec![rx.state(), w.with_handler(|h| h.queue.state())],
+            _ => Vec::new(),
+        }
+    }
+
+    fn pause(&mut self) {
+        if let Some(w) = &mut self.worker {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), DeviceError> {
+        self.worker.as_mut().map_or(Ok(()), Worker::resume)
+    }
+}
+
+/// [`Console`] state: the device's side of a virtio-console window (its transport and queues
+/// are in [`super::mmio::MmioTransportState`]). Output already sent is the sink's, not state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConsoleState {
+    /// Offered features.
+    pub features: u64,
+    /// The configuration space (`struct virtio_console_config`: all zero, nothing offered).
+    pub config: Vec<u8>,
+    /// Transmit counters.
+    pub stats: ConsoleStats,
+}
+
+impl Persist for Console {
+    type State = ConsoleState;
+
+    fn save(&self) -> ConsoleState {
+        ConsoleState {
+            features: self.features(),
+            config: self.config.to_vec(),
+            stats: self.stats(),
+        }
+    }
+
+    /// Checks that `state` describes this device and loads the counters. The device must be
+    /// inactive (freshly built or reset): the transport restores the queues and re-activates.
+    fn restore(&mut self, state: &ConsoleState) -> Result<(), StateError> {
+        const WHAT: &str = "virtio-console";
+        if state.features != self.features() || state.config != self.config {
+            return Err(StateError::mismatch(
+                WHAT,
+                "offered features or configuration differ",
+            ));
+        }
+        if self.worker.is_some() {
+            return Err(StateError::invalid(WHAT, "restore into an active device"));
+        }
+        self.tx.stats.update(|s| *s = state.stats);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -297,6 +361,31 @@ mod tests {
             );
             self.drv.used_elem(before).1
         }
+    }
+
+    #[test]
+    fn console_state_round_trips_and_refuses_another_device() {
+        let c = Console::new(ConsoleSink::new(None));
+        c.tx.stats.update(|s| {
+            s.chains = 2;
+            s.bytes = 10;
+            s.dropped_chains = 1;
+        });
+        let mut fresh = Console::new(ConsoleSink::new(None));
+        crate::state::assert_round_trip(&c, &mut fresh);
+        assert_eq!(fresh.stats().dropped_chains, 1);
+        let mut bad = c.save();
+        bad.features = 0;
+        assert!(matches!(
+            fresh.restore(&bad),
+            Err(StateError::Mismatch { .. })
+        ));
+        bad = c.save();
+        bad.config = vec![1; 12];
+        assert!(matches!(
+            fresh.restore(&bad),
+            Err(StateError::Mismatch { .. })
+        ));
     }
 
     #[test]

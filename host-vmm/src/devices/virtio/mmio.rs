@@ -13,9 +13,11 @@
 //! aligned rings inside guest RAM) before the device sees it; a failure sets
 //! `DEVICE_NEEDS_RESET`.
 
+use std::fmt;
 use std::sync::Arc;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -28,7 +30,9 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Activation, ActiveQueue, DeviceError, Interrupt, VirtioDevice};
+use crate::bus::{BusAction, BusDevice};
 use crate::error::Error;
+use crate::state::{Persist, STATE_VERSION, StateError, check_version};
 
 /// `MagicValue`: "virt" in little-endian.
 pub const MAGIC: u32 = 0x7472_6976;
@@ -77,6 +81,8 @@ pub struct MmioTransport<D> {
     status: u32,
     config_generation: u32,
     active: bool,
+    /// Queue processing stopped by [`MmioTransport::pause`].
+    paused: bool,
     activation_error: Option<DeviceError>,
 }
 
@@ -110,6 +116,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             status: 0,
             config_generation: 0,
             active: false,
+            paused: false,
             activation_error: None,
         })
     }
@@ -127,6 +134,41 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Whether the device is running (DRIVER_OK accepted, not reset since).
     pub fn is_active(&self) -> bool {
         self.active
+    }
+
+    /// Stops the device's queue processing at a batch boundary (its worker is joined, its
+    /// queues kept): from here until [`MmioTransport::resume`] the device touches no guest
+    /// memory and its state ([`Persist::save`]) cannot change. The guest's notifications are
+    /// kept in the queue eventfds meanwhile. Does nothing while inactive.
+    ///
+    /// This is the quiescent point for a snapshot: pause every device, save guest RAM and
+    /// device state, then resume (or exit).
+    pub fn pause(&mut self) {
+        if self.active && !self.paused {
+            self.device.pause();
+            self.paused = true;
+        }
+    }
+
+    /// Resumes queue processing after [`MmioTransport::pause`]; the device first looks at every
+    /// ring once. A device that asked for a reset (`DEVICE_NEEDS_RESET`) stays stopped until
+    /// the driver resets it.
+    pub fn resume(&mut self) -> Result<(), DeviceError> {
+        if !self.paused {
+            return Ok(());
+        }
+        if self.interrupt.needs_reset() {
+            return Ok(());
+        }
+        self.device.resume()?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Whether queue processing is stopped by [`MmioTransport::pause`] (or because the device
+    /// was restored in a needs-reset state).
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// Why the last DRIVER_OK did not start the device, if it did not.
@@ -336,10 +378,23 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// Builds and validates the queues, then starts the device.
     fn activate(&mut self) -> Result<(), DeviceError> {
-        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let queues = self.build_queues(&self.queues, self.driver_features, &[])?;
+        self.start_device(queues)
+    }
+
+    /// The queues set up as `configs` with `driver_features`, validated as activation
+    /// requires (ready, size a power of two ≤ QueueNumMax, aligned rings inside guest RAM), at
+    /// the positions `(next_avail, next_used)` in `positions` (0 for a queue past its end).
+    fn build_queues(
+        &self,
+        configs: &[QueueConfig],
+        driver_features: u64,
+        positions: &[(u16, u16)],
+    ) -> Result<Vec<Queue>, DeviceError> {
+        let event_idx = driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let max_sizes = self.device.queue_max_sizes();
         let mut queues = Vec::with_capacity(max_sizes.len());
-        for (i, (cfg, &max)) in self.queues.iter().zip(max_sizes).enumerate() {
+        for (i, (cfg, &max)) in configs.iter().zip(max_sizes).enumerate() {
             let index = i as u16;
             if !cfg.ready {
                 return Err(DeviceError::QueueNotReady { index });
@@ -369,15 +424,28 @@ impl<D: VirtioDevice> MmioTransport<D> {
             if !queue.is_valid(&self.mem) {
                 return Err(DeviceError::QueueMemory { index });
             }
-            let notify = self.notify[i].try_clone().map_err(|source| Error::Io {
+            let (next_avail, next_used) = positions.get(i).copied().unwrap_or_default();
+            queue.set_next_avail(next_avail);
+            queue.set_next_used(next_used);
+            queues.push(queue);
+        }
+        Ok(queues)
+    }
+
+    /// Hands `queues` (from [`Self::build_queues`]) to the device with their notification
+    /// eventfds.
+    fn start_device(&mut self, queues: Vec<Queue>) -> Result<(), DeviceError> {
+        let mut active = Vec::with_capacity(queues.len());
+        for (queue, fd) in queues.into_iter().zip(&self.notify) {
+            let notify = fd.try_clone().map_err(|source| Error::Io {
                 what: "cannot duplicate a virtio queue eventfd".into(),
                 source,
             })?;
-            queues.push(ActiveQueue { queue, notify });
+            active.push(ActiveQueue { queue, notify });
         }
         self.device.activate(Activation {
             mem: self.mem.clone(),
-            queues,
+            queues: active,
             features: self.driver_features,
             interrupt: self.interrupt.clone(),
         })
@@ -395,8 +463,342 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.driver_features_unknown = false;
         self.status = 0;
         self.active = false;
+        self.paused = false;
         self.activation_error = None;
         self.interrupt.clear();
+    }
+}
+
+impl<D: VirtioDevice + fmt::Debug> BusDevice for MmioTransport<D> {
+    fn name(&self) -> &'static str {
+        self.device.name()
+    }
+
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
+        MmioTransport::write(self, offset, data);
+        BusAction::Continue
+    }
+}
+
+/// What the VM needs of a virtio window besides bus accesses and state, whatever the device:
+/// lets it keep its windows as one list of `Arc<Mutex<dyn VirtioWindow>>` (the same
+/// `Arc<Mutex<MmioTransport<_>>>` is also registered on the MMIO bus).
+pub trait VirtioWindow: BusDevice {
+    /// The virtio device ID (what the boot memory map publishes).
+    fn device_id(&self) -> u32;
+    /// [`MmioTransport::is_active`]: the device may complete a request at any time (a
+    /// halted guest can be woken by it).
+    fn is_active(&self) -> bool;
+    /// [`MmioTransport::register_ioeventfds`].
+    fn register_ioeventfds(&self, vm: &VmFd, base: u64) -> crate::Result<()>;
+    /// [`MmioTransport::pause`].
+    fn pause(&mut self);
+    /// [`MmioTransport::resume`].
+    fn resume(&mut self) -> Result<(), DeviceError>;
+}
+
+impl<D: VirtioDevice + fmt::Debug> VirtioWindow for MmioTransport<D> {
+    fn device_id(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    fn is_active(&self) -> bool {
+        MmioTransport::is_active(self)
+    }
+
+    fn register_ioeventfds(&self, vm: &VmFd, base: u64) -> crate::Result<()> {
+        MmioTransport::register_ioeventfds(self, vm, base)
+    }
+
+    fn pause(&mut self) {
+        MmioTransport::pause(self);
+    }
+
+    fn resume(&mut self) -> Result<(), DeviceError> {
+        MmioTransport::resume(self)
+    }
+}
+
+/// One queue of an [`MmioTransportState`]: what the driver wrote to its registers and, while
+/// the device is active, where the device is in its rings.
+///
+/// The device's count of used entries not yet considered for an interrupt (virtio-queue's
+/// `num_added`) is not recorded: state is read at a batch boundary, where it is always zero
+/// (each batch ends by deciding whether to interrupt).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtqueueState {
+    /// QueueNum as written (any value: it is checked at DRIVER_OK).
+    pub size: u32,
+    /// QueueReady.
+    pub ready: bool,
+    /// QueueDesc: the descriptor table.
+    pub desc_table: u64,
+    /// QueueDriver: the available ring.
+    pub avail_ring: u64,
+    /// QueueDevice: the used ring.
+    pub used_ring: u64,
+    /// The next available-ring entry the device takes (0 while inactive).
+    pub next_avail: u16,
+    /// The next used-ring entry the device fills (0 while inactive).
+    pub next_used: u16,
+}
+
+/// [`MmioTransport`] state: the register file, the queues, the interrupt, and the device's
+/// own state `S`. EVENT_IDX use follows from `driver_features`.
+///
+/// Saving reads the queue positions from the device at a batch boundary (see
+/// [`VirtioDevice::queue_states`]); for a snapshot whose guest RAM matches, [`pause`] the
+/// transport first so the device stops writing guest memory. Restoring an active device
+/// re-activates it: its worker starts on the restored queues and looks at each ring once, so
+/// requests the guest queued before the save are served. Restore guest RAM first.
+///
+/// [`pause`]: MmioTransport::pause
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState<S> {
+    /// [`crate::state::STATE_VERSION`].
+    pub version: u32,
+    /// The virtio device ID: a state restores only into the same kind of device.
+    pub device_type: u32,
+    /// The Status register as the driver set it (without `DEVICE_NEEDS_RESET`).
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_select: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_select: u32,
+    /// DriverFeatures, both windows.
+    pub driver_features: u64,
+    /// The driver wrote a feature bit above bit 63.
+    pub driver_features_unknown: bool,
+    /// QueueSel.
+    pub queue_select: u32,
+    /// One per queue, in queue-index order.
+    pub queues: Vec<VirtqueueState>,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// The device asked for a reset (`DEVICE_NEEDS_RESET`).
+    pub needs_reset: bool,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// The device is running (DRIVER_OK accepted).
+    pub active: bool,
+    /// Why DRIVER_OK did not start the device, if it did not.
+    pub activation_error: Option<String>,
+    /// The device's own state.
+    pub device: S,
+}
+
+/// Interrupt bits a device can raise.
+const INTERRUPT_BITS: u32 = VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG;
+
+impl<D: VirtioDevice + Persist> MmioTransport<D> {
+    /// Checks `state` against this transport (device, RAM) and builds the queues an active
+    /// state needs. Mutates nothing.
+    fn check_state(
+        &self,
+        state: &MmioTransportState<D::State>,
+    ) -> Result<Option<Vec<Queue>>, StateError> {
+        const WHAT: &str = "virtio-mmio";
+        let invalid = |why: String| Err(StateError::invalid(WHAT, why));
+        check_version(state.version)?;
+        if state.device_type != self.device.device_type() {
+            return Err(StateError::mismatch(
+                WHAT,
+                format!(
+                    "state of device type {}, this window has device type {}",
+                    state.device_type,
+                    self.device.device_type()
+                ),
+            ));
+        }
+        let max_sizes = self.device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len() {
+            return Err(StateError::mismatch(
+                WHAT,
+                format!(
+                    "{} queues saved, the device has {}",
+                    state.queues.len(),
+                    max_sizes.len()
+                ),
+            ));
+        }
+        let s = state.status;
+        let has = |bit: u32| s & bit != 0;
+        if s & !DRIVER_STATUS_BITS != 0 {
+            return invalid(format!("status {s:#x} has bits a driver cannot set"));
+        }
+        if has(VIRTIO_CONFIG_S_FEATURES_OK) && !has(VIRTIO_CONFIG_S_DRIVER) {
+            return invalid(format!("status {s:#x}: FEATURES_OK without DRIVER"));
+        }
+        if has(VIRTIO_CONFIG_S_DRIVER_OK) && !has(VIRTIO_CONFIG_S_FEATURES_OK) {
+            return invalid(format!("status {s:#x}: DRIVER_OK without FEATURES_OK"));
+        }
+        let offered = self.device_features();
+        let f = state.driver_features;
+        if has(VIRTIO_CONFIG_S_FEATURES_OK)
+            && (state.driver_features_unknown
+                || f & !offered != 0
+                || f & (1 << VIRTIO_F_VERSION_1) == 0)
+        {
+            return invalid(format!(
+                "FEATURES_OK with driver features {f:#x}, not a subset of {offered:#x} with \
+                 VERSION_1"
+            ));
+        }
+        if state.interrupt_status & !INTERRUPT_BITS != 0 {
+            return invalid(format!(
+                "interrupt status {:#x} has unknown bits",
+                state.interrupt_status
+            ));
+        }
+        let driver_ok = has(VIRTIO_CONFIG_S_DRIVER_OK);
+        // DRIVER_OK leads either to a running device or to a recorded activation error (which
+        // asks for a reset); a device asks for a reset only once the driver is done.
+        let consistent = match (driver_ok, state.active, &state.activation_error) {
+            (false, false, None) => !state.needs_reset,
+            (true, true, None) => true,
+            (true, false, Some(_)) => state.needs_reset,
+            _ => false,
+        };
+        if !consistent {
+            return invalid(format!(
+                "status {s:#x}, active {}, activation error {:?} and needs-reset {} do not fit \
+                 together",
+                state.active, state.activation_error, state.needs_reset
+            ));
+        }
+        if !state.active {
+            if state
+                .queues
+                .iter()
+                .any(|q| q.next_avail != 0 || q.next_used != 0)
+            {
+                return invalid("ring positions for an inactive device".into());
+            }
+            return Ok(None);
+        }
+        // Build the queues exactly as activation does.
+        let configs: Vec<QueueConfig> = state.queues.iter().map(QueueConfig::from).collect();
+        let positions: Vec<(u16, u16)> = state
+            .queues
+            .iter()
+            .map(|q| (q.next_avail, q.next_used))
+            .collect();
+        self.build_queues(&configs, f, &positions)
+            .map(Some)
+            .or_else(|e| invalid(format!("cannot re-activate: {e}")))
+    }
+}
+
+impl<D: VirtioDevice + Persist> Persist for MmioTransport<D> {
+    type State = MmioTransportState<D::State>;
+
+    /// The transport's state, with queue positions read from the device at a batch boundary.
+    fn save(&self) -> Self::State {
+        let live = if self.active {
+            self.device.queue_states()
+        } else {
+            Vec::new()
+        };
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let (next_avail, next_used) =
+                    live.get(i).map_or((0, 0), |l| (l.next_avail, l.next_used));
+                VirtqueueState {
+                    size: q.num,
+                    ready: q.ready,
+                    desc_table: q.desc,
+                    avail_ring: q.driver,
+                    used_ring: q.device,
+                    next_avail,
+                    next_used,
+                }
+            })
+            .collect();
+        MmioTransportState {
+            version: STATE_VERSION,
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            driver_features_unknown: self.driver_features_unknown,
+            queue_select: self.queue_select,
+            queues,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            config_generation: self.config_generation,
+            active: self.active,
+            activation_error: self.activation_error.as_ref().map(|e| match e {
+                DeviceError::Restored(why) => why.clone(),
+                e => e.to_string(),
+            }),
+            device: self.device.save(),
+        }
+    }
+
+    /// Validates `state` (versions, device, status consistency, and for an active device every
+    /// queue as activation checks it), resets the window, loads the device's and the
+    /// transport's state, and re-activates an active device: its worker starts on the restored
+    /// queues and looks at each ring once. A device that had asked for a reset is restored
+    /// stopped (paused) until the driver resets it. On error the window is left as it was
+    /// (validation failed) or reset (the device refused its state, or could not start).
+    fn restore(&mut self, state: &Self::State) -> Result<(), StateError> {
+        let queues = self.check_state(state)?;
+        self.reset();
+        self.device.restore(&state.device)?;
+        for (cfg, q) in self.queues.iter_mut().zip(&state.queues) {
+            *cfg = QueueConfig::from(q);
+        }
+        self.queue_select = state.queue_select;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.driver_features = state.driver_features;
+        self.driver_features_unknown = state.driver_features_unknown;
+        self.status = state.status;
+        self.config_generation = state.config_generation;
+        self.activation_error = state.activation_error.clone().map(DeviceError::Restored);
+        self.interrupt
+            .restore(state.interrupt_status, state.needs_reset);
+        if let Some(queues) = queues {
+            if let Err(e) = self.start_device(queues) {
+                self.reset();
+                return Err(StateError::invalid(
+                    "virtio-mmio",
+                    format!("cannot re-activate the device: {e}"),
+                ));
+            }
+            self.active = true;
+            if state.needs_reset {
+                // It had stopped processing: keep it so until the driver resets it.
+                self.device.pause();
+                self.paused = true;
+            } else {
+                for fd in &self.notify {
+                    // Only fails if the counter would overflow: the worker is due anyway.
+                    let _ = fd.write(1);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl From<&VirtqueueState> for QueueConfig {
+    fn from(q: &VirtqueueState) -> QueueConfig {
+        QueueConfig {
+            num: q.size,
+            ready: q.ready,
+            desc: q.desc_table,
+            driver: q.avail_ring,
+            device: q.used_ring,
+        }
     }
 }
 
@@ -430,6 +832,8 @@ mod tests {
     struct Log {
         activations: Vec<(u64, Vec<QueueSeen>)>,
         resets: u32,
+        pauses: u32,
+        resumes: u32,
         config_writes: Vec<(u64, Vec<u8>)>,
     }
 
@@ -437,6 +841,22 @@ mod tests {
     struct Fake {
         log: Arc<Mutex<Log>>,
         config: [u8; 8],
+        /// The queues of the current activation.
+        queues: Vec<Queue>,
+    }
+
+    impl Persist for Fake {
+        type State = Vec<u8>;
+        fn save(&self) -> Vec<u8> {
+            self.config.to_vec()
+        }
+        fn restore(&mut self, state: &Vec<u8>) -> Result<(), StateError> {
+            self.config = state
+                .as_slice()
+                .try_into()
+                .map_err(|_| StateError::mismatch("fake", "config length"))?;
+            Ok(())
+        }
     }
 
     impl VirtioDevice for Fake {
@@ -479,10 +899,25 @@ mod tests {
                 .unwrap()
                 .activations
                 .push((a.features, queues));
+            self.queues = a.queues.into_iter().map(|q| q.queue).collect();
             Ok(())
         }
         fn reset(&mut self) {
             self.log.lock().unwrap().resets += 1;
+            self.queues.clear();
+        }
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+            self.queues.iter().map(Queue::state).collect()
+        }
+        fn pause(&mut self) {
+            self.log.lock().unwrap().pauses += 1;
+        }
+        fn resume(&mut self) -> Result<(), DeviceError> {
+            self.log.lock().unwrap().resumes += 1;
+            Ok(())
         }
     }
 
@@ -492,6 +927,7 @@ mod tests {
         let dev = Fake {
             log: log.clone(),
             config: [1, 2, 3, 4, 5, 6, 7, 8],
+            queues: Vec::new(),
         };
         (
             MmioTransport::new(dev, mem, Interrupt::new(|| {})).unwrap(),
@@ -903,6 +1339,274 @@ mod tests {
         // Write-only registers read as zero.
         w32(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
         assert_eq!(r32(&t, VIRTIO_MMIO_QUEUE_SEL), 0);
+    }
+
+    /// A transport with both queues set up, activated with EVENT_IDX, and its device's queues
+    /// moved along as if requests had been served.
+    fn active_transport() -> (MmioTransport<Fake>, Arc<Mutex<Log>>) {
+        let (mut t, log) = transport();
+        negotiate(&mut t, V1 | EVENT_IDX);
+        setup_queue(&mut t, 0, 16, 0);
+        setup_queue(&mut t, 1, 8, 0x4_0000);
+        w32(&mut t, VIRTIO_MMIO_STATUS, DRIVER_OK);
+        assert!(t.is_active());
+        t.device.queues[0].set_next_avail(5);
+        t.device.queues[0].set_next_used(4);
+        t.device.queues[1].set_next_avail(0xffff);
+        t.device.queues[1].set_next_used(0xfffe);
+        w32(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        t.interrupt.signal_used_queue();
+        (t, log)
+    }
+
+    #[test]
+    fn idle_transport_state_round_trips() {
+        let (mut t, _) = transport();
+        let (mut fresh, flog) = transport();
+        crate::state::assert_round_trip(&t, &mut fresh);
+        assert_eq!(r32(&fresh, VIRTIO_MMIO_STATUS), 0);
+
+        // Mid-handshake: features accepted, one queue set up, the other half-written.
+        negotiate(&mut t, V1);
+        setup_queue(&mut t, 0, 16, 0);
+        w32(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        w32(&mut t, VIRTIO_MMIO_QUEUE_NUM, 12); // not valid yet: only checked at DRIVER_OK
+        w32(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        let (mut fresh, flog2) = transport();
+        let json = crate::state::assert_round_trip(&t, &mut fresh);
+        assert!(json.contains("\"size\":12"), "{json}");
+        assert_eq!(r32(&fresh, VIRTIO_MMIO_STATUS), FEATURES_OK);
+        assert_eq!(r32(&fresh, VIRTIO_MMIO_DEVICE_FEATURES), 1);
+        assert!(!fresh.is_active());
+        assert!(flog.lock().unwrap().activations.is_empty());
+        // The driver carries on where it was.
+        w32(&mut fresh, VIRTIO_MMIO_QUEUE_NUM, 8);
+        setup_queue(&mut fresh, 1, 8, 0x4_0000);
+        w32(&mut fresh, VIRTIO_MMIO_STATUS, DRIVER_OK);
+        assert!(fresh.is_active());
+        assert_eq!(flog2.lock().unwrap().activations[0].0, V1);
+    }
+
+    #[test]
+    fn active_transport_state_round_trips_and_reactivates() {
+        let (t, _) = active_transport();
+        let (mut fresh, log) = transport();
+        crate::state::assert_round_trip(&t, &mut fresh);
+        assert!(fresh.is_active() && !fresh.is_paused());
+        assert_eq!(r32(&fresh, VIRTIO_MMIO_STATUS), DRIVER_OK);
+        assert_eq!(
+            r32(&fresh, VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING
+        );
+        assert_eq!(
+            r32(&fresh, VIRTIO_MMIO_QUEUE_NUM_MAX),
+            8,
+            "queue 1 selected"
+        );
+        // Re-activated once, with the same layout and the saved positions.
+        let log = log.lock().unwrap();
+        assert_eq!(log.activations.len(), 1);
+        assert_eq!(log.activations[0].0, V1 | EVENT_IDX);
+        assert_eq!(log.activations[0].1[0], (16, DESC, AVAIL, USED, true));
+        let q = &fresh.device.queues;
+        assert_eq!((q[0].next_avail(), q[0].next_used()), (5, 4));
+        assert_eq!((q[1].next_avail(), q[1].next_used()), (0xffff, 0xfffe));
+        // Each queue is looked at once, for requests queued before the save.
+        for i in 0..2 {
+            assert_eq!(fresh.queue_notify_fd(i).unwrap().read().unwrap(), 1);
+        }
+    }
+
+    #[test]
+    fn pause_and_resume_reach_the_device_only_while_active() {
+        let (mut t, log) = transport();
+        t.pause();
+        assert!(!t.is_paused());
+        t.resume().unwrap();
+        let (mut t, log2) = active_transport();
+        t.pause();
+        t.pause();
+        assert!(t.is_paused());
+        t.resume().unwrap();
+        t.resume().unwrap();
+        assert!(!t.is_paused());
+        let counts = |log: &Mutex<Log>| {
+            let log = log.lock().unwrap();
+            (log.pauses, log.resumes)
+        };
+        assert_eq!(counts(&log), (0, 0));
+        assert_eq!(counts(&log2), (1, 1));
+        // A device that asked for a reset stays stopped.
+        t.pause();
+        t.interrupt.signal_needs_reset();
+        t.resume().unwrap();
+        assert!(t.is_paused());
+        w32(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert!(!t.is_paused() && !t.is_active());
+    }
+
+    #[test]
+    fn a_device_that_needs_reset_is_restored_stopped() {
+        let (t, _) = active_transport();
+        t.interrupt.signal_needs_reset();
+        let (mut fresh, log) = transport();
+        crate::state::assert_round_trip(&t, &mut fresh);
+        assert!(fresh.is_active() && fresh.is_paused());
+        assert_eq!(
+            r32(&fresh, VIRTIO_MMIO_STATUS),
+            DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET
+        );
+        assert_eq!(log.lock().unwrap().pauses, 1);
+        fresh.resume().unwrap();
+        assert!(fresh.is_paused());
+        assert_eq!(log.lock().unwrap().resumes, 0, "not resumed");
+    }
+
+    #[test]
+    fn a_failed_activation_is_restored_as_such() {
+        let (mut t, log) = transport();
+        negotiate(&mut t, V1);
+        setup_queue(&mut t, 0, 12, 0);
+        w32(&mut t, VIRTIO_MMIO_STATUS, DRIVER_OK);
+        expect_needs_reset(&t, &log);
+        let (mut fresh, flog) = transport();
+        let json = crate::state::assert_round_trip(&t, &mut fresh);
+        assert!(json.contains("not a power of two"), "{json}");
+        expect_needs_reset(&fresh, &flog);
+        assert!(matches!(
+            fresh.activation_error(),
+            Some(DeviceError::Restored(_))
+        ));
+        // Still nothing until the driver resets.
+        w32(&mut fresh, VIRTIO_MMIO_STATUS, DRIVER_OK);
+        assert!(!fresh.is_active());
+        w32(&mut fresh, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(r32(&fresh, VIRTIO_MMIO_STATUS), 0);
+    }
+
+    #[test]
+    fn corrupted_transport_states_are_refused() {
+        type Corrupt = fn(&mut MmioTransportState<Vec<u8>>);
+        let (t, _) = active_transport();
+        let good = t.save();
+        let cases: &[(&str, Corrupt, bool)] = &[
+            ("version", |s| s.version = 99, false),
+            ("device type", |s| s.device_type = 2, true),
+            ("queue count", |s| s.queues.truncate(1), true),
+            ("device state", |s| s.device.push(9), true),
+            ("needs-reset bit in status", |s| s.status |= 0x40, false),
+            (
+                "DRIVER_OK without FEATURES_OK",
+                |s| s.status = ACK_DRIVER | VIRTIO_CONFIG_S_DRIVER_OK,
+                false,
+            ),
+            (
+                "FEATURES_OK without DRIVER",
+                |s| s.status = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_FEATURES_OK,
+                false,
+            ),
+            (
+                "features not offered",
+                |s| s.driver_features |= 1 << 5,
+                false,
+            ),
+            ("no VERSION_1", |s| s.driver_features &= !V1, false),
+            (
+                "unknown feature window",
+                |s| s.driver_features_unknown = true,
+                false,
+            ),
+            ("interrupt bits", |s| s.interrupt_status = 4, false),
+            (
+                "active without DRIVER_OK",
+                |s| s.status = FEATURES_OK,
+                false,
+            ),
+            ("inactive with DRIVER_OK", |s| s.active = false, false),
+            (
+                "active with an error",
+                |s| s.activation_error = Some("x".into()),
+                false,
+            ),
+            (
+                "needs-reset before DRIVER_OK",
+                |s| {
+                    s.status = FEATURES_OK;
+                    s.active = false;
+                    s.needs_reset = true;
+                    s.queues
+                        .iter_mut()
+                        .for_each(|q| (q.next_avail, q.next_used) = (0, 0));
+                },
+                false,
+            ),
+            (
+                "positions while inactive",
+                |s| {
+                    s.status = FEATURES_OK;
+                    s.active = false;
+                },
+                false,
+            ),
+            ("queue not ready", |s| s.queues[1].ready = false, false),
+            ("size zero", |s| s.queues[0].size = 0, false),
+            ("size not a power of two", |s| s.queues[0].size = 12, false),
+            ("size above max", |s| s.queues[1].size = 16, false),
+            ("size above u16", |s| s.queues[1].size = 1 << 16 | 8, false),
+            (
+                "ring outside RAM",
+                |s| s.queues[0].used_ring = MEM_SIZE as u64 - 8,
+                false,
+            ),
+            (
+                "ring at the top of the address space",
+                |s| s.queues[0].avail_ring = u64::MAX - 1,
+                false,
+            ),
+            ("misaligned table", |s| s.queues[0].desc_table += 8, false),
+        ];
+        for (why, corrupt, mismatch) in cases {
+            let mut bad = good.clone();
+            corrupt(&mut bad);
+            let (mut fresh, log) = transport();
+            let e = fresh.restore(&bad).expect_err(why);
+            match e {
+                StateError::Mismatch { .. } => assert!(mismatch, "{why}: {e}"),
+                StateError::Invalid { .. } => assert!(!mismatch, "{why}: {e}"),
+                StateError::Version { .. } => assert_eq!(*why, "version"),
+            }
+            assert!(!fresh.is_active(), "{why}");
+            assert!(log.lock().unwrap().activations.is_empty(), "{why}");
+            assert_eq!(r32(&fresh, VIRTIO_MMIO_STATUS), 0, "{why}");
+        }
+        // The good state still restores.
+        let (mut fresh, _) = transport();
+        fresh.restore(&good).unwrap();
+        assert!(fresh.is_active());
+    }
+
+    #[test]
+    fn the_transport_is_a_bus_device() {
+        let (t, _) = transport();
+        let dev: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(t));
+        let mut bus = crate::bus::Bus::new();
+        bus.insert(0xd000_0000, MMIO_REGION_SIZE, dev).unwrap();
+        let mut b = [0u8; 4];
+        assert_eq!(bus.read(0xd000_0000, &mut b), Some("fake"));
+        assert_eq!(u32::from_le_bytes(b), MAGIC);
+        let ack = VIRTIO_CONFIG_S_ACKNOWLEDGE.to_le_bytes();
+        assert_eq!(
+            bus.write(0xd000_0000 + u64::from(VIRTIO_MMIO_STATUS), &ack),
+            Some(("fake", BusAction::Continue))
+        );
+        bus.read(0xd000_0000 + u64::from(VIRTIO_MMIO_STATUS), &mut b);
+        assert_eq!(u32::from_le_bytes(b), VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        let (t, _) = transport();
+        let w: Box<dyn VirtioWindow> = Box::new(t);
+        assert_eq!(
+            (w.device_id(), w.is_active(), w.name()),
+            (42, false, "fake")
+        );
     }
 
     proptest! {

@@ -9,7 +9,7 @@
 //! costs one look at an empty ring.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceError, Interrupt};
 use crate::error::Error;
+use crate::sync::lock;
 
 /// The queue work of one device, run by a [`Worker`].
 pub trait QueueHandler: Send + 'static {
@@ -29,17 +30,50 @@ pub trait QueueHandler: Send + 'static {
 /// Control messages for a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
-    /// Stop and hand the handler back: used on device reset (the handler's backend is reused
-    /// by the next activation) and on VM shutdown.
+    /// Stop the thread: used on device reset (the handler's backend is reused by the next
+    /// activation), to pause the device, and on VM shutdown.
     Stop,
 }
 
-/// A running worker thread. Dropping it stops and joins the thread.
+/// The handler and what the worker learned about its ring, shared by the thread and the
+/// [`Worker`]. The thread holds the lock for the whole of each batch, so whoever takes it sees
+/// the handler (and its queue positions) at a batch boundary.
+#[derive(Debug)]
+struct Slot<H> {
+    handler: H,
+    /// The ring broke: nothing is processed until the device is reset.
+    broken: bool,
+}
+
+/// The thread while it runs.
+#[derive(Debug)]
+struct Running {
+    control: Sender<Control>,
+    thread: JoinHandle<()>,
+}
+
+/// A device's worker: its queue handler and, unless paused, the thread running it. Dropping it
+/// stops and joins the thread.
+///
+/// # Quiescing
+///
+/// [`Worker::with_handler`] waits for the batch in flight and then looks at the handler, so
+/// queue positions read through it are those of a batch boundary (every chain taken from the
+/// available ring has been put in the used ring). [`Worker::pause`] goes further: it stops the
+/// thread at a batch boundary and keeps the handler, so no guest memory is touched until
+/// [`Worker::resume`] starts a new thread on the same handler. Notifications that arrive while
+/// paused are not lost: `resume` always looks at the ring once.
 #[derive(Debug)]
 pub struct Worker<H> {
-    control: Sender<Control>,
-    wake: EventFd,
-    thread: Option<JoinHandle<H>>,
+    name: String,
+    slot: Arc<Mutex<Slot<H>>>,
+    /// The queue's notification eventfd (also how a `Stop` is delivered).
+    notify: EventFd,
+    interrupt: Arc<Interrupt>,
+    /// `None` while paused (or after the thread panicked).
+    running: Option<Running>,
+    /// The thread panicked: the handler's state is not to be trusted.
+    lost: bool,
 }
 
 impl<H: QueueHandler> Worker<H> {
@@ -51,78 +85,139 @@ impl<H: QueueHandler> Worker<H> {
         notify: EventFd,
         interrupt: Arc<Interrupt>,
     ) -> crate::Result<Worker<H>> {
+        let mut worker = Worker {
+            name: name.into(),
+            slot: Arc::new(Mutex::new(Slot {
+                handler,
+                broken: false,
+            })),
+            notify,
+            interrupt,
+            running: None,
+            lost: false,
+        };
+        worker.start()?;
+        Ok(worker)
+    }
+
+    fn start(&mut self) -> crate::Result<()> {
+        let name = &self.name;
         let io_err = |what: &str| {
             let what = format!("{what} for virtio device thread {name}");
             move |source| Error::Io { what, source }
         };
-        let wake = notify
+        let notify = self
+            .notify
             .try_clone()
             .map_err(io_err("cannot duplicate the queue eventfd"))?;
         let (control, rx) = unbounded();
+        let slot = self.slot.clone();
+        let interrupt = self.interrupt.clone();
         let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || run(handler, notify, rx, interrupt))
+            .name(name.clone())
+            .spawn(move || run(&slot, notify, rx, interrupt))
             .map_err(io_err("cannot start a thread"))?;
-        Ok(Worker {
-            control,
-            wake,
-            thread: Some(thread),
-        })
+        self.running = Some(Running { control, thread });
+        Ok(())
+    }
+
+    /// Starts the thread again after [`Worker::pause`], on the same handler, and has it look
+    /// at the ring once (for what the driver queued while it was paused). Does nothing if it
+    /// is running.
+    pub fn resume(&mut self) -> Result<(), DeviceError> {
+        if self.lost {
+            return Err(DeviceError::BackendLost);
+        }
+        if self.running.is_none() {
+            self.start()?;
+            // Only fails if the counter would overflow: the thread is due to run anyway.
+            let _ = self.notify.write(1);
+        }
+        Ok(())
     }
 }
 
 impl<H> Worker<H> {
+    /// Runs `f` on the handler between two batches (waits for the batch in flight).
+    pub fn with_handler<R>(&self, f: impl FnOnce(&H) -> R) -> R {
+        f(&lock(&self.slot).handler)
+    }
+
+    /// Whether the thread is stopped ([`Worker::pause`]).
+    pub fn is_paused(&self) -> bool {
+        self.running.is_none()
+    }
+
+    /// Stops the thread at a batch boundary, keeping the handler; [`Worker::resume`] starts
+    /// it again. Does nothing if it is already paused.
+    pub fn pause(&mut self) {
+        let Some(Running { control, thread }) = self.running.take() else {
+            return;
+        };
+        // If the thread is gone the send fails and the join below returns at once.
+        let _ = control.send(Control::Stop);
+        let _ = self.notify.write(1);
+        if thread.join().is_err() {
+            self.lost = true;
+        }
+    }
+
     /// Stops the thread and returns its handler, or `None` if the thread panicked (a bug: the
     /// handlers never panic on guest input).
     pub fn stop(mut self) -> Option<H> {
-        self.shutdown()
-    }
-
-    fn shutdown(&mut self) -> Option<H> {
-        let thread = self.thread.take()?;
-        // If the thread is gone the send fails and the join below returns at once.
-        let _ = self.control.send(Control::Stop);
-        let _ = self.wake.write(1);
-        thread.join().ok()
+        self.pause();
+        if self.lost {
+            return None;
+        }
+        let slot = self.slot.clone();
+        // The thread is joined (its handle to the slot gone); dropping `self` drops the other.
+        drop(self);
+        let slot = Arc::try_unwrap(slot).ok()?;
+        Some(
+            slot.into_inner()
+                .unwrap_or_else(PoisonError::into_inner)
+                .handler,
+        )
     }
 }
-
 impl<H> Drop for Worker<H> {
     fn drop(&mut self) {
-        self.shutdown();
+        self.pause();
     }
 }
 
-/// The worker loop. Returns the handler when told to stop or when the eventfd fails.
+/// The worker loop. Returns when told to stop or when the eventfd fails.
 fn run<H: QueueHandler>(
-    mut handler: H,
+    slot: &Mutex<Slot<H>>,
     notify: EventFd,
     control: Receiver<Control>,
     interrupt: Arc<Interrupt>,
-) -> H {
-    let mut broken = false;
+) {
     loop {
         match notify.read() {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             // An eventfd read only fails on a bad descriptor: nothing left to wait on.
-            Err(_) => return handler,
+            Err(_) => return,
         }
         // Every sender is held by the `Worker`; a disconnected channel means it is gone.
         match control.try_recv() {
-            Ok(Control::Stop) | Err(TryRecvError::Disconnected) => return handler,
+            Ok(Control::Stop) | Err(TryRecvError::Disconnected) => return,
             Err(TryRecvError::Empty) => {}
         }
-        if broken {
-            continue;
-        }
-        match handler.process() {
+        let result = {
+            let mut slot = lock(slot);
+            if slot.broken {
+                continue;
+            }
+            let result = slot.handler.process();
+            slot.broken = result.is_err();
+            result
+        };
+        match result {
             Ok(true) => interrupt.signal_used_queue(),
             Ok(false) => {}
-            Err(_) => {
-                broken = true;
-                interrupt.signal_needs_reset();
-            }
+            Err(_) => interrupt.signal_needs_reset(),
         }
     }
 }
@@ -219,6 +314,31 @@ mod tests {
             1,
             "no processing after the ring broke"
         );
+        assert!(worker.stop().is_some());
+    }
+
+    #[test]
+    fn a_paused_worker_touches_nothing_until_resumed() {
+        let irq = Interrupt::new(|| {});
+        let notify = EventFd::new(0).unwrap();
+        let kick = notify.try_clone().unwrap();
+        let (handler, calls) = script(vec![Ok(false), Ok(false), Ok(false)]);
+        let mut worker = Worker::spawn("test-worker", handler, notify, irq.clone()).unwrap();
+        kick.write(1).unwrap();
+        wait_until("the first pass", || calls.load(Ordering::Acquire) == 1);
+        worker.pause();
+        worker.pause();
+        assert!(worker.is_paused());
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(worker.with_handler(|h| h.calls.load(Ordering::Acquire)), 1);
+        // Resuming looks at the ring once, whether or not a notification came meanwhile.
+        worker.resume().unwrap();
+        wait_until("the pass after resume", || {
+            calls.load(Ordering::Acquire) == 2
+        });
+        worker.resume().unwrap();
+        assert!(!worker.is_paused());
         assert!(worker.stop().is_some());
     }
 
