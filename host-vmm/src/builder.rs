@@ -17,7 +17,7 @@ use hypercall_abi::virtio;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use crate::boot::{self, BootRequest};
-use crate::bus::{Bus, BusAction, BusDevice, SharedDevice};
+use crate::bus::{Bus, SharedDevice};
 use crate::config::VmConfig;
 use crate::console::ConsoleSink;
 use crate::devices::debug::{ExitPort, MarkerPort, NullDevice};
@@ -27,7 +27,7 @@ use crate::devices::timer::PeriodicTimer;
 use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::console::Console;
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::{Interrupt, MmioDevice};
+use crate::devices::virtio::{Interrupt, StatefulWindow};
 use crate::error::{Error, Result};
 use crate::hypercall::{self, clock::Clock};
 use crate::kernel_abi::{KernelAbi, Offer};
@@ -37,6 +37,7 @@ use crate::memory::GuestRam;
 use crate::metrics::ExitStats;
 use crate::mmu::PageTablePool;
 use crate::stop::Stopper;
+use crate::sync::lock;
 use crate::trap::pool_window::PoolWindow;
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
@@ -257,10 +258,11 @@ pub fn attach_virtio_devices(
         let waker = events.waker();
         Interrupt::new(move || waker.wake())
     };
-    let mut virtio_devices = Vec::new();
+    let mut windows: Vec<(SharedDevice, Arc<Mutex<dyn StatefulWindow>>)> = Vec::new();
     if let Some(disk) = disk {
         let t = MmioTransport::new(Block::new(disk), ram.mem().clone(), interrupt())?;
-        virtio_devices.push(MmioDevice::Block(t));
+        let t = Arc::new(Mutex::new(t));
+        windows.push((t.clone(), t));
     }
     if virtio_console {
         let t = MmioTransport::new(
@@ -268,17 +270,21 @@ pub fn attach_virtio_devices(
             ram.mem().clone(),
             interrupt(),
         )?;
-        virtio_devices.push(MmioDevice::Console(t));
+        let t = Arc::new(Mutex::new(t));
+        windows.push((t.clone(), t));
     }
-    for dev in virtio_devices {
+    for (on_bus, window) in windows {
         let base = virtio::window(set.windows.len() as u64);
-        dev.register_ioeventfds(vm, base)?;
-        set.windows.push((base, dev.device_id()));
-        let dev = Arc::new(Mutex::new(dev));
+        let id = {
+            let w = lock(&window);
+            w.register_ioeventfds(vm, base)?;
+            w.device_id()
+        };
+        set.windows.push((base, id));
         set.mmio
-            .insert(base, virtio::VIRTIO_MMIO_SLOT, dev.clone())
+            .insert(base, virtio::VIRTIO_MMIO_SLOT, on_bus)
             .map_err(bus_error)?;
-        set.devices.virtio.push(dev);
+        set.devices.virtio.push(window);
     }
     Ok(())
 }
@@ -374,20 +380,5 @@ fn bus_error(e: crate::bus::BusError) -> Error {
     Error::Io {
         what: "cannot register a device".into(),
         source: std::io::Error::other(e),
-    }
-}
-
-impl BusDevice for MmioDevice {
-    fn name(&self) -> &'static str {
-        MmioDevice::name(self)
-    }
-
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        MmioDevice::read(self, offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
-        MmioDevice::write(self, offset, data);
-        BusAction::Continue
     }
 }

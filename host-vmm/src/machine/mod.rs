@@ -24,12 +24,12 @@ use crate::devices::debug::NullDevice;
 use crate::devices::event::{EventDevice, EventDeviceState, EventQueue, EventQueueState};
 use crate::devices::serial::{Uart, UartState};
 use crate::devices::timer::{PeriodicTimer, TimerState};
-use crate::devices::virtio::MmioDevice;
+use crate::devices::virtio::{MmioDeviceState, StatefulWindow};
 use crate::error::Result;
 use crate::hypercall::clock::{Clock, ClockState};
 use crate::hypercall::{self, Context, Outcome};
 use crate::kernel_abi::{HiddenBecause, Offer};
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, GuestRamState};
 use crate::metrics::{ExitReason, ExitStats};
 use crate::mmu::PageTablePool;
 use crate::state::{Persist, STATE_VERSION, StateError, check_version};
@@ -78,7 +78,7 @@ pub struct Devices {
     /// The event device.
     pub event: Arc<Mutex<EventDevice>>,
     /// The virtio devices, window `n` at index `n`.
-    pub virtio: Vec<Arc<Mutex<MmioDevice>>>,
+    pub virtio: Vec<Arc<Mutex<dyn StatefulWindow>>>,
 }
 
 /// Host-side VM state and exit handling (see the module docs).
@@ -303,7 +303,7 @@ impl Machine {
     pub fn save(&self) -> MachineState {
         MachineState {
             version: STATE_VERSION,
-            ram_size: self.ram.size(),
+            ram: self.ram.save(),
             clock: self.clock.save(),
             events: self.events.save(),
             pool: lock(&self.pool).save(),
@@ -311,24 +311,43 @@ impl Machine {
             null: lock(&self.devices.null).save(),
             timer: lock(&self.devices.timer).save(),
             event_device: lock(&self.devices.event).save(),
+            virtio: self
+                .devices
+                .virtio
+                .iter()
+                .map(|w| lock(w).save_state())
+                .collect(),
         }
     }
 
-    /// Loads a saved state into this freshly built machine (same configuration). Everything is
-    /// checked before anything changes where that can be known up front; a device that
-    /// refuses its state leaves the machine to be discarded (the caller has not run it).
+    /// Loads a saved state into this freshly built machine (same configuration). Restore guest
+    /// RAM's bytes first: restored virtio devices that were running restart at once and read
+    /// their rings. What can be compared up front (version, RAM size, device list) is checked
+    /// before anything changes; a device that refuses its state leaves the machine to be
+    /// discarded (it has not run).
     pub fn restore(&mut self, state: &MachineState) -> std::result::Result<(), StateError> {
         check_version(state.version)?;
-        if state.ram_size != self.ram.size() {
+        if state.ram.size != self.ram.size() {
             return Err(StateError::mismatch(
                 "machine",
                 format!(
                     "saved with {} bytes of RAM, this VM has {}",
-                    state.ram_size,
+                    state.ram.size,
                     self.ram.size()
                 ),
             ));
         }
+        if state.virtio.len() != self.devices.virtio.len() {
+            return Err(StateError::mismatch(
+                "machine",
+                format!(
+                    "saved with {} virtio devices, this VM has {}",
+                    state.virtio.len(),
+                    self.devices.virtio.len()
+                ),
+            ));
+        }
+        self.ram.restore(&state.ram)?;
         lock(&self.pool).restore(&state.pool)?;
         self.clock.restore(&state.clock)?;
         self.events.restore(&state.events)?;
@@ -336,6 +355,9 @@ impl Machine {
         lock(&self.devices.null).restore(&state.null)?;
         lock(&self.devices.timer).restore(&state.timer)?;
         lock(&self.devices.event).restore(&state.event_device)?;
+        for (window, saved) in self.devices.virtio.iter().zip(&state.virtio) {
+            lock(window).restore_state(saved)?;
+        }
         Ok(())
     }
 }
@@ -345,8 +367,9 @@ impl Machine {
 pub struct MachineState {
     /// [`STATE_VERSION`] of the writer.
     pub version: u32,
-    /// Guest RAM size (restore refuses another).
-    pub ram_size: u64,
+    /// Guest RAM: its size (restore refuses another) and the ranges queued for preparing; the
+    /// RAM's bytes are saved as memory, not here.
+    pub ram: GuestRamState,
     /// The guest clock.
     pub clock: ClockState,
     /// The event queue.
@@ -361,6 +384,8 @@ pub struct MachineState {
     pub timer: TimerState,
     /// The event device.
     pub event_device: EventDeviceState,
+    /// The virtio device windows, window `n` at index `n`.
+    pub virtio: Vec<MmioDeviceState>,
 }
 
 #[cfg(test)]

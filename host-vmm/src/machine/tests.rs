@@ -198,6 +198,19 @@ fn machine_state_round_trips_and_refuses_other_machines() {
     fresh.handle_exit(VcpuExit::IoIn(UART_COM1 + 7, &mut scratch));
     assert_eq!(scratch, [0x42]);
 
+    // A state with a virtio window this machine does not have.
+    let window = crate::devices::virtio::mmio::MmioTransport::new(
+        crate::devices::virtio::console::Console::new(ConsoleSink::new(None)),
+        fresh.ram.mem().clone(),
+        crate::devices::virtio::Interrupt::new(|| {}),
+    )
+    .unwrap();
+    let mut bad = saved.clone();
+    bad.virtio.push(StatefulWindow::save_state(&window));
+    assert!(matches!(
+        fresh.restore(&bad),
+        Err(StateError::Mismatch { .. })
+    ));
     let mut bad = saved.clone();
     bad.version += 1;
     assert!(matches!(
@@ -205,7 +218,7 @@ fn machine_state_round_trips_and_refuses_other_machines() {
         Err(StateError::Version { .. })
     ));
     let mut bad = saved.clone();
-    bad.ram_size *= 2;
+    bad.ram.size *= 2;
     assert!(matches!(
         fresh.restore(&bad),
         Err(StateError::Mismatch { .. })

@@ -33,8 +33,8 @@
 //!   bytes; its engine [`console::Transmitter::process_queue`] is tested like the block one.
 //! * Each [`mmio::MmioTransport`] is a [`crate::bus::BusDevice`] (one MMIO bus range per
 //!   device window) and a [`mmio::VirtioWindow`] (what the VM asks of any window: `is_active`,
-//!   ioeventfds, `pause`/`resume`). [`MmioDevice`], a closed enum of the windows, is what the
-//!   vCPU loop dispatched to before the MMIO bus; it goes once the windows are on the bus.
+//!   ioeventfds, `pause`/`resume`); [`StatefulWindow`] adds its state as a
+//!   [`MmioDeviceState`], so the VM keeps every window as one `Arc<Mutex<dyn StatefulWindow>>`.
 //! * [`thread::Worker`] runs a device's queue on its own thread: it waits on the queue's
 //!   [`EventFd`] (the ioeventfd KVM signals on QueueNotify), takes `Stop` from a crossbeam
 //!   control channel, and reports completions through [`Interrupt`]. It can be paused at a
@@ -72,9 +72,8 @@
 //! 3. registers the queues' ioeventfds for the window's QueueNotify register
 //!    ([`mmio::MmioTransport::register_ioeventfds`]), so notifications reach the worker
 //!    without an exit;
-//! 4. keeps a typed handle to the same transport ([`mmio::VirtioWindow`] for what every window
-//!    offers: `is_active` for the `hlt` path, `pause`/`resume`; the concrete
-//!    `MmioTransport<Block>`/`MmioTransport<Console>` for [`crate::state::Persist`]).
+//! 4. keeps a second handle to the same transport as a [`StatefulWindow`]: `is_active` for the
+//!    `hlt` path, `pause`/`resume`, and its state as a [`MmioDeviceState`].
 //!
 //! The guest reads InterruptStatus and writes InterruptACK after a completion. Dropping a
 //! transport drops its device, and dropping a device stops and joins its worker. Workers hold
@@ -213,82 +212,7 @@ pub trait VirtioDevice: Send {
     fn resume(&mut self) -> Result<(), DeviceError>;
 }
 
-/// One virtio-mmio device window of a VM: a device of any kind behind its transport.
-#[derive(Debug)]
-pub enum MmioDevice {
-    /// virtio-blk.
-    Block(mmio::MmioTransport<block::Block>),
-    /// virtio-console.
-    Console(mmio::MmioTransport<console::Console>),
-}
-
-impl MmioDevice {
-    /// The name its exits are counted under (`ExitStats::by_device`).
-    pub fn name(&self) -> &'static str {
-        match self {
-            MmioDevice::Block(t) => t.device().name(),
-            MmioDevice::Console(t) => t.device().name(),
-        }
-    }
-
-    /// The virtio device ID (what the boot memory map publishes).
-    pub fn device_id(&self) -> u32 {
-        match self {
-            MmioDevice::Block(t) => t.device().device_type(),
-            MmioDevice::Console(t) => t.device().device_type(),
-        }
-    }
-
-    /// A guest read at `offset` into the window.
-    pub fn read(&self, offset: u64, data: &mut [u8]) {
-        match self {
-            MmioDevice::Block(t) => t.read(offset, data),
-            MmioDevice::Console(t) => t.read(offset, data),
-        }
-    }
-
-    /// A guest write at `offset` into the window.
-    pub fn write(&mut self, offset: u64, data: &[u8]) {
-        match self {
-            MmioDevice::Block(t) => t.write(offset, data),
-            MmioDevice::Console(t) => t.write(offset, data),
-        }
-    }
-
-    /// Whether the device is running (it may complete a request at any time).
-    pub fn is_active(&self) -> bool {
-        match self {
-            MmioDevice::Block(t) => t.is_active(),
-            MmioDevice::Console(t) => t.is_active(),
-        }
-    }
-
-    /// Registers its queue-notify ioeventfds for the window at `base`.
-    pub fn register_ioeventfds(&self, vm: &kvm_ioctls::VmFd, base: u64) -> crate::Result<()> {
-        match self {
-            MmioDevice::Block(t) => t.register_ioeventfds(vm, base),
-            MmioDevice::Console(t) => t.register_ioeventfds(vm, base),
-        }
-    }
-
-    /// [`mmio::MmioTransport::pause`].
-    pub fn pause(&mut self) {
-        match self {
-            MmioDevice::Block(t) => t.pause(),
-            MmioDevice::Console(t) => t.pause(),
-        }
-    }
-
-    /// [`mmio::MmioTransport::resume`].
-    pub fn resume(&mut self) -> Result<(), DeviceError> {
-        match self {
-            MmioDevice::Block(t) => t.resume(),
-            MmioDevice::Console(t) => t.resume(),
-        }
-    }
-}
-
-/// [`MmioDevice`] state: the window's transport state, tagged with its kind of device.
+/// A device window's state: its transport state, tagged with its kind of device.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MmioDeviceState {
     /// virtio-blk.
@@ -297,27 +221,45 @@ pub enum MmioDeviceState {
     Console(mmio::MmioTransportState<console::ConsoleState>),
 }
 
-impl Persist for MmioDevice {
-    type State = MmioDeviceState;
+/// A device window as the VM holds it: what every window offers ([`mmio::VirtioWindow`]) and
+/// its state as a [`MmioDeviceState`], whatever its kind of device.
+pub trait StatefulWindow: mmio::VirtioWindow {
+    /// The window's state (see [`Persist::save`]; pause the window first for a snapshot).
+    fn save_state(&self) -> MmioDeviceState;
+    /// Loads `state` into this freshly built window; a state of another kind of device is a
+    /// [`StateError::Mismatch`].
+    fn restore_state(&mut self, state: &MmioDeviceState) -> Result<(), StateError>;
+}
 
-    fn save(&self) -> MmioDeviceState {
-        match self {
-            MmioDevice::Block(t) => MmioDeviceState::Block(t.save()),
-            MmioDevice::Console(t) => MmioDeviceState::Console(t.save()),
-        }
+fn wrong_kind(window: &str) -> StateError {
+    StateError::mismatch(
+        "virtio-mmio",
+        format!("state of another kind of device for the {window} window"),
+    )
+}
+
+impl StatefulWindow for mmio::MmioTransport<block::Block> {
+    fn save_state(&self) -> MmioDeviceState {
+        MmioDeviceState::Block(self.save())
     }
 
-    fn restore(&mut self, state: &MmioDeviceState) -> Result<(), StateError> {
-        match (self, state) {
-            (MmioDevice::Block(t), MmioDeviceState::Block(s)) => t.restore(s),
-            (MmioDevice::Console(t), MmioDeviceState::Console(s)) => t.restore(s),
-            (d, _) => Err(StateError::mismatch(
-                "virtio-mmio",
-                format!(
-                    "state of another kind of device for the {} window",
-                    d.name()
-                ),
-            )),
+    fn restore_state(&mut self, state: &MmioDeviceState) -> Result<(), StateError> {
+        match state {
+            MmioDeviceState::Block(s) => self.restore(s),
+            _ => Err(wrong_kind("virtio-blk")),
+        }
+    }
+}
+
+impl StatefulWindow for mmio::MmioTransport<console::Console> {
+    fn save_state(&self) -> MmioDeviceState {
+        MmioDeviceState::Console(self.save())
+    }
+
+    fn restore_state(&mut self, state: &MmioDeviceState) -> Result<(), StateError> {
+        match state {
+            MmioDeviceState::Console(s) => self.restore(s),
+            _ => Err(wrong_kind("virtio-console")),
         }
     }
 }
@@ -660,18 +602,28 @@ mod tests {
     fn mmio_device_states_restore_only_into_the_same_kind_of_window() {
         let mem = guest_memory();
         let image = TempImage::new(8, 0);
-        let block = || {
+        let block = || -> Box<dyn StatefulWindow> {
             let b = Block::new(Disk::open(&image.0, false).unwrap());
-            MmioDevice::Block(MmioTransport::new(b, mem.clone(), Interrupt::new(|| {})).unwrap())
+            Box::new(MmioTransport::new(b, mem.clone(), Interrupt::new(|| {})).unwrap())
         };
-        let console = || {
+        let console = || -> Box<dyn StatefulWindow> {
             let c = Console::new(ConsoleSink::new(None));
-            MmioDevice::Console(MmioTransport::new(c, mem.clone(), Interrupt::new(|| {})).unwrap())
+            Box::new(MmioTransport::new(c, mem.clone(), Interrupt::new(|| {})).unwrap())
         };
-        crate::state::assert_round_trip(&block(), &mut block());
-        crate::state::assert_round_trip(&console(), &mut console());
+        for make in [&block as &dyn Fn() -> Box<dyn StatefulWindow>, &console] {
+            let saved = make().save_state();
+            let json = serde_json::to_string(&saved).unwrap();
+            let back: MmioDeviceState = serde_json::from_str(&json).unwrap();
+            let mut fresh = make();
+            fresh.restore_state(&back).unwrap();
+            assert_eq!(fresh.save_state(), saved);
+        }
         assert!(matches!(
-            block().restore(&console().save()),
+            block().restore_state(&console().save_state()),
+            Err(crate::state::StateError::Mismatch { .. })
+        ));
+        assert!(matches!(
+            console().restore_state(&block().save_state()),
             Err(crate::state::StateError::Mismatch { .. })
         ));
         let mut d = console();
