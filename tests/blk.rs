@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tests::{Mode, boot_with_disk, fnv1a, text};
+use tests::{Mode, boot_with_disk, fnv1a, guest_result, text};
 
 const MIB: u64 = 4;
 
@@ -67,7 +67,7 @@ fn reads_return_the_host_files_bytes_in_both_modes() {
             &["pattern=seq-read", "size_kib=128", wait],
         );
         assert_eq!(
-            r.result.as_ref().unwrap().checksum(),
+            guest_result(&r).unwrap().checksum(),
             Some(want),
             "{wait}: {}",
             text(&r)
@@ -112,9 +112,7 @@ fn requests_cost_less_than_one_exit_each() {
             &["pattern=seq-read", "size_kib=128", wait],
         );
         let w = r.window.as_ref().unwrap();
-        let requests: u64 = r
-            .result
-            .as_ref()
+        let requests: u64 = guest_result(&r)
             .unwrap()
             .get("requests")
             .unwrap()

@@ -10,7 +10,7 @@ use hypercall_abi::features::{self, Names};
 use hypercall_abi::note::AbiNote;
 use hypercall_abi::{Call, Error as AbiError};
 use tests::asm::{exit_with_eax, hypercall, mov_imm};
-use tests::{Mode, boot_image, run_cfg};
+use tests::{Mode, boot_image, guest_result, run_cfg};
 use zerocopy::IntoBytes;
 
 /// `mov eax, leaf; cpuid; mov eax, <reg>; exit` — the guest exits with one CPUID register.
@@ -176,7 +176,7 @@ fn the_demo_kernel_never_makes_a_hypercall_in_trapped_mode() {
             "{w}: {:?}",
             r.stats.by_hypercall
         );
-        assert_eq!(r.result.as_ref().unwrap().get("mode"), Some("trapped"));
+        assert_eq!(guest_result(&r).unwrap().get("mode"), Some("trapped"));
     }
 }
 
@@ -224,13 +224,13 @@ fn each_disabled_feature_falls_back_to_its_trapped_twin() {
         let trapped = demo(Mode::Trapped, 0, w, args);
         let pv = demo(Mode::Pv, 0, w, args);
         let off = demo(Mode::Pv, bit, w, args);
-        let sum = |r: &RunReport| r.result.as_ref().and_then(|x| x.checksum());
+        let sum = |r: &RunReport| guest_result(r).and_then(|x| x.checksum());
         let what = format!("{w} without {}", Names(bit));
         assert!(sum(&trapped).is_some(), "{what}");
         assert_eq!(sum(&off), sum(&trapped), "{what}: checksum");
         assert_eq!(sum(&pv), sum(&trapped), "{what}: checksum");
         assert_eq!(
-            off.result.as_ref().unwrap().get("mode"),
+            guest_result(&off).unwrap().get("mode"),
             Some("pv"),
             "{what}"
         );
@@ -256,14 +256,14 @@ fn each_disabled_feature_falls_back_to_its_trapped_twin() {
         "idle",
         &["intervals=3", "interval_us=2000"],
     );
-    assert_eq!(r.result.unwrap().get("strategy"), Some("hlt"));
+    assert_eq!(guest_result(&r).unwrap().get("strategy"), Some("hlt"));
     let r = demo(
         Mode::Pv,
         features::TSC_KHZ,
         "idle",
         &["intervals=3", "interval_us=2000"],
     );
-    assert_eq!(r.result.unwrap().get("strategy"), Some("pv"));
+    assert_eq!(guest_result(&r).unwrap().get("strategy"), Some("pv"));
 }
 
 #[test]
@@ -277,5 +277,8 @@ fn disabled_features_are_invisible_to_the_demo_kernel_result() {
         r.stats.by_hypercall
     );
     let t = demo(Mode::Trapped, 0, "hello", &[]);
-    assert_eq!(r.result.unwrap().checksum(), t.result.unwrap().checksum());
+    assert_eq!(
+        guest_result(&r).unwrap().checksum(),
+        guest_result(&t).unwrap().checksum()
+    );
 }

@@ -12,7 +12,7 @@ use tests::asm::{
     LOAD_RAX_FROM_RBX, PACK_STATUS_AND_VALUE, STORE_EAX_AT_RBX, STORE_RAX_AT_RBX, exit_with_eax,
     hypercall, mov_imm,
 };
-use tests::{Mode, boot, boot_image, text};
+use tests::{Mode, boot, boot_image, guest_result, text};
 
 const MEM: u64 = 128 << 20;
 const KERNEL: u64 = 0x20_0000;
@@ -166,7 +166,7 @@ fn pagetable(mode: Mode, batch: u64) -> host_vmm::vm::RunReport {
 fn pagetable_workload_gives_the_same_checksum_both_ways() {
     let pv = pagetable(Mode::Pv, 512);
     let tr = pagetable(Mode::Trapped, 0);
-    let (a, b) = (pv.result.unwrap(), tr.result.unwrap());
+    let (a, b) = (guest_result(&pv).unwrap(), guest_result(&tr).unwrap());
     assert_eq!(a.ops(), Some(UPDATES));
     assert_eq!(a.checksum(), b.checksum());
 }

@@ -3,7 +3,7 @@
 //! guest polls the used ring.
 
 use host_vmm::vm::VmConfig;
-use tests::{Mode, boot, console_pattern, fnv1a, run_cfg, text};
+use tests::{Mode, boot, console_pattern, fnv1a, guest_result, run_cfg, text};
 
 const K: u64 = 10_000;
 
@@ -30,7 +30,7 @@ fn vconsole_bytes_arrive_intact_with_few_exits() {
         let r = boot_vconsole(mode, &[&arg], None);
         assert_eq!(r.exit_code, 0, "{}", text(&r));
         assert_eq!(r.window_console(), want.as_slice(), "{}", mode.name());
-        let res = r.result.as_ref().unwrap();
+        let res = guest_result(&r).unwrap();
         assert_eq!(res.ops(), Some(K));
         assert_eq!(res.checksum(), Some(fnv1a(want.iter().copied())));
         assert_eq!(res.get("chains"), Some("1"));

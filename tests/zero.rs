@@ -5,7 +5,7 @@ use host_vmm::loader::minimal_elf;
 use hypercall_abi::zero::{PREPARE, QUERY, RELEASE, ZeroRange};
 use hypercall_abi::{Call, Error};
 use tests::asm::{PACK_STATUS_AND_VALUE, exit_with_eax, mov_imm};
-use tests::{Mode, boot, boot_image, text};
+use tests::{Mode, boot, boot_image, guest_result, text};
 
 const KERNEL: u64 = 0x20_0000;
 const MEM: u64 = 128 << 20;
@@ -134,8 +134,7 @@ fn zero_run_with(mode: Mode, check: bool, extra: &[&str]) -> host_vmm::vm::RunRe
 }
 
 fn field(r: &host_vmm::vm::RunReport, k: &str) -> u64 {
-    r.result
-        .as_ref()
+    guest_result(r)
         .unwrap()
         .get(k)
         .unwrap_or_else(|| panic!("no {k}"))
@@ -149,8 +148,8 @@ fn zero_gives_the_same_checksum_and_pv_skips_the_zeroing() {
     let pv = zero_run(Mode::Pv, true);
     let tr = zero_run(Mode::Trapped, true);
     assert_eq!(
-        pv.result.as_ref().unwrap().checksum(),
-        tr.result.as_ref().unwrap().checksum()
+        guest_result(&pv).unwrap().checksum(),
+        guest_result(&tr).unwrap().checksum()
     );
     let fresh_tr = field(&tr, "zeroed_fresh_bytes");
     assert!(
@@ -197,8 +196,8 @@ fn read_ahead_backs_memory_off_the_vcpu_without_changing_results() {
     let on = zero_run(Mode::Pv, true);
     let off = zero_run_with(Mode::Pv, true, &["prepare=0"]);
     assert_eq!(
-        on.result.as_ref().unwrap().checksum(),
-        off.result.as_ref().unwrap().checksum()
+        guest_result(&on).unwrap().checksum(),
+        guest_result(&off).unwrap().checksum()
     );
     // Fresh frames and released frames are both read ahead: about 2 × MIB, in chunks.
     let prepared = field(&on, "prepared_bytes");

@@ -383,8 +383,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", compare::render_table(&records));
             std::io::stdout().flush().ok();
             if let Some(path) = json {
-                let text = serde_json::to_string_pretty(&records)?;
-                std::fs::write(&path, text + "\n")
+                let text = compare::render_json(&records)?;
+                std::fs::write(&path, text)
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 eprintln!("wrote {} records to {}", records.len(), path.display());
             }

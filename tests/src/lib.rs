@@ -4,6 +4,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+use host_vmm::compare::GuestResult;
 use host_vmm::console::ConsoleSink;
 use host_vmm::vm::{self, KernelImage, RunReport, VmConfig};
 pub use hypercall_abi::boot::Mode;
@@ -70,6 +71,11 @@ pub fn boot_image(mode: Mode, bytes: Vec<u8>) -> host_vmm::Result<RunReport> {
         bytes: bytes.into(),
     };
     run_cfg(cfg)
+}
+
+/// The guest's `PVKIT-RESULT` line, if it printed one.
+pub fn guest_result(r: &RunReport) -> Option<GuestResult> {
+    GuestResult::parse(&r.console)
 }
 
 /// The console output as text.
