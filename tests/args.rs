@@ -3,5 +3,4 @@
 //! its unit tests are compiled here.
 
 #[path = "../guest-demo-kernel/src/args.rs"]
-#[allow(dead_code)]
 mod args;
