@@ -112,6 +112,10 @@ struct CompareArgs {
     /// Number of calls of the `null` workload.
     #[arg(long, default_value_t = compare::DEFAULT_NULL_OPS)]
     null_ops: u64,
+    /// Rounds of the `null` runs and the raw exit loops, interleaved; each reports its median
+    /// run (a shared host's load otherwise moves one run by more than PV and trapped differ).
+    #[arg(long, default_value_t = compare::DEFAULT_NULL_ROUNDS, value_parser = clap::value_parser!(u64).range(1..=100))]
+    null_rounds: u64,
     /// Bytes written by the `console` workload.
     #[arg(long, default_value_t = compare::DEFAULT_CONSOLE_BYTES)]
     console_bytes: u64,
@@ -170,6 +174,7 @@ impl CompareArgs {
                 vec![self.workload]
             },
             null_ops: self.null_ops,
+            null_rounds: self.null_rounds,
             console_bytes: self.console_bytes,
             pt_updates: self.pt_updates,
             pt_batches: self.pt_batches,

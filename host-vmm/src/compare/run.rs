@@ -29,12 +29,6 @@ pub fn run(
     mut progress: impl FnMut(&str, &str),
 ) -> Result<Vec<Record>, CompareError> {
     let mut records = Vec::new();
-    if opts.workloads.iter().any(|w| w == "null") {
-        for floor in [Floor::Pio, Floor::Hypercall] {
-            progress(FLOOR_WORKLOAD, floor.name());
-            records.push(run_floor(opts, floor, opts.null_ops.max(1))?);
-        }
-    }
     let image = match opts.workloads.iter().any(|w| w == "blk") {
         true => Some(blk::ScratchImage::create(opts.blk_mib * 2)?),
         false => None,
@@ -43,16 +37,27 @@ pub fn run(
         if w == "zero" {
             warm_host_memory(mem_for(w, opts));
         }
-        // `zero` runs its variants in interleaved rounds and keeps each one's median: host
-        // memory effects (compaction, the order of runs) are larger than the differences.
-        let rounds = if w == "zero" {
-            opts.zero_rounds.max(1)
-        } else {
-            1
+        // `zero` and `null` run their variants in interleaved rounds and keep each one's
+        // median: for `zero`, host memory effects (compaction, the order of runs) are larger
+        // than the differences; for `null` (and its floors, which run in the same rounds), the
+        // load of a shared host moves a whole run by more than the few percent compared.
+        let rounds = match w.as_str() {
+            "zero" => opts.zero_rounds.max(1),
+            "null" => opts.null_rounds.max(1),
+            _ => 1,
         };
+        let floors: &[Floor] = match w.as_str() {
+            "null" => &[Floor::Pio, Floor::Hypercall],
+            _ => &[],
+        };
+        let mut floor_runs: Vec<Vec<Record>> = floors.iter().map(|_| Vec::new()).collect();
         let vs = variants(w, opts);
         let mut runs: Vec<Vec<Record>> = vs.iter().map(|_| Vec::new()).collect();
         for _ in 0..rounds {
+            for (&floor, out) in floors.iter().zip(&mut floor_runs) {
+                progress(FLOOR_WORKLOAD, floor.name());
+                out.push(run_floor(opts, floor, opts.null_ops.max(1))?);
+            }
             for (v, out) in vs.iter().zip(&mut runs) {
                 progress(w, &v.args.join(" "));
                 let cfg = VmConfig {
@@ -86,6 +91,7 @@ pub fn run(
                 out.push(rec);
             }
         }
+        records.extend(floor_runs.into_iter().filter_map(median_run));
         records.extend(runs.into_iter().filter_map(median_run));
 
         if let (true, Some(image)) = (w == "blk", &image) {

@@ -12,6 +12,8 @@ use crate::vm::{self, KernelImage};
 pub const WORKLOADS: &[&str] = &["null", "console", "pagetable", "idle", "zero", "blk"];
 /// Default number of null calls.
 pub const DEFAULT_NULL_OPS: u64 = 100_000;
+/// Default rounds of the `null` runs and their floors (the median is reported).
+pub const DEFAULT_NULL_ROUNDS: u64 = 3;
 /// Default console bytes.
 pub const DEFAULT_CONSOLE_BYTES: u64 = 16_384;
 /// Default page-table updates.
@@ -40,6 +42,8 @@ pub struct CompareOptions {
     pub workloads: Vec<String>,
     /// `null`: number of calls.
     pub null_ops: u64,
+    /// `null`: rounds over its runs and the floors, interleaved; each reports its median run.
+    pub null_rounds: u64,
     /// `console`: number of bytes.
     pub console_bytes: u64,
     /// `pagetable`: number of PTE updates.
@@ -73,6 +77,7 @@ impl Default for CompareOptions {
         CompareOptions {
             workloads: WORKLOADS.iter().map(|s| s.to_string()).collect(),
             null_ops: DEFAULT_NULL_OPS,
+            null_rounds: DEFAULT_NULL_ROUNDS,
             console_bytes: DEFAULT_CONSOLE_BYTES,
             pt_updates: DEFAULT_PT_UPDATES,
             pt_batches: DEFAULT_PT_BATCHES.to_vec(),
