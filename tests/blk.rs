@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tests::{Mode, boot_with_disk, fnv1a, guest_result, text};
+use tests::{Mode, boot_with_disk, fnv1a, text};
 
 const MIB: u64 = 4;
 
@@ -42,7 +42,7 @@ impl Drop for Image {
     }
 }
 
-fn blk(mode: Mode, img: &Image, readonly: bool, args: &[&str]) -> host_vmm::vm::RunReport {
+fn blk(mode: Mode, img: &Image, readonly: bool, args: &[&str]) -> host_vmm::compare::Measured {
     let mib = format!("mib={MIB}");
     let mut all = vec![mib.as_str()];
     all.extend_from_slice(args);
@@ -67,7 +67,7 @@ fn reads_return_the_host_files_bytes_in_both_modes() {
             &["pattern=seq-read", "size_kib=128", wait],
         );
         assert_eq!(
-            guest_result(&r).unwrap().checksum(),
+            r.result.as_ref().unwrap().checksum(),
             Some(want),
             "{wait}: {}",
             text(&r)
@@ -112,7 +112,9 @@ fn requests_cost_less_than_one_exit_each() {
             &["pattern=seq-read", "size_kib=128", wait],
         );
         let w = r.window.as_ref().unwrap();
-        let requests: u64 = guest_result(&r)
+        let requests: u64 = r
+            .result
+            .as_ref()
             .unwrap()
             .get("requests")
             .unwrap()

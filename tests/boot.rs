@@ -2,7 +2,7 @@
 //! exits; trapped mode uses no hypercall; guest failures surface cleanly.
 
 use host_vmm::metrics::ExitReason;
-use tests::{Mode, boot, boot_image, fnv1a, guest_result, text};
+use tests::{Mode, boot, boot_image, fnv1a, text};
 
 const GREETING: &str = "pvkit demo kernel: hello from 64-bit long mode";
 
@@ -13,13 +13,13 @@ fn hello_boots_in_both_modes_with_the_same_checksum() {
     for (r, mode) in [(&pv, "pv"), (&tr, "trapped")] {
         assert_eq!(r.exit_code, 0, "{}", text(r));
         assert!(text(r).starts_with(GREETING), "{}", text(r));
-        let res = guest_result(r).expect("result line");
+        let res = r.result.as_ref().expect("result line");
         assert_eq!(res.get("workload"), Some("hello"));
         assert_eq!(res.get("mode"), Some(mode));
     }
     assert_eq!(
-        guest_result(&pv).unwrap().checksum(),
-        guest_result(&tr).unwrap().checksum()
+        pv.result.as_ref().unwrap().checksum(),
+        tr.result.as_ref().unwrap().checksum()
     );
 }
 
@@ -27,7 +27,7 @@ fn hello_boots_in_both_modes_with_the_same_checksum() {
 fn hello_checksum_is_the_greeting_line() {
     let r = boot(Mode::Trapped, "hello", &[]);
     let line = text(&r).lines().next().unwrap().to_string() + "\n";
-    let sum = guest_result(&r).unwrap().checksum().unwrap();
+    let sum = r.result.as_ref().unwrap().checksum().unwrap();
     assert!(
         sum == fnv1a(line.bytes()) || sum == fnv1a(line.trim_end().bytes()),
         "checksum of {line:?}"
@@ -67,7 +67,7 @@ fn guest_panic_prints_the_message_and_exits_non_zero() {
         let r = boot(mode, "panic", &[]);
         assert_eq!(r.exit_code, 101, "{}", text(&r));
         assert!(text(&r).contains("PVKIT-PANIC"), "{}", text(&r));
-        assert!(guest_result(&r).is_none());
+        assert!(r.result.is_none());
     }
 }
 

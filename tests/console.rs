@@ -1,7 +1,7 @@
 //! `console`: K bytes through `console_write` (one exit per buffer) versus the UART (one exit
 //! per byte). The host receives the same bytes both ways.
 
-use tests::{Mode, boot, console_pattern, fnv1a, guest_result};
+use tests::{Mode, boot, console_pattern, fnv1a};
 
 const K: u64 = 10_000;
 
@@ -13,7 +13,7 @@ fn console_bytes_arrive_intact_in_both_modes() {
         let r = boot(mode, "console", &[&arg]);
         assert_eq!(r.exit_code, 0);
         assert_eq!(r.window_console(), want.as_slice(), "{}", mode.name());
-        let res = guest_result(&r).unwrap();
+        let res = r.result.as_ref().unwrap();
         assert_eq!(res.ops(), Some(K));
         assert_eq!(res.checksum(), Some(fnv1a(want.iter().copied())));
     }

@@ -3,14 +3,15 @@
 //! hypercall port; the demo kernel runs every workload with each feature turned off.
 
 use host_vmm::Error;
+use host_vmm::compare::Measured;
+use host_vmm::config::{KernelImage, VmConfig};
 use host_vmm::kernel_abi::AbiRefusal;
 use host_vmm::loader::{minimal_elf, minimal_elf_with_note};
-use host_vmm::vm::{KernelImage, RunReport, VmConfig};
 use hypercall_abi::features::{self, Names};
 use hypercall_abi::note::AbiNote;
 use hypercall_abi::{Call, Error as AbiError};
 use tests::asm::{exit_with_eax, hypercall, mov_imm};
-use tests::{Mode, boot_image, guest_result, run_cfg};
+use tests::{Mode, boot_image, run_cfg};
 use zerocopy::IntoBytes;
 
 /// `mov eax, leaf; cpuid; mov eax, <reg>; exit` — the guest exits with one CPUID register.
@@ -145,7 +146,7 @@ fn a_disabled_call_is_not_serviced() {
 }
 
 /// Runs the demo kernel with `disable` cleared.
-fn demo(mode: Mode, disable: u64, workload: &str, args: &[&str]) -> RunReport {
+fn demo(mode: Mode, disable: u64, workload: &str, args: &[&str]) -> Measured {
     let mut cfg = VmConfig::new(mode, workload);
     cfg.args = args.iter().map(|s| s.to_string()).collect();
     cfg.disable = disable;
@@ -176,7 +177,7 @@ fn the_demo_kernel_never_makes_a_hypercall_in_trapped_mode() {
             "{w}: {:?}",
             r.stats.by_hypercall
         );
-        assert_eq!(guest_result(&r).unwrap().get("mode"), Some("trapped"));
+        assert_eq!(r.result.as_ref().unwrap().get("mode"), Some("trapped"));
     }
 }
 
@@ -224,13 +225,13 @@ fn each_disabled_feature_falls_back_to_its_trapped_twin() {
         let trapped = demo(Mode::Trapped, 0, w, args);
         let pv = demo(Mode::Pv, 0, w, args);
         let off = demo(Mode::Pv, bit, w, args);
-        let sum = |r: &RunReport| guest_result(r).and_then(|x| x.checksum());
+        let sum = |r: &Measured| r.result.as_ref().and_then(|x| x.checksum());
         let what = format!("{w} without {}", Names(bit));
         assert!(sum(&trapped).is_some(), "{what}");
         assert_eq!(sum(&off), sum(&trapped), "{what}: checksum");
         assert_eq!(sum(&pv), sum(&trapped), "{what}: checksum");
         assert_eq!(
-            guest_result(&off).unwrap().get("mode"),
+            off.result.as_ref().unwrap().get("mode"),
             Some("pv"),
             "{what}"
         );
@@ -256,14 +257,14 @@ fn each_disabled_feature_falls_back_to_its_trapped_twin() {
         "idle",
         &["intervals=3", "interval_us=2000"],
     );
-    assert_eq!(guest_result(&r).unwrap().get("strategy"), Some("hlt"));
+    assert_eq!(r.result.unwrap().get("strategy"), Some("hlt"));
     let r = demo(
         Mode::Pv,
         features::TSC_KHZ,
         "idle",
         &["intervals=3", "interval_us=2000"],
     );
-    assert_eq!(guest_result(&r).unwrap().get("strategy"), Some("pv"));
+    assert_eq!(r.result.unwrap().get("strategy"), Some("pv"));
 }
 
 #[test]
@@ -277,8 +278,5 @@ fn disabled_features_are_invisible_to_the_demo_kernel_result() {
         r.stats.by_hypercall
     );
     let t = demo(Mode::Trapped, 0, "hello", &[]);
-    assert_eq!(
-        guest_result(&r).unwrap().checksum(),
-        guest_result(&t).unwrap().checksum()
-    );
+    assert_eq!(r.result.unwrap().checksum(), t.result.unwrap().checksum());
 }

@@ -11,7 +11,7 @@ use tests::{Mode, boot_image};
 const MEM: u64 = 128 << 20;
 
 /// Runs one hypercall and exits with its status; returns (exit code, report).
-fn status_of(nr: u64, a0: u64, a1: u64) -> (u32, host_vmm::vm::RunReport) {
+fn status_of(nr: u64, a0: u64, a1: u64) -> (u32, host_vmm::compare::Measured) {
     let mut code = hypercall(nr, a0, a1);
     code.extend(exit_with_eax());
     let r = boot_image(Mode::Pv, minimal_elf(0x20_0000, &code, 0x1000)).expect("VMM keeps running");
@@ -86,4 +86,24 @@ fn memory_beyond_ram_reads_all_ones_and_ignores_writes() {
     let r = boot_image(Mode::Trapped, minimal_elf(0x20_0000, &code, 0x1000)).unwrap();
     assert_eq!(r.exit_code, u32::MAX);
     assert_eq!(r.stats.reason(ExitReason::Mmio), 2);
+}
+
+#[test]
+fn malformed_mmu_pin_calls_get_their_error_codes() {
+    use hypercall_abi::layout::{PML4_GPA, PT_POOL_GPA};
+    use hypercall_abi::mmu::{PIN_L4, UNPIN};
+    let pin = u64::from(Call::MmuPin.raw());
+    for (op, frame, err) in [
+        (0, PT_POOL_GPA + 0x10_0000, Error::InvalidArgument),
+        (3, PT_POOL_GPA + 0x10_0000, Error::InvalidArgument),
+        (u64::MAX, PT_POOL_GPA + 0x10_0000, Error::InvalidArgument),
+        (PIN_L4, PT_POOL_GPA + 8, Error::InvalidArgument),
+        (PIN_L4, 0x30_0000, Error::BadAddress),
+        (UNPIN, PT_POOL_GPA + 0x10_0000, Error::TypeConflict),
+        (UNPIN, PML4_GPA, Error::Denied),
+    ] {
+        let (code, r) = status_of(pin, op, frame);
+        assert_eq!(u64::from(code), err.code(), "op {op} frame {frame:#x}");
+        assert_eq!(r.stats.by_hypercall["mmu_pin"], 1);
+    }
 }

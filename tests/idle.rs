@@ -9,7 +9,7 @@ use host_vmm::metrics::ExitReason;
 use hypercall_abi::Call;
 use hypercall_abi::idle::{EVENT_PORT, WAKE_CAPPED, WAKE_DEADLINE, WAKE_EVENT, decode_wake};
 use tests::asm::{PACK_STATUS_AND_VALUE, exit_with_eax, hypercall};
-use tests::{Mode, boot_image, guest_result};
+use tests::{Mode, boot_image};
 
 const KERNEL: u64 = 0x20_0000;
 
@@ -72,7 +72,7 @@ fn an_absurd_deadline_is_capped() {
 }
 
 /// The demo kernel's idle workload, one strategy.
-fn idle_workload(mode: Mode, strategy: &str) -> host_vmm::vm::RunReport {
+fn idle_workload(mode: Mode, strategy: &str) -> host_vmm::compare::Measured {
     let strategy = format!("strategy={strategy}");
     let r = tests::boot(
         mode,
@@ -88,11 +88,11 @@ fn every_strategy_completes_with_the_same_checksum() {
     let spin = idle_workload(Mode::Trapped, "spin");
     let hlt = idle_workload(Mode::Trapped, "hlt");
     let pv = idle_workload(Mode::Pv, "pv");
-    let sum = |r: &host_vmm::vm::RunReport| guest_result(r).unwrap().checksum();
+    let sum = |r: &host_vmm::compare::Measured| r.result.as_ref().unwrap().checksum();
     assert_eq!(sum(&spin), sum(&hlt));
     assert_eq!(sum(&hlt), sum(&pv));
     for r in [&spin, &hlt, &pv] {
-        let res = guest_result(r).unwrap();
+        let res = r.result.as_ref().unwrap();
         assert_eq!(res.ops(), Some(10));
         assert!(res.get("wake_overshoot_ns_p99").is_some());
     }

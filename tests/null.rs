@@ -2,7 +2,7 @@
 //! exactly one exit per operation either way.
 
 use host_vmm::metrics::ExitReason;
-use tests::{Mode, boot, fnv1a, guest_result};
+use tests::{Mode, boot, fnv1a};
 
 const OPS: u64 = 5_000;
 
@@ -19,7 +19,7 @@ fn null_gives_the_same_checksum_in_both_modes() {
     let tr = boot(Mode::Trapped, "null", &[&ops]);
     for r in [&pv, &tr] {
         assert_eq!(r.exit_code, 0);
-        let res = guest_result(r).unwrap();
+        let res = r.result.as_ref().unwrap();
         assert_eq!(res.ops(), Some(OPS));
         assert_eq!(res.checksum(), Some(expected_checksum(OPS)));
     }

@@ -12,7 +12,7 @@ use tests::asm::{
     LOAD_RAX_FROM_RBX, PACK_STATUS_AND_VALUE, STORE_EAX_AT_RBX, STORE_RAX_AT_RBX, exit_with_eax,
     hypercall, mov_imm,
 };
-use tests::{Mode, boot, boot_image, guest_result, text};
+use tests::{Mode, boot, boot_image, text};
 
 const MEM: u64 = 128 << 20;
 const KERNEL: u64 = 0x20_0000;
@@ -110,7 +110,7 @@ fn reserved_bits_are_refused() {
 
 /// A trapped guest: store `value` at `pte_gpa` with an 8-byte (or 4-byte) `mov`, read the entry
 /// back and exit with its low 32 bits.
-fn trapped_store(pte_gpa: u64, value: u64, wide: bool) -> host_vmm::vm::RunReport {
+fn trapped_store(pte_gpa: u64, value: u64, wide: bool) -> host_vmm::compare::Measured {
     let mut code = mov_imm(3, pte_gpa);
     code.extend(mov_imm(0, value));
     if wide {
@@ -150,7 +150,7 @@ fn refused_trapped_stores_are_dropped_and_the_guest_sees_it() {
 
 const UPDATES: u64 = 4096;
 
-fn pagetable(mode: Mode, batch: u64) -> host_vmm::vm::RunReport {
+fn pagetable(mode: Mode, batch: u64) -> host_vmm::compare::Measured {
     let updates = format!("updates={UPDATES}");
     let batch = format!("batch={batch}");
     let args: Vec<&str> = match mode {
@@ -166,7 +166,7 @@ fn pagetable(mode: Mode, batch: u64) -> host_vmm::vm::RunReport {
 fn pagetable_workload_gives_the_same_checksum_both_ways() {
     let pv = pagetable(Mode::Pv, 512);
     let tr = pagetable(Mode::Trapped, 0);
-    let (a, b) = (guest_result(&pv).unwrap(), guest_result(&tr).unwrap());
+    let (a, b) = (pv.result.unwrap(), tr.result.unwrap());
     assert_eq!(a.ops(), Some(UPDATES));
     assert_eq!(a.checksum(), b.checksum());
 }

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use host_vmm::vm::{KernelImage, RunReport, VmConfig};
+use host_vmm::compare::Measured;
+use host_vmm::config::{KernelImage, VmConfig};
 use tests::{Mode, run_cfg, text};
 
 fn repo() -> PathBuf {
@@ -75,7 +76,7 @@ fn build_template_copy() -> PathBuf {
     target_dir.join("x86_64-unknown-none/release/minimal-kernel")
 }
 
-fn boot(kernel: &Path, mode: Mode) -> RunReport {
+fn boot(kernel: &Path, mode: Mode) -> Measured {
     let mut cfg = VmConfig::new(mode, "");
     cfg.kernel = KernelImage::from_file(kernel).unwrap();
     let r = run_cfg(cfg).unwrap_or_else(|e| panic!("template kernel ({}): {e}", mode.name()));
@@ -83,7 +84,7 @@ fn boot(kernel: &Path, mode: Mode) -> RunReport {
     r
 }
 
-fn result_line(r: &RunReport) -> String {
+fn result_line(r: &Measured) -> String {
     text(r)
         .lines()
         .find(|l| l.starts_with("RESULT "))

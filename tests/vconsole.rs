@@ -2,8 +2,8 @@
 //! pattern, and the transfer costs (almost) no exits: QueueNotify is an ioeventfd and the
 //! guest polls the used ring.
 
-use host_vmm::vm::VmConfig;
-use tests::{Mode, boot, console_pattern, fnv1a, guest_result, run_cfg, text};
+use host_vmm::config::VmConfig;
+use tests::{Mode, boot, console_pattern, fnv1a, run_cfg, text};
 
 const K: u64 = 10_000;
 
@@ -11,11 +11,11 @@ fn boot_vconsole(
     mode: Mode,
     args: &[&str],
     disk: Option<&std::path::Path>,
-) -> host_vmm::vm::RunReport {
+) -> host_vmm::compare::Measured {
     let mut cfg = VmConfig::new(mode, "vconsole");
     cfg.args = args.iter().map(|s| s.to_string()).collect();
     cfg.virtio_console = true;
-    cfg.disk = disk.map(|path| host_vmm::vm::DiskConfig {
+    cfg.disk = disk.map(|path| host_vmm::config::DiskConfig {
         path: path.into(),
         readonly: true,
     });
@@ -30,7 +30,7 @@ fn vconsole_bytes_arrive_intact_with_few_exits() {
         let r = boot_vconsole(mode, &[&arg], None);
         assert_eq!(r.exit_code, 0, "{}", text(&r));
         assert_eq!(r.window_console(), want.as_slice(), "{}", mode.name());
-        let res = guest_result(&r).unwrap();
+        let res = r.result.as_ref().unwrap();
         assert_eq!(res.ops(), Some(K));
         assert_eq!(res.checksum(), Some(fnv1a(want.iter().copied())));
         assert_eq!(res.get("chains"), Some("1"));

@@ -5,7 +5,7 @@ use host_vmm::loader::minimal_elf;
 use hypercall_abi::zero::{PREPARE, QUERY, RELEASE, ZeroRange};
 use hypercall_abi::{Call, Error};
 use tests::asm::{PACK_STATUS_AND_VALUE, exit_with_eax, mov_imm};
-use tests::{Mode, boot, boot_image, guest_result, text};
+use tests::{Mode, boot, boot_image, text};
 
 const KERNEL: u64 = 0x20_0000;
 const MEM: u64 = 128 << 20;
@@ -118,12 +118,12 @@ fn prepare_refuses_ranges_outside_ram_or_over_the_kernel() {
 
 const MIB: u64 = 32;
 
-fn zero_run(mode: Mode, check: bool) -> host_vmm::vm::RunReport {
+fn zero_run(mode: Mode, check: bool) -> host_vmm::compare::Measured {
     zero_run_with(mode, check, &[])
 }
 
 /// A `zero` run of `MIB` MiB with more arguments; it must exit with 0.
-fn zero_run_with(mode: Mode, check: bool, extra: &[&str]) -> host_vmm::vm::RunReport {
+fn zero_run_with(mode: Mode, check: bool, extra: &[&str]) -> host_vmm::compare::Measured {
     let mib = format!("mib={MIB}");
     let check = format!("check={}", u8::from(check));
     let mut args = vec![mib.as_str(), check.as_str()];
@@ -133,8 +133,9 @@ fn zero_run_with(mode: Mode, check: bool, extra: &[&str]) -> host_vmm::vm::RunRe
     r
 }
 
-fn field(r: &host_vmm::vm::RunReport, k: &str) -> u64 {
-    guest_result(r)
+fn field(r: &host_vmm::compare::Measured, k: &str) -> u64 {
+    r.result
+        .as_ref()
         .unwrap()
         .get(k)
         .unwrap_or_else(|| panic!("no {k}"))
@@ -148,8 +149,8 @@ fn zero_gives_the_same_checksum_and_pv_skips_the_zeroing() {
     let pv = zero_run(Mode::Pv, true);
     let tr = zero_run(Mode::Trapped, true);
     assert_eq!(
-        guest_result(&pv).unwrap().checksum(),
-        guest_result(&tr).unwrap().checksum()
+        pv.result.as_ref().unwrap().checksum(),
+        tr.result.as_ref().unwrap().checksum()
     );
     let fresh_tr = field(&tr, "zeroed_fresh_bytes");
     assert!(
@@ -196,8 +197,8 @@ fn read_ahead_backs_memory_off_the_vcpu_without_changing_results() {
     let on = zero_run(Mode::Pv, true);
     let off = zero_run_with(Mode::Pv, true, &["prepare=0"]);
     assert_eq!(
-        guest_result(&on).unwrap().checksum(),
-        guest_result(&off).unwrap().checksum()
+        on.result.as_ref().unwrap().checksum(),
+        off.result.as_ref().unwrap().checksum()
     );
     // Fresh frames and released frames are both read ahead: about 2 × MIB, in chunks.
     let prepared = field(&on, "prepared_bytes");

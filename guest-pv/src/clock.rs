@@ -1,6 +1,6 @@
 //! The `clock_ns` hypercall: host monotonic time.
 
-use hypercall_abi::Call;
+use hypercall_abi::request::Request;
 
 use crate::{HypercallError, Pvkit};
 
@@ -9,6 +9,6 @@ impl Pvkit {
     ///
     /// Fails with `not_implemented` on a host without [`hypercall_abi::features::CLOCK`].
     pub fn clock_ns(&self) -> Result<u64, HypercallError> {
-        self.call(Call::ClockNs, [0; 4])
+        self.request(Request::ClockNs)
     }
 }

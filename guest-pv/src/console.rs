@@ -5,7 +5,8 @@
 use core::fmt;
 
 use hypercall_abi::boot::Mode;
-use hypercall_abi::{CONSOLE_WRITE_MAX, Call, features};
+use hypercall_abi::request::Request;
+use hypercall_abi::{CONSOLE_WRITE_MAX, features};
 
 use crate::{HypercallError, Pvkit, Uart16550};
 
@@ -33,7 +34,10 @@ impl Pvkit {
     /// are, for any memory the compiler knows about: the hypercall is a full compiler barrier).
     pub fn console_write_phys(&self, gpa: u64, len: u64) -> Result<u64, HypercallError> {
         write_chunked(gpa, len, CONSOLE_WRITE_MAX, |chunk_gpa, chunk_len| {
-            self.call(Call::ConsoleWrite, [chunk_gpa, chunk_len, 0, 0])
+            self.request(Request::ConsoleWrite {
+                gpa: chunk_gpa,
+                len: chunk_len,
+            })
         })
     }
 

@@ -6,9 +6,11 @@
 use core::arch::x86_64::{__cpuid, CpuidResult};
 
 use hypercall_abi::{
-    ABI_VERSION_MAJOR, CPUID_LEAF_SIGNATURE, CPUID_LEAF_VERSION, Call, signature_registers,
+    ABI_VERSION_MAJOR, CPUID_LEAF_SIGNATURE, CPUID_LEAF_VERSION, signature_registers,
     unpack_version,
 };
+
+use hypercall_abi::request::Request;
 
 use crate::HypercallError;
 
@@ -94,7 +96,7 @@ impl Pvkit {
     /// Asks the host for its feature bits with the `features` hypercall (the same bits as CPUID
     /// reports; this is mainly a cheap call to exercise the transport).
     pub fn features(&self) -> Result<u64, HypercallError> {
-        self.call(Call::Features, [0; 4])
+        self.request(Request::Features)
     }
 }
 

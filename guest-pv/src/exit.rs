@@ -1,7 +1,7 @@
 //! Ending the VM: the `exit` hypercall, and the mode-dependent [`exit`] helper.
 
-use hypercall_abi::Call;
 use hypercall_abi::boot::Mode;
+use hypercall_abi::request::Request;
 
 use crate::{HypercallError, Pvkit, trapped};
 
@@ -18,7 +18,7 @@ impl Pvkit {
     /// Issues the `exit` hypercall. It returns only if the host did not end the VM: normally with
     /// the host's refusal, `Ok` only from a host that breaks the ABI.
     pub fn try_exit(&self, code: u32) -> Result<u64, HypercallError> {
-        self.call(Call::Exit, [u64::from(code), 0, 0, 0])
+        self.request(Request::Exit { code })
     }
 }
 

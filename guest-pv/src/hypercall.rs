@@ -2,16 +2,19 @@
 //!
 //! This file holds every piece of inline assembly that talks to the pvkit host:
 //! - [`raw_hypercall`]: one 32-bit `out dx, eax` to [`HYPERCALL_PORT`] with the register
-//!   convention of `hypercall_abi`. Every other wrapper in this crate goes through the crate-private
-//!   `Pvkit::call`, reachable only with a [`Pvkit`] token, i.e. after [`crate::detect()`] has
-//!   proven that the host is pvkit.
+//!   convention of `hypercall_abi`; [`raw_request`] issues a typed
+//!   [`Request`], whose `encode` is the one definition of each
+//!   call's registers. Every wrapper in this crate builds a `Request` and goes through
+//!   [`raw_request`] or the crate-private `Pvkit::request`, reachable only with a [`Pvkit`]
+//!   token, i.e. after [`crate::detect()`] has proven that the host is pvkit.
 //! - `raw_null_loop`: back-to-back `null` hypercalls in one asm loop, the measurement primitive
 //!   behind [`Pvkit::null_loop`].
 
 use core::arch::asm;
 use core::fmt;
 
-use hypercall_abi::{Call, Error, HYPERCALL_PORT, Return};
+use hypercall_abi::request::Request;
+use hypercall_abi::{Call, Error, HYPERCALL_PORT, Regs, Return};
 
 use crate::Pvkit;
 
@@ -54,12 +57,28 @@ pub unsafe fn raw_hypercall(nr: u64, args: [u64; 4]) -> Return {
     Return { status, value }
 }
 
+/// Issues the hypercall `request`: [`raw_hypercall`] with the registers of
+/// [`Request::encode`]. With the request's variant known at the call site (every wrapper in this
+/// crate), encoding folds into the same register moves as writing them by hand.
+///
+/// # Safety
+/// As for [`raw_hypercall`].
+#[inline(always)]
+pub unsafe fn raw_request(request: Request) -> Return {
+    let Regs { nr, args } = request.encode();
+    // SAFETY: the caller's contract is `raw_hypercall`'s.
+    unsafe { raw_hypercall(nr, args) }
+}
+
 /// Issues `n` back-to-back `null` hypercalls, the `i`-th (from 0) with `a0` = `i`, in one asm
 /// loop. Returns the OR of every status (`rax`) and the wrapping sum of every value (`rdx`).
 ///
 /// `i` lives in `rdi` throughout (the host preserves it); status and sum accumulate in
 /// registers. One iteration is 8 instructions: `mov eax, 0` (the call number), `mov edx, port`,
-/// `out dx, eax`, `or`, `add`, `inc rdi`, `cmp`, `jb`. `n` = 0 issues no call.
+/// `out dx, eax`, `or`, `add`, `inc rdi`, `cmp`, `jb`. `n` = 0 issues no call. The registers
+/// are those of [`Request::Null`]`{ echo: i }.encode()` (number 0, `echo` in `rdi`, the other
+/// argument registers ignored by the host), written into the asm so the loop keeps `i` in
+/// `rdi` and needs no per-call moves; a unit test checks the two agree.
 ///
 /// # Safety
 /// The machine must be a pvkit VM and the code must run with I/O privilege, as for
@@ -161,18 +180,22 @@ impl fmt::Display for HypercallError {
 impl core::error::Error for HypercallError {}
 
 impl Pvkit {
-    /// Issues `call` with `args` and decodes the answer.
+    /// Issues `request` and decodes the answer.
     ///
     /// Crate-private on purpose: it is safe only for calls that make the host *read* guest memory
     /// at most (every v1.0 call). A wrapper for a call that makes the host write guest memory
     /// must use [`raw_hypercall`] with its own safety argument.
-    #[inline]
-    pub(crate) fn call(&self, call: Call, args: [u64; 4]) -> Result<u64, HypercallError> {
+    ///
+    /// Always inlined, so that each wrapper's [`Request`] variant is known where it is encoded
+    /// and the encoding folds to register moves (a shared out-of-line copy would `match` on the
+    /// variant at run time, on every call).
+    #[inline(always)]
+    pub(crate) fn request(&self, request: Request) -> Result<u64, HypercallError> {
         // SAFETY: `self` exists only if `detect` found the pvkit signature, so the host services
         // the hypercall port. Callers in this crate pass only calls after which the host reads
         // (never writes) guest memory, and the buffers they pass are live, initialised slices.
-        let ret = unsafe { raw_hypercall(u64::from(call.raw()), args) };
-        HypercallError::check(call, ret)
+        let ret = unsafe { raw_request(request) };
+        HypercallError::check(request.call(), ret)
     }
 }
 
@@ -181,6 +204,14 @@ mod tests {
     use std::string::ToString;
 
     use super::*;
+
+    #[test]
+    fn the_null_loop_uses_the_null_request_s_registers() {
+        // `raw_null_loop` writes these by hand in its asm: call number in eax, `i` in rdi.
+        let regs = Request::Null { echo: 7 }.encode();
+        assert_eq!(regs.nr, u64::from(Call::Null.raw()));
+        assert_eq!(regs.args, [7, 0, 0, 0]);
+    }
 
     #[test]
     fn success_decodes_to_value() {

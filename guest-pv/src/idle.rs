@@ -20,8 +20,8 @@
 //! and the host return [`Wake::Deadline`] while the TSC says "not yet", [`PvIdle::idle_until`]
 //! maps the clocks again (one more `clock_ns`) and parks again.
 
-use hypercall_abi::Call;
 use hypercall_abi::idle::{EVENT_VECTOR, WAKE_CAPPED, WAKE_DEADLINE, WAKE_EVENT, decode_wake};
+use hypercall_abi::request::Request;
 
 use crate::tsc::Tsc;
 use crate::{HypercallError, Pvkit, cpu};
@@ -62,7 +62,7 @@ impl Pvkit {
     ///
     /// Fails with `not_implemented` on a host without [`features::IDLE_YIELD`](hypercall_abi::features::IDLE_YIELD).
     pub fn idle_yield(&self, deadline_ns: u64) -> Result<Wake, HypercallError> {
-        self.call(Call::IdleYield, [deadline_ns, 0, 0, 0])
+        self.request(Request::IdleYield { deadline_ns })
             .map(Wake::from_value)
     }
 }

@@ -1,5 +1,6 @@
 //! The `null` hypercall: a bare round trip to the host, for measuring transport cost.
 
+use hypercall_abi::request::Request;
 use hypercall_abi::{Call, Return};
 
 use crate::hypercall::raw_null_loop;
@@ -11,7 +12,7 @@ impl Pvkit {
     /// Its trapped twin is [`crate::trapped::null_port_write`].
     #[inline]
     pub fn null(&self, a0: u64) -> Result<u64, HypercallError> {
-        self.call(Call::Null, [a0, 0, 0, 0])
+        self.request(Request::Null { echo: a0 })
     }
 
     /// Issues `n` back-to-back `null(i)` hypercalls, `i` = `0..n`, and returns the wrapping sum

@@ -3,12 +3,11 @@
 //!
 //! [`crate::frames`] builds a frame allocator on top of both.
 
-use hypercall_abi::zero::{
-    PREPARE, QUERY, QUERY_MAX_FRAMES, RELEASE, RELEASE_MAX_RANGES, ZeroRange,
-};
+use hypercall_abi::request::{Request, ZeroOp};
+use hypercall_abi::zero::{QUERY_MAX_FRAMES, RELEASE_MAX_RANGES, ZeroRange};
 use hypercall_abi::{Call, Error, Return};
 
-use crate::hypercall::raw_hypercall;
+use crate::hypercall::raw_request;
 use crate::{HypercallError, Pvkit};
 
 impl Pvkit {
@@ -39,10 +38,11 @@ impl Pvkit {
         // above; identity-mapped by the caller's contract), and reads no other guest memory.
         // Not `nomem`, so the compiler reloads the bitmap after the call.
         let ret = unsafe {
-            raw_hypercall(
-                u64::from(Call::ZeroHints.raw()),
-                [QUERY, gpa, first_frame, count],
-            )
+            raw_request(Request::ZeroHints(ZeroOp::Query {
+                bitmap_gpa: gpa,
+                first_frame,
+                count,
+            }))
         };
         HypercallError::check(Call::ZeroHints, ret)
     }
@@ -77,8 +77,12 @@ impl Pvkit {
         // they describe, which the caller owns and nothing relies on (the caller's contract).
         // Not `nomem`: the list is stored before the call, and the compiler does not cache the
         // released memory across it.
-        let ret =
-            unsafe { raw_hypercall(u64::from(Call::ZeroHints.raw()), [RELEASE, gpa, count, 0]) };
+        let ret = unsafe {
+            raw_request(Request::ZeroHints(ZeroOp::Release {
+                ranges_gpa: gpa,
+                count,
+            }))
+        };
         HypercallError::check(Call::ZeroHints, ret)
     }
 
@@ -96,8 +100,7 @@ impl Pvkit {
     pub fn zero_prepare(&self, gpa: u64, len: u64) -> Result<u64, HypercallError> {
         // SAFETY: `self` proves a pvkit host. PREPARE reads and writes no guest memory the
         // guest can observe: it backs pages whose contents stay what they are.
-        let ret =
-            unsafe { raw_hypercall(u64::from(Call::ZeroHints.raw()), [PREPARE, gpa, len, 0]) };
+        let ret = unsafe { raw_request(Request::ZeroHints(ZeroOp::Prepare { gpa, len })) };
         HypercallError::check(Call::ZeroHints, ret)
     }
 }
@@ -116,7 +119,7 @@ mod tests {
 
     #[test]
     fn bad_arguments_fail_before_the_hypercall() {
-        // Both return before `raw_hypercall`, so this runs on the test host.
+        // Both return before `raw_request`, so this runs on the test host.
         let pv = Pvkit::for_tests();
         let mut bitmap = [0u8; 8];
         // SAFETY: rejected before any hypercall.

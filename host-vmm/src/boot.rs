@@ -10,7 +10,7 @@ use zerocopy::IntoBytes;
 use crate::error::{Error, Result};
 use crate::loader::ElfInfo;
 use crate::memory::GuestRam;
-use crate::mmu::PtPool;
+use crate::mmu::PageTablePool;
 
 use hypercall_abi::mmu::{PTE_ACCESSED, PTE_DIRTY, PTE_HUGE, PTE_PRESENT, PTE_USER, PTE_WRITABLE};
 
@@ -43,7 +43,7 @@ pub struct BootRequest<'a> {
 /// Writes GDT, page tables and boot info into `ram`.
 pub fn write_boot_structures(
     ram: &GuestRam,
-    pool: &mut PtPool,
+    pool: &mut PageTablePool,
     kernel: &ElfInfo,
     req: &BootRequest<'_>,
 ) -> Result<()> {
@@ -65,7 +65,7 @@ pub fn write_boot_structures(
 /// at CPL3 can use it; writable, so stores to the pool through it are the trapped page-table
 /// path. Accessed/Dirty are preset: the pool is read-only to the guest, so the page walker
 /// under us could not set them.
-pub fn install_identity_map(pool: &mut PtPool) {
+pub fn install_identity_map(pool: &mut PageTablePool) {
     let flags = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED;
     pool.install_vmm_table(PML4_GPA, 4, 1, &[PDPT_GPA | flags]);
     let pdpt: Vec<u64> = (0..IDENTITY_MAP_PDS)
@@ -191,7 +191,7 @@ mod tests {
             args: "ops=5",
             devices: &[],
         };
-        let mut pool = PtPool::new(32 << 20).unwrap();
+        let mut pool = PageTablePool::new(32 << 20).unwrap();
         write_boot_structures(&ram, &mut pool, &k, &req).unwrap();
         let mut page = [0u8; 4096];
         ram.mem()

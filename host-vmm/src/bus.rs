@@ -24,6 +24,9 @@ pub enum BusAction {
     Exit(u32),
     /// A measurement marker with this value (passed to the run's observer).
     Marker(u32),
+    /// Resume the guest and count this event in the run's statistics (e.g. a trapped
+    /// page-table store that was applied or refused).
+    Counted(&'static str),
 }
 
 /// A device on a bus.

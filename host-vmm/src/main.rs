@@ -8,12 +8,16 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use host_vmm::builder;
+use host_vmm::compare::WindowRecorder;
 use host_vmm::compare::{self, CompareOptions};
+use host_vmm::config::{self, DiskConfig, KernelImage, VmConfig};
 use host_vmm::console::ConsoleSink;
 use host_vmm::kernel_abi::{HiddenBecause, KernelAbi, Offer};
 use host_vmm::memory::parse_mem_size;
+use host_vmm::metrics::Window;
 use host_vmm::stop::{self, StopReason, Stopper};
-use host_vmm::vm::{self, DiskConfig, KernelImage, RunReport, Vm, VmConfig};
+use host_vmm::vm::RunReport;
 use hypercall_abi::boot::Mode;
 use hypercall_abi::features::{self, Names};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -76,7 +80,7 @@ enum Command {
         #[arg(long)]
         virtio_console: bool,
         /// KVM device node.
-        #[arg(long, default_value = vm::DEFAULT_KVM_DEVICE)]
+        #[arg(long, default_value = config::DEFAULT_KVM_DEVICE)]
         kvm_device: PathBuf,
         /// Workload arguments passed to the guest, e.g. `-- ops=1000`.
         #[arg(last = true)]
@@ -161,7 +165,7 @@ struct CompareArgs {
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// KVM device node.
-    #[arg(long, default_value = vm::DEFAULT_KVM_DEVICE)]
+    #[arg(long, default_value = config::DEFAULT_KVM_DEVICE)]
     kvm_device: PathBuf,
 }
 
@@ -344,7 +348,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 virtio_console,
                 timeout,
             };
-            let vm = Vm::new(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
+            let vm = builder::build(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
             if vm.offer() == Offer::Hidden(HiddenBecause::NoNote) && cfg.mode == Mode::Pv {
                 eprintln!(
                     "host-vmm: note: {} has no pvkit ABI note; booting it as an unmodified \
@@ -352,12 +356,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cfg.kernel.name
                 );
             }
+            // The marker window (`--stats`) is measured by the harness's observer.
+            let mut recorder = WindowRecorder::default();
             let report = {
                 let _signals = StopOnSignals::install(vm.stopper())?;
-                vm.run()?
+                vm.run_observed(&mut recorder)?
             };
             if stats {
-                print_stats(&report);
+                print_stats(&report, recorder.window().as_ref());
             }
             Ok(match report.stopped {
                 Some(reason) => {
@@ -403,9 +409,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn print_stats(report: &RunReport) {
+fn print_stats(report: &RunReport, window: Option<&Window>) {
     eprintln!("{}", report.stats.summary());
-    if let Some(w) = &report.window {
+    if let Some(w) = window {
         eprintln!(
             "measured window: {:.3} ms wall, {:.3} ms vCPU thread CPU\n{}",
             w.wall_ns as f64 / 1e6,

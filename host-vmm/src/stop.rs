@@ -10,8 +10,11 @@
 //!   between the loop's check and the ioctl is consumed before the guest runs and kicks
 //!   nothing, so the requester re-sends it every [`KICK_INTERVAL`] until the loop has ended;
 //! - parked in `idle_yield` or in `hlt` emulation on the VM's event queue: a signal does not
-//!   end that wait (the channel retries on `EINTR`), so the request also queues an event
-//!   through the queue's [`Waker`].
+//!   end that wait (the channel retries on `EINTR`), so the request also ends the wait
+//!   through the queue's [`Interrupter`] (the guest sees no event).
+//!
+//! The same kick brings the vCPU to an exit boundary for a pause
+//! ([`crate::vcpu::VcpuHandle::pause`]).
 //!
 //! The vCPU thread's pthread id is recorded only while the loop runs (under the same lock
 //! the requester holds while kicking), so a kick never reaches a thread that has left the
@@ -22,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::devices::event::Waker;
+use crate::devices::event::Interrupter;
 use crate::error::{Error, Result};
 
 /// How often a stop request re-sends the kick signal until the vCPU loop has ended.
@@ -105,6 +108,25 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// Where a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunPhase {
+    /// The vCPU loop has not started.
+    NotStarted,
+    /// The vCPU loop runs.
+    Running,
+    /// The vCPU loop has ended.
+    Done,
+}
+
+fn phase(v: Vcpu) -> RunPhase {
+    match v {
+        Vcpu::NotStarted => RunPhase::NotStarted,
+        Vcpu::Running(_) => RunPhase::Running,
+        Vcpu::Done => RunPhase::Done,
+    }
+}
+
 /// Where the vCPU thread is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Vcpu {
@@ -127,7 +149,7 @@ struct Inner {
     state: Mutex<State>,
     /// Signalled when `state.vcpu` changes.
     changed: Condvar,
-    waker: Waker,
+    interrupter: Interrupter,
 }
 
 /// Stops a VM's run from any thread. Clone it freely; all clones stop the same VM.
@@ -135,9 +157,9 @@ struct Inner {
 pub struct Stopper(Arc<Inner>);
 
 impl Stopper {
-    /// A stopper that wakes the VM's event queue through `waker`. Installs the kick signal's
-    /// handler (once per process).
-    pub(crate) fn new(waker: Waker) -> Result<Stopper> {
+    /// A stopper that ends the vCPU's waits on the VM's event queue through `interrupter`.
+    /// Installs the kick signal's handler (once per process).
+    pub(crate) fn new(interrupter: Interrupter) -> Result<Stopper> {
         install_kick_handler()?;
         Ok(Stopper(Arc::new(Inner {
             requested: AtomicBool::new(false),
@@ -146,7 +168,7 @@ impl Stopper {
                 vcpu: Vcpu::NotStarted,
             }),
             changed: Condvar::new(),
-            waker,
+            interrupter,
         })))
     }
 
@@ -177,7 +199,7 @@ impl Stopper {
     fn request(&self, mut state: MutexGuard<'_, State>, reason: StopReason) {
         state.reason.get_or_insert(reason);
         self.0.requested.store(true, Ordering::Release);
-        self.0.waker.wake();
+        self.0.interrupter.interrupt();
         let me = current_thread();
         while let Vcpu::Running(thread) = state.vcpu {
             if thread == me {
@@ -204,6 +226,32 @@ impl Stopper {
             };
         }
         self.request(state, reason);
+    }
+
+    /// Kicks the vCPU thread out of `KVM_RUN` and out of any wait on the event queue, without
+    /// asking it to stop; returns where the run is. The loop then comes round to its checks
+    /// at the next exit boundary.
+    pub(crate) fn kick(&self) -> RunPhase {
+        let state = self.lock();
+        self.0.interrupter.interrupt();
+        match state.vcpu {
+            Vcpu::NotStarted => RunPhase::NotStarted,
+            Vcpu::Running(thread) => {
+                if thread != current_thread() {
+                    kick(thread);
+                }
+                RunPhase::Running
+            }
+            Vcpu::Done => RunPhase::Done,
+        }
+    }
+
+    /// Waits up to `timeout` for the run's phase to change from `from`.
+    pub(crate) fn wait_phase_change(&self, from: RunPhase, timeout: Duration) {
+        let state = self.lock();
+        if phase(state.vcpu) == from {
+            drop(crate::sync::wait_timeout(&self.0.changed, state, timeout));
+        }
     }
 
     /// Records the calling thread as the vCPU thread until the guard drops (the end of the
@@ -307,7 +355,7 @@ mod tests {
     #[test]
     fn the_first_request_wins_and_a_stop_before_the_run_returns_at_once() {
         let q = EventQueue::default();
-        let s = Stopper::new(q.waker()).unwrap();
+        let s = Stopper::new(q.interrupter()).unwrap();
         assert_eq!(s.requested(), None);
         s.clone().stop(StopReason::Signal(libc::SIGTERM));
         s.stop(StopReason::Timeout(Duration::from_secs(1)));
@@ -317,7 +365,7 @@ mod tests {
     #[test]
     fn a_stop_wakes_a_thread_parked_on_the_event_queue() {
         let mut q = EventQueue::default();
-        let s = Stopper::new(q.waker()).unwrap();
+        let s = Stopper::new(q.interrupter()).unwrap();
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let vcpu = {
             let s = s.clone();
@@ -328,16 +376,19 @@ mod tests {
                 started_tx.send(()).unwrap();
                 let mut timed_out = false;
                 while s.requested().is_none() {
-                    timed_out |= q.wait(Some(Duration::from_secs(30))) == 0;
+                    let t0 = Instant::now();
+                    q.wait(Some(Duration::from_secs(30)));
+                    timed_out |= t0.elapsed() >= Duration::from_secs(30);
                 }
-                timed_out
+                (timed_out, q.delivered())
             })
         };
         started_rx.recv().unwrap();
         // Returns only once the "loop" has ended; no wait ran into its 30 s timeout (a kick
-        // signal alone does not end a wait on the queue: the wake does).
+        // signal alone does not end a wait on the queue: the interrupt does), and the guest
+        // was given no event.
         s.stop(StopReason::Timeout(Duration::from_millis(1)));
-        assert!(!vcpu.join().unwrap());
+        assert_eq!(vcpu.join().unwrap(), (false, 0));
     }
 
     #[test]
@@ -345,7 +396,7 @@ mod tests {
         // A thread blocked in a call that only a signal interrupts (as KVM_RUN is) ends when
         // the kick arrives: poll(2) with no fds, for a minute, returns EINTR.
         let q = EventQueue::default();
-        let s = Stopper::new(q.waker()).unwrap();
+        let s = Stopper::new(q.interrupter()).unwrap();
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let vcpu = {
             let s = s.clone();

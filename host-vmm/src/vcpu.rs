@@ -1,335 +1,356 @@
-//! The vCPU loop: run, decode the exit, dispatch to a device or hypercall handler, count it.
-//! No device or hypercall logic lives here.
+//! A vCPU: its KVM fd, its run area and sync registers, and a handle that pauses it from
+//! another thread.
+//!
+//! [`Vcpu`] knows nothing about devices or hypercalls: it enters the guest, hands back the
+//! exit, reads and writes registers and queues interrupts. The VM's run loop
+//! ([`crate::vm::Vm::run`]) owns it and decides what each exit means.
+//!
+//! # Pausing
+//!
+//! A [`VcpuHandle`] (cloneable, any thread) asks the vCPU to stop at its next exit boundary:
+//! [`VcpuHandle::pause`] raises a flag and kicks the thread out of `KVM_RUN` (and out of any
+//! idle wait) the way a stop request does ([`crate::stop`]); the run loop sees the flag between
+//! two exits, parks, and serves register reads and writes for the handle until
+//! [`VcpuHandle::resume`]. While parked the guest is exactly at an instruction boundary with
+//! every exit fully handled, which is where a debugger, a snapshot or a migration needs it.
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use hypercall_abi::idle::{EVENT_VECTOR, TIMER_VECTOR};
-use hypercall_abi::ports::{MARKER_BEGIN, MARKER_CHECKPOINT, MARKER_END};
-use hypercall_abi::{HYPERCALL_PORT, Regs, virtio};
-use kvm_ioctls::{SyncReg, VcpuExit};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
-use crate::devices::PioAction;
-use crate::devices::virtio::MmioDevice;
 use crate::error::{Error, Result};
-use crate::hypercall::{self, Context, Outcome};
-use crate::kernel_abi::{HiddenBecause, Offer};
-use crate::metrics::{ExitReason, Snapshot, Window};
-use crate::rusage::{thread_cpu_ns, thread_faults};
-use crate::stop::StopReason;
-use crate::vm::{POOL_SLOT, Vm};
-use crate::{mmu, trap};
+use crate::stop::{KICK_INTERVAL, RunPhase, Stopper};
+use crate::sync::{lock, wait_timeout};
 
-/// What one exit asks the loop to do next.
-enum Step {
-    Continue,
-    Hypercall,
-    Halt,
-    Exit(u32),
-    Marker(u32),
-    Fault(String),
+/// One vCPU.
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+    /// KVM copies the general registers into the run area on every exit (KVM_CAP_SYNC_REGS),
+    /// so a hypercall costs no `KVM_GET_REGS`/`KVM_SET_REGS`.
+    sync_regs: bool,
+    /// KVM has entered at least once, so the run area holds the registers (with sync
+    /// registers on). Before that, registers go through the ioctls.
+    entered: bool,
+    control: Arc<Control>,
 }
 
-/// How a run ended without a VMM error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum End {
-    /// The guest exited with this code.
-    Exit(u32),
-    /// A stop was requested (timeout, signal) and the loop stopped at an exit boundary.
-    Stopped(StopReason),
-}
-
-/// Runs until the guest exits or a stop is requested. Returns how it ended and the measured
-/// window.
-pub(crate) fn run_loop(vm: &mut Vm) -> Result<(End, Option<Window>)> {
-    let _slack = TimerSlack::precise();
-    // While this lives, a stop request kicks this thread out of KVM_RUN.
-    let stop = vm.stop.clone();
-    let _running = stop.running();
-    run_guest(vm)
-}
-
-/// The vCPU thread parks in timed waits (`idle_yield`, `hlt`); Linux's default 50 µs timer
-/// slack would add up to that much to every wake-up. Use 1 ns while the guest runs, and
-/// restore the thread's setting afterwards.
-struct TimerSlack(libc::c_ulong);
-
-impl TimerSlack {
-    fn precise() -> TimerSlack {
-        // SAFETY: PR_GET/SET_TIMERSLACK only read or set a number of the calling thread.
-        let old = unsafe { libc::prctl(libc::PR_GET_TIMERSLACK) };
-        // SAFETY: as above.
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-        TimerSlack(old.max(1) as libc::c_ulong)
-    }
-}
-
-impl Drop for TimerSlack {
-    fn drop(&mut self) {
-        // SAFETY: sets a number of the calling thread (the one that created this guard).
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, self.0) };
-    }
-}
-
-fn run_guest(vm: &mut Vm) -> Result<(End, Option<Window>)> {
-    let mut begin: Option<Snapshot> = None;
-    // Resident guest RAM and time at the begin marker and at each checkpoint.
-    let mut checkpoints: Vec<(u64, std::time::Instant)> = Vec::new();
-    let mut window = None;
-    loop {
-        // Before every entry: a stop requested while the guest ran kicked it out of KVM_RUN
-        // (EINTR) or woke its idle wait, and ends the run here.
-        if let Some(reason) = vm.stop.requested() {
-            return Ok((End::Stopped(reason), window));
-        }
-        let step = match step(vm)? {
-            Step::Hypercall => hypercall(vm)?,
-            Step::Halt => halt(vm)?,
-            other => other,
+impl Vcpu {
+    /// Wraps a created vCPU fd; enables sync registers if KVM has them.
+    pub fn new(fd: VcpuFd, sync_regs: bool) -> Vcpu {
+        let mut vcpu = Vcpu {
+            fd,
+            sync_regs,
+            entered: false,
+            control: Arc::default(),
         };
-        if vm.pool.resync(&vm.vm, POOL_SLOT)? {
-            vm.stats.record_event("shadow_resync");
+        if sync_regs {
+            vcpu.fd.set_sync_valid_reg(SyncReg::Register);
         }
-        match step {
-            Step::Continue | Step::Hypercall | Step::Halt => {}
-            Step::Exit(code) => return Ok((End::Exit(code), window)),
-            Step::Marker(MARKER_BEGIN) => {
-                checkpoints.clear();
-                let resident = vm.ram.resident_bytes();
-                let b = snapshot(vm);
-                checkpoints.push((resident, b.at));
-                begin = Some(b);
-            }
-            Step::Marker(MARKER_END) => {
-                if let Some(b) = begin.take() {
-                    let end = snapshot(vm);
-                    let mut w = Window::between(&b, &end);
-                    w.resident_bytes = checkpoints.iter().map(|c| c.0).collect();
-                    w.resident_bytes.push(vm.ram.resident_bytes());
-                    // Checkpoint times, skipping the begin marker's own entry.
-                    w.checkpoint_ns = checkpoints[1.min(checkpoints.len())..]
-                        .iter()
-                        .map(|c| c.1.duration_since(b.at).as_nanos() as u64)
-                        .collect();
-                    checkpoints.clear();
-                    window = Some(w);
-                }
-            }
-            Step::Marker(MARKER_CHECKPOINT) => {
-                let at = std::time::Instant::now();
-                checkpoints.push((vm.ram.resident_bytes(), at));
-            }
-            Step::Marker(_) => {}
-            Step::Fault(what) => {
-                let rip = vm.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                return Err(Error::GuestFault {
-                    what,
-                    rip,
-                    exits: vm.stats.total,
-                });
-            }
-        }
+        vcpu
     }
-}
 
-fn snapshot(vm: &Vm) -> Snapshot {
-    Snapshot {
-        at: std::time::Instant::now(),
-        cpu_ns: thread_cpu_ns(),
-        faults: thread_faults(),
-        prepare: vm.ram.prepare_stats(),
-        stats: vm.stats.clone(),
-        console_bytes: vm.console.total(),
+    /// The KVM fd, for configuration before the first run.
+    pub(crate) fn fd(&self) -> &VcpuFd {
+        &self.fd
     }
-}
 
-/// Enters the guest once and decodes why it came back.
-fn step(vm: &mut Vm) -> Result<Step> {
-    let exit = match vm.vcpu.run() {
-        Ok(exit) => exit,
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-            vm.stats.record(ExitReason::Intr);
-            return Ok(Step::Continue);
-        }
-        Err(source) => {
-            return Err(Error::Kvm {
+    /// Enters the guest until the next exit. `EINTR`/`EAGAIN` (a kick) come back as
+    /// `VcpuExit::Intr`.
+    pub fn run(&mut self) -> Result<VcpuExit<'_>> {
+        // KVM stores the sync registers on every return from KVM_RUN, interrupted or not.
+        self.entered = true;
+        match self.fd.run() {
+            Ok(exit) => Ok(exit),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(VcpuExit::Intr),
+            Err(source) => Err(Error::Kvm {
                 op: "run vCPU",
                 source,
-            });
+            }),
         }
-    };
-    let stats = &mut vm.stats;
-    Ok(match exit {
-        VcpuExit::IoOut(HYPERCALL_PORT, _) if matches!(vm.offer, Offer::Pv(_)) => {
-            stats.record(ExitReason::Hypercall);
-            Step::Hypercall
+    }
+
+    /// The general registers: from the run area after an exit when sync registers are on,
+    /// else with `KVM_GET_REGS`.
+    pub fn regs(&mut self) -> Result<kvm_regs> {
+        if self.sync_regs && self.entered {
+            Ok(self.fd.sync_regs().regs)
+        } else {
+            self.fd.get_regs().map_err(Error::kvm("get regs"))
         }
-        // pvkit is hidden: an unmodified guest has no hypercall port, so a kernel that writes
-        // it skipped detection. Counted, and reported as the guest's error.
-        VcpuExit::IoOut(HYPERCALL_PORT, _) => {
-            stats.record(ExitReason::Pio);
-            stats.record_event("hypercall_while_hidden");
-            Step::Fault(format!(
-                "wrote to the hypercall port {HYPERCALL_PORT:#x} while pvkit is hidden ({}): \
-                 detect pvkit with CPUID before making hypercalls",
-                match vm.offer {
-                    Offer::Hidden(HiddenBecause::NoNote) => {
-                        "the kernel has no pvkit ABI note, so it runs as an unmodified guest"
-                    }
-                    _ => "--mode trapped runs the kernel as an unmodified guest",
-                }
-            ))
+    }
+
+    /// Sets the general registers (loaded on the next entry).
+    pub fn set_regs(&mut self, regs: &kvm_regs) -> Result<()> {
+        if self.sync_regs && self.entered {
+            self.fd.sync_regs_mut().regs = *regs;
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            Ok(())
+        } else {
+            self.fd.set_regs(regs).map_err(Error::kvm("set regs"))
         }
-        VcpuExit::IoOut(port, data) => {
-            let action = vm.bus.write(port, data, stats);
-            let reason = if matches!(action, PioAction::Marker(_)) {
-                ExitReason::Marker
-            } else {
-                ExitReason::Pio
-            };
-            stats.record(reason);
-            match action {
-                PioAction::Continue => Step::Continue,
-                PioAction::Exit(code) => Step::Exit(code),
-                PioAction::Marker(v) => Step::Marker(v),
+    }
+
+    /// Sets only `rax` and `rdx` (a hypercall's return registers).
+    pub fn set_return(&mut self, rax: u64, rdx: u64) -> Result<()> {
+        if self.sync_regs && self.entered {
+            let regs = &mut self.fd.sync_regs_mut().regs;
+            regs.rax = rax;
+            regs.rdx = rdx;
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            Ok(())
+        } else {
+            let mut regs = self.fd.get_regs().map_err(Error::kvm("get regs"))?;
+            regs.rax = rax;
+            regs.rdx = rdx;
+            self.fd.set_regs(&regs).map_err(Error::kvm("set regs"))
+        }
+    }
+
+    /// The special registers.
+    pub fn sregs(&self) -> Result<kvm_sregs> {
+        self.fd.get_sregs().map_err(Error::kvm("get sregs"))
+    }
+
+    /// Sets the special registers.
+    pub fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<()> {
+        self.fd.set_sregs(sregs).map_err(Error::kvm("set sregs"))
+    }
+
+    /// The guest instruction pointer now (0 if KVM cannot say).
+    pub fn rip(&mut self) -> u64 {
+        self.regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    /// Whether the guest had interrupts enabled at the last exit (`RFLAGS.IF`).
+    pub fn interrupts_enabled(&mut self) -> bool {
+        self.fd.get_kvm_run().if_flag != 0
+    }
+
+    /// Queues external interrupt `vector` for the next entry.
+    pub fn inject_interrupt(&self, vector: u8) -> Result<()> {
+        inject_interrupt(&self.fd, vector)
+    }
+
+    /// A handle that pauses this vCPU from another thread. `stopper` is the VM's: it knows
+    /// the vCPU thread and kicks it.
+    pub fn handle(&self, stopper: Stopper) -> VcpuHandle {
+        VcpuHandle {
+            control: self.control.clone(),
+            stopper,
+        }
+    }
+
+    /// A cheap check, for waits inside an exit's handling, of whether a pause is requested.
+    pub fn pause_requested(&self) -> impl Fn() -> bool + use<> {
+        let control = self.control.clone();
+        move || control.pause.load(Ordering::Acquire)
+    }
+
+    /// The run loop's check between two exits: if a pause is requested, park here (serving
+    /// register requests) until it is resumed or `stopping` returns true.
+    pub fn pause_point(&mut self, stopping: impl Fn() -> bool) {
+        if !self.control.pause.load(Ordering::Acquire) {
+            return;
+        }
+        let control = self.control.clone();
+        let mut st = lock(&control.state);
+        st.parked = true;
+        control.changed.notify_all();
+        while control.pause.load(Ordering::Acquire) && !stopping() {
+            if let Some(req) = st.request.take() {
+                st.reply = Some(self.serve(req));
+                control.changed.notify_all();
+                continue;
             }
+            st = wait_timeout(&control.changed, st, KICK_INTERVAL);
         }
-        VcpuExit::IoIn(port, data) => {
-            stats.record(ExitReason::Pio);
-            vm.bus.read(port, data, stats);
-            Step::Continue
+        st.parked = false;
+        control.changed.notify_all();
+    }
+
+    fn serve(&mut self, req: Request) -> Reply {
+        match req {
+            Request::Regs => Reply::Regs(self.regs()),
+            Request::SetRegs(r) => Reply::Done(self.set_regs(&r)),
+            Request::Sregs => Reply::Sregs(self.sregs()),
+            Request::SetSregs(s) => Reply::Done(self.set_sregs(&s)),
         }
-        // Outside RAM and the pool nothing is mapped yet: reads float high, writes are dropped.
-        // Pool reads never exit (the slot is readable); pool writes are trapped page-table
-        // updates.
-        VcpuExit::MmioRead(gpa, data) => {
-            stats.record(ExitReason::Mmio);
-            match virtio_device(&vm.virtio, gpa) {
-                Some((dev, offset)) => {
-                    stats.record_device(dev.name());
-                    dev.read(offset, data);
-                }
-                None => data.fill(0xff),
-            }
-            Step::Continue
-        }
-        VcpuExit::MmioWrite(gpa, data) => {
-            stats.record(ExitReason::Mmio);
-            if mmu::frame_index(gpa).is_some() {
-                trap::mmu_emul::store(&mut vm.pool, gpa, data, stats);
-            } else if let Some((n, offset)) = virtio_slot(gpa)
-                && let Some(dev) = vm.virtio.get_mut(n)
-            {
-                stats.record_device(dev.name());
-                dev.write(offset, data);
-            }
-            Step::Continue
-        }
-        VcpuExit::Intr => {
-            stats.record(ExitReason::Intr);
-            Step::Continue
-        }
-        VcpuExit::Hlt => {
-            stats.record(ExitReason::Hlt);
-            Step::Halt
-        }
-        VcpuExit::Shutdown => {
-            stats.record(ExitReason::Other);
-            Step::Fault("triple fault (KVM_EXIT_SHUTDOWN)".into())
-        }
-        VcpuExit::FailEntry(reason, cpu) => {
-            stats.record(ExitReason::Other);
-            Step::Fault(format!(
-                "VM entry failed (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"
-            ))
-        }
-        VcpuExit::InternalError => {
-            stats.record(ExitReason::Other);
-            Step::Fault("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into())
-        }
-        other => {
-            stats.record(ExitReason::Other);
-            Step::Fault(format!("unhandled exit {other:?}"))
-        }
-    })
+    }
 }
 
-/// Reads the argument registers, dispatches, and writes `rax`/`rdx` back.
-fn hypercall(vm: &mut Vm) -> Result<Step> {
-    let mut regs = if vm.sync_regs {
-        vm.vcpu.sync_regs_mut().regs
-    } else {
-        vm.vcpu.get_regs().map_err(Error::kvm("get regs"))?
-    };
-    let call = Regs {
-        nr: regs.rax,
-        args: [regs.rdi, regs.rsi, regs.rcx, regs.r8],
-    };
-    let protected_end = vm
-        .kernel()
-        .end
-        .next_multiple_of(hypercall_abi::layout::PAGE_SIZE);
-    let mut ctx = Context {
-        ram: &vm.ram,
-        console: &vm.console,
-        clock: &vm.clock,
-        pool: &mut vm.pool,
-        events: &mut vm.bus.events,
-        protected_end,
-        features: vm.offer.features(),
-    };
-    let ret = match hypercall::dispatch(&mut ctx, &call, &mut vm.stats) {
-        Outcome::Exit(code) => return Ok(Step::Exit(code)),
-        Outcome::Return(ret) => ret,
-    };
-    regs.rax = ret.status;
-    regs.rdx = ret.value;
-    if vm.sync_regs {
-        let sync = &mut vm.vcpu.sync_regs_mut().regs;
-        sync.rax = ret.status;
-        sync.rdx = ret.value;
-        vm.vcpu.set_sync_dirty_reg(SyncReg::Register);
-    } else {
-        vm.vcpu.set_regs(&regs).map_err(Error::kvm("set regs"))?;
-    }
-    Ok(Step::Continue)
+/// Why a [`VcpuHandle`] request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The run has ended (or ends while waiting).
+    #[error("the vCPU is not running any more")]
+    Ended,
+    /// The vCPU did not reach an exit boundary in time.
+    #[error("the vCPU did not pause within {0:?}")]
+    Timeout(Duration),
+    /// Registers can only be read or written while paused.
+    #[error("the vCPU is not paused")]
+    NotPaused,
+    /// KVM refused the register access.
+    #[error(transparent)]
+    Vmm(#[from] Error),
 }
 
-/// `hlt`: wait for the next timer tick or event and raise its interrupt. A guest that halts
-/// with interrupts disabled, or with nothing that could ever wake it, is stuck for good.
-fn halt(vm: &mut Vm) -> Result<Step> {
-    if vm.vcpu.get_kvm_run().if_flag == 0 {
-        return Ok(Step::Fault(
-            "halted (KVM_EXIT_HLT) with interrupts disabled: nothing can wake it".into(),
-        ));
+#[derive(Debug)]
+enum Request {
+    Regs,
+    SetRegs(kvm_regs),
+    Sregs,
+    SetSregs(kvm_sregs),
+}
+
+#[derive(Debug)]
+enum Reply {
+    Regs(Result<kvm_regs>),
+    Sregs(Result<kvm_sregs>),
+    Done(Result<()>),
+}
+
+#[derive(Debug, Default)]
+struct ControlState {
+    /// The vCPU thread is parked at an exit boundary.
+    parked: bool,
+    request: Option<Request>,
+    reply: Option<Reply>,
+}
+
+#[derive(Debug, Default)]
+struct Control {
+    /// A pause is requested; the loop's cheap check.
+    pause: AtomicBool,
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+/// Pauses, inspects and resumes a [`Vcpu`] from another thread.
+#[derive(Debug, Clone)]
+pub struct VcpuHandle {
+    control: Arc<Control>,
+    stopper: Stopper,
+}
+
+impl VcpuHandle {
+    /// Stops the vCPU at its next exit boundary and returns once it is parked there
+    /// ([`VcpuHandle::request_pause`] then [`VcpuHandle::wait_paused`]). A vCPU waiting in
+    /// `idle_yield` or `hlt` is woken (the guest sees an early, eventless return, which the
+    /// ABI allows).
+    pub fn pause(&self, timeout: Duration) -> std::result::Result<(), ControlError> {
+        self.request_pause();
+        self.wait_paused(timeout)
     }
-    // An active virtio device may complete a request at any time.
-    let device_active = vm.virtio.iter().any(|d| d.is_active());
-    let bus = &mut vm.bus;
-    let tick = bus.timer.next_due();
-    let mut events = bus.events.drain();
-    if events == 0 {
-        if tick.is_none() && bus.event_device.outstanding() == 0 && !device_active {
-            return Ok(Step::Fault(
-                "halted (KVM_EXIT_HLT) with no timer running, no event outstanding and no \
-                 active device"
-                    .into(),
-            ));
-        }
-        let timeout = tick.map(|t| t.saturating_duration_since(Instant::now()));
-        events = bus.events.wait(timeout);
-        if vm.stop.requested().is_some() {
-            // Woken to stop: the loop ends before the next entry; inject nothing.
-            return Ok(Step::Continue);
+
+    /// Asks the vCPU to park at its next exit boundary and returns at once. Requested before
+    /// the run starts, the vCPU parks before its first entry (at the kernel's entry point),
+    /// which is where a debugger attaches.
+    pub fn request_pause(&self) {
+        self.control.pause.store(true, Ordering::Release);
+    }
+
+    /// Waits until the vCPU is parked (after [`VcpuHandle::request_pause`]), kicking it out of
+    /// the guest or out of an idle wait as often as needed. Waits for the run to start if it
+    /// has not.
+    pub fn wait_paused(&self, timeout: Duration) -> std::result::Result<(), ControlError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if lock(&self.control.state).parked {
+                return Ok(());
+            }
+            if !self.control.pause.load(Ordering::Acquire) {
+                // Resumed by another handle before it parked.
+                return Err(ControlError::NotPaused);
+            }
+            let phase = self.stopper.kick();
+            if phase == RunPhase::Done {
+                return Err(ControlError::Ended);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ControlError::Timeout(timeout));
+            }
+            let wait = KICK_INTERVAL.min(deadline - now);
+            if phase == RunPhase::NotStarted {
+                // Nothing to kick yet: it parks at its first check.
+                self.stopper.wait_phase_change(RunPhase::NotStarted, wait);
+            }
+            let st = lock(&self.control.state);
+            if !st.parked {
+                drop(wait_timeout(&self.control.changed, st, wait));
+            }
         }
     }
-    let vector = if events > 0 {
-        EVENT_VECTOR
-    } else {
-        bus.timer.ack(Instant::now());
-        TIMER_VECTOR
-    };
-    inject_interrupt(&vm.vcpu, vector)?;
-    Ok(Step::Continue)
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        self.control.pause.store(false, Ordering::Release);
+        let _st = lock(&self.control.state);
+        self.control.changed.notify_all();
+    }
+
+    /// Whether the vCPU is parked at an exit boundary now.
+    pub fn is_paused(&self) -> bool {
+        lock(&self.control.state).parked
+    }
+
+    /// The general registers of the paused vCPU.
+    pub fn regs(&self) -> std::result::Result<kvm_regs, ControlError> {
+        match self.call(Request::Regs)? {
+            Reply::Regs(r) => Ok(r?),
+            _ => unreachable!("a Regs request gets a Regs reply"),
+        }
+    }
+
+    /// Sets the general registers of the paused vCPU.
+    pub fn set_regs(&self, regs: &kvm_regs) -> std::result::Result<(), ControlError> {
+        match self.call(Request::SetRegs(*regs))? {
+            Reply::Done(r) => Ok(r?),
+            _ => unreachable!("a SetRegs request gets a Done reply"),
+        }
+    }
+
+    /// The special registers of the paused vCPU.
+    pub fn sregs(&self) -> std::result::Result<kvm_sregs, ControlError> {
+        match self.call(Request::Sregs)? {
+            Reply::Sregs(r) => Ok(r?),
+            _ => unreachable!("a Sregs request gets a Sregs reply"),
+        }
+    }
+
+    /// Sets the special registers of the paused vCPU.
+    pub fn set_sregs(&self, sregs: &kvm_sregs) -> std::result::Result<(), ControlError> {
+        match self.call(Request::SetSregs(*sregs))? {
+            Reply::Done(r) => Ok(r?),
+            _ => unreachable!("a SetSregs request gets a Done reply"),
+        }
+    }
+
+    fn call(&self, req: Request) -> std::result::Result<Reply, ControlError> {
+        let mut st = lock(&self.control.state);
+        if !st.parked {
+            return Err(ControlError::NotPaused);
+        }
+        st.reply = None;
+        st.request = Some(req);
+        self.control.changed.notify_all();
+        loop {
+            if let Some(reply) = st.reply.take() {
+                return Ok(reply);
+            }
+            if !st.parked {
+                // Stopped (or resumed by another handle) before serving it.
+                st.request = None;
+                return Err(ControlError::Ended);
+            }
+            st = wait_timeout(&self.control.changed, st, KICK_INTERVAL);
+        }
+    }
 }
 
 vmm_sys_util::ioctl_iow_nr!(
@@ -340,7 +361,7 @@ vmm_sys_util::ioctl_iow_nr!(
 );
 
 /// Queues external interrupt `vector` (KVM_INTERRUPT; kvm-ioctls has no wrapper for it).
-fn inject_interrupt(vcpu: &kvm_ioctls::VcpuFd, vector: u8) -> Result<()> {
+fn inject_interrupt(vcpu: &VcpuFd, vector: u8) -> Result<()> {
     let irq = kvm_bindings::kvm_interrupt {
         irq: u32::from(vector),
     };
@@ -354,36 +375,4 @@ fn inject_interrupt(vcpu: &kvm_ioctls::VcpuFd, vector: u8) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// The virtio device window `gpa` falls in, and its offset there, if it is inside the device
-/// windows at all.
-fn virtio_slot(gpa: u64) -> Option<(usize, u64)> {
-    let rel = gpa.checked_sub(virtio::window(0))?;
-    let n = rel / virtio::VIRTIO_MMIO_SLOT;
-    (n < virtio::VIRTIO_MMIO_MAX_DEVICES).then_some((n as usize, rel % virtio::VIRTIO_MMIO_SLOT))
-}
-
-/// The device whose window holds `gpa`, and the offset in it.
-fn virtio_device(devices: &[MmioDevice], gpa: u64) -> Option<(&MmioDevice, u64)> {
-    let (n, offset) = virtio_slot(gpa)?;
-    Some((devices.get(n)?, offset))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn virtio_slots_cover_the_device_windows_only() {
-        assert_eq!(virtio_slot(virtio::window(0)), Some((0, 0)));
-        assert_eq!(virtio_slot(virtio::window(0) + 0x70), Some((0, 0x70)));
-        assert_eq!(virtio_slot(virtio::window(1) + 0xfff), Some((1, 0xfff)));
-        assert_eq!(virtio_slot(virtio::window(15)), Some((15, 0)));
-        assert_eq!(virtio_slot(virtio::window(16)), None);
-        assert_eq!(virtio_slot(virtio::window(0) - 1), None);
-        assert_eq!(virtio_slot(0), None);
-        assert_eq!(virtio_slot(u64::MAX), None);
-        assert!(virtio_device(&[], virtio::window(0)).is_none());
-    }
 }

@@ -23,7 +23,7 @@ pub const GDT_GPA: u64 = 0x1000;
 pub const BOOT_INFO_GPA: u64 = 0x2000;
 /// Guest-physical base of the page-table pool (see [`crate::mmu`]).
 pub const PT_POOL_GPA: u64 = 0xBFC0_0000;
-/// Size of the page-table pool (1024 frames).
+/// Size of the page-table pool (1024 frames, [`crate::mmu::POOL_FRAMES`]).
 pub const PT_POOL_SIZE: u64 = 4 << 20;
 /// Pool frames holding the VMM's boot tables (PML4, PDPT, 4 PDs), typed and pinned at boot.
 pub const PT_POOL_BOOT_FRAMES: u64 = 2 + IDENTITY_MAP_PDS;

@@ -9,9 +9,10 @@
 //!
 //! # Transport in one paragraph
 //! A hypercall is a 32-bit port write `out dx, eax` with `dx` = [`HYPERCALL_PORT`] and
-//! `eax`/`rax` = the [`Call`] number. Up to four arguments travel in `rdi`, `rsi`, `rcx`, `r8`.
-//! When the instruction retires, `rax` holds the status (`0` = success, otherwise an
-//! [`Error`] code) and `rdx` holds the result value. All other registers are preserved.
+//! `eax`/`rax` = the [`Call`] number. Up to four arguments travel in `rdi`, `rsi`, `rcx`, `r8`
+//! (each call's layout: [`request::Request`]). When the instruction retires, `rax` holds the
+//! status (`0` = success, otherwise an [`Error`] code) and `rdx` holds the result value (0 on
+//! error, except `mmu_update`'s count of applied entries). All other registers are preserved.
 //! Payloads larger than a register are passed as the guest-physical address (and length) of a
 //! `#[repr(C)]` struct or buffer.
 #![cfg_attr(not(feature = "std"), no_std)]
@@ -22,6 +23,7 @@ pub mod layout;
 pub mod mmu;
 pub mod note;
 pub mod ports;
+pub mod request;
 pub mod virtio;
 pub mod zero;
 
@@ -224,9 +226,11 @@ pub enum Call {
     ZeroHints = 17,
     /// Applies a batch of page-table updates: `a0` = GPA of an array of
     /// [`mmu::MmuUpdate`], `a1` = entry count (≤ [`mmu::MMU_UPDATE_MAX`]), `a2` = flags
-    /// ([`mmu::UPDATE_DEFER_SYNC`], since v1.4). Returns the number
-    /// applied; on failure the status is the first entry's error and later entries are not
-    /// applied. See [`mmu`].
+    /// ([`mmu::UPDATE_DEFER_SYNC`], since v1.4). Returns the number applied. A call refused as a
+    /// whole (flags, count, batch address) changes nothing; otherwise entries apply in order
+    /// and the first refused one stops the batch: the status is its error, `rdx` the number
+    /// applied before it (they stay applied), and it and later entries are not applied. See
+    /// [`mmu`] and docs/ABI.md §9.
     MmuUpdate = 18,
     /// Pins (`a0` = [`mmu::PIN_L4`]) or unpins (`a0` = [`mmu::UNPIN`]) the page-table root at
     /// `a1`, so it is validated once rather than on every switch. See [`mmu`].
@@ -351,7 +355,8 @@ pub struct Regs {
 pub struct Return {
     /// `rax`: 0 or an [`Error`] code.
     pub status: u64,
-    /// `rdx`: the call's result (0 on error).
+    /// `rdx`: the call's result; 0 on error, except for [`Call::MmuUpdate`], where it is the
+    /// number of entries applied before the refused one.
     pub value: u64,
 }
 

@@ -51,6 +51,8 @@
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+use crate::layout::{PAGE_SIZE, PT_POOL_GPA, PT_POOL_SIZE};
+
 /// Present.
 pub const PTE_PRESENT: u64 = 1 << 0;
 /// Writable.
@@ -85,8 +87,8 @@ pub const MMU_UPDATE_MAX: u64 = 1024;
 /// tables. Changing or removing a present entry requires the hypervisor to refresh what it
 /// derived from the tables (on our KVM: a resync of its shadow page tables, ~0.2 ms); by
 /// default every call that changed a present entry does it. With this flag the host postpones
-/// it to the next `mmu_update` without the flag (an empty one will do), `mmu_pin`, or trapped
-/// store. Until then the guest must not rely on the changed mappings, not even after its own
+/// it to the next accepted `mmu_update` without the flag (an empty one will do), accepted
+/// `mmu_pin`, or trapped store; a call refused as a whole neither starts nor ends a deferral. Until then the guest must not rely on the changed mappings, not even after its own
 /// `invlpg`. `guest_pv::mmu::Batch` sets it when it flushes because it is full, and clears it
 /// on explicit flushes (which precede TLB invalidations). Other `a2` bits must be zero.
 pub const UPDATE_DEFER_SYNC: u64 = 1 << 0;
@@ -95,6 +97,33 @@ pub const UPDATE_DEFER_SYNC: u64 = 1 << 0;
 pub const PIN_L4: u64 = 1;
 /// `mmu_pin` `a0`: drop a pin taken with [`PIN_L4`].
 pub const UNPIN: u64 = 2;
+
+/// Frames in the page-table pool ([`PT_POOL_SIZE`] / [`PAGE_SIZE`] = 1024). Pool frame *i*
+/// is the page at [`pool_frame_gpa`]`(i)`.
+pub const POOL_FRAMES: usize = (PT_POOL_SIZE / PAGE_SIZE) as usize;
+
+/// True if `gpa` lies inside the page-table pool.
+#[inline]
+pub const fn in_pool(gpa: u64) -> bool {
+    gpa >= PT_POOL_GPA && gpa - PT_POOL_GPA < PT_POOL_SIZE
+}
+
+/// Index (`0..POOL_FRAMES`) of the pool frame holding `gpa`; `None` if `gpa` is outside the
+/// pool.
+#[inline]
+pub const fn pool_frame_index(gpa: u64) -> Option<usize> {
+    if in_pool(gpa) {
+        Some(((gpa - PT_POOL_GPA) / PAGE_SIZE) as usize)
+    } else {
+        None
+    }
+}
+
+/// Guest-physical address of pool frame `index` (meaningful for `index < POOL_FRAMES`).
+#[inline]
+pub const fn pool_frame_gpa(index: usize) -> u64 {
+    PT_POOL_GPA + index as u64 * PAGE_SIZE
+}
 
 /// One queued update: write `value` to the page-table entry at guest-physical `pte_gpa`.
 #[derive(
@@ -137,5 +166,24 @@ mod tests {
         assert_eq!(entry_span(2), HUGE_PAGE_SIZE);
         assert_eq!(PTE_ADDR_MASK & PTE_RESERVED_MASK, 0);
         assert_eq!(MMU_UPDATE_MAX * 16, 16 * 1024);
+    }
+
+    #[test]
+    fn pool_frames_and_indices() {
+        assert_eq!(POOL_FRAMES, 1024);
+        assert_eq!(pool_frame_index(PT_POOL_GPA), Some(0));
+        assert_eq!(pool_frame_index(PT_POOL_GPA + 0x1fff), Some(1));
+        assert_eq!(
+            pool_frame_index(PT_POOL_GPA + PT_POOL_SIZE - 1),
+            Some(POOL_FRAMES - 1)
+        );
+        assert_eq!(pool_frame_index(PT_POOL_GPA + PT_POOL_SIZE), None);
+        assert_eq!(pool_frame_index(PT_POOL_GPA - 1), None);
+        assert_eq!(pool_frame_index(0), None);
+        assert_eq!(pool_frame_index(u64::MAX), None);
+        for i in [0, 1, 517, POOL_FRAMES - 1] {
+            assert_eq!(pool_frame_index(pool_frame_gpa(i)), Some(i));
+            assert!(in_pool(pool_frame_gpa(i)));
+        }
     }
 }

@@ -4,9 +4,9 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use host_vmm::compare::GuestResult;
+use host_vmm::compare::{Measured, measure};
+use host_vmm::config::{KernelImage, VmConfig};
 use host_vmm::console::ConsoleSink;
-use host_vmm::vm::{self, KernelImage, RunReport, VmConfig};
 pub use hypercall_abi::boot::Mode;
 
 /// A guest that runs longer than this is considered hung.
@@ -27,12 +27,12 @@ pub fn require_kvm() {
 }
 
 /// Runs `cfg` on a worker thread with a timeout; returns the VMM's result.
-pub fn run_cfg(cfg: VmConfig) -> host_vmm::Result<RunReport> {
+pub fn run_cfg(cfg: VmConfig) -> host_vmm::Result<Measured> {
     require_kvm();
     let (tx, rx) = mpsc::channel();
     let name = format!("{}/{}", cfg.workload, cfg.mode.name());
     std::thread::spawn(move || {
-        let _ = tx.send(vm::run(&cfg, ConsoleSink::new(None)));
+        let _ = tx.send(measure(&cfg, ConsoleSink::new(None)));
     });
     rx.recv_timeout(GUEST_TIMEOUT)
         .unwrap_or_else(|_| panic!("guest {name} did not exit within {GUEST_TIMEOUT:?}"))
@@ -40,7 +40,7 @@ pub fn run_cfg(cfg: VmConfig) -> host_vmm::Result<RunReport> {
 
 /// Boots the embedded demo kernel with `workload` and `args` in `mode`; the run must succeed
 /// at the VMM level (the guest may still exit non-zero).
-pub fn boot(mode: Mode, workload: &str, args: &[&str]) -> RunReport {
+pub fn boot(mode: Mode, workload: &str, args: &[&str]) -> Measured {
     let mut cfg = VmConfig::new(mode, workload);
     cfg.args = args.iter().map(|s| s.to_string()).collect();
     run_cfg(cfg).unwrap_or_else(|e| panic!("VMM failed running {workload} ({}): {e}", mode.name()))
@@ -53,10 +53,10 @@ pub fn boot_with_disk(
     args: &[&str],
     disk: &std::path::Path,
     readonly: bool,
-) -> RunReport {
+) -> Measured {
     let mut cfg = VmConfig::new(mode, workload);
     cfg.args = args.iter().map(|s| s.to_string()).collect();
-    cfg.disk = Some(host_vmm::vm::DiskConfig {
+    cfg.disk = Some(host_vmm::config::DiskConfig {
         path: disk.into(),
         readonly,
     });
@@ -64,7 +64,7 @@ pub fn boot_with_disk(
 }
 
 /// Boots an arbitrary kernel image in `mode`.
-pub fn boot_image(mode: Mode, bytes: Vec<u8>) -> host_vmm::Result<RunReport> {
+pub fn boot_image(mode: Mode, bytes: Vec<u8>) -> host_vmm::Result<Measured> {
     let mut cfg = VmConfig::new(mode, "hello");
     cfg.kernel = KernelImage {
         name: "test kernel".into(),
@@ -73,13 +73,8 @@ pub fn boot_image(mode: Mode, bytes: Vec<u8>) -> host_vmm::Result<RunReport> {
     run_cfg(cfg)
 }
 
-/// The guest's `PVKIT-RESULT` line, if it printed one.
-pub fn guest_result(r: &RunReport) -> Option<GuestResult> {
-    GuestResult::parse(&r.console)
-}
-
 /// The console output as text.
-pub fn text(r: &RunReport) -> String {
+pub fn text(r: &Measured) -> String {
     String::from_utf8_lossy(&r.console).into_owned()
 }
 

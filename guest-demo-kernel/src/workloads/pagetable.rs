@@ -37,7 +37,7 @@
 use core::fmt;
 
 use crate::args::Args;
-use guest_pv::mmu::{AddressSpace, Batch, MmuError, PtPool, Updater};
+use guest_pv::mmu::{AddressSpace, Batch, MmuError, PtFrameAllocator, Updater};
 use guest_pv::{Fnv1a, Pvkit, cpu};
 use hypercall_abi::features;
 use hypercall_abi::layout::{PAGE_SIZE, PML4_GPA};
@@ -78,7 +78,7 @@ enum Root {
 
 /// Everything the timed section needs, prepared at CPL 0.
 struct Job<'a> {
-    pool: &'a PtPool,
+    pool: &'a PtFrameAllocator,
     updater: Updater<'a>,
     root: Root,
     pages: Pages,
@@ -135,7 +135,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
             ),
         ),
     };
-    let pool = PtPool::from_boot_info(env.boot_info);
+    let pool = PtFrameAllocator::from_boot_info(env.boot_info);
     let tables = tables_needed(pages) + u64::from(root == Root::New);
     if tables > pool.free_frames() as u64 {
         usage(

@@ -3,11 +3,12 @@
 
 use core::fmt;
 
-use hypercall_abi::mmu::{MMU_UPDATE_MAX, MmuUpdate, PTE_ACCESSED, PTE_DIRTY, UPDATE_DEFER_SYNC};
+use hypercall_abi::mmu::{MMU_UPDATE_MAX, MmuUpdate, PTE_ACCESSED, PTE_DIRTY};
+use hypercall_abi::request::{PinOp, Request};
 use hypercall_abi::{Call, Return};
 
 use super::MmuError;
-use crate::hypercall::raw_hypercall;
+use crate::hypercall::raw_request;
 use crate::{HypercallError, Pvkit};
 
 impl Pvkit {
@@ -30,19 +31,19 @@ impl Pvkit {
             return Ok(0);
         }
         // SAFETY: the caller's contract is this function's.
-        unsafe { self.mmu_update_flags(updates, 0) }
+        unsafe { self.mmu_update_with(updates, false) }
     }
 
-    /// [`Pvkit::mmu_update`] with flags (`a2`, e.g. [`hypercall_abi::mmu::UPDATE_DEFER_SYNC`]).
-    /// An empty slice still makes the call: without the defer flag it lets the host apply a
-    /// postponed resync.
+    /// [`Pvkit::mmu_update`] with the flag [`hypercall_abi::mmu::UPDATE_DEFER_SYNC`] set if
+    /// `defer_sync`. An empty slice still makes the call: without the flag it lets the host
+    /// apply a postponed resync.
     ///
     /// # Safety
     /// As for [`Pvkit::mmu_update`].
-    pub unsafe fn mmu_update_flags(
+    pub unsafe fn mmu_update_with(
         &self,
         updates: &[MmuUpdate],
-        flags: u64,
+        defer_sync: bool,
     ) -> Result<u64, MmuError> {
         let gpa = updates.as_ptr().expose_provenance() as u64;
         let count = updates.len() as u64;
@@ -51,23 +52,28 @@ impl Pvkit {
         // page-table pool frames, which this crate reads with volatile raw-pointer reads only
         // (no Rust reference to pool memory exists); that the new entries break nothing in use
         // is the caller's contract. Not `nomem`, so the entries are stored before the call.
-        let ret =
-            unsafe { raw_hypercall(u64::from(Call::MmuUpdate.raw()), [gpa, count, flags, 0]) };
+        let ret = unsafe {
+            raw_request(Request::MmuUpdate {
+                batch_gpa: gpa,
+                count,
+                defer_sync,
+            })
+        };
         decode_update(ret, count)
     }
 
-    /// Pins (`op` = [`hypercall_abi::mmu::PIN_L4`]) the zero or L4 frame `frame` as a
-    /// page-table root, or unpins it (`op` = [`hypercall_abi::mmu::UNPIN`]); the host releases
+    /// Pins ([`PinOp::PinL4`]) the zero or L4 frame `frame` as a page-table root, or unpins it
+    /// ([`PinOp::Unpin`]); the host releases
     /// (and zeroes) a root, and every table only it references, when its last pin goes.
     ///
     /// # Safety
     /// Unpinning must not release a root that is loaded in CR3 or will be without being pinned
     /// again.
-    pub unsafe fn mmu_pin(&self, op: u64, frame: u64) -> Result<u64, HypercallError> {
+    pub unsafe fn mmu_pin(&self, op: PinOp, frame: u64) -> Result<u64, HypercallError> {
         // SAFETY: `self` proves a pvkit host. `mmu_pin` reads no guest memory and writes only
         // pool frames (a release zeroes them), read here with volatile raw-pointer reads only;
         // that no loaded root is released is the caller's contract.
-        let ret = unsafe { raw_hypercall(u64::from(Call::MmuPin.raw()), [op, frame, 0, 0]) };
+        let ret = unsafe { raw_request(Request::MmuPin { op, frame }) };
         HypercallError::check(Call::MmuPin, ret)
     }
 }
@@ -168,7 +174,7 @@ impl<'b> Batch<'b> {
         if self.len >= self.capacity {
             // Nothing relies on these entries yet (the caller flushes explicitly before it
             // invalidates): let the host postpone its resync to that flush.
-            self.flush_with(UPDATE_DEFER_SYNC)?;
+            self.flush_with(true)?;
         }
         let Some(slot) = self.buf.get_mut(self.len) else {
             // Unreachable by the invariant (`len < capacity <= buf.len()` after the flush).
@@ -205,21 +211,20 @@ impl<'b> Batch<'b> {
     /// postponed ([`hypercall_abi::mmu::UPDATE_DEFER_SYNC`]); after `flush` the changed
     /// mappings are in effect for the host, and a TLB invalidation makes them so for the CPU.
     pub fn flush(&mut self) -> Result<u64, MmuError> {
-        self.flush_with(0)
+        self.flush_with(false)
     }
 
-    fn flush_with(&mut self, flags: u64) -> Result<u64, MmuError> {
+    fn flush_with(&mut self, defer: bool) -> Result<u64, MmuError> {
         let n = self.len;
         self.len = 0;
         self.filter = [0; FILTER_BITS / 64];
-        let defer = flags & UPDATE_DEFER_SYNC != 0;
         if n == 0 && (defer || !self.deferred) {
             return Ok(0);
         }
         self.deferred = defer;
         // SAFETY: `buf` is identity-mapped (`new`'s contract) and `n <= capacity <=
         // MMU_UPDATE_MAX`; every queued update was vetted by `push`'s caller.
-        unsafe { self.pv.mmu_update_flags(&self.buf[..n], flags) }
+        unsafe { self.pv.mmu_update_with(&self.buf[..n], defer) }
     }
 }
 

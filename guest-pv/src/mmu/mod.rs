@@ -2,7 +2,7 @@
 //! hypercalls) or trapped mode (plain stores the host traps), following
 //! [`hypercall_abi::mmu`] exactly.
 //!
-//! - [`PtPool`]: the free frames of the pool, from the boot memory map.
+//! - [`PtFrameAllocator`]: the free frames of the pool, from the boot memory map.
 //! - [`Updater`]: how an entry is written — [`Updater::Pv`] queues it in a [`Batch`] (flushed
 //!   with one `mmu_update` per batch), [`Updater::Trapped`] stores it (one exit per entry). It is
 //!   the only step that differs between the modes.
@@ -16,7 +16,7 @@
 //! # How the manager works
 //! Tables are read through the boot identity map (pool GPA = VA) with volatile reads; an entry
 //! with an update still queued in the batch reads as that update's value, so the manager always
-//! sees its own writes. Missing intermediate tables are taken from the [`PtPool`] (zero, as the
+//! sees its own writes. Missing intermediate tables are taken from the [`PtFrameAllocator`] (zero, as the
 //! host guarantees) and linked top-down — link first, then fill, as the host's typing rules
 //! require — with Present | Writable | User | Accessed. Leaves get Present | User | Accessed |
 //! Dirty plus the requested [`LEAF_FLAGS_ALLOWED`] bits; bits 52..=63 are never set. The
@@ -31,12 +31,12 @@
 //!
 //! # Example
 //! ```no_run
-//! use guest_pv::mmu::{AddressSpace, Batch, PtPool, Updater};
+//! use guest_pv::mmu::{AddressSpace, Batch, PtFrameAllocator, Updater};
 //! use hypercall_abi::boot::BootInfo;
 //! use hypercall_abi::mmu::{MMU_UPDATE_MAX, MmuUpdate, PTE_WRITABLE};
 //!
 //! # fn demo(info: &BootInfo, pv: guest_pv::Pvkit, buf: &'static mut [MmuUpdate]) {
-//! let pool = PtPool::from_boot_info(info);
+//! let pool = PtFrameAllocator::from_boot_info(info);
 //! // SAFETY: `buf` is a kernel static, identity-mapped by pvkit's boot tables.
 //! let batch = unsafe { Batch::new(pv, buf, 512) }.unwrap();
 //! let mut space = AddressSpace::boot(&pool, Updater::Pv(batch));
@@ -56,11 +56,12 @@ use core::fmt;
 
 pub use batch::{Batch, Updater};
 use hypercall_abi::layout::PAGE_SIZE;
+pub use hypercall_abi::mmu::POOL_FRAMES;
 use hypercall_abi::mmu::{
     Level, PTE_ACCESSED, PTE_ADDR_MASK, PTE_DIRTY, PTE_GLOBAL, PTE_PCD, PTE_PRESENT, PTE_PWT,
     PTE_USER, PTE_WRITABLE, table_index,
 };
-pub use pool::{POOL_FRAMES, PtPool};
+pub use pool::PtFrameAllocator;
 pub use space::AddressSpace;
 
 use crate::HypercallError;

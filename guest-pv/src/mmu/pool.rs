@@ -1,21 +1,21 @@
-//! [`PtPool`]: which page-table pool frames are free for new tables.
+//! [`PtFrameAllocator`]: which page-table pool frames are free for new tables. (The host's
+//! counterpart, which holds the pool and validates every entry, is a different thing: this is
+//! only the guest's record of the frames it has not used.)
 
 use core::cell::Cell;
 
 use hypercall_abi::boot::{BootInfo, MemRegion, region_kind};
 use hypercall_abi::layout::{PAGE_SIZE, PT_POOL_GPA, PT_POOL_SIZE};
+use hypercall_abi::mmu::{POOL_FRAMES, in_pool, pool_frame_gpa, pool_frame_index};
 
 use super::MmuError;
-
-/// Frames in the page-table pool.
-pub const POOL_FRAMES: usize = (PT_POOL_SIZE / PAGE_SIZE) as usize;
 
 /// Words of the free bitmap.
 const WORDS: usize = POOL_FRAMES.div_ceil(64);
 
 /// A bitmap of the free frames of the page-table pool ([`PT_POOL_GPA`], [`PT_POOL_SIZE`]).
 ///
-/// Built from the boot memory map ([`PtPool::from_boot_info`]): frames of kind
+/// Built from the boot memory map ([`PtFrameAllocator::from_boot_info`]): frames of kind
 /// [`region_kind::PT_POOL`] are free, everything else (the VMM's boot tables,
 /// [`region_kind::PT_POOL_BOOT`]) is not. The host guarantees that a free frame is zero (it
 /// scrubs every frame it releases), which is what lets a new table be linked without writing it
@@ -23,31 +23,31 @@ const WORDS: usize = POOL_FRAMES.div_ceil(64);
 ///
 /// Allocation takes the lowest free frame, so the same sequence of operations yields the same
 /// frames in every run. The bitmap is 128 bytes of [`Cell`]s, so several
-/// [`super::AddressSpace`]s can share one `&PtPool`; it is not `Sync` (pvkit guests run on one
+/// [`super::AddressSpace`]s can share one `&PtFrameAllocator`; it is not `Sync` (pvkit guests run on one
 /// CPU: keep it on the kernel's stack, or wrap it).
 #[derive(Debug)]
-pub struct PtPool {
+pub struct PtFrameAllocator {
     /// Bit `i` set: frame `PT_POOL_GPA + i * PAGE_SIZE` is free.
     free: [Cell<u64>; WORDS],
 }
 
-impl PtPool {
+impl PtFrameAllocator {
     /// A pool with no free frame (every allocation fails with [`MmuError::PoolExhausted`]).
-    pub const fn empty() -> PtPool {
-        PtPool {
+    pub const fn empty() -> PtFrameAllocator {
+        PtFrameAllocator {
             free: [const { Cell::new(0) }; WORDS],
         }
     }
 
     /// The free frames the boot memory map lists (kind [`region_kind::PT_POOL`]).
-    pub fn from_boot_info(info: &BootInfo) -> PtPool {
-        PtPool::from_regions(info.regions())
+    pub fn from_boot_info(info: &BootInfo) -> PtFrameAllocator {
+        PtFrameAllocator::from_regions(info.regions())
     }
 
     /// The free frames of the [`region_kind::PT_POOL`] regions in `regions` (only their whole
     /// frames inside the pool range count).
-    pub fn from_regions(regions: &[MemRegion]) -> PtPool {
-        let pool = PtPool::empty();
+    pub fn from_regions(regions: &[MemRegion]) -> PtFrameAllocator {
+        let pool = PtFrameAllocator::empty();
         for r in regions.iter().filter(|r| r.kind == region_kind::PT_POOL) {
             let start = r.start.max(PT_POOL_GPA).next_multiple_of(PAGE_SIZE);
             let end = r
@@ -65,7 +65,7 @@ impl PtPool {
 
     /// True if `gpa` lies in the page-table pool (free or not).
     pub const fn contains(gpa: u64) -> bool {
-        gpa >= PT_POOL_GPA && gpa - PT_POOL_GPA < PT_POOL_SIZE
+        in_pool(gpa)
     }
 
     /// Takes the lowest free frame; its guest-physical address, or `None` if none is left.
@@ -78,13 +78,13 @@ impl PtPool {
             .find(|&(_, bits)| bits != 0)?;
         let index = word * 64 + bits.trailing_zeros() as usize;
         self.set(index, false);
-        Some(PT_POOL_GPA + index as u64 * PAGE_SIZE)
+        Some(pool_frame_gpa(index))
     }
 
     /// Returns `frame` to the pool. The caller must know the host has released it (it is zero
     /// and untyped again), or never linked it.
     pub fn free(&self, frame: u64) -> Result<(), MmuError> {
-        if !PtPool::contains(frame) || !frame.is_multiple_of(PAGE_SIZE) {
+        if !PtFrameAllocator::contains(frame) || !frame.is_multiple_of(PAGE_SIZE) {
             return Err(MmuError::NotInPool { gpa: frame });
         }
         let index = frame_index(frame);
@@ -97,7 +97,9 @@ impl PtPool {
 
     /// True if `frame` is a free pool frame.
     pub fn is_free(&self, frame: u64) -> bool {
-        PtPool::contains(frame) && frame.is_multiple_of(PAGE_SIZE) && self.get(frame_index(frame))
+        PtFrameAllocator::contains(frame)
+            && frame.is_multiple_of(PAGE_SIZE)
+            && self.get(frame_index(frame))
     }
 
     /// The number of free frames.
@@ -122,15 +124,16 @@ impl PtPool {
     }
 }
 
-impl Default for PtPool {
-    fn default() -> PtPool {
-        PtPool::empty()
+impl Default for PtFrameAllocator {
+    fn default() -> PtFrameAllocator {
+        PtFrameAllocator::empty()
     }
 }
 
-/// The index of pool frame `gpa` (which must be in the pool).
+/// The index of pool frame `gpa`; callers check that it is in the pool (an address outside
+/// maps to an index past the bitmap, which `get` and `set` ignore).
 fn frame_index(gpa: u64) -> usize {
-    ((gpa - PT_POOL_GPA) / PAGE_SIZE) as usize
+    pool_frame_index(gpa).unwrap_or(POOL_FRAMES)
 }
 
 #[cfg(test)]
@@ -164,7 +167,7 @@ mod tests {
 
     #[test]
     fn boot_frames_are_not_free() {
-        let pool = PtPool::from_regions(&vmm_regions());
+        let pool = PtFrameAllocator::from_regions(&vmm_regions());
         assert_eq!(POOL_FRAMES, 1024);
         assert_eq!(pool.free_frames(), 1024 - PT_POOL_BOOT_FRAMES as usize);
         assert!(!pool.is_free(PT_POOL_GPA));
@@ -177,12 +180,12 @@ mod tests {
 
     #[test]
     fn allocates_lowest_first_until_exhausted() {
-        let pool = PtPool::from_regions(&vmm_regions());
+        let pool = PtFrameAllocator::from_regions(&vmm_regions());
         let n = pool.free_frames();
         let mut last = 0;
         for _ in 0..n {
             let f = pool.alloc().unwrap();
-            assert!(f > last && PtPool::contains(f) && f.is_multiple_of(PAGE_SIZE));
+            assert!(f > last && PtFrameAllocator::contains(f) && f.is_multiple_of(PAGE_SIZE));
             last = f;
         }
         assert_eq!(last, PT_POOL_GPA + PT_POOL_SIZE - PAGE_SIZE);
@@ -194,7 +197,7 @@ mod tests {
 
     #[test]
     fn free_checks_its_argument() {
-        let pool = PtPool::from_regions(&vmm_regions());
+        let pool = PtFrameAllocator::from_regions(&vmm_regions());
         let f = pool.alloc().unwrap();
         assert_eq!(pool.free(f + 8), Err(MmuError::NotInPool { gpa: f + 8 }));
         assert_eq!(
@@ -216,7 +219,7 @@ mod tests {
     #[test]
     fn regions_are_clipped_to_the_pool() {
         // A (hostile) region reaching beyond the pool, and one with a partial frame.
-        let pool = PtPool::from_regions(&[
+        let pool = PtFrameAllocator::from_regions(&[
             region(
                 PT_POOL_GPA + PT_POOL_SIZE - 2 * PAGE_SIZE,
                 16 * PAGE_SIZE,
@@ -230,7 +233,7 @@ mod tests {
             region(0, u64::MAX, region_kind::USABLE),
         ]);
         assert_eq!(pool.free_frames(), 2);
-        assert_eq!(PtPool::empty().alloc(), None);
-        assert_eq!(PtPool::default().free_frames(), 0);
+        assert_eq!(PtFrameAllocator::empty().alloc(), None);
+        assert_eq!(PtFrameAllocator::default().free_frames(), 0);
     }
 }

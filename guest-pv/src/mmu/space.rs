@@ -2,12 +2,14 @@
 
 use hypercall_abi::layout::{PAGE_SIZE, PML4_GPA};
 use hypercall_abi::mmu::{
-    ENTRIES_PER_TABLE, Level, MmuUpdate, PIN_L4, PTE_ADDR_MASK, PTE_HUGE, PTE_PRESENT, UNPIN,
+    ENTRIES_PER_TABLE, Level, MmuUpdate, POOL_FRAMES, PTE_ADDR_MASK, PTE_HUGE, PTE_PRESENT,
 };
 
-use super::pool::POOL_FRAMES;
-use super::{Batch, MmuError, PtPool, Updater, check_va, entry_gpa, leaf_entry, table_entry};
+use super::{
+    Batch, MmuError, PtFrameAllocator, Updater, check_va, entry_gpa, leaf_entry, table_entry,
+};
 use crate::cpu;
+use hypercall_abi::request::PinOp;
 
 /// A page-table root and the means to change the tables under it.
 ///
@@ -25,7 +27,7 @@ pub struct AddressSpace<'a> {
     root: u64,
     /// True if this address space pinned `root` and must unpin it.
     pinned: bool,
-    pool: &'a PtPool,
+    pool: &'a PtFrameAllocator,
     updater: Updater<'a>,
 }
 
@@ -33,7 +35,7 @@ impl<'a> AddressSpace<'a> {
     /// pvkit's boot root ([`PML4_GPA`]), changed through `updater`. Its boot tables are the
     /// VMM's; tables this address space adds under L4 slots 1..=511 come from `pool` and stay
     /// linked.
-    pub fn boot(pool: &'a PtPool, updater: Updater<'a>) -> AddressSpace<'a> {
+    pub fn boot(pool: &'a PtFrameAllocator, updater: Updater<'a>) -> AddressSpace<'a> {
         AddressSpace {
             root: PML4_GPA,
             pinned: false,
@@ -49,13 +51,13 @@ impl<'a> AddressSpace<'a> {
     /// It is not loaded: see [`activate`](Self::activate). Give it back with
     /// [`release`](Self::release).
     pub fn new_pinned(
-        pool: &'a PtPool,
+        pool: &'a PtFrameAllocator,
         mut batch: Batch<'a>,
     ) -> Result<AddressSpace<'a>, MmuError> {
         batch.flush()?;
         let root = pool.alloc().ok_or(MmuError::PoolExhausted)?;
         // SAFETY: pinning a zero frame that nothing uses releases nothing.
-        if let Err(e) = unsafe { batch.pvkit().mmu_pin(PIN_L4, root) } {
+        if let Err(e) = unsafe { batch.pvkit().mmu_pin(PinOp::PinL4, root) } {
             // The host did not type it, so it is still a zero, untyped frame.
             let _ = pool.free(root);
             return Err(MmuError::Pin(e));
@@ -220,7 +222,7 @@ impl<'a> AddressSpace<'a> {
         };
         // SAFETY: the root is not loaded (checked above), and CR3 is only ever loaded with it
         // through this address space, which is consumed.
-        unsafe { pv.mmu_pin(UNPIN, self.root) }.map_err(MmuError::Pin)?;
+        unsafe { pv.mmu_pin(PinOp::Unpin, self.root) }.map_err(MmuError::Pin)?;
         for frame in owned.frames() {
             self.pool.free(frame)?;
         }
@@ -257,7 +259,7 @@ impl<'a> AddressSpace<'a> {
             return Ok(None);
         }
         let table = e & PTE_ADDR_MASK;
-        if !PtPool::contains(table) {
+        if !PtFrameAllocator::contains(table) {
             return Err(MmuError::NotInPool { gpa: table });
         }
         Ok(Some(table))
@@ -297,7 +299,7 @@ impl<'a> AddressSpace<'a> {
             return Err(MmuError::HugePage { va, level });
         }
         let next = e & PTE_ADDR_MASK;
-        if !PtPool::contains(next) {
+        if !PtFrameAllocator::contains(next) {
             return Err(MmuError::NotInPool { gpa: next });
         }
         Ok(Some(next))
@@ -324,7 +326,7 @@ impl<'a> AddressSpace<'a> {
 
 /// Reads the entry at `pte`, an 8-byte aligned address in the page-table pool.
 fn read_entry(pte: u64) -> u64 {
-    if !PtPool::contains(pte) || !pte.is_multiple_of(8) {
+    if !PtFrameAllocator::contains(pte) || !pte.is_multiple_of(8) {
         // Every caller passes a pool entry address; never read anything else.
         return 0;
     }
@@ -345,7 +347,7 @@ impl FrameSet {
     }
 
     fn insert(&mut self, frame: u64) {
-        if !PtPool::contains(frame) {
+        if !PtFrameAllocator::contains(frame) {
             return;
         }
         let i = ((frame - hypercall_abi::layout::PT_POOL_GPA) / PAGE_SIZE) as usize;

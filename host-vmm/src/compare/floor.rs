@@ -8,9 +8,10 @@ use hypercall_abi::ports::{EXIT_PORT, MARKER_BEGIN, MARKER_END, MARKER_PORT, NUL
 
 use super::error::CompareError;
 use super::record::{Record, RunView, record_from_window};
+use super::window::measure;
 use super::workloads::CompareOptions;
+use crate::config::{KernelImage, VmConfig};
 use crate::console::ConsoleSink;
-use crate::vm::{self, KernelImage, VmConfig};
 
 /// Workload name of the floor reference records.
 pub const FLOOR_WORKLOAD: &str = "floor";
@@ -98,7 +99,7 @@ pub fn run_floor(opts: &CompareOptions, floor: Floor, ops: u64) -> Result<Record
         virtio_console: false,
         timeout: None,
     };
-    let report = vm::run(&cfg, ConsoleSink::new(None)).map_err(|source| CompareError::Vmm {
+    let report = measure(&cfg, ConsoleSink::new(None)).map_err(|source| CompareError::Vmm {
         run: floor.run_name(),
         source,
     })?;

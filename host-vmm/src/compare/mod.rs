@@ -4,8 +4,9 @@
 //! host timestamps them, counts exits between them and reads its vCPU thread's CPU time.
 //!
 //! - [`workloads`]: the workloads, their default sizes and the runs of each ([`variants`]).
-//! - [`run()`](run()): runs them, one VM per run ([`floor`]: the raw exit loops `null` is
-//!   compared with; [`blk`]: the scratch disk and the host's own read).
+//! - [`run()`](run()): runs them, one VM per run, each [`measure`]d ([`window`]: the marker
+//!   window; [`floor`]: the raw exit loops `null` is compared with; [`blk`]: the scratch disk
+//!   and the host's own read).
 //! - [`result`]: the guest's `PVKIT-RESULT` line; [`record`]: one [`Record`] per run, checked
 //!   ([`CompareError`] says what failed) and the fidelity check across modes.
 //! - [`report`]: the table, its ratios and JSON.
@@ -17,6 +18,7 @@ pub mod record;
 pub mod report;
 pub mod result;
 mod run;
+pub mod window;
 pub mod workloads;
 
 pub use error::CompareError;
@@ -25,4 +27,5 @@ pub use record::{Record, fidelity_failures};
 pub use report::{render_json, render_table};
 pub use result::{GuestResult, RESULT_PREFIX};
 pub use run::run;
+pub use window::{Measured, WindowRecorder, measure};
 pub use workloads::*;

@@ -8,9 +8,9 @@ use serde::Serialize;
 
 use super::error::CompareError;
 use super::result::GuestResult;
+use super::window::Measured;
 use crate::metrics::Window;
 use crate::stop::StopReason;
-use crate::vm::RunReport;
 
 /// One JSON record: one (workload, mode) run.
 #[derive(Debug, Clone, Serialize)]
@@ -86,13 +86,13 @@ pub struct RunView<'a> {
 }
 
 impl<'a> RunView<'a> {
-    /// The parts of `report` that `compare` reads.
-    pub fn of(report: &'a RunReport) -> RunView<'a> {
+    /// The parts of a measured run that `compare` reads.
+    pub fn of(run: &'a Measured) -> RunView<'a> {
         RunView {
-            exit_code: report.exit_code,
-            stopped: report.stopped,
-            window: report.window.as_ref(),
-            console: &report.console,
+            exit_code: run.report.exit_code,
+            stopped: run.report.stopped,
+            window: run.window.as_ref(),
+            console: &run.report.console,
         }
     }
 

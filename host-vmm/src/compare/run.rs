@@ -6,9 +6,10 @@ use super::blk;
 use super::error::CompareError;
 use super::floor::{FLOOR_WORKLOAD, Floor, run_floor};
 use super::record::{Record, RunView, median_run, record, set_throughput};
+use super::window::measure;
 use super::workloads::{CompareOptions, Variant, mem_for, variants};
+use crate::config::{DiskConfig, VmConfig};
 use crate::console::ConsoleSink;
-use crate::vm::{self, DiskConfig, VmConfig};
 
 /// How a variant is named in progress and error messages: its label, else its mode, plus its
 /// `blk` pattern or `pagetable` batch.
@@ -76,7 +77,7 @@ pub fn run(
                     timeout: None,
                 };
                 let report =
-                    vm::run(&cfg, ConsoleSink::new(None)).map_err(|source| CompareError::Vmm {
+                    measure(&cfg, ConsoleSink::new(None)).map_err(|source| CompareError::Vmm {
                         run: format!("{w}/{}", label(v)),
                         source,
                     })?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use hypercall_abi::boot::Mode;
 use hypercall_abi::layout::MAX_MEM_SIZE;
 
-use crate::vm::{self, KernelImage};
+use crate::config::{self, KernelImage};
 
 /// Workloads `compare` knows, in the order it runs them.
 pub const WORKLOADS: &[&str] = &["null", "console", "pagetable", "idle", "zero", "blk"];
@@ -89,7 +89,7 @@ impl Default for CompareOptions {
             blk_size_kib: DEFAULT_BLK_SIZE_KIB,
             blk_depth: DEFAULT_BLK_DEPTH,
             mem_size: 128 << 20,
-            kvm_device: vm::DEFAULT_KVM_DEVICE.into(),
+            kvm_device: config::DEFAULT_KVM_DEVICE.into(),
             kernel: KernelImage::embedded(),
         }
     }

@@ -1,6 +1,7 @@
-//! The small trapped devices of the harness: exit port, marker port and the null device (the
+//! The small trapped devices: the exit port, the marker port and the null device (the
 //! trapped twin of the `null` hypercall).
 
+use crate::bus::{BusAction, BusDevice};
 use crate::state::{Persist, StateError};
 
 /// Little-endian value of a 1-, 2- or 4-byte PIO access.
@@ -46,6 +47,60 @@ impl NullDevice {
     /// The last value written.
     pub fn latch(&self) -> u32 {
         self.latch
+    }
+}
+
+impl BusDevice for NullDevice {
+    fn name(&self) -> &'static str {
+        "null"
+    }
+
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        NullDevice::read(self, data);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) -> BusAction {
+        NullDevice::write(self, data);
+        BusAction::Continue
+    }
+}
+
+/// The exit port (`EXIT_PORT`): a write of a 32-bit code ends the run with it. Stateless.
+#[derive(Debug, Default)]
+pub struct ExitPort;
+
+impl BusDevice for ExitPort {
+    fn name(&self) -> &'static str {
+        "exit"
+    }
+
+    /// Write-only; reads float high.
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) -> BusAction {
+        BusAction::Exit(le_u32(data))
+    }
+}
+
+/// The marker port (`MARKER_PORT`): a write passes its value to the run's observer (which
+/// may, e.g., measure between two markers). Stateless; costs one exit.
+#[derive(Debug, Default)]
+pub struct MarkerPort;
+
+impl BusDevice for MarkerPort {
+    fn name(&self) -> &'static str {
+        "marker"
+    }
+
+    /// Write-only; reads float high.
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) -> BusAction {
+        BusAction::Marker(le_u32(data))
     }
 }
 

@@ -4,23 +4,37 @@
 //!
 //! Any host thread (a device's queue thread, a test) can wake the guest through a [`Waker`].
 //! Events stay queued until the vCPU consumes them, so a wake-up that races with the guest's
-//! decision to idle is never lost.
+//! decision to idle is never lost. A control thread that needs the vCPU back (stop, pause)
+//! ends a wait without an event through an [`Interrupter`]: the guest sees an early return,
+//! never an event that did not happen.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
+use crossbeam_channel::{Receiver, Sender, select, unbounded};
+use hypercall_abi::idle::EVENT_MAX_DELAY_US;
+
+use crate::bus::{BusAction, BusDevice};
+use crate::devices::debug::{le_u32, put_le_u32};
+use crate::state::{Persist, StateError};
+use crate::sync::lock;
+
+/// The most events a saved state may hold pending or scheduled (far more than any guest can
+/// have outstanding: the event device fires within [`EVENT_MAX_DELAY_US`]).
+pub const STATE_EVENTS_MAX: u64 = 1 << 20;
 
 /// The VM's pending-event queue (consumed by the vCPU thread).
 #[derive(Debug)]
 pub struct EventQueue {
     tx: Sender<()>,
     rx: Receiver<()>,
-    delivered: u64,
+    interrupt_tx: Sender<()>,
+    interrupt_rx: Receiver<()>,
+    delivered: Arc<AtomicU64>,
 }
 
 /// Wakes the VM from any thread.
@@ -35,13 +49,27 @@ impl Waker {
     }
 }
 
+/// Ends the vCPU's current (or next) wait on the queue without an event.
+#[derive(Debug, Clone)]
+pub struct Interrupter(Sender<()>);
+
+impl Interrupter {
+    /// Ends the wait.
+    pub fn interrupt(&self) {
+        let _ = self.0.send(());
+    }
+}
+
 impl Default for EventQueue {
     fn default() -> Self {
         let (tx, rx) = unbounded();
+        let (interrupt_tx, interrupt_rx) = unbounded();
         EventQueue {
             tx,
             rx,
-            delivered: 0,
+            interrupt_tx,
+            interrupt_rx,
+            delivered: Arc::default(),
         }
     }
 }
@@ -52,88 +80,217 @@ impl EventQueue {
         Waker(self.tx.clone())
     }
 
+    /// A handle control threads use to end a wait without an event.
+    pub fn interrupter(&self) -> Interrupter {
+        Interrupter(self.interrupt_tx.clone())
+    }
+
+    /// Forgets interrupts that arrived while nobody waited (called when the vCPU has come
+    /// back for the reason they were sent).
+    pub fn clear_interrupts(&self) {
+        while self.interrupt_rx.try_recv().is_ok() {}
+    }
+
     /// Consumes every pending event; returns how many.
     pub fn drain(&mut self) -> u64 {
         let n = self.rx.try_iter().count() as u64;
-        self.delivered += n;
+        self.delivered.fetch_add(n, Ordering::Relaxed);
         n
     }
 
-    /// Blocks until at least one event is pending or `timeout` passes (`None`: no timeout);
-    /// consumes the pending events and returns how many (0 on timeout).
+    /// Blocks until at least one event is pending, `timeout` passes (`None`: no timeout) or
+    /// an [`Interrupter`] ends the wait; consumes the pending events and returns how many (0
+    /// on timeout or interrupt).
     pub fn wait(&mut self, timeout: Option<Duration>) -> u64 {
-        let first = match timeout {
-            Some(t) => self
-                .rx
-                .recv_timeout(t)
-                .map_err(|e| e == RecvTimeoutError::Disconnected),
-            None => self.rx.recv().map_err(|_| true),
+        let pending = self.drain();
+        if pending > 0 {
+            return pending;
+        }
+        // A never-firing timer when there is no timeout.
+        let deadline = match timeout {
+            Some(t) => crossbeam_channel::after(t),
+            None => crossbeam_channel::never(),
         };
-        match first {
-            Ok(()) => {
-                self.delivered += 1;
-                1 + self.drain()
-            }
-            // We hold a sender ourselves, so the channel never disconnects.
-            Err(_) => 0,
+        select! {
+            recv(self.rx) -> got => match got {
+                Ok(()) => {
+                    self.delivered.fetch_add(1, Ordering::Relaxed);
+                    1 + self.drain()
+                }
+                // We hold a sender ourselves, so the channel never disconnects.
+                Err(_) => 0,
+            },
+            recv(self.interrupt_rx) -> _ => 0,
+            recv(deadline) -> _ => 0,
         }
     }
 
     /// Events consumed so far.
     pub fn delivered(&self) -> u64 {
-        self.delivered
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Events queued and not consumed yet.
+    pub fn pending(&self) -> u64 {
+        self.rx.len() as u64
     }
 }
 
-/// The event device: schedules wake-ups on a host thread.
+/// [`EventQueue`] state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EventQueueState {
+    /// Events consumed so far (what the event port reads back).
+    pub delivered: u64,
+    /// Events queued and not consumed yet.
+    pub pending: u64,
+}
+
+impl Persist for EventQueue {
+    type State = EventQueueState;
+
+    fn save(&self) -> EventQueueState {
+        EventQueueState {
+            delivered: self.delivered(),
+            pending: self.pending(),
+        }
+    }
+
+    fn restore(&mut self, state: &EventQueueState) -> Result<(), StateError> {
+        if state.pending > STATE_EVENTS_MAX {
+            return Err(StateError::invalid(
+                "event queue",
+                format!(
+                    "{} pending events (at most {STATE_EVENTS_MAX})",
+                    state.pending
+                ),
+            ));
+        }
+        while self.rx.try_recv().is_ok() {}
+        for _ in 0..state.pending {
+            let _ = self.tx.send(());
+        }
+        self.delivered.store(state.delivered, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The event device (`EVENT_PORT`): a write schedules one event that many microseconds from
+/// now (capped at [`EVENT_MAX_DELAY_US`]); a read returns the number of events delivered so
+/// far (low 32 bits). The events fire on a host thread, started on first use.
 #[derive(Debug)]
 pub struct EventDevice {
     waker: Waker,
-    requests: Option<Sender<Duration>>,
+    delivered: Arc<AtomicU64>,
+    /// Deadlines not fired yet, shared with the thread (which pops them as they fire).
+    due: Arc<Mutex<BinaryHeap<Reverse<Instant>>>>,
+    /// Wakes the thread when a deadline is added; dropping it ends the thread.
+    requests: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
-    scheduled: u64,
-    fired: Arc<AtomicU64>,
 }
 
 impl EventDevice {
-    /// A device that wakes through `waker`. Its thread starts on first use.
-    pub fn new(waker: Waker) -> EventDevice {
+    /// A device that wakes `queue`'s guest. Its thread starts on first use.
+    pub fn new(queue: &EventQueue) -> EventDevice {
         EventDevice {
-            waker,
+            waker: queue.waker(),
+            delivered: queue.delivered.clone(),
+            due: Arc::default(),
             requests: None,
             thread: None,
-            scheduled: 0,
-            fired: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// Schedules one event `delay` from now.
     pub fn schedule(&mut self, delay: Duration) {
+        self.schedule_at(Instant::now() + delay);
+    }
+
+    fn schedule_at(&mut self, at: Instant) {
         if self.requests.is_none() {
             let (tx, rx) = unbounded();
             let waker = self.waker.clone();
-            let fired = self.fired.clone();
+            let due = self.due.clone();
             let spawned = std::thread::Builder::new()
                 .name("pvkit-event-dev".into())
-                .spawn(move || scheduler(rx, waker, fired));
+                .spawn(move || scheduler(rx, waker, due));
             // Without a thread the device cannot fire; the guest then sees no completion,
             // which it must handle anyway (a device may be slow). Nothing to do here.
-            if let Ok(handle) = spawned {
-                self.thread = Some(handle);
-                self.requests = Some(tx);
+            match spawned {
+                Ok(handle) => {
+                    self.thread = Some(handle);
+                    self.requests = Some(tx);
+                }
+                Err(_) => return,
             }
         }
-        if let Some(tx) = &self.requests
-            && tx.send(delay).is_ok()
-        {
-            self.scheduled += 1;
+        lock(&self.due).push(Reverse(at));
+        if let Some(tx) = &self.requests {
+            let _ = tx.send(());
         }
     }
 
     /// Events scheduled but not yet fired.
     pub fn outstanding(&self) -> u64 {
-        self.scheduled
-            .saturating_sub(self.fired.load(Ordering::Acquire))
+        lock(&self.due).len() as u64
+    }
+}
+
+impl BusDevice for EventDevice {
+    fn name(&self) -> &'static str {
+        "event"
+    }
+
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        put_le_u32(data, self.delivered.load(Ordering::Relaxed) as u32);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) -> BusAction {
+        let us = le_u32(data).min(EVENT_MAX_DELAY_US);
+        self.schedule(Duration::from_micros(u64::from(us)));
+        BusAction::Continue
+    }
+}
+
+/// [`EventDevice`] state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EventDeviceState {
+    /// Time left until each scheduled event fires, in nanoseconds, soonest first.
+    pub due_in_ns: Vec<u64>,
+}
+
+impl Persist for EventDevice {
+    type State = EventDeviceState;
+
+    fn save(&self) -> EventDeviceState {
+        let now = Instant::now();
+        let mut due_in_ns: Vec<u64> = lock(&self.due)
+            .iter()
+            .map(|Reverse(t)| t.saturating_duration_since(now).as_nanos() as u64)
+            .collect();
+        due_in_ns.sort_unstable();
+        EventDeviceState { due_in_ns }
+    }
+
+    fn restore(&mut self, state: &EventDeviceState) -> Result<(), StateError> {
+        let max_ns = u64::from(EVENT_MAX_DELAY_US) * 1000;
+        if state.due_in_ns.len() as u64 > STATE_EVENTS_MAX {
+            return Err(StateError::invalid(
+                "event device",
+                "too many scheduled events",
+            ));
+        }
+        if let Some(bad) = state.due_in_ns.iter().find(|&&ns| ns > max_ns) {
+            return Err(StateError::invalid(
+                "event device",
+                format!("an event due in {bad} ns (at most {max_ns})"),
+            ));
+        }
+        lock(&self.due).clear();
+        let now = Instant::now();
+        for &ns in &state.due_in_ns {
+            self.schedule_at(now + Duration::from_nanos(ns));
+        }
+        Ok(())
     }
 }
 
@@ -146,29 +303,21 @@ impl Drop for EventDevice {
     }
 }
 
-fn scheduler(requests: Receiver<Duration>, waker: Waker, fired: Arc<AtomicU64>) {
-    let mut due: BinaryHeap<Reverse<Instant>> = BinaryHeap::new();
+fn scheduler(requests: Receiver<()>, waker: Waker, due: Arc<Mutex<BinaryHeap<Reverse<Instant>>>>) {
     loop {
-        let next = due
-            .peek()
-            .map(|Reverse(t)| t.saturating_duration_since(Instant::now()));
-        let request = match next {
-            None => requests.recv().map_err(|_| ()),
-            Some(t) => match requests.recv_timeout(t) {
-                Ok(d) => Ok(d),
-                Err(RecvTimeoutError::Timeout) => Ok(Duration::MAX),
-                Err(RecvTimeoutError::Disconnected) => Err(()),
-            },
+        let next = lock(&due).peek().map(|Reverse(t)| *t);
+        let timer = match next {
+            Some(t) => crossbeam_channel::at(t),
+            None => crossbeam_channel::never(),
         };
-        match request {
-            Err(()) => return,
-            Ok(Duration::MAX) => {}
-            Ok(d) => due.push(Reverse(Instant::now() + d)),
+        select! {
+            recv(requests) -> r => if r.is_err() { return },
+            recv(timer) -> _ => {},
         }
         let now = Instant::now();
+        let mut due = lock(&due);
         while due.peek().is_some_and(|Reverse(t)| *t <= now) {
             due.pop();
-            fired.fetch_add(1, Ordering::AcqRel);
             waker.wake();
         }
     }
@@ -191,9 +340,25 @@ mod tests {
     }
 
     #[test]
+    fn an_interrupt_ends_a_wait_without_an_event() {
+        let mut q = EventQueue::default();
+        let i = q.interrupter();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            i.interrupt();
+        });
+        assert_eq!(q.wait(None), 0);
+        t.join().unwrap();
+        assert_eq!(q.delivered(), 0);
+        q.interrupter().interrupt();
+        q.clear_interrupts();
+        assert_eq!(q.wait(Some(Duration::from_millis(5))), 0);
+    }
+
+    #[test]
     fn the_device_fires_after_its_delay() {
         let mut q = EventQueue::default();
-        let mut dev = EventDevice::new(q.waker());
+        let mut dev = EventDevice::new(&q);
         let t0 = Instant::now();
         dev.schedule(Duration::from_millis(20));
         dev.schedule(Duration::from_millis(5));
@@ -203,6 +368,54 @@ mod tests {
         assert_eq!(got, 2);
         assert!(t0.elapsed() >= Duration::from_millis(20));
         assert_eq!(dev.outstanding(), 0);
+        let mut d = [0u8; 4];
+        dev.read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 2, "the port reads events delivered");
         drop(dev); // joins the thread
+    }
+
+    #[test]
+    fn queue_and_device_state_round_trip() {
+        let mut q = EventQueue::default();
+        q.waker().wake();
+        q.drain();
+        q.waker().wake();
+        q.waker().wake();
+        let mut fresh = EventQueue::default();
+        crate::state::assert_round_trip(&q, &mut fresh);
+        assert_eq!((fresh.delivered(), fresh.pending()), (1, 2));
+        assert!(
+            fresh
+                .restore(&EventQueueState {
+                    delivered: 0,
+                    pending: u64::MAX
+                })
+                .is_err()
+        );
+
+        let mut dev = EventDevice::new(&q);
+        dev.schedule(Duration::from_secs(1));
+        let saved = dev.save();
+        assert_eq!(saved.due_in_ns.len(), 1);
+        assert!(saved.due_in_ns[0] <= 1_000_000_000);
+        let mut fresh_q = EventQueue::default();
+        let mut fresh = EventDevice::new(&fresh_q);
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.outstanding(), 1);
+        assert!(
+            fresh
+                .restore(&EventDeviceState {
+                    due_in_ns: vec![u64::MAX]
+                })
+                .is_err()
+        );
+        assert_eq!(fresh.outstanding(), 1, "a refused state changes nothing");
+        // Restored deadlines fire.
+        fresh
+            .restore(&EventDeviceState {
+                due_in_ns: vec![1_000],
+            })
+            .unwrap();
+        assert_eq!(fresh_q.wait(Some(Duration::from_secs(5))), 1);
     }
 }

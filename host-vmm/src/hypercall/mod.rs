@@ -1,4 +1,6 @@
-//! Hypercall dispatch: decode the call number, run its handler, produce the return registers.
+//! Hypercall dispatch: decode the registers into a typed [`Request`]
+//! (`hypercall_abi::request`, the one definition of every call's registers), run its handler,
+//! produce the return registers.
 //!
 //! Handlers take guest memory and arguments, never a vCPU, so they are unit-tested without KVM.
 //! A malformed call gets an error code; nothing a guest passes can make the host panic or
@@ -10,13 +12,14 @@ pub mod idle;
 pub mod mmu;
 pub mod zero;
 
+use hypercall_abi::request::Request;
 use hypercall_abi::{Call, Error as AbiError, Regs, Return, features};
 
 use crate::console::ConsoleSink;
 use crate::devices::event::EventQueue;
 use crate::memory::GuestRam;
 use crate::metrics::ExitStats;
-use crate::mmu::PtPool;
+use crate::mmu::PageTablePool;
 
 /// Everything this VMM implements. What a VM advertises ([`host_features`]) can be less.
 pub const HOST_FEATURES: u64 = features::V1_7;
@@ -45,7 +48,7 @@ pub struct Context<'a> {
     /// The guest clock.
     pub clock: &'a clock::Clock,
     /// The page-table pool.
-    pub pool: &'a mut PtPool,
+    pub pool: &'a mut PageTablePool,
     /// The VM's pending events.
     pub events: &'a mut EventQueue,
     /// RAM below this (boot structures, stack, kernel image) cannot be released.
@@ -77,28 +80,28 @@ pub fn dispatch(ctx: &mut Context<'_>, regs: &Regs, stats: &mut ExitStats) -> Ou
     {
         return Outcome::Return(Return::err(AbiError::NotImplemented));
     }
-    let [a0, a1, ..] = regs.args;
-    let ret = match call {
-        Call::Null => Return::ok(a0),
-        Call::Features => Return::ok(ctx.features),
-        Call::ConsoleWrite => console::write(ctx.ram, ctx.console, a0, a1),
-        Call::Exit => return exit(a0),
-        Call::ClockNs => Return::ok(ctx.clock.now_ns()),
-        Call::IdleYield => idle::idle_yield(ctx.clock, ctx.events, a0),
-        Call::ZeroHints => zero::zero_hints(ctx.ram, ctx.protected_end, regs.args, stats),
-        Call::MmuUpdate => mmu::update(ctx.ram, ctx.pool, regs.args, stats),
-        Call::MmuPin => mmu::pin(ctx.pool, a0, a1),
+    // Only now the arguments: a malformed call whose feature is off is `NOT_IMPLEMENTED`.
+    let request = match Request::decode_args(call, &regs.args) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Return(Return::err(e)),
+    };
+    let ret = match request {
+        Request::Null { echo } => Return::ok(echo),
+        Request::Features => Return::ok(ctx.features),
+        Request::ConsoleWrite { gpa, len } => console::write(ctx.ram, ctx.console, gpa, len),
+        Request::Exit { code } => return Outcome::Exit(code),
+        Request::ClockNs => Return::ok(ctx.clock.now_ns()),
+        Request::IdleYield { deadline_ns } => idle::idle_yield(ctx.clock, ctx.events, deadline_ns),
+        Request::ZeroHints(op) => zero::zero_hints(ctx.ram, ctx.protected_end, op, stats),
+        Request::MmuUpdate {
+            batch_gpa,
+            count,
+            defer_sync,
+        } => mmu::update(ctx.ram, ctx.pool, batch_gpa, count, defer_sync, stats),
+        Request::MmuPin { op, frame } => mmu::pin(ctx.pool, op, frame),
         _ => Return::err(AbiError::NotImplemented),
     };
     Outcome::Return(ret)
-}
-
-/// `exit(code)`: the code is a `u32`; higher bits set is a malformed call.
-fn exit(a0: u64) -> Outcome {
-    match u32::try_from(a0) {
-        Ok(code) => Outcome::Exit(code),
-        Err(_) => Outcome::Return(Return::err(AbiError::InvalidArgument)),
-    }
 }
 
 #[cfg(test)]
@@ -109,7 +112,7 @@ mod tests {
         let ram = GuestRam::new(16 << 20).unwrap();
         let console = ConsoleSink::new(None);
         let clock = clock::Clock::new();
-        let mut pool = PtPool::new(16 << 20).unwrap();
+        let mut pool = PageTablePool::new(16 << 20).unwrap();
         let mut events = EventQueue::default();
         let mut ctx = Context {
             ram: &ram,
@@ -165,6 +168,26 @@ mod tests {
                 call(ctx, 3, [1 << 32, 0, 0, 0]),
                 Outcome::Return(Return::err(AbiError::InvalidArgument))
             );
+        });
+    }
+
+    #[test]
+    fn malformed_arguments_are_invalid_unless_the_call_is_off() {
+        let invalid = Outcome::Return(Return::err(AbiError::InvalidArgument));
+        with_ctx(|ctx| {
+            let mmu_update = u64::from(Call::MmuUpdate.raw());
+            let mmu_pin = u64::from(Call::MmuPin.raw());
+            // Unknown flags and operations, before any other check.
+            assert_eq!(call(ctx, mmu_update, [0, 0, 2, 0]), invalid);
+            assert_eq!(call(ctx, mmu_update, [u64::MAX, u64::MAX, 3, 0]), invalid);
+            assert_eq!(call(ctx, mmu_pin, [9, 0, 0, 0]), invalid);
+            assert_eq!(call(ctx, mmu_pin, [0, 0, 0, 0]), invalid);
+            // A call whose feature bit is clear is not serviced, well-formed or not.
+            ctx.features &= !features::MMU_UPDATE;
+            let off = Outcome::Return(Return::err(AbiError::NotImplemented));
+            assert_eq!(call(ctx, mmu_pin, [9, 0, 0, 0]), off);
+            assert_eq!(call(ctx, mmu_update, [0, 0, 2, 0]), off);
+            assert_eq!(call(ctx, mmu_update, [0, 0, 0, 0]), off);
         });
     }
 

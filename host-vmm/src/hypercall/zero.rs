@@ -5,26 +5,26 @@
 //! before releasing any.
 
 use hypercall_abi::layout::PAGE_SIZE;
-use hypercall_abi::zero::{
-    PREPARE, QUERY, QUERY_MAX_FRAMES, RELEASE, RELEASE_MAX_RANGES, ZeroRange,
-};
+use hypercall_abi::request::ZeroOp;
+use hypercall_abi::zero::{QUERY_MAX_FRAMES, RELEASE_MAX_RANGES, ZeroRange};
 use hypercall_abi::{Error as AbiError, Return};
 use vm_memory::Bytes;
 
 use crate::memory::GuestRam;
 use crate::metrics::ExitStats;
 
-/// Dispatches on `op` (`a0`).
-pub fn zero_hints(
-    ram: &GuestRam,
-    protected_end: u64,
-    [op, a1, a2, a3]: [u64; 4],
-    stats: &mut ExitStats,
-) -> Return {
+/// Runs the decoded operation (`Request::ZeroHints`).
+pub fn zero_hints(ram: &GuestRam, protected_end: u64, op: ZeroOp, stats: &mut ExitStats) -> Return {
     match op {
-        QUERY => query(ram, a1, a2, a3, stats),
-        RELEASE => release(ram, protected_end, a1, a2, stats),
-        PREPARE => prepare(ram, protected_end, a1, a2, stats),
+        ZeroOp::Query {
+            bitmap_gpa,
+            first_frame,
+            count,
+        } => query(ram, bitmap_gpa, first_frame, count, stats),
+        ZeroOp::Release { ranges_gpa, count } => {
+            release(ram, protected_end, ranges_gpa, count, stats)
+        }
+        ZeroOp::Prepare { gpa, len } => prepare(ram, protected_end, gpa, len, stats),
         _ => Return::err(AbiError::InvalidArgument),
     }
 }

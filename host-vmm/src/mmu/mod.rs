@@ -10,8 +10,9 @@ use hypercall_abi::Error as AbiError;
 use hypercall_abi::layout::{PAGE_SIZE, PML4_GPA, PT_POOL_GPA, PT_POOL_SIZE};
 use hypercall_abi::mmu::{
     ENTRIES_PER_TABLE, HUGE_PAGE_SIZE, Level, PTE_ACCESSED, PTE_ADDR_MASK, PTE_DIRTY, PTE_HUGE,
-    PTE_PRESENT, PTE_RESERVED_MASK, PTE_WRITABLE,
+    PTE_PRESENT, PTE_RESERVED_MASK, PTE_WRITABLE, pool_frame_gpa as frame_gpa,
 };
+pub use hypercall_abi::mmu::{POOL_FRAMES, pool_frame_index as frame_index};
 use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
 use vm_memory::{
@@ -21,8 +22,9 @@ use vm_memory::{
 
 use crate::error::{Error, Result};
 
-/// Number of frames in the pool.
-pub const POOL_FRAMES: usize = (PT_POOL_SIZE / PAGE_SIZE) as usize;
+pub mod state;
+
+pub use state::{FrameState, PageTablePoolState};
 
 /// Bits 13..=20 of a 2 MiB leaf are reserved (bit 12 is its PAT bit).
 const HUGE_RESERVED: u64 = 0x001f_e000;
@@ -36,27 +38,20 @@ pub struct FrameInfo {
     pub refs: u32,
 }
 
-/// The pool: guest-visible read-only page-table frames, and their types.
+/// The page-table pool: the guest-visible, read-only page-table frames (the host's writable
+/// mapping of them), the type and reference count of each frame, and the validator every
+/// change goes through. Not to be confused with the guest's `guest_pv::mmu::PtFrameAllocator`,
+/// which only tracks which pool frames the guest has not used yet.
 #[derive(Debug)]
-pub struct PtPool {
+pub struct PageTablePool {
     mem: GuestMemoryMmap,
     frames: Vec<FrameInfo>,
     ram_size: u64,
-    /// A present entry changed or a table was released since the last [`PtPool::resync`]:
-    /// KVM's shadow of the tables may be stale.
+    /// A present entry changed or a table was released since the last
+    /// [`PageTablePool::resync`]: KVM's shadow of the tables may be stale.
     stale: bool,
     /// The guest asked to postpone the resync (`UPDATE_DEFER_SYNC`).
     deferred: bool,
-}
-
-/// Index of the pool frame holding `gpa`, if `gpa` is inside the pool.
-pub fn frame_index(gpa: u64) -> Option<usize> {
-    let off = gpa.checked_sub(PT_POOL_GPA)?;
-    (off < PT_POOL_SIZE).then_some((off / PAGE_SIZE) as usize)
-}
-
-fn frame_gpa(index: usize) -> u64 {
-    PT_POOL_GPA + index as u64 * PAGE_SIZE
 }
 
 /// True if `[start, start + len)` lies entirely inside the pool.
@@ -67,13 +62,13 @@ fn pool_covers(start: u64, len: u64) -> bool {
             .is_some_and(|end| end <= PT_POOL_GPA + PT_POOL_SIZE)
 }
 
-impl PtPool {
+impl PageTablePool {
     /// A zeroed, untyped pool for a guest with `ram_size` bytes of RAM.
-    pub fn new(ram_size: u64) -> Result<PtPool> {
+    pub fn new(ram_size: u64) -> Result<PageTablePool> {
         let mem =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(PT_POOL_GPA), PT_POOL_SIZE as usize)])
                 .map_err(|e| Error::GuestMemory(format!("page-table pool: {e}")))?;
-        Ok(PtPool {
+        Ok(PageTablePool {
             mem,
             frames: vec![FrameInfo::default(); POOL_FRAMES],
             ram_size,
@@ -128,8 +123,9 @@ impl PtPool {
         Ok(true)
     }
 
-    /// Postpones (`true`) or allows (`false`) the next [`PtPool::resync`]; every guest
-    /// operation on the pool sets this (only a PV `mmu_update` with `UPDATE_DEFER_SYNC` defers).
+    /// Postpones (`true`) or allows (`false`) the next [`PageTablePool::resync`]. Every guest
+    /// operation on the pool that gets past its argument checks sets this (only a PV
+    /// `mmu_update` with `UPDATE_DEFER_SYNC` defers); a refused call leaves it alone.
     pub fn defer_resync(&mut self, defer: bool) {
         self.deferred = defer;
     }
@@ -225,57 +221,9 @@ impl PtPool {
         level: Level,
         value: u64,
     ) -> std::result::Result<Option<usize>, AbiError> {
-        if value & PTE_PRESENT == 0 {
-            return Ok(None);
-        }
-        if value & PTE_RESERVED_MASK != 0 {
-            return Err(AbiError::InvalidArgument);
-        }
-        let huge = value & PTE_HUGE != 0;
-        if level >= 3 && huge {
-            // 1 GiB pages (L3) are not supported; PS is reserved in L4.
-            return Err(AbiError::InvalidArgument);
-        }
-        if level >= 2 && !huge {
-            let target = value & PTE_ADDR_MASK;
-            let child = frame_index(target).ok_or(AbiError::BadAddress)?;
-            let f = self.frames[child];
-            let fits = if f.level == 0 {
-                self.frame_is_zero(child)
-            } else {
-                f.level == level - 1
-            };
-            return if fits {
-                Ok(Some(child))
-            } else {
-                Err(AbiError::TypeConflict)
-            };
-        }
-        let (addr, size) = if huge {
-            if value & HUGE_RESERVED != 0 {
-                return Err(AbiError::InvalidArgument);
-            }
-            (
-                value & PTE_ADDR_MASK & !(HUGE_PAGE_SIZE - 1),
-                HUGE_PAGE_SIZE,
-            )
-        } else {
-            (value & PTE_ADDR_MASK, PAGE_SIZE)
-        };
-        let in_ram = addr
-            .checked_add(size)
-            .is_some_and(|end| end <= self.ram_size);
-        if in_ram {
-            Ok(None)
-        } else if pool_covers(addr, size) {
-            if value & PTE_WRITABLE != 0 {
-                Err(AbiError::Denied)
-            } else {
-                Ok(None)
-            }
-        } else {
-            Err(AbiError::BadAddress)
-        }
+        check_entry(&self.frames, self.ram_size, level, value, |i| {
+            self.frame_is_zero(i)
+        })
     }
 
     fn drop_ref(&mut self, frame: usize) {
@@ -300,9 +248,9 @@ impl PtPool {
         }
     }
 
-    /// `mmu_pin(PIN_L4, gpa)`: types a zero frame as a root, or adds a pin to a root.
+    /// `mmu_pin(PIN_L4, gpa)`: types a zero frame as a root, or adds a pin to a root. Like
+    /// every accepted `mmu_pin`, ends a postponed resync; a refused one changes nothing.
     pub fn pin(&mut self, gpa: u64) -> std::result::Result<(), AbiError> {
-        self.deferred = false;
         if !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(AbiError::InvalidArgument);
         }
@@ -312,13 +260,13 @@ impl PtPool {
             4 => self.frames[i].refs += 1,
             _ => return Err(AbiError::TypeConflict),
         }
+        self.deferred = false;
         Ok(())
     }
 
     /// `mmu_pin(UNPIN, gpa)`: drops a pin; the last one releases the whole tree. The VMM's pin
-    /// of the boot root cannot be dropped.
+    /// of the boot root cannot be dropped. Ends a postponed resync unless refused.
     pub fn unpin(&mut self, gpa: u64) -> std::result::Result<(), AbiError> {
-        self.deferred = false;
         if !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(AbiError::InvalidArgument);
         }
@@ -330,6 +278,7 @@ impl PtPool {
         if gpa == PML4_GPA && f.refs == 1 {
             return Err(AbiError::Denied);
         }
+        self.deferred = false;
         self.drop_ref(i);
         Ok(())
     }
@@ -337,6 +286,67 @@ impl PtPool {
     /// Typed frames (for tests and statistics).
     pub fn typed_frames(&self) -> usize {
         self.frames.iter().filter(|f| f.level != 0).count()
+    }
+}
+
+/// The entry rules of `hypercall_abi::mmu` for `value` in a table of `level`, given the frame
+/// types `frames` and the RAM size. `untyped_is_zero(i)` says whether untyped frame `i` may
+/// become a table (it is all zero). Returns the child frame for a table entry.
+fn check_entry(
+    frames: &[FrameInfo],
+    ram_size: u64,
+    level: Level,
+    value: u64,
+    untyped_is_zero: impl Fn(usize) -> bool,
+) -> std::result::Result<Option<usize>, AbiError> {
+    if value & PTE_PRESENT == 0 {
+        return Ok(None);
+    }
+    if value & PTE_RESERVED_MASK != 0 {
+        return Err(AbiError::InvalidArgument);
+    }
+    let huge = value & PTE_HUGE != 0;
+    if level >= 3 && huge {
+        // 1 GiB pages (L3) are not supported; PS is reserved in L4.
+        return Err(AbiError::InvalidArgument);
+    }
+    if level >= 2 && !huge {
+        let target = value & PTE_ADDR_MASK;
+        let child = frame_index(target).ok_or(AbiError::BadAddress)?;
+        let f = frames[child];
+        let fits = if f.level == 0 {
+            untyped_is_zero(child)
+        } else {
+            f.level == level - 1
+        };
+        return if fits {
+            Ok(Some(child))
+        } else {
+            Err(AbiError::TypeConflict)
+        };
+    }
+    let (addr, size) = if huge {
+        if value & HUGE_RESERVED != 0 {
+            return Err(AbiError::InvalidArgument);
+        }
+        (
+            value & PTE_ADDR_MASK & !(HUGE_PAGE_SIZE - 1),
+            HUGE_PAGE_SIZE,
+        )
+    } else {
+        (value & PTE_ADDR_MASK, PAGE_SIZE)
+    };
+    let in_ram = addr.checked_add(size).is_some_and(|end| end <= ram_size);
+    if in_ram {
+        Ok(None)
+    } else if pool_covers(addr, size) {
+        if value & PTE_WRITABLE != 0 {
+            Err(AbiError::Denied)
+        } else {
+            Ok(None)
+        }
+    } else {
+        Err(AbiError::BadAddress)
     }
 }
 

@@ -13,14 +13,19 @@ fn f(i: u64) -> u64 {
 }
 
 /// A pool with a pinned root at frame 10.
-fn rooted() -> PtPool {
-    let mut p = PtPool::new(RAM).unwrap();
+fn rooted() -> PageTablePool {
+    let mut p = PageTablePool::new(RAM).unwrap();
     p.pin(f(10)).unwrap();
     p
 }
 
 /// Maps `va` -> `pa` under the root at frame 10 using tables at frames 11, 12, 13.
-fn map_chain(p: &mut PtPool, va: u64, pa: u64, flags: u64) -> std::result::Result<(), AbiError> {
+fn map_chain(
+    p: &mut PageTablePool,
+    va: u64,
+    pa: u64,
+    flags: u64,
+) -> std::result::Result<(), AbiError> {
     p.apply(f(10) + table_index(va, 4) as u64 * 8, f(11) | P | W | U)?;
     p.apply(f(11) + table_index(va, 3) as u64 * 8, f(12) | P | W | U)?;
     p.apply(f(12) + table_index(va, 2) as u64 * 8, f(13) | P | W | U)?;
@@ -164,7 +169,7 @@ fn unpin_releases_the_tree_but_never_the_boot_root() {
 const TOUCHED: usize = 32;
 
 /// Invariants that must hold after any sequence of guest operations.
-fn check_invariants(p: &PtPool) {
+fn check_invariants(p: &PageTablePool) {
     let mut refs = vec![0u32; POOL_FRAMES];
     for (i, info) in p.frames.iter().enumerate() {
         if info.level == 0 {
@@ -247,7 +252,7 @@ proptest! {
     fn random_guest_operations_keep_the_pool_consistent(ops in proptest::collection::vec(arb_op(), 1..80)) {
         let mut p = rooted();
         for op in ops {
-            let snapshot = |p: &PtPool| {
+            let snapshot = |p: &PageTablePool| {
                 let mut b = vec![0u8; TOUCHED * PAGE_SIZE as usize];
                 p.mem.read_slice(&mut b, GuestAddress(PT_POOL_GPA)).unwrap();
                 b
@@ -265,5 +270,8 @@ proptest! {
             }
             check_invariants(&p);
         }
+        // Whatever the guest reached, its state is accepted by `restore` and round-trips.
+        let mut fresh = PageTablePool::new(RAM).unwrap();
+        crate::state::assert_round_trip(&p, &mut fresh);
     }
 }

@@ -2,3 +2,4 @@
 //! because the access exits (`KVM_EXIT_MMIO`).
 
 pub mod mmu_emul;
+pub mod pool_window;

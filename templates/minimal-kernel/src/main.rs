@@ -12,7 +12,7 @@ use guest_pv::abi::mmu::{MmuUpdate, PTE_WRITABLE};
 use guest_pv::abi::ports::{MARKER_BEGIN, MARKER_END};
 use guest_pv::frames::{Frames, HintBuffers, Hints};
 use guest_pv::kernel::Kernel;
-use guest_pv::mmu::{AddressSpace, Batch, PtPool, Updater};
+use guest_pv::mmu::{AddressSpace, Batch, PtFrameAllocator, Updater};
 use guest_pv::tsc::Tsc;
 use guest_pv::{Fnv1a, println};
 
@@ -75,7 +75,7 @@ fn main(kernel: Kernel) -> u32 {
         Some(pv) => Updater::Pv(unsafe { Batch::new(pv, batch, 64) }.expect("a batch")),
         None => Updater::Trapped,
     };
-    let pool = PtPool::from_boot_info(kernel.boot_info);
+    let pool = PtFrameAllocator::from_boot_info(kernel.boot_info);
     let mut space = AddressSpace::boot(&pool, updater);
     let mut hash = Fnv1a::new();
     for i in 0..PAGES {

@@ -1,0 +1,393 @@
+//! Building a VM, in named steps: check the configuration, create the KVM VM and its memory,
+//! load the kernel, create the vCPU, attach the devices, configure boot. [`build`] runs them
+//! in order and returns a [`Vm`] ready to run.
+//!
+//! Everything that comes from the user (memory size, kernel, disk image) is checked in the
+//! first step, before KVM is touched, so bad input gets its own message even on a machine
+//! without KVM.
+
+use std::ffi::CString;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use hypercall_abi::idle::{EVENT_PORT, TIMER_PORT};
+use hypercall_abi::layout::{PAGE_SIZE, PT_POOL_GPA, PT_POOL_SIZE};
+use hypercall_abi::ports::{EXIT_PORT, MARKER_PORT, NULL_PORT, UART_COM1};
+use hypercall_abi::virtio;
+use kvm_ioctls::{Cap, Kvm, VmFd};
+
+use crate::boot::{self, BootRequest};
+use crate::bus::{Bus, BusAction, BusDevice, SharedDevice};
+use crate::config::VmConfig;
+use crate::console::ConsoleSink;
+use crate::devices::debug::{ExitPort, MarkerPort, NullDevice};
+use crate::devices::event::{EventDevice, EventQueue};
+use crate::devices::serial::{UART_PORTS, Uart};
+use crate::devices::timer::PeriodicTimer;
+use crate::devices::virtio::block::{Block, Disk};
+use crate::devices::virtio::console::Console;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::{Interrupt, MmioDevice};
+use crate::error::{Error, Result};
+use crate::hypercall::{self, clock::Clock};
+use crate::kernel_abi::{KernelAbi, Offer};
+use crate::loader::{self, ElfInfo};
+use crate::machine::{Devices, Machine, POOL_SLOT};
+use crate::memory::GuestRam;
+use crate::metrics::ExitStats;
+use crate::mmu::PageTablePool;
+use crate::stop::Stopper;
+use crate::trap::pool_window::PoolWindow;
+use crate::vcpu::Vcpu;
+use crate::vm::Vm;
+use crate::{cpuid, memory};
+
+/// Builds a VM from `cfg`; guest console output goes to `console`.
+pub fn build(cfg: &VmConfig, console: ConsoleSink) -> Result<Vm> {
+    let checked = check_config(cfg)?;
+    let kvm = open_kvm(&cfg.kvm_device)?;
+    let (vm_fd, ram, mut pool) = create_vm(&kvm, cfg.mem_size)?;
+    let kernel = load_kernel(&ram, cfg)?;
+    let (vcpu, offer, tsc_khz) = create_vcpu(&kvm, &vm_fd, &checked)?;
+    let events = EventQueue::default();
+    let mut devices = attach_pio_devices(&console, &events)?;
+    attach_virtio_devices(
+        &mut devices,
+        &vm_fd,
+        &ram,
+        &console,
+        &events,
+        checked.disk,
+        cfg.virtio_console,
+    )?;
+    configure_boot(
+        BootSetup {
+            kvm: &kvm,
+            vcpu: &vcpu,
+            ram: &ram,
+            pool: &mut pool,
+            kernel: &kernel,
+            offer,
+            tsc_khz,
+        },
+        cfg,
+        &devices.windows,
+    )?;
+    let stopper = Stopper::new(events.interrupter())?;
+    let machine = assemble_machine(MachineParts {
+        ram,
+        pool,
+        devices,
+        events,
+        console,
+        offer,
+        protected_end: kernel.end.next_multiple_of(PAGE_SIZE),
+    })?;
+    Ok(Vm::from_parts(
+        kvm,
+        vm_fd,
+        vcpu,
+        machine,
+        stopper,
+        cfg.timeout,
+        kernel,
+    ))
+}
+
+/// What [`check_config`] established without KVM.
+#[derive(Debug)]
+pub struct Checked {
+    /// The kernel's ABI note, as read.
+    pub abi: KernelAbi,
+    /// The kernel's name for messages.
+    pub name: String,
+    /// The opened disk image, if any.
+    pub disk: Option<Disk>,
+    /// The run's mode and `--disable` bits.
+    pub mode: hypercall_abi::boot::Mode,
+    /// Feature bits to clear.
+    pub disable: u64,
+}
+
+/// Step 1: checks the memory size, the kernel image and its ABI note, and opens the disk.
+pub fn check_config(cfg: &VmConfig) -> Result<Checked> {
+    memory::check_mem_size(cfg.mem_size)?;
+    loader::validate(&cfg.kernel.bytes, cfg.mem_size).map_err(|source| Error::Elf {
+        name: cfg.kernel.name.clone(),
+        source,
+    })?;
+    let abi = KernelAbi::read(&cfg.kernel.bytes);
+    // Everything but the TSC rate is known without KVM: refuse early what cannot boot.
+    abi.offer(cfg.mode, hypercall::host_features(1), cfg.disable)
+        .map_err(|source| Error::KernelRefused {
+            name: cfg.kernel.name.clone(),
+            source,
+        })?;
+    let disk = match &cfg.disk {
+        Some(d) => Some(Disk::open(&d.path, d.readonly)?),
+        None => None,
+    };
+    Ok(Checked {
+        abi,
+        name: cfg.kernel.name.clone(),
+        disk,
+        mode: cfg.mode,
+        disable: cfg.disable,
+    })
+}
+
+/// Opens the KVM device.
+pub fn open_kvm(path: &Path) -> Result<Kvm> {
+    let unavailable = |source| Error::KvmUnavailable {
+        path: path.into(),
+        source,
+    };
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| unavailable(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    Kvm::new_with_path(c).map_err(|e| unavailable(std::io::Error::from_raw_os_error(e.errno())))
+}
+
+/// Step 2: the KVM VM, its RAM (slot 0) and the page-table pool (a read-only slot).
+pub fn create_vm(kvm: &Kvm, mem_size: u64) -> Result<(VmFd, GuestRam, PageTablePool)> {
+    let vm = kvm.create_vm().map_err(Error::kvm("create VM"))?;
+    let ram = GuestRam::new(mem_size)?;
+    ram.register(&vm)?;
+    if !kvm.check_extension(Cap::ReadonlyMem) {
+        return Err(Error::MissingCapability(
+            "read-only memory slots (KVM_CAP_READONLY_MEM)",
+        ));
+    }
+    let pool = PageTablePool::new(mem_size)?;
+    pool.register(&vm, POOL_SLOT)?;
+    Ok((vm, ram, pool))
+}
+
+/// Step 3: loads the kernel's segments into RAM.
+pub fn load_kernel(ram: &GuestRam, cfg: &VmConfig) -> Result<ElfInfo> {
+    loader::load(ram.mem(), &cfg.kernel.bytes).map_err(|source| Error::Elf {
+        name: cfg.kernel.name.clone(),
+        source,
+    })
+}
+
+/// Step 4: the vCPU, and what the VM offers now that the TSC rate is known. Returns the
+/// vCPU, the offer and the TSC rate in kHz (0 if KVM cannot say).
+pub fn create_vcpu(kvm: &Kvm, vm: &VmFd, checked: &Checked) -> Result<(Vcpu, Offer, u32)> {
+    let fd = vm.create_vcpu(0).map_err(Error::kvm("create vCPU"))?;
+    // The timing leaf tells the guest its TSC rate; without it the guest has no clock that
+    // costs no exit, so report 0 rather than fail where KVM cannot say.
+    let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
+    let offer = checked
+        .abi
+        .offer(
+            checked.mode,
+            hypercall::host_features(tsc_khz),
+            checked.disable,
+        )
+        .map_err(|source| Error::KernelRefused {
+            name: checked.name.clone(),
+            source,
+        })?;
+    let vcpu = Vcpu::new(fd, kvm.check_extension(Cap::SyncRegs));
+    Ok((vcpu, offer, tsc_khz))
+}
+
+/// A VM's devices while it is being built: both buses and the typed handles.
+#[derive(Debug)]
+pub struct DeviceSet {
+    /// The PIO bus.
+    pub pio: Bus,
+    /// The MMIO bus (the pool window is added by [`assemble_machine`]).
+    pub mmio: Bus,
+    /// Typed handles to the same devices.
+    pub devices: Devices,
+    /// The virtio windows: (base, device ID), window `n` at index `n`.
+    pub windows: Vec<(u64, u32)>,
+}
+
+/// Step 5a: the PIO devices (COM1, exit, marker, null, timer, event), each on its range of
+/// the PIO bus. Needs no KVM.
+pub fn attach_pio_devices(console: &ConsoleSink, events: &EventQueue) -> Result<DeviceSet> {
+    let uart = Arc::new(Mutex::new(Uart::new(console.clone())));
+    let null = Arc::new(Mutex::new(NullDevice::default()));
+    let timer = Arc::new(Mutex::new(PeriodicTimer::default()));
+    let event = Arc::new(Mutex::new(EventDevice::new(events)));
+    let mut pio = Bus::new();
+    let ports: [(u16, u64, SharedDevice); 6] = [
+        (UART_COM1, UART_PORTS, uart.clone()),
+        (EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort))),
+        (MARKER_PORT, 1, Arc::new(Mutex::new(MarkerPort))),
+        (NULL_PORT, 1, null.clone()),
+        (TIMER_PORT, 1, timer.clone()),
+        (EVENT_PORT, 1, event.clone()),
+    ];
+    for (port, len, dev) in ports {
+        pio.insert(u64::from(port), len, dev).map_err(bus_error)?;
+    }
+    Ok(DeviceSet {
+        pio,
+        mmio: Bus::new(),
+        devices: Devices {
+            uart,
+            null,
+            timer,
+            event,
+            virtio: Vec::new(),
+        },
+        windows: Vec::new(),
+    })
+}
+
+/// Step 5b: the virtio devices (virtio-blk with a disk, then virtio-console if asked), window
+/// `n` at [`virtio::window`]`(n)` on the MMIO bus, queue-notify ioeventfds registered with
+/// KVM. Device completions wake the guest through `events`; devices see RAM only, never the
+/// page-table pool.
+pub fn attach_virtio_devices(
+    set: &mut DeviceSet,
+    vm: &VmFd,
+    ram: &GuestRam,
+    console: &ConsoleSink,
+    events: &EventQueue,
+    disk: Option<Disk>,
+    virtio_console: bool,
+) -> Result<()> {
+    // Completions queue a guest event: they wake a parked idle_yield, or raise EVENT_VECTOR
+    // for a halted guest.
+    let interrupt = || {
+        let waker = events.waker();
+        Interrupt::new(move || waker.wake())
+    };
+    let mut virtio_devices = Vec::new();
+    if let Some(disk) = disk {
+        let t = MmioTransport::new(Block::new(disk), ram.mem().clone(), interrupt())?;
+        virtio_devices.push(MmioDevice::Block(t));
+    }
+    if virtio_console {
+        let t = MmioTransport::new(
+            Console::new(console.clone()),
+            ram.mem().clone(),
+            interrupt(),
+        )?;
+        virtio_devices.push(MmioDevice::Console(t));
+    }
+    for dev in virtio_devices {
+        let base = virtio::window(set.windows.len() as u64);
+        dev.register_ioeventfds(vm, base)?;
+        set.windows.push((base, dev.device_id()));
+        let dev = Arc::new(Mutex::new(dev));
+        set.mmio
+            .insert(base, virtio::VIRTIO_MMIO_SLOT, dev.clone())
+            .map_err(bus_error)?;
+        set.devices.virtio.push(dev);
+    }
+    Ok(())
+}
+
+/// What [`assemble_machine`] puts together.
+#[derive(Debug)]
+pub struct MachineParts {
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// The page-table pool (boot tables installed).
+    pub pool: PageTablePool,
+    /// The devices.
+    pub devices: DeviceSet,
+    /// The event queue the devices wake.
+    pub events: EventQueue,
+    /// The console sink.
+    pub console: ConsoleSink,
+    /// What the guest is shown.
+    pub offer: Offer,
+    /// RAM below this cannot be released by the guest.
+    pub protected_end: u64,
+}
+
+/// Step 7: the [`Machine`]: the parts, the pool's trapped window on the MMIO bus, a fresh
+/// clock and statistics. Needs no KVM.
+pub fn assemble_machine(parts: MachineParts) -> Result<Machine> {
+    let pool = Arc::new(Mutex::new(parts.pool));
+    let mut mmio = parts.devices.mmio;
+    mmio.insert(
+        PT_POOL_GPA,
+        PT_POOL_SIZE,
+        Arc::new(Mutex::new(PoolWindow::new(pool.clone(), PT_POOL_GPA))),
+    )
+    .map_err(bus_error)?;
+    Ok(Machine {
+        ram: parts.ram,
+        pool,
+        pio: parts.devices.pio,
+        mmio,
+        devices: parts.devices.devices,
+        events: parts.events,
+        clock: Clock::new(),
+        console: parts.console,
+        stats: ExitStats::default(),
+        offer: parts.offer,
+        protected_end: parts.protected_end,
+    })
+}
+
+/// What [`configure_boot`] needs.
+#[derive(Debug)]
+pub struct BootSetup<'a> {
+    /// The KVM system fd (for the supported CPUID).
+    pub kvm: &'a Kvm,
+    /// The vCPU.
+    pub vcpu: &'a Vcpu,
+    /// Guest RAM.
+    pub ram: &'a GuestRam,
+    /// The page-table pool.
+    pub pool: &'a mut PageTablePool,
+    /// Where the kernel landed.
+    pub kernel: &'a ElfInfo,
+    /// What the guest is shown.
+    pub offer: Offer,
+    /// The TSC rate (0: unknown).
+    pub tsc_khz: u32,
+}
+
+/// Step 6: boot structures (GDT, page tables, boot info with the device windows), CPUID, and
+/// the vCPU's long-mode registers at the kernel's entry.
+pub fn configure_boot(s: BootSetup<'_>, cfg: &VmConfig, windows: &[(u64, u32)]) -> Result<()> {
+    let args = cfg.args.join(" ");
+    let req = BootRequest {
+        mode: s.offer.mode(),
+        workload: &cfg.workload,
+        args: &args,
+        devices: windows,
+    };
+    boot::write_boot_structures(s.ram, s.pool, s.kernel, &req)?;
+    let fd = s.vcpu.fd();
+    fd.set_cpuid2(&cpuid::guest_cpuid(s.kvm, s.offer, s.tsc_khz)?)
+        .map_err(Error::kvm("set CPUID"))?;
+    let mut sregs = fd.get_sregs().map_err(Error::kvm("get sregs"))?;
+    boot::long_mode_sregs(&mut sregs);
+    fd.set_sregs(&sregs).map_err(Error::kvm("set sregs"))?;
+    fd.set_regs(&boot::initial_regs(s.kernel.entry))
+        .map_err(Error::kvm("set regs"))?;
+    Ok(())
+}
+
+fn bus_error(e: crate::bus::BusError) -> Error {
+    // Only a programming error here can overlap two fixed ranges.
+    Error::Io {
+        what: "cannot register a device".into(),
+        source: std::io::Error::other(e),
+    }
+}
+
+impl BusDevice for MmioDevice {
+    fn name(&self) -> &'static str {
+        MmioDevice::name(self)
+    }
+
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioDevice::read(self, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
+        MmioDevice::write(self, offset, data);
+        BusAction::Continue
+    }
+}

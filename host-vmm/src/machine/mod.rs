@@ -1,0 +1,367 @@
+//! The machine: every piece of host-side VM state except the KVM handles, and what each exit
+//! means.
+//!
+//! [`Machine::handle_exit`] takes a decoded KVM exit and routes it: the hypercall port to the
+//! hypercall dispatcher, other port I/O to the PIO [`Bus`], MMIO to the MMIO bus (the virtio
+//! windows and the page-table pool's trapped window), `hlt` to the idle logic. It needs no KVM:
+//! unit tests build a machine over real guest memory and feed it `VcpuExit` values.
+//!
+//! Ownership: the machine owns guest RAM, the page-table pool, the event queue, the clock, the
+//! console sink, the exit statistics, and a typed handle to every device; the buses hold
+//! shared handles to the same devices to route exits. Saving state goes through the typed
+//! handles ([`Machine::save`]).
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use hypercall_abi::idle::{EVENT_VECTOR, TIMER_VECTOR};
+use hypercall_abi::{HYPERCALL_PORT, Regs};
+use kvm_ioctls::{VcpuExit, VmFd};
+
+use crate::bus::{Bus, BusAction};
+use crate::console::ConsoleSink;
+use crate::devices::debug::NullDevice;
+use crate::devices::event::{EventDevice, EventDeviceState, EventQueue, EventQueueState};
+use crate::devices::serial::{Uart, UartState};
+use crate::devices::timer::{PeriodicTimer, TimerState};
+use crate::devices::virtio::MmioDevice;
+use crate::error::Result;
+use crate::hypercall::clock::{Clock, ClockState};
+use crate::hypercall::{self, Context, Outcome};
+use crate::kernel_abi::{HiddenBecause, Offer};
+use crate::memory::GuestRam;
+use crate::metrics::{ExitReason, ExitStats};
+use crate::mmu::PageTablePool;
+use crate::state::{Persist, STATE_VERSION, StateError, check_version};
+use crate::sync::lock;
+
+/// KVM memory slot of the page-table pool (RAM is slot 0).
+pub const POOL_SLOT: u32 = 1;
+
+/// What one exit asks the run loop to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Resume the guest.
+    Continue,
+    /// A hypercall: read the registers, [`Machine::hypercall`], write the return registers.
+    Hypercall,
+    /// `hlt`: [`Machine::halt`].
+    Halt,
+    /// The guest exits with this code.
+    Exit(u32),
+    /// The guest wrote this value to the marker port.
+    Marker(u32),
+    /// The guest cannot go on (the message says why).
+    Fault(String),
+}
+
+/// What `hlt` resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Halt {
+    /// Raise this interrupt vector and resume.
+    Inject(u8),
+    /// Woken without anything to deliver (a stop or pause request): resume as is.
+    Resume,
+    /// Nothing can ever wake the guest.
+    Fault(String),
+}
+
+/// The devices a machine has, as typed handles (the buses hold the same devices).
+#[derive(Debug)]
+pub struct Devices {
+    /// COM1.
+    pub uart: Arc<Mutex<Uart>>,
+    /// The null device (trapped twin of the `null` hypercall).
+    pub null: Arc<Mutex<NullDevice>>,
+    /// The periodic timer.
+    pub timer: Arc<Mutex<PeriodicTimer>>,
+    /// The event device.
+    pub event: Arc<Mutex<EventDevice>>,
+    /// The virtio devices, window `n` at index `n`.
+    pub virtio: Vec<Arc<Mutex<MmioDevice>>>,
+}
+
+/// Host-side VM state and exit handling (see the module docs).
+#[derive(Debug)]
+pub struct Machine {
+    pub(crate) ram: GuestRam,
+    pub(crate) pool: Arc<Mutex<PageTablePool>>,
+    pub(crate) pio: Bus,
+    pub(crate) mmio: Bus,
+    pub(crate) devices: Devices,
+    pub(crate) events: EventQueue,
+    pub(crate) clock: Clock,
+    pub(crate) console: ConsoleSink,
+    pub(crate) stats: ExitStats,
+    /// What the guest is shown: pvkit with feature bits, or nothing.
+    pub(crate) offer: Offer,
+    /// RAM below this (boot structures, stack, kernel image) cannot be released.
+    pub(crate) protected_end: u64,
+}
+
+impl Machine {
+    /// The exit statistics so far.
+    pub fn stats(&self) -> &ExitStats {
+        &self.stats
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The console sink.
+    pub fn console(&self) -> &ConsoleSink {
+        &self.console
+    }
+
+    /// What the guest is shown.
+    pub fn offer(&self) -> Offer {
+        self.offer
+    }
+
+    /// The devices.
+    pub fn devices(&self) -> &Devices {
+        &self.devices
+    }
+
+    /// Routes one exit (see the module docs) and counts it.
+    pub fn handle_exit(&mut self, exit: VcpuExit<'_>) -> Step {
+        let stats = &mut self.stats;
+        match exit {
+            VcpuExit::IoOut(HYPERCALL_PORT, _) if matches!(self.offer, Offer::Pv(_)) => {
+                stats.record(ExitReason::Hypercall);
+                Step::Hypercall
+            }
+            // pvkit is hidden: an unmodified guest has no hypercall port, so a kernel that
+            // writes it skipped detection. Counted, and reported as the guest's error.
+            VcpuExit::IoOut(HYPERCALL_PORT, _) => {
+                stats.record(ExitReason::Pio);
+                stats.record_event("hypercall_while_hidden");
+                Step::Fault(format!(
+                    "wrote to the hypercall port {HYPERCALL_PORT:#x} while pvkit is hidden \
+                     ({}): detect pvkit with CPUID before making hypercalls",
+                    match self.offer {
+                        Offer::Hidden(HiddenBecause::NoNote) => {
+                            "the kernel has no pvkit ABI note, so it runs as an unmodified guest"
+                        }
+                        _ => "--mode trapped runs the kernel as an unmodified guest",
+                    }
+                ))
+            }
+            VcpuExit::IoOut(port, data) => {
+                // Writes to unclaimed ports are dropped, as on a real ISA bus.
+                let (name, action) = self
+                    .pio
+                    .write(u64::from(port), data)
+                    .unwrap_or(("unclaimed", BusAction::Continue));
+                stats.record_device(name);
+                let reason = match action {
+                    BusAction::Marker(_) => ExitReason::Marker,
+                    _ => ExitReason::Pio,
+                };
+                stats.record(reason);
+                Self::step_for(stats, action)
+            }
+            VcpuExit::IoIn(port, data) => {
+                stats.record(ExitReason::Pio);
+                // Unclaimed ports float high, as on a real ISA bus.
+                let name = self.pio.read(u64::from(port), data).unwrap_or_else(|| {
+                    data.fill(0xff);
+                    "unclaimed"
+                });
+                stats.record_device(name);
+                Step::Continue
+            }
+            // Outside RAM and the devices nothing is mapped: reads float high, writes are
+            // dropped. Pool reads never exit (the slot is readable); pool writes are trapped
+            // page-table updates.
+            VcpuExit::MmioRead(gpa, data) => {
+                stats.record(ExitReason::Mmio);
+                match self.mmio.read(gpa, data) {
+                    Some(name) => stats.record_device(name),
+                    None => data.fill(0xff),
+                }
+                Step::Continue
+            }
+            VcpuExit::MmioWrite(gpa, data) => {
+                stats.record(ExitReason::Mmio);
+                match self.mmio.write(gpa, data) {
+                    Some((name, action)) => {
+                        stats.record_device(name);
+                        Self::step_for(stats, action)
+                    }
+                    None => Step::Continue,
+                }
+            }
+            VcpuExit::Intr => {
+                stats.record(ExitReason::Intr);
+                Step::Continue
+            }
+            VcpuExit::Hlt => {
+                stats.record(ExitReason::Hlt);
+                Step::Halt
+            }
+            VcpuExit::Shutdown => {
+                stats.record(ExitReason::Other);
+                Step::Fault("triple fault (KVM_EXIT_SHUTDOWN)".into())
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                stats.record(ExitReason::Other);
+                Step::Fault(format!(
+                    "VM entry failed (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"
+                ))
+            }
+            VcpuExit::InternalError => {
+                stats.record(ExitReason::Other);
+                Step::Fault("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into())
+            }
+            other => {
+                stats.record(ExitReason::Other);
+                Step::Fault(format!("unhandled exit {other:?}"))
+            }
+        }
+    }
+
+    fn step_for(stats: &mut ExitStats, action: BusAction) -> Step {
+        match action {
+            BusAction::Continue => Step::Continue,
+            BusAction::Exit(code) => Step::Exit(code),
+            BusAction::Marker(v) => Step::Marker(v),
+            BusAction::Counted(event) => {
+                stats.record_event(event);
+                Step::Continue
+            }
+        }
+    }
+
+    /// Services one hypercall with argument registers `call`.
+    pub fn hypercall(&mut self, call: &Regs) -> Outcome {
+        let mut pool = lock(&self.pool);
+        let mut ctx = Context {
+            ram: &self.ram,
+            console: &self.console,
+            clock: &self.clock,
+            pool: &mut pool,
+            events: &mut self.events,
+            protected_end: self.protected_end,
+            features: self.offer.features(),
+        };
+        hypercall::dispatch(&mut ctx, call, &mut self.stats)
+    }
+
+    /// `hlt` with interrupts enabled (`interrupts_enabled`): waits for the next timer tick or
+    /// event and says which interrupt to raise. A guest that halts with interrupts disabled,
+    /// or with nothing that could ever wake it, is stuck for good. `stopping` is checked after
+    /// the wait: a stop or pause request ends the wait early.
+    pub fn halt(&mut self, interrupts_enabled: bool, stopping: impl Fn() -> bool) -> Halt {
+        if !interrupts_enabled {
+            return Halt::Fault(
+                "halted (KVM_EXIT_HLT) with interrupts disabled: nothing can wake it".into(),
+            );
+        }
+        let tick = lock(&self.devices.timer).next_due();
+        let mut events = self.events.drain();
+        if events == 0 {
+            // An active virtio device may complete a request at any time.
+            let device_active = self.devices.virtio.iter().any(|d| lock(d).is_active());
+            if tick.is_none() && lock(&self.devices.event).outstanding() == 0 && !device_active {
+                return Halt::Fault(
+                    "halted (KVM_EXIT_HLT) with no timer running, no event outstanding and no \
+                     active device"
+                        .into(),
+                );
+            }
+            let timeout = tick.map(|t| t.saturating_duration_since(Instant::now()));
+            events = self.events.wait(timeout);
+            if events == 0 && stopping() {
+                return Halt::Resume;
+            }
+        }
+        if events > 0 {
+            return Halt::Inject(EVENT_VECTOR);
+        }
+        let now = Instant::now();
+        let mut timer = lock(&self.devices.timer);
+        if timer.next_due().is_none_or(|t| t > now) {
+            // Woken early (an interrupt without a stop): nothing is due yet.
+            return Halt::Resume;
+        }
+        timer.ack(now);
+        Halt::Inject(TIMER_VECTOR)
+    }
+
+    /// Makes KVM drop its shadow page tables if a pool update could have left them stale.
+    pub fn resync_pool(&mut self, vm: &VmFd) -> Result<()> {
+        if lock(&self.pool).resync(vm, POOL_SLOT)? {
+            self.stats.record_event("shadow_resync");
+        }
+        Ok(())
+    }
+
+    /// The machine's state as data (RAM contents excluded: they are saved as memory).
+    pub fn save(&self) -> MachineState {
+        MachineState {
+            version: STATE_VERSION,
+            ram_size: self.ram.size(),
+            clock: self.clock.save(),
+            events: self.events.save(),
+            pool: lock(&self.pool).save(),
+            uart: lock(&self.devices.uart).save(),
+            null: lock(&self.devices.null).save(),
+            timer: lock(&self.devices.timer).save(),
+            event_device: lock(&self.devices.event).save(),
+        }
+    }
+
+    /// Loads a saved state into this freshly built machine (same configuration). Everything is
+    /// checked before anything changes where that can be known up front; a device that
+    /// refuses its state leaves the machine to be discarded (the caller has not run it).
+    pub fn restore(&mut self, state: &MachineState) -> std::result::Result<(), StateError> {
+        check_version(state.version)?;
+        if state.ram_size != self.ram.size() {
+            return Err(StateError::mismatch(
+                "machine",
+                format!(
+                    "saved with {} bytes of RAM, this VM has {}",
+                    state.ram_size,
+                    self.ram.size()
+                ),
+            ));
+        }
+        lock(&self.pool).restore(&state.pool)?;
+        self.clock.restore(&state.clock)?;
+        self.events.restore(&state.events)?;
+        lock(&self.devices.uart).restore(&state.uart)?;
+        lock(&self.devices.null).restore(&state.null)?;
+        lock(&self.devices.timer).restore(&state.timer)?;
+        lock(&self.devices.event).restore(&state.event_device)?;
+        Ok(())
+    }
+}
+
+/// A [`Machine`]'s state: versioned, typed, serde-serializable.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    /// [`STATE_VERSION`] of the writer.
+    pub version: u32,
+    /// Guest RAM size (restore refuses another).
+    pub ram_size: u64,
+    /// The guest clock.
+    pub clock: ClockState,
+    /// The event queue.
+    pub events: EventQueueState,
+    /// The page-table pool: frame types, reference counts and the tables themselves.
+    pub pool: crate::mmu::state::PageTablePoolState,
+    /// COM1.
+    pub uart: UartState,
+    /// The null device.
+    pub null: crate::devices::debug::NullState,
+    /// The periodic timer.
+    pub timer: TimerState,
+    /// The event device.
+    pub event_device: EventDeviceState,
+}
+
+#[cfg(test)]
+mod tests;

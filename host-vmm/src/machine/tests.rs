@@ -1,0 +1,213 @@
+//! Exit routing without KVM: a machine over real guest memory and the real devices, fed
+//! `VcpuExit` values as KVM would hand them over.
+
+use hypercall_abi::idle::{EVENT_PORT, EVENT_VECTOR, TIMER_PORT, TIMER_VECTOR};
+use hypercall_abi::layout::PT_POOL_GPA;
+use hypercall_abi::ports::{EXIT_PORT, MARKER_PORT, NULL_PORT, UART_COM1};
+use hypercall_abi::{HYPERCALL_PORT, Regs, Return, features, virtio};
+use kvm_ioctls::VcpuExit;
+
+use super::*;
+use crate::builder::{MachineParts, assemble_machine, attach_pio_devices};
+use crate::kernel_abi::HiddenBecause;
+
+const MEM: u64 = 16 << 20;
+
+fn machine(offer: Offer) -> Machine {
+    let console = ConsoleSink::new(None);
+    let events = EventQueue::default();
+    let devices = attach_pio_devices(&console, &events).unwrap();
+    assemble_machine(MachineParts {
+        ram: GuestRam::new(MEM).unwrap(),
+        pool: PageTablePool::new(MEM).unwrap(),
+        devices,
+        events,
+        console,
+        offer,
+        protected_end: 0x40_0000,
+    })
+    .unwrap()
+}
+
+fn pv() -> Machine {
+    machine(Offer::Pv(hypercall::host_features(1)))
+}
+
+#[test]
+fn port_writes_reach_their_device_by_range() {
+    let mut m = pv();
+    assert_eq!(
+        m.handle_exit(VcpuExit::IoOut(NULL_PORT, &[1, 0, 0, 0])),
+        Step::Continue
+    );
+    assert_eq!(lock(&m.devices.null).writes(), 1);
+    let mut data = [0u8; 4];
+    m.handle_exit(VcpuExit::IoIn(NULL_PORT, &mut data));
+    assert_eq!(u32::from_le_bytes(data), 1);
+    for b in b"ok\n" {
+        m.handle_exit(VcpuExit::IoOut(UART_COM1, &[*b]));
+    }
+    assert_eq!(m.console.captured(), b"ok\n");
+    assert_eq!(
+        m.handle_exit(VcpuExit::IoOut(EXIT_PORT, &7u32.to_le_bytes())),
+        Step::Exit(7)
+    );
+    assert_eq!(
+        m.handle_exit(VcpuExit::IoOut(MARKER_PORT, &2u32.to_le_bytes())),
+        Step::Marker(2)
+    );
+    let s = m.stats();
+    assert_eq!(s.by_device["null"], 2);
+    assert_eq!(s.by_device["uart"], 3);
+    assert_eq!(s.by_device["exit"], 1);
+    assert_eq!(s.reason(ExitReason::Marker), 1);
+    assert_eq!(s.reason(ExitReason::Pio), 6);
+    assert_eq!(s.total, 7);
+}
+
+#[test]
+fn unclaimed_ports_and_addresses_float_high_and_drop_writes() {
+    let mut m = pv();
+    let mut data = [0u8; 2];
+    m.handle_exit(VcpuExit::IoIn(0x80, &mut data));
+    assert_eq!(data, [0xff, 0xff]);
+    assert_eq!(m.handle_exit(VcpuExit::IoOut(0x80, &[1])), Step::Continue);
+    assert_eq!(m.stats().by_device["unclaimed"], 2);
+    let mut data = [0u8; 4];
+    m.handle_exit(VcpuExit::MmioRead(virtio::window(0), &mut data));
+    assert_eq!(data, [0xff; 4], "no virtio device attached");
+    assert_eq!(
+        m.handle_exit(VcpuExit::MmioWrite(0xfee0_0000, &[1; 4])),
+        Step::Continue
+    );
+    assert_eq!(m.stats().reason(ExitReason::Mmio), 2);
+}
+
+#[test]
+fn the_hypercall_port_is_served_only_when_pvkit_is_shown() {
+    let mut m = pv();
+    assert_eq!(
+        m.handle_exit(VcpuExit::IoOut(HYPERCALL_PORT, &[0; 4])),
+        Step::Hypercall
+    );
+    assert_eq!(
+        m.hypercall(&Regs {
+            nr: 0,
+            args: [42, 0, 0, 0]
+        }),
+        Outcome::Return(Return::ok(42))
+    );
+    assert_eq!(m.stats().by_hypercall["null"], 1);
+
+    for why in [HiddenBecause::TrappedMode, HiddenBecause::NoNote] {
+        let mut m = machine(Offer::Hidden(why));
+        let step = m.handle_exit(VcpuExit::IoOut(HYPERCALL_PORT, &[0; 4]));
+        assert!(
+            matches!(step, Step::Fault(ref w) if w.contains("hidden")),
+            "{step:?}"
+        );
+        assert_eq!(m.stats().event("hypercall_while_hidden"), 1);
+        assert!(m.stats().by_hypercall.is_empty());
+    }
+    // Feature bits bind: a cleared bit is not serviced.
+    let mut m = machine(Offer::Pv(hypercall::host_features(1) & !features::NULL));
+    assert_eq!(
+        m.hypercall(&Regs {
+            nr: 0,
+            args: [1, 0, 0, 0]
+        }),
+        Outcome::Return(Return::err(hypercall_abi::Error::NotImplemented))
+    );
+}
+
+#[test]
+fn trapped_page_table_stores_go_to_the_pool_window() {
+    let mut m = pv();
+    // An unaligned partial store is refused and counted, never applied.
+    assert_eq!(
+        m.handle_exit(VcpuExit::MmioWrite(PT_POOL_GPA + 8, &[1, 0, 0, 0])),
+        Step::Continue
+    );
+    assert_eq!(m.stats().event("pte_rejected"), 1);
+    assert_eq!(lock(&m.pool).read_entry(PT_POOL_GPA + 8), Some(0));
+    assert_eq!(m.stats().by_device["pt-pool"], 1);
+}
+
+#[test]
+fn hlt_waits_for_what_can_wake_the_guest() {
+    let mut m = pv();
+    assert_eq!(m.handle_exit(VcpuExit::Hlt), Step::Halt);
+    assert!(matches!(m.halt(false, || false), Halt::Fault(_)));
+    assert!(
+        matches!(m.halt(true, || false), Halt::Fault(ref w) if w.contains("no timer")),
+        "nothing can wake it"
+    );
+    m.events.waker().wake();
+    assert_eq!(m.halt(true, || false), Halt::Inject(EVENT_VECTOR));
+    // Program a 1 ms timer through its port, then halt: the tick comes.
+    m.handle_exit(VcpuExit::IoOut(TIMER_PORT, &1000u32.to_le_bytes()));
+    assert_eq!(m.halt(true, || false), Halt::Inject(TIMER_VECTOR));
+    assert_eq!(lock(&m.devices.timer).ticks(), 1);
+    // An event scheduled through the event device's port wakes the halted guest.
+    m.handle_exit(VcpuExit::IoOut(TIMER_PORT, &0u32.to_le_bytes()));
+    m.handle_exit(VcpuExit::IoOut(EVENT_PORT, &100u32.to_le_bytes()));
+    assert_eq!(m.halt(true, || false), Halt::Inject(EVENT_VECTOR));
+    // A stop or pause ends the wait without an interrupt.
+    m.handle_exit(VcpuExit::IoOut(TIMER_PORT, &1_000_000u32.to_le_bytes()));
+    m.events.interrupter().interrupt();
+    assert_eq!(m.halt(true, || true), Halt::Resume);
+}
+
+#[test]
+fn guest_faults_are_reported_not_panicked() {
+    let mut m = pv();
+    for exit in [
+        VcpuExit::Shutdown,
+        VcpuExit::InternalError,
+        VcpuExit::FailEntry(0x80000021, 0),
+    ] {
+        assert!(matches!(m.handle_exit(exit), Step::Fault(_)));
+    }
+    assert_eq!(m.handle_exit(VcpuExit::Intr), Step::Continue);
+}
+
+#[test]
+fn machine_state_round_trips_and_refuses_other_machines() {
+    let mut m = pv();
+    m.handle_exit(VcpuExit::IoOut(NULL_PORT, &[5]));
+    m.handle_exit(VcpuExit::IoOut(UART_COM1 + 7, &[0x42])); // scratch register
+    m.handle_exit(VcpuExit::IoOut(TIMER_PORT, &500u32.to_le_bytes()));
+    m.handle_exit(VcpuExit::IoOut(EVENT_PORT, &5_000_000u32.to_le_bytes()));
+    m.events.waker().wake();
+    let saved = m.save();
+    let json = serde_json::to_string(&saved).unwrap();
+    let back: MachineState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, saved);
+
+    let mut fresh = pv();
+    fresh.restore(&back).unwrap();
+    let again = fresh.save();
+    assert_eq!(again.null, saved.null);
+    assert_eq!(again.pool, saved.pool);
+    assert_eq!(again.uart, saved.uart);
+    assert_eq!(again.events, saved.events);
+    assert_eq!(again.timer.period_us, 500);
+    assert_eq!(again.event_device.due_in_ns.len(), 1);
+    assert!(again.clock.now_ns >= saved.clock.now_ns, "time goes on");
+    let mut scratch = [0u8];
+    fresh.handle_exit(VcpuExit::IoIn(UART_COM1 + 7, &mut scratch));
+    assert_eq!(scratch, [0x42]);
+
+    let mut bad = saved.clone();
+    bad.version += 1;
+    assert!(matches!(
+        fresh.restore(&bad),
+        Err(StateError::Version { .. })
+    ));
+    let mut bad = saved.clone();
+    bad.ram_size *= 2;
+    assert!(matches!(
+        fresh.restore(&bad),
+        Err(StateError::Mismatch { .. })
+    ));
+}
