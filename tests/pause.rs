@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use host_vmm::builder::build;
+use host_vmm::compare::GuestResult;
 use host_vmm::compare::WindowRecorder;
 use host_vmm::config::VmConfig;
 use host_vmm::console::ConsoleSink;
 use host_vmm::vcpu::ControlError;
-use host_vmm::vm::GuestResult;
 use tests::{Mode, require_kvm};
 
 const WAIT: Duration = Duration::from_secs(10);

@@ -14,6 +14,7 @@ compile_error!(
      `cargo build -p guest-demo-kernel --target x86_64-unknown-none`"
 );
 
+mod args;
 mod exit_code;
 mod out;
 mod panic;
@@ -22,7 +23,7 @@ mod workloads;
 
 use core::fmt::Write;
 
-use guest_pv::args::Args;
+use crate::args::Args;
 use guest_pv::kernel::Kernel;
 use hypercall_abi::boot::BootInfo;
 
@@ -83,7 +84,7 @@ fn run(mut env: Env) -> u32 {
         );
         return exit_code::USAGE;
     };
-    let args = match Args::parse_with_text(info.args(), workload.keys, workload.text_keys) {
+    let args = match Args::parse(info.args(), workload.keys, workload.text_keys) {
         Ok(args) => args,
         Err(e) => {
             kprintln!(env.console, "error: workload '{}': {e}", workload.name);

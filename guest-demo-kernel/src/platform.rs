@@ -34,7 +34,7 @@ pub fn marker_checkpoint() {
 }
 
 /// Writes `i as u32` to the null port for `i` = `0..n` in one tight loop; returns the wrapping
-/// sum of the `i`s (the trapped twin of `Pvkit::null_loop`).
+/// sum of the `i`s (the trapped twin of the `null` workload's PV loop).
 pub fn null_port_loop(n: u64) -> u64 {
     // SAFETY: a pvkit VM (module docs); the null port only counts the writes.
     unsafe { trapped::null_port_loop(n) }

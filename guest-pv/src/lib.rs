@@ -22,7 +22,7 @@
 //! - [`idle`]: idling until a deadline — [`idle::spin`], [`idle::hlt`] (trapped timer ticks,
 //!   [`trapped::timer_start`]) or [`idle::PvIdle`] ([`Pvkit::idle_yield`]) — and
 //!   [`idle::percentile`] for summarising wake-up overshoots.
-//! - [`Fnv1a`] (workload checksums) and [`args`] (parsing `BootInfo` workload arguments).
+//! - [`Fnv1a`], a 64-bit FNV-1a hash (e.g. for checksums a host can compare across runs).
 //! - [`cpu`]: a CPL 3 runtime (GDT, TSS with a full I/O bitmap, IDT, kernel services through
 //!   `ud2`, [`cpu::run_user`]), because pvkit's KVM runs CPL 3 code natively and emulates CPL 0;
 //!   and interrupts: counted per vector ([`cpu::interrupt_count`]), an optional hook, and
@@ -101,7 +101,6 @@ compile_error!("guest-pv supports x86-64 only (pvkit's hypercall is an x86 `out`
 #[cfg(test)]
 extern crate std;
 
-pub mod args;
 pub mod boot;
 pub mod checksum;
 mod clock;

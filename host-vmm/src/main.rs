@@ -116,6 +116,10 @@ struct CompareArgs {
     /// Number of calls of the `null` workload.
     #[arg(long, default_value_t = compare::DEFAULT_NULL_OPS)]
     null_ops: u64,
+    /// Rounds of the `null` runs and the raw exit loops, interleaved; each reports its median
+    /// run (a shared host's load otherwise moves one run by more than PV and trapped differ).
+    #[arg(long, default_value_t = compare::DEFAULT_NULL_ROUNDS, value_parser = clap::value_parser!(u64).range(1..=100))]
+    null_rounds: u64,
     /// Bytes written by the `console` workload.
     #[arg(long, default_value_t = compare::DEFAULT_CONSOLE_BYTES)]
     console_bytes: u64,
@@ -174,6 +178,7 @@ impl CompareArgs {
                 vec![self.workload]
             },
             null_ops: self.null_ops,
+            null_rounds: self.null_rounds,
             console_bytes: self.console_bytes,
             pt_updates: self.pt_updates,
             pt_batches: self.pt_batches,
@@ -389,8 +394,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", compare::render_table(&records));
             std::io::stdout().flush().ok();
             if let Some(path) = json {
-                let text = serde_json::to_string_pretty(&records)?;
-                std::fs::write(&path, text + "\n")
+                let text = compare::render_json(&records)?;
+                std::fs::write(&path, text)
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 eprintln!("wrote {} records to {}", records.len(), path.display());
             }

@@ -21,53 +21,6 @@ use crate::stop::{StopReason, Stopper};
 use crate::sync::lock;
 use crate::vcpu::{Vcpu, VcpuHandle};
 
-/// The result line a workload prints: `PVKIT-RESULT key=value ...`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GuestResult {
-    /// The key/value pairs in order.
-    pub fields: Vec<(String, String)>,
-}
-
-/// Prefix of the result line.
-pub const RESULT_PREFIX: &str = "PVKIT-RESULT ";
-
-impl GuestResult {
-    /// Finds the last result line in console output.
-    pub fn parse(console: &[u8]) -> Option<GuestResult> {
-        let text = String::from_utf8_lossy(console);
-        let line = text
-            .lines()
-            .rev()
-            .find_map(|l| l.strip_prefix(RESULT_PREFIX))?;
-        let fields = line
-            .split_whitespace()
-            .filter_map(|w| {
-                w.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
-            .collect();
-        Some(GuestResult { fields })
-    }
-
-    /// A field's value.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// `ops` as a number.
-    pub fn ops(&self) -> Option<u64> {
-        self.get("ops")?.parse().ok()
-    }
-
-    /// `checksum` as a number (hex with `0x`).
-    pub fn checksum(&self) -> Option<u64> {
-        u64::from_str_radix(self.get("checksum")?.strip_prefix("0x")?, 16).ok()
-    }
-}
-
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct RunReport {
@@ -314,20 +267,5 @@ impl Drop for TimerSlack {
     fn drop(&mut self) {
         // SAFETY: sets a number of the calling thread (the one that created this guard).
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, self.0) };
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_result_lines() {
-        let out = b"hello\nPVKIT-RESULT workload=null mode=pv ops=10 checksum=0x00000000000000ff\n";
-        let r = GuestResult::parse(out).unwrap();
-        assert_eq!(r.get("workload"), Some("null"));
-        assert_eq!(r.ops(), Some(10));
-        assert_eq!(r.checksum(), Some(255));
-        assert_eq!(GuestResult::parse(b"no result"), None);
     }
 }

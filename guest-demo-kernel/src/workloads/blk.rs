@@ -52,8 +52,8 @@
 
 use core::fmt::{self, Write};
 
+use crate::args::Args;
 use guest_pv::Fnv1a;
-use guest_pv::args::Args;
 use guest_pv::virtio::virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus, SECTOR_SIZE};
 use guest_pv::virtio::{
     self, Ack, BLK_MAX_IN_FLIGHT, Blk, DeviceInfo, WaitPolicy, WaitStats, Waiter,

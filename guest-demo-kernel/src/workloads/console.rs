@@ -11,7 +11,7 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use guest_pv::args::Args;
+use crate::args::Args;
 use guest_pv::{Console, Fnv1a};
 use hypercall_abi::boot::BootInfo;
 

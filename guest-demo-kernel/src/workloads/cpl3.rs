@@ -14,7 +14,7 @@
 
 use core::arch::asm;
 
-use guest_pv::args::Args;
+use crate::args::Args;
 use guest_pv::{Fnv1a, cpu};
 
 use super::{Env, Outcome, Workload};

@@ -1,7 +1,7 @@
 //! `hello`: nothing to time; the checksum covers the greeting line.
 
+use crate::args::Args;
 use guest_pv::Fnv1a;
-use guest_pv::args::Args;
 
 use super::{Env, Outcome, Workload};
 use crate::platform::{marker_begin, marker_end};

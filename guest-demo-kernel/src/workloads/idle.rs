@@ -23,7 +23,7 @@
 
 use core::fmt::{self, Write};
 
-use guest_pv::args::Args;
+use crate::args::Args;
 use guest_pv::idle::{self, PvIdle, Strategy, percentile};
 use guest_pv::tsc::Tsc;
 use guest_pv::{Fnv1a, cpu};

@@ -15,8 +15,8 @@ mod zero;
 
 use core::fmt;
 
+use crate::args::Args;
 use guest_pv::Console;
-use guest_pv::args::Args;
 use hypercall_abi::boot::{BootInfo, region_kind};
 use hypercall_abi::layout::{IDENTITY_MAP_SIZE, PAGE_SIZE};
 

@@ -36,7 +36,7 @@
 
 use core::fmt;
 
-use guest_pv::args::Args;
+use crate::args::Args;
 use guest_pv::mmu::{AddressSpace, Batch, MmuError, PtFrameAllocator, Updater};
 use guest_pv::{Fnv1a, Pvkit, cpu};
 use hypercall_abi::features;

@@ -1,7 +1,7 @@
 //! `panic`: panics on purpose, so tests can check that a guest panic prints `PVKIT-PANIC: …`
 //! and exits with code 101.
 
-use guest_pv::args::Args;
+use crate::args::Args;
 
 use super::{Env, Outcome, Workload};
 

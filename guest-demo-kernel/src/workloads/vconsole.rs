@@ -16,8 +16,8 @@
 
 use core::fmt::Write;
 
+use crate::args::Args;
 use guest_pv::Fnv1a;
-use guest_pv::args::Args;
 use guest_pv::virtio;
 use hypercall_abi::layout::PAGE_SIZE;
 use hypercall_abi::virtio::DEVICE_ID_CONSOLE;

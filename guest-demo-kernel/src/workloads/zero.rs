@@ -36,8 +36,8 @@
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use crate::args::Args;
 use guest_pv::Fnv1a;
-use guest_pv::args::Args;
 use guest_pv::frames::{FrameStats, Frames, HintBuffers, Hints, MAX_FRAMES};
 use guest_pv::tsc::Tsc;
 use hypercall_abi::features;

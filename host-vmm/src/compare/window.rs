@@ -7,13 +7,14 @@ use std::time::Instant;
 
 use hypercall_abi::ports::{MARKER_BEGIN, MARKER_CHECKPOINT, MARKER_END};
 
+use super::result::GuestResult;
 use crate::config::VmConfig;
 use crate::console::ConsoleSink;
 use crate::error::Result;
 use crate::machine::Machine;
 use crate::metrics::{Snapshot, Window};
 use crate::rusage::{thread_cpu_ns, thread_faults};
-use crate::vm::{GuestResult, RunObserver, RunReport};
+use crate::vm::{RunObserver, RunReport};
 
 /// Records the window between the begin and end markers, with the checkpoints in between.
 #[derive(Debug, Default)]

@@ -1,27 +1,18 @@
-//! Parsing of the workload arguments in [`hypercall_abi::boot::BootInfo::args`]: ASCII
-//! `key=value` words separated by spaces, every value a decimal `u64` (`_` separators allowed,
-//! as in `bytes=16_384`) unless the key is declared text-valued ([`Args::parse_with_text`],
-//! e.g. `root=new`).
+//! The workload arguments in [`hypercall_abi::boot::BootInfo::args`]: ASCII `key=value` words
+//! separated by spaces, every value a decimal `u64` (`_` separators allowed, as in
+//! `bytes=16_384`) unless the key is declared text-valued (e.g. `root=new`, read with
+//! [`Args::get_str`]). Every key must be one the workload declares.
 //!
 //! Allocation-free: [`Args`] keeps the text and looks keys up on demand.
 //!
+//! ```text
+//! Args::parse(b"ops=1_000 root=new", &["ops"], &["root"])  -> get("ops") = Some(1000),
+//!                                                             get_str("root") = Some("new")
+//! Args::parse(b"colour=blue", &["ops"], &[])                -> "unknown argument 'colour' (known: ops)"
 //! ```
-//! use guest_pv::args::Args;
 //!
-//! let args = Args::parse(b"ops=1_000 x=2").unwrap();
-//! assert_eq!(args.get_or("ops", 5), 1000);
-//! assert_eq!(args.get_or("bytes", 5), 5);
-//! assert!(args.expect_only(&["ops"]).is_err()); // `x` is not a known key
-//!
-//! // Or check the keys while parsing:
-//! let err = Args::parse_known(b"colour=blue", &["ops"]).unwrap_err();
-//! assert_eq!(err.to_string(), "unknown argument 'colour' (known: ops)");
-//!
-//! // Text-valued keys are declared separately and read with `get_str`:
-//! let args = Args::parse_with_text(b"ops=3 root=new", &["ops"], &["root"]).unwrap();
-//! assert_eq!(args.get_str("root"), Some("new"));
-//! assert_eq!(args.get("ops"), Some(3));
-//! ```
+//! This kernel's own (it is no part of guest-pv's library): its unit tests run on the host from
+//! the `tests` crate (`tests/args.rs`), since this freestanding crate has no test harness.
 
 use core::fmt;
 
@@ -87,49 +78,34 @@ impl fmt::Display for ArgError<'_> {
 impl core::error::Error for ArgError<'_> {}
 
 impl<'a> Args<'a> {
-    /// Checks the syntax of every word (and that no key repeats); accepts any key.
-    pub fn parse(raw: &'a [u8]) -> Result<Args<'a>, ArgError<'a>> {
-        Args::check(raw, None)
-    }
-
-    /// Like [`parse`](Self::parse), but also rejects keys not in `known`. Words are checked in
-    /// order, and a word's key before its value, so `colour=blue` is reported as an unknown key.
-    pub fn parse_known(raw: &'a [u8], known: &'a [&'a str]) -> Result<Args<'a>, ArgError<'a>> {
-        Args::check(raw, Some((known, &[])))
-    }
-
-    /// Like [`parse_known`](Self::parse_known) with numeric keys `known`, plus text-valued keys
-    /// `text`, whose values may be any word (read them with [`get_str`](Self::get_str); the
-    /// caller validates them).
-    pub fn parse_with_text(
+    /// Checks every word: `key=value` with a key from `known` (numeric value) or `text` (any
+    /// value; the workload validates it), no key twice. Words are checked in order, and a
+    /// word's key before its value, so `colour=blue` is reported as an unknown key.
+    pub fn parse(
         raw: &'a [u8],
         known: &'a [&'a str],
         text: &'a [&'a str],
     ) -> Result<Args<'a>, ArgError<'a>> {
-        Args::check(raw, Some((known, text)))
+        Args::check(raw, known, text)
     }
 
     fn check(
         raw: &'a [u8],
-        keys: Option<(&'a [&'a str], &'a [&'a str])>,
+        known: &'a [&'a str],
+        text_keys: &'a [&'a str],
     ) -> Result<Args<'a>, ArgError<'a>> {
         let text = core::str::from_utf8(raw).map_err(|_| ArgError::NotUtf8)?;
         let args = Args { text };
         for (i, word) in args.words().enumerate() {
             let (key, value) = split_word(word)?;
-            let numeric = match keys {
-                Some((known, text_keys)) if text_keys.contains(&key) && !known.contains(&key) => {
-                    false
-                }
-                Some((known, text_keys)) if !known.contains(&key) => {
-                    return Err(ArgError::Unknown {
-                        key,
-                        known,
-                        text: text_keys,
-                    });
-                }
-                _ => true,
-            };
+            let numeric = known.contains(&key);
+            if !numeric && !text_keys.contains(&key) {
+                return Err(ArgError::Unknown {
+                    key,
+                    known,
+                    text: text_keys,
+                });
+            }
             if numeric {
                 parse_u64(value).ok_or(ArgError::BadValue { key, value })?;
             }
@@ -162,18 +138,6 @@ impl<'a> Args<'a> {
         self.get(key).unwrap_or(default)
     }
 
-    /// An error naming the first key that is not in `known`.
-    pub fn expect_only(&self, known: &'a [&'a str]) -> Result<(), ArgError<'a>> {
-        match self.iter().find(|(k, _)| !known.contains(k)) {
-            Some((key, _)) => Err(ArgError::Unknown {
-                key,
-                known,
-                text: &[],
-            }),
-            None => Ok(()),
-        }
-    }
-
     /// The `(key, value)` pairs with numeric values, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&'a str, u64)> + 'a {
         // Every numeric word was validated by `parse`; only text-valued ones are filtered out.
@@ -181,11 +145,6 @@ impl<'a> Args<'a> {
             let (k, v) = split_word(w).ok()?;
             Some((k, parse_u64(v)?))
         })
-    }
-
-    /// True if there are no arguments.
-    pub fn is_empty(&self) -> bool {
-        self.words().next().is_none()
     }
 
     fn words(&self) -> impl Iterator<Item = &'a str> + 'a {
@@ -202,7 +161,7 @@ fn split_word(word: &str) -> Result<(&str, &str), ArgError<'_>> {
 
 /// Parses a decimal `u64`: ASCII digits, with `_` allowed between them (`16_384`). `None` for
 /// anything else, including overflow.
-pub fn parse_u64(s: &str) -> Option<u64> {
+fn parse_u64(s: &str) -> Option<u64> {
     let bytes = s.as_bytes();
     if !bytes.first()?.is_ascii_digit() || bytes.last() == Some(&b'_') {
         return None;
@@ -224,6 +183,8 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
+
+    const KEYS: &[&str] = &["ops", "bytes"];
 
     #[test]
     fn parses_numbers() {
@@ -249,55 +210,54 @@ mod tests {
 
     #[test]
     fn empty_arguments() {
-        let a = Args::parse(b"").unwrap();
-        assert!(a.is_empty());
+        let a = Args::parse(b"", KEYS, &[]).unwrap();
+        assert_eq!(a.iter().count(), 0);
         assert_eq!(a.get("ops"), None);
-        assert_eq!(a.expect_only(&[]), Ok(()));
+        assert!(Args::parse(b"", &[], &[]).is_ok());
     }
 
     #[test]
     fn looks_keys_up() {
-        let a = Args::parse(b"ops=10 bytes=4_096").unwrap();
-        assert!(!a.is_empty());
+        let a = Args::parse(b"ops=10 bytes=4_096", KEYS, &[]).unwrap();
         assert_eq!(a.get("ops"), Some(10));
         assert_eq!(a.get("bytes"), Some(4096));
+        assert_eq!(a.get_or("bytes", 7), 4096);
         assert_eq!(a.get_or("other", 7), 7);
         assert_eq!(a.iter().collect::<Vec<_>>(), [("ops", 10), ("bytes", 4096)]);
-        assert_eq!(a.expect_only(&["bytes", "ops"]), Ok(()));
     }
 
     #[test]
     fn tolerates_extra_spaces() {
-        let a = Args::parse(b"  ops=1   bytes=2 ").unwrap();
+        let a = Args::parse(b"  ops=1   bytes=2 ", KEYS, &[]).unwrap();
         assert_eq!(a.iter().collect::<Vec<_>>(), [("ops", 1), ("bytes", 2)]);
     }
 
     #[test]
     fn rejects_bad_input() {
-        assert_eq!(Args::parse(b"ops"), Err(ArgError::Malformed("ops")));
-        assert_eq!(Args::parse(b"=5"), Err(ArgError::Malformed("=5")));
+        let parse = |raw: &'static [u8]| Args::parse(raw, KEYS, &[]);
+        assert_eq!(parse(b"ops"), Err(ArgError::Malformed("ops")));
+        assert_eq!(parse(b"=5"), Err(ArgError::Malformed("=5")));
         assert_eq!(
-            Args::parse(b"ops=ten"),
+            parse(b"ops=ten"),
             Err(ArgError::BadValue {
                 key: "ops",
                 value: "ten"
             })
         );
         assert_eq!(
-            Args::parse(b"ops="),
+            parse(b"ops="),
             Err(ArgError::BadValue {
                 key: "ops",
                 value: ""
             })
         );
-        assert_eq!(Args::parse(b"ops=1 ops=2"), Err(ArgError::Duplicate("ops")));
-        assert_eq!(Args::parse(&[0xff]), Err(ArgError::NotUtf8));
+        assert_eq!(parse(b"ops=1 ops=2"), Err(ArgError::Duplicate("ops")));
+        assert_eq!(parse(&[0xff]), Err(ArgError::NotUtf8));
     }
 
     #[test]
     fn names_the_unknown_key() {
-        let a = Args::parse(b"ops=1 size=2").unwrap();
-        let e = a.expect_only(&["ops"]).unwrap_err();
+        let e = Args::parse(b"ops=1 size=2", &["ops"], &[]).unwrap_err();
         assert_eq!(
             e,
             ArgError::Unknown {
@@ -307,15 +267,15 @@ mod tests {
             }
         );
         assert_eq!(e.to_string(), "unknown argument 'size' (known: ops)");
-        let e = a.expect_only(&[]).unwrap_err();
+        let e = Args::parse(b"ops=1", &[], &[]).unwrap_err();
         assert_eq!(e.to_string(), "unknown argument 'ops' (known: none)");
     }
 
     #[test]
-    fn parse_known_checks_keys_before_values() {
+    fn checks_keys_before_values() {
         let known: &[&str] = &["ops"];
         assert_eq!(
-            Args::parse_known(b"colour=blue", known),
+            Args::parse(b"colour=blue", known, &[]),
             Err(ArgError::Unknown {
                 key: "colour",
                 known,
@@ -323,26 +283,25 @@ mod tests {
             })
         );
         assert_eq!(
-            Args::parse_known(b"ops=lots", known),
+            Args::parse(b"ops=lots", known, &[]),
             Err(ArgError::BadValue {
                 key: "ops",
                 value: "lots"
             })
         );
         assert_eq!(
-            Args::parse_known(b"ops=1 x", known),
+            Args::parse(b"ops=1 x", known, &[]),
             Err(ArgError::Malformed("x"))
         );
-        let a = Args::parse_known(b"ops=3", known).unwrap();
+        let a = Args::parse(b"ops=3", known, &[]).unwrap();
         assert_eq!(a.get("ops"), Some(3));
-        assert!(Args::parse_known(b"", &[]).unwrap().is_empty());
     }
 
     #[test]
     fn text_keys_take_any_value() {
         let known: &[&str] = &["ops"];
         let text: &[&str] = &["root"];
-        let a = Args::parse_with_text(b"root=new ops=2", known, text).unwrap();
+        let a = Args::parse(b"root=new ops=2", known, text).unwrap();
         assert_eq!(a.get_str("root"), Some("new"));
         assert_eq!(a.get("root"), None);
         assert_eq!(a.get("ops"), Some(2));
@@ -350,25 +309,23 @@ mod tests {
         assert_eq!(a.get_str("other"), None);
         assert_eq!(a.iter().collect::<Vec<_>>(), [("ops", 2)]);
         assert_eq!(
-            Args::parse_with_text(b"root=", known, text)
-                .unwrap()
-                .get_str("root"),
+            Args::parse(b"root=", known, text).unwrap().get_str("root"),
             Some("")
         );
         assert_eq!(
-            Args::parse_with_text(b"ops=x", known, text),
+            Args::parse(b"ops=x", known, text),
             Err(ArgError::BadValue {
                 key: "ops",
                 value: "x"
             })
         );
         assert_eq!(
-            Args::parse_with_text(b"root=a root=b", known, text),
+            Args::parse(b"root=a root=b", known, text),
             Err(ArgError::Duplicate("root"))
         );
-        let e = Args::parse_with_text(b"size=1", known, text).unwrap_err();
+        let e = Args::parse(b"size=1", known, text).unwrap_err();
         assert_eq!(e.to_string(), "unknown argument 'size' (known: ops, root)");
-        let e = Args::parse_with_text(b"size=1", &[], &[]).unwrap_err();
+        let e = Args::parse(b"size=1", &[], &[]).unwrap_err();
         assert_eq!(e.to_string(), "unknown argument 'size' (known: none)");
     }
 

@@ -1,0 +1,322 @@
+//! Rendering the records: the side-by-side table with its summary lines, and JSON.
+
+use super::floor::{FLOOR_WORKLOAD, Floor};
+use super::record::{Record, checksum_text};
+
+/// A trapped run and a PV run of the same workload (and `blk` pattern).
+#[derive(Debug, Clone, Copy)]
+pub struct Ratio<'a> {
+    /// The trapped run.
+    pub trapped: &'a Record,
+    /// The PV run (`pv`, a `pagetable` batch, a labelled PV variant).
+    pub pv: &'a Record,
+    /// Trapped ÷ PV time per op (above 1: PV is faster); 0 when PV took no time.
+    pub ratio: f64,
+    /// Whether the two checksums agree.
+    pub same_checksum: bool,
+}
+
+/// Every trapped run paired with each PV run (mode `pv…`) of its workload and pattern, in
+/// record order.
+pub fn ratios(records: &[Record]) -> Vec<Ratio<'_>> {
+    let mut out = Vec::new();
+    for tr in records.iter().filter(|r| r.mode == "trapped") {
+        for pv in records.iter().filter(|r| {
+            r.workload == tr.workload && r.mode.starts_with("pv") && r.pattern == tr.pattern
+        }) {
+            out.push(Ratio {
+                trapped: tr,
+                pv,
+                ratio: if pv.ns_per_op > 0.0 {
+                    tr.ns_per_op / pv.ns_per_op
+                } else {
+                    0.0
+                },
+                same_checksum: pv.checksum == tr.checksum,
+            });
+        }
+    }
+    out
+}
+
+/// The `null` PV run against the raw hypercall loop of the same `compare` run.
+#[derive(Debug, Clone, Copy)]
+pub struct NullOverhead<'a> {
+    /// `null` in PV mode.
+    pub pv: &'a Record,
+    /// The `raw-hypercall` floor.
+    pub floor: &'a Record,
+    /// How much slower per call PV is than the floor, in percent (negative: faster).
+    pub percent: f64,
+}
+
+/// `null` PV against the hypercall floor, if both ran.
+pub fn null_overhead(records: &[Record]) -> Option<NullOverhead<'_>> {
+    let find = |w: &str, m: &str| records.iter().find(|x| x.workload == w && x.mode == m);
+    let pv = find("null", "pv")?;
+    let floor = find(FLOOR_WORKLOAD, Floor::Hypercall.name())?;
+    Some(NullOverhead {
+        pv,
+        floor,
+        percent: 100.0 * (pv.ns_per_op / floor.ns_per_op - 1.0),
+    })
+}
+
+/// The records as a pretty-printed JSON array, with a final newline.
+pub fn render_json(records: &[Record]) -> serde_json::Result<String> {
+    Ok(serde_json::to_string_pretty(records)? + "\n")
+}
+
+/// The mode column: the mode, plus the batch size or the `blk` pattern.
+fn mode_label(r: &Record) -> String {
+    match (r.batch, &r.pattern) {
+        (Some(b), _) => format!("{} b={b}", r.mode),
+        (None, Some(p)) => format!("{} {p}", r.mode),
+        (None, None) => r.mode.clone(),
+    }
+}
+
+/// CPU time of the vCPU thread as a percentage of the window's wall time.
+fn cpu_pct(r: &Record) -> f64 {
+    100.0 * r.host_cpu_ns as f64 / r.wall_ns.max(1) as f64
+}
+
+/// The side-by-side table, with the trapped ÷ PV ratio per workload and, for `null`, the
+/// floor (raw exit loops) it should be compared with.
+pub fn render_table(records: &[Record]) -> String {
+    let mut s = format!(
+        "{:<9} {:<13} {:>9} {:>9} {:>8} {:>10} {:>10} {:>9}  {:<18}\n",
+        "workload", "mode", "ops", "exits", "exits/op", "wall ms", "ns/op", "host cpu%", "checksum"
+    );
+    for r in records {
+        s += &format!(
+            "{:<9} {:<13} {:>9} {:>9} {:>8.3} {:>10.2} {:>10.1} {:>9.1}  {:<18}\n",
+            r.workload,
+            mode_label(r),
+            r.ops,
+            r.exits.get("total").copied().unwrap_or(0),
+            r.exits_per_op,
+            r.wall_ns as f64 / 1e6,
+            r.ns_per_op,
+            cpu_pct(r),
+            checksum_text(r)
+        );
+    }
+    let find = |w: &str, m: &str| records.iter().find(|x| x.workload == w && x.mode == m);
+    if let Some(n) = null_overhead(records) {
+        s += &format!(
+            "null: pv {:.0} ns/call vs raw hypercall loop {:.0} ns/exit ({:+.1}%): the difference is \
+             the workload loop's extra guest instructions\n",
+            n.pv.ns_per_op, n.floor.ns_per_op, n.percent
+        );
+    }
+    if let (Some(spin), Some(hlt), Some(pv)) = (
+        find("idle", "spin"),
+        find("idle", "hlt"),
+        find("idle", "pv"),
+    ) {
+        let cpu = cpu_pct;
+        let p99 = |r: &Record| r.extra.get("wake_overshoot_ns_p99").copied().unwrap_or(0);
+        s += &format!(
+            "idle: vCPU thread CPU spin {:.1}% / hlt {:.1}% / pv {:.2}%; exits per idle second \
+             spin {:.0} / hlt {:.0} / pv {:.0}; wake overshoot p99 spin {} / hlt {} / pv {} ns\n",
+            cpu(spin),
+            cpu(hlt),
+            cpu(pv),
+            spin.exits_per_s,
+            hlt.exits_per_s,
+            pv.exits_per_s,
+            p99(spin),
+            p99(hlt),
+            p99(pv)
+        );
+    }
+    if let (Some(pv), Some(tr)) = (find("zero", "pv"), find("zero", "trapped")) {
+        let g = |r: &Record, k: &str| r.extra.get(k).copied().unwrap_or(0);
+        s += &format!(
+            "zero: guest zeroed on the fresh allocation pv {} MiB vs trapped {} MiB ({:.3}); \
+             released {} MiB, host RSS dropped {} MiB on release\n",
+            g(pv, "zeroed_fresh_bytes") >> 20,
+            g(tr, "zeroed_fresh_bytes") >> 20,
+            g(pv, "zeroed_fresh_bytes") as f64 / g(tr, "zeroed_fresh_bytes").max(1) as f64,
+            pv.events.get("released_bytes").copied().unwrap_or(0) >> 20,
+            g(pv, "rss_drop_bytes") >> 20
+        );
+        let ms = |ns: u64| ns as f64 / 1e6;
+        for r in records.iter().filter(|r| r.workload == "zero") {
+            let rounds = match r.extra.get("rounds") {
+                Some(n) => format!(
+                    "median of {n}: {:.1}..{:.1} ms; ",
+                    ms(g(r, "wall_ns_min")),
+                    ms(g(r, "wall_ns_max"))
+                ),
+                None => String::new(),
+            };
+            let rss = r
+                .resident_bytes
+                .iter()
+                .map(|b| (b >> 20).to_string())
+                .collect::<Vec<_>>()
+                .join("/");
+            s += &format!(
+                "zero {:<13}: {rounds}touch {:.1} + free {:.1} + reuse {:.1} ms; guest memset {} \
+                 MiB in {:.1} ms; prepare thread {} MiB in {:.1} ms CPU; RSS MiB \
+                 begin/touched/released/end {rss}\n",
+                r.mode,
+                ms(g(r, "phase_touch_ns")),
+                ms(g(r, "phase_free_ns")),
+                ms(g(r, "phase_reuse_ns")),
+                g(r, "guest_zeroed_bytes") >> 20,
+                ms(g(r, "zero_ns")),
+                r.prepared_bytes >> 20,
+                ms(r.prepare_cpu_ns)
+            );
+        }
+    }
+    for r in records.iter().filter(|r| r.mib_s.is_some()) {
+        let host = records
+            .iter()
+            .find(|h| h.mode == "host" && h.pattern == r.pattern);
+        let of_host = match (r.mib_s, host.and_then(|h| h.mib_s)) {
+            (Some(m), Some(h)) if r.mode != "host" => {
+                format!(" ({:.0}% of the host's own read)", 100.0 * m / h)
+            }
+            _ => String::new(),
+        };
+        s += &format!(
+            "blk {} {}: {:.0} MiB/s, {:.0} IOPS, {:.2} exits/request{of_host}\n",
+            r.pattern.as_deref().unwrap_or("-"),
+            r.mode,
+            r.mib_s.unwrap_or(0.0),
+            r.iops.unwrap_or(0.0),
+            r.exits_per_op
+        );
+    }
+    for p in ratios(records) {
+        let same = if p.same_checksum {
+            "same checksum"
+        } else {
+            "CHECKSUM MISMATCH"
+        };
+        s += &format!(
+            "{}: trapped/{} time per op = {:.2}x, exits {} vs {} ({same})\n",
+            p.trapped.workload,
+            mode_label(p.pv),
+            p.ratio,
+            p.trapped.exits.get("total").copied().unwrap_or(0),
+            p.pv.exits.get("total").copied().unwrap_or(0)
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compare::record::tests::rec;
+
+    fn null_records() -> Vec<Record> {
+        let mut floor = rec(FLOOR_WORKLOAD, "raw-hypercall", 100, 500_000, 0);
+        floor.checksum = None;
+        vec![
+            floor,
+            rec("null", "pv", 100, 525_000, 7),
+            rec("null", "trapped", 100, 630_000, 7),
+        ]
+    }
+
+    #[test]
+    fn ratios_pair_trapped_with_each_pv_run() {
+        let mut recs = null_records();
+        let mut b8 = rec("pagetable", "pv", 8, 100, 1);
+        b8.batch = Some(8);
+        recs.extend([
+            b8,
+            rec("pagetable", "pv", 8, 200, 1),
+            rec("pagetable", "trapped", 8, 800, 2),
+        ]);
+        let r = ratios(&recs);
+        assert_eq!(r.len(), 3);
+        assert_eq!((r[0].trapped.workload.as_str(), r[0].ratio), ("null", 1.2));
+        assert!(r[0].same_checksum);
+        assert_eq!((r[1].ratio, r[1].pv.batch), (8.0, Some(8)));
+        assert_eq!(r[2].ratio, 4.0);
+        assert!(!r[2].same_checksum);
+        // A PV run that took no time gives 0, not infinity.
+        let zero = [rec("x", "pv", 0, 0, 0), rec("x", "trapped", 1, 1, 0)];
+        assert_eq!(ratios(&zero)[0].ratio, 0.0);
+    }
+
+    #[test]
+    fn null_is_compared_with_the_hypercall_floor() {
+        let recs = null_records();
+        let n = null_overhead(&recs).unwrap();
+        assert!((n.percent - 5.0).abs() < 1e-9, "{}", n.percent);
+        assert!(null_overhead(&recs[1..]).is_none(), "no floor");
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_record_and_the_summary_lines() {
+        let t = render_table(&null_records());
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("workload  mode"), "{t}");
+        assert!(lines[0].trim_end().ends_with("checksum"), "{t}");
+        assert!(
+            lines[1].starts_with("floor     raw-hypercall       100"),
+            "{t}"
+        );
+        assert!(lines[1].trim_end().ends_with(" -"), "no checksum: {t}");
+        assert!(lines[2].contains("0x0000000000000007"), "{t}");
+        assert!(lines[2].contains("5250.0"), "ns/op: {t}");
+        assert!(
+            t.contains("null: pv 5250 ns/call vs raw hypercall loop 5000 ns/exit (+5.0%)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("null: trapped/pv time per op = 1.20x, exits 100 vs 100 (same checksum)"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn a_checksum_mismatch_is_shown() {
+        let recs = [
+            rec("console", "pv", 1, 1, 1),
+            rec("console", "trapped", 1, 1, 2),
+        ];
+        assert!(render_table(&recs).contains("(CHECKSUM MISMATCH)"));
+    }
+
+    #[test]
+    fn blk_lines_compare_with_the_host_read() {
+        let mut pv = rec("blk", "pv", 10, 1_000_000_000, 1);
+        pv.pattern = Some("seq-read".into());
+        pv.mib_s = Some(50.0);
+        pv.iops = Some(10.0);
+        let mut host = rec("blk", "host", 10, 1, 0);
+        host.checksum = None;
+        host.pattern = Some("seq-read".into());
+        host.mib_s = Some(200.0);
+        let t = render_table(&[pv, host]);
+        assert!(
+            t.contains("blk seq-read pv: 50 MiB/s, 10 IOPS, 1.00 exits/request (25% of the host's own read)"),
+            "{t}"
+        );
+        assert!(t.contains("blk seq-read host: 200 MiB/s"), "{t}");
+        assert!(t.contains("pv seq-read"), "mode label: {t}");
+    }
+
+    #[test]
+    fn json_is_an_array_of_records() {
+        let recs = null_records();
+        let j = render_json(&recs).unwrap();
+        assert!(j.ends_with("]\n"));
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+        let a = v.as_array().unwrap();
+        assert_eq!(a.len(), 3);
+        assert_eq!(a[1]["workload"], "null");
+        assert_eq!(a[1]["checksum"], "0x0000000000000007");
+        assert_eq!(a[0]["checksum"], serde_json::Value::Null);
+        assert!(a[0].get("batch").is_none(), "skipped when None");
+    }
+}
