@@ -33,13 +33,6 @@ pub fn marker_checkpoint() {
     unsafe { trapped::marker(MARKER_CHECKPOINT) }
 }
 
-/// Writes `i as u32` to the null port for `i` = `0..n` in one tight loop; returns the wrapping
-/// sum of the `i`s (the trapped twin of the `null` workload's PV loop).
-pub fn null_port_loop(n: u64) -> u64 {
-    // SAFETY: a pvkit VM (module docs); the null port only counts the writes.
-    unsafe { trapped::null_port_loop(n) }
-}
-
 /// The number of null-port writes the host has counted (low 32 bits).
 pub fn null_port_read() -> u32 {
     // SAFETY: a pvkit VM (module docs); reading the null port has no side effect.

@@ -7,8 +7,6 @@
 //!   call's registers. Every wrapper in this crate builds a `Request` and goes through
 //!   [`raw_request`] or the crate-private `Pvkit::request`, reachable only with a [`Pvkit`]
 //!   token, i.e. after [`crate::detect()`] has proven that the host is pvkit.
-//! - `raw_null_loop`: back-to-back `null` hypercalls in one asm loop, the measurement primitive
-//!   behind [`Pvkit::null_loop`].
 
 use core::arch::asm;
 use core::fmt;
@@ -68,56 +66,6 @@ pub unsafe fn raw_request(request: Request) -> Return {
     let Regs { nr, args } = request.encode();
     // SAFETY: the caller's contract is `raw_hypercall`'s.
     unsafe { raw_hypercall(nr, args) }
-}
-
-/// Issues `n` back-to-back `null` hypercalls, the `i`-th (from 0) with `a0` = `i`, in one asm
-/// loop. Returns the OR of every status (`rax`) and the wrapping sum of every value (`rdx`).
-///
-/// `i` lives in `rdi` throughout (the host preserves it); status and sum accumulate in
-/// registers. One iteration is 8 instructions: `mov eax, 0` (the call number), `mov edx, port`,
-/// `out dx, eax`, `or`, `add`, `inc rdi`, `cmp`, `jb`. `n` = 0 issues no call. The registers
-/// are those of [`Request::Null`]`{ echo: i }.encode()` (number 0, `echo` in `rdi`, the other
-/// argument registers ignored by the host), written into the asm so the loop keeps `i` in
-/// `rdi` and needs no per-call moves; a unit test checks the two agree.
-///
-/// # Safety
-/// The machine must be a pvkit VM and the code must run with I/O privilege, as for
-/// [`raw_hypercall`]. (`null` touches no guest memory.)
-#[inline]
-pub(crate) unsafe fn raw_null_loop(n: u64) -> (u64, u64) {
-    if n == 0 {
-        return (0, 0);
-    }
-    let mut status_or: u64 = 0;
-    let mut sum: u64 = 0;
-    // SAFETY: the caller guarantees a pvkit VM at I/O privilege, so each `out` reaches the host's
-    // hypercall handler, which for `null` touches no guest memory, writes only rax and rdx
-    // (declared clobbered) and preserves every other register, including the loop's rdi, `n`,
-    // `status_or` and `sum`. `n` >= 1 (checked above), so the bottom-tested loop runs exactly
-    // `n` times. The block uses no stack; it clobbers the flags (not `preserves_flags`).
-    unsafe {
-        asm!(
-            "2:",
-            "mov eax, {nr}",
-            "mov edx, {port}",
-            "out dx, eax",
-            "or {status}, rax",
-            "add {sum}, rdx",
-            "inc rdi",
-            "cmp rdi, {n}",
-            "jb 2b",
-            nr = const Call::Null.raw(),
-            port = const HYPERCALL_PORT,
-            n = in(reg) n,
-            status = inout(reg) status_or,
-            sum = inout(reg) sum,
-            inout("rdi") 0u64 => _,
-            out("rax") _,
-            out("rdx") _,
-            options(nostack),
-        );
-    }
-    (status_or, sum)
 }
 
 /// A hypercall the host answered with a non-zero status.
@@ -204,14 +152,6 @@ mod tests {
     use std::string::ToString;
 
     use super::*;
-
-    #[test]
-    fn the_null_loop_uses_the_null_request_s_registers() {
-        // `raw_null_loop` writes these by hand in its asm: call number in eax, `i` in rdi.
-        let regs = Request::Null { echo: 7 }.encode();
-        assert_eq!(regs.nr, u64::from(Call::Null.raw()));
-        assert_eq!(regs.args, [7, 0, 0, 0]);
-    }
 
     #[test]
     fn success_decodes_to_value() {

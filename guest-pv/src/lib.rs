@@ -11,11 +11,8 @@
 //!   [`Pvkit::console_write_phys`]), [`Pvkit::exit`], [`Pvkit::clock_ns`],
 //!   [`Pvkit::idle_yield`], [`Pvkit::zero_query`], [`Pvkit::zero_release`]. The one
 //!   instruction sequence behind them is [`hypercall::raw_hypercall`].
-//! - Measurement: [`Pvkit::null_loop`] issues `n` `null` calls in one tight asm loop (the bare
-//!   round trip, with no guest work in between); [`null_sum`] is what it returns.
 //! - The trapped twins, for code that must behave like an unmodified guest: the COM1
-//!   [`Uart16550`] and the exit/marker/null ports of [`trapped`] (with
-//!   [`trapped::null_port_loop`], the twin of [`Pvkit::null_loop`]).
+//!   [`Uart16550`] and the exit/marker/null ports of [`trapped`].
 //! - [`Console`] and [`exit()`] choose between the two by [`Mode`].
 //! - [`tsc`]: [`tsc::Tsc`], a nanosecond clock from `rdtsc` and the TSC frequency the host
 //!   reports in CPUID (no exit per reading).
@@ -131,6 +128,5 @@ pub use hypercall::HypercallError;
 /// The ABI crate this library speaks (so a kernel needs no direct dependency on it).
 pub use hypercall_abi as abi;
 pub use hypercall_abi::boot::Mode;
-pub use null::null_sum;
 pub use platform::Platform;
 pub use uart::Uart16550;

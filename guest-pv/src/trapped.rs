@@ -14,7 +14,6 @@
 //! All of them also need I/O privilege (CPL 0 under pvkit's boot state, or CPL 3 with the I/O
 //! permission bitmap of [`crate::cpu::init`]).
 
-use core::arch::asm;
 use core::sync::atomic::{Ordering, compiler_fence};
 
 pub use hypercall_abi::idle::{EVENT_PORT, TIMER_PORT};
@@ -23,7 +22,7 @@ pub use hypercall_abi::ports::{
 };
 use x86_64::instructions::port::Port;
 
-use crate::{halt_forever, null_sum};
+use crate::halt_forever;
 
 /// Ends the VM with exit `code` (a 32-bit `out` to [`EXIT_PORT`]); halts forever should the VMM
 /// not stop it. The trapped twin of [`crate::Pvkit::exit`].
@@ -63,41 +62,6 @@ pub unsafe fn marker(v: u32) {
 pub unsafe fn null_port_write(v: u32) {
     // SAFETY: the caller guarantees a pvkit VM, whose null port only counts the write.
     unsafe { out32(NULL_PORT, v) };
-}
-
-/// Writes `i as u32` for `i` = `0..n` to [`NULL_PORT`] (32-bit `out`s) in one tight asm loop,
-/// and returns the wrapping sum of the `i`s written, [`null_sum(n)`](null_sum). `n` = 0 writes
-/// nothing. The trapped twin of [`crate::Pvkit::null_loop`], for measuring the bare exit round
-/// trip.
-///
-/// The loop is 4 instructions per write: `out dx, eax`, `inc rax`, `cmp`, `jb` (`i` counts in
-/// `rax`, so `eax` is `i as u32`; `dx` is loaded once, before the loop).
-///
-/// # Safety
-/// The machine must be a pvkit VM (see the [module docs](self)).
-#[inline]
-pub unsafe fn null_port_loop(n: u64) -> u64 {
-    if n == 0 {
-        return 0;
-    }
-    // SAFETY: the caller guarantees a pvkit VM, whose null port only counts (and latches) each
-    // write and touches no guest memory or register. `n` >= 1 (checked above), so the
-    // bottom-tested loop runs exactly `n` times. The block uses no stack and clobbers rax (the
-    // counter) and the flags.
-    unsafe {
-        asm!(
-            "2:",
-            "out dx, eax",
-            "inc rax",
-            "cmp rax, {n}",
-            "jb 2b",
-            n = in(reg) n,
-            inout("rax") 0u64 => _,
-            in("dx") NULL_PORT,
-            options(nomem, nostack),
-        );
-    }
-    null_sum(n)
 }
 
 /// A 32-bit `in` from [`NULL_PORT`]: the number of [`null_port_write`]s the host has seen so far

@@ -1,7 +1,7 @@
 //! `null` (argument `ops`, default 100000): bare host round trips, timed as one tight loop with
 //! no guest work per call but the call itself. Both loops are 4 instructions per call, one of
 //! them the `out`, so the two modes differ only by the port (see [`pv_loop`] and
-//! `guest_pv::trapped::null_port_loop`): on pvkit's KVM every CPL 0 instruction is emulated
+//! [`trapped_loop`]): on pvkit's KVM every CPL 0 instruction is emulated
 //! (~250 ns, some 3 % of an exit), so any extra instruction would show in the ratio.
 //!
 //! PV (the host offers `null`): `ops` `null` hypercalls, `null((i << 16) | HYPERCALL_PORT)` for
@@ -15,12 +15,13 @@
 
 use core::arch::asm;
 
-use guest_pv::{Fnv1a, null_sum};
+use guest_pv::Fnv1a;
+use hypercall_abi::ports::NULL_PORT;
 use hypercall_abi::{Call, HYPERCALL_PORT, features};
 
 use super::{Env, Outcome, Workload};
 use crate::args::Args;
-use crate::platform::{marker_begin, marker_end, null_port_loop, null_port_read};
+use crate::platform::{marker_begin, marker_end, null_port_read};
 
 pub const WORKLOAD: Workload = Workload {
     name: "null",
@@ -59,7 +60,10 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         }
         None => {
             marker_begin();
-            let sum = null_port_loop(ops);
+            // SAFETY: a pvkit VM (this kernel runs only under host-vmm), at I/O privilege; the
+            // null port only counts the writes.
+            unsafe { trapped_loop(ops) };
+            let sum = null_sum(ops);
             marker_end();
             let seen = null_port_read();
             // The host counts every write since boot; this loop made all of them.
@@ -131,4 +135,45 @@ unsafe fn pv_loop(n: u64) -> (u64, u64) {
         );
     }
     (status, sum)
+}
+
+/// Writes `i as u32` to the null port for `i` = `0..n` in one asm loop of 4 instructions per
+/// write: `out dx, eax`, `inc rax`, `cmp`, `jb` (`i` counts in `rax`, so `eax` is `i as u32`;
+/// `dx` is loaded once, before the loop). `n` = 0 writes nothing.
+///
+/// # Safety
+/// The machine must be a pvkit VM (whose null port only counts and latches each write) and the
+/// code must have I/O privilege.
+unsafe fn trapped_loop(n: u64) {
+    if n == 0 {
+        return;
+    }
+    // SAFETY: the caller guarantees a pvkit VM at I/O privilege, whose null port only counts
+    // (and latches) each write and touches no guest memory or register. `n` >= 1 (checked
+    // above), so the bottom-tested loop runs exactly `n` times. No stack; rax (the counter)
+    // and the flags are clobbered.
+    unsafe {
+        asm!(
+            "2:",
+            "out dx, eax",
+            "inc rax",
+            "cmp rax, {n}",
+            "jb 2b",
+            n = in(reg) n,
+            inout("rax") 0u64 => _,
+            in("dx") NULL_PORT,
+            options(nomem, nostack),
+        );
+    }
+}
+
+/// `0 + 1 + … + (n - 1)`, wrapping (i.e. `n(n-1)/2` mod 2⁶⁴): the sum both loops stand for.
+const fn null_sum(n: u64) -> u64 {
+    // Halve the even factor first, so the product never needs more than 64 bits before
+    // wrapping.
+    if n.is_multiple_of(2) {
+        (n / 2).wrapping_mul(n.wrapping_sub(1))
+    } else {
+        n.wrapping_mul((n - 1) / 2)
+    }
 }
