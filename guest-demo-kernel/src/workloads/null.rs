@@ -1,12 +1,11 @@
 //! `null` (argument `ops`, default 100000): bare host round trips, timed as one tight loop with
-//! no guest work per call but the call itself. Both loops are 4 instructions per call, one of
-//! them the `out`, so the two modes differ only by the port (see [`pv_loop`] and
-//! [`trapped_loop`]): on pvkit's KVM every CPL 0 instruction is emulated
-//! (~250 ns, some 3 % of an exit), so any extra instruction would show in the ratio.
+//! no guest work per call but the call itself. Both loops are 3 instructions per call (`out`,
+//! one register update, `loop`), so the two modes differ only by the port (see [`pv_loop`] and
+//! [`trapped_loop`]): on pvkit's KVM every CPL 0 instruction is emulated (~250 ns, some 4 % of
+//! an exit), so any extra instruction would show in the ratio.
 //!
-//! PV (the host offers `null`): `ops` `null` hypercalls, `null((i << 16) | HYPERCALL_PORT)` for
-//! `i` = `ops-1` down to `0`, each echo added up; trapped: `ops` 32-bit writes of `i as u32` to
-//! the null port.
+//! PV (the host offers `null`): `ops` `null(HYPERCALL_PORT)` hypercalls, each echo added up;
+//! trapped: `ops` 32-bit writes of `i as u32` to the null port, `i` = `0..ops`.
 //!
 //! `sum` = `ops(ops-1)/2` mod 2⁶⁴ in both modes, reported only once the mode's own check
 //! passed: PV, every status was 0 and the echoes add up to what `null` must echo; trapped, the
@@ -32,21 +31,14 @@ pub const WORKLOAD: Workload = Workload {
 
 const DEFAULT_OPS: u64 = 100_000;
 
-/// The most calls [`pv_loop`] makes: the call index lives in bits 16.. of the argument.
-const MAX_PV_OPS: u64 = 1 << 48;
-
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let ops = args.get_or("ops", DEFAULT_OPS);
     let sum = match env.platform.feature(features::NULL) {
         Some(_pv) => {
-            // Longer than the loop can count; at one exit per call it would run for decades.
-            if ops > MAX_PV_OPS {
-                panic!("null: ops={ops} is more than the PV loop counts ({MAX_PV_OPS})");
-            }
             marker_begin();
             // SAFETY: `feature` returned the host token, so detection proved a pvkit host that
             // offers `null`; this kernel runs at I/O privilege (CPL 0, or CPL 3 under the full
-            // I/O bitmap of `init_cpu`). `ops` <= MAX_PV_OPS was checked above.
+            // I/O bitmap of `init_cpu`).
             let (status, echoes) = unsafe { pv_loop(ops) };
             marker_end();
             let expected = pv_echo_sum(ops);
@@ -79,67 +71,62 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     Outcome::new(ops, h.finish())
 }
 
-/// What [`pv_loop`]'s echoes add up to from a conforming host: the wrapping sum of
-/// `(i << 16) | HYPERCALL_PORT` for `i` in `0..n`.
+/// What [`pv_loop`]'s echoes add up to from a conforming host: `n` echoes of
+/// `HYPERCALL_PORT`, wrapping.
 fn pv_echo_sum(n: u64) -> u64 {
-    (null_sum(n) << 16).wrapping_add(n.wrapping_mul(u64::from(HYPERCALL_PORT)))
+    n.wrapping_mul(u64::from(HYPERCALL_PORT))
 }
 
-/// Issues `n` back-to-back `null` hypercalls in one asm loop of 4 instructions per call, the
-/// same count as the trapped twin's (`out dx, eax; inc rax; cmp rax, n; jb`), and returns the
-/// last status (`rax`) and the wrapping sum of the echoed values (`rdx`). `n` = 0 issues none.
+/// Issues `n` back-to-back `null` hypercalls in one asm loop of 3 instructions per call, the
+/// same count as the trapped twin's (`out dx, eax; inc eax; loop`), and returns the last status
+/// (`rax`) and the wrapping sum of the echoed values (`rdx`). `n` = 0 issues none.
 ///
 /// ```text
-/// 2: out dx, eax        ; null(rdi): rax = status, rdx = echo of rdi
+/// 2: out dx, eax        ; null(rdi = HYPERCALL_PORT): rax = status, rdx = echo
 ///    add sum, rdx
-///    sub rdi, 0x10000   ; next call index (borrows after index 0)
-///    jnc 2b
+///    loop 2b            ; rcx counts the calls (the host ignores it: not an argument of null)
 /// ```
 ///
-/// The argument is `(i << 16) | HYPERCALL_PORT`, `i` counting down from `n - 1` to 0, so the
-/// echo leaves `dx` holding the hypercall port and `rax` holding status 0, the number of
-/// `null`: the next call needs no reload. A failed call leaves its status in `rax` and (with
-/// the value 0 of an error) `dx` = 0, so every later `out` goes to unclaimed port 0, which the
-/// host drops: the failure is neither repeated nor turned into another call, and shows in the
-/// returned status and sum.
+/// The argument is the hypercall port itself, so the echo leaves `dx` holding the port and
+/// `rax` holding status 0, the number of `null`: the next call needs no reload. A failed call
+/// leaves its status in `rax` and (with the value 0 of an error) `dx` = 0, so every later `out`
+/// goes to unclaimed port 0, which the host drops: the failure is neither repeated nor turned
+/// into another call, and shows in the returned status and sum.
 ///
 /// # Safety
 /// The machine must be a pvkit VM that offers `null` (a host token from detection proves it)
-/// and the code must have I/O privilege. `n` <= [`MAX_PV_OPS`].
+/// and the code must have I/O privilege.
 unsafe fn pv_loop(n: u64) -> (u64, u64) {
     if n == 0 {
         return (0, 0);
     }
-    debug_assert!(n <= MAX_PV_OPS);
     let mut status = u64::from(Call::Null.raw());
     let mut sum = 0u64;
     // SAFETY: the caller guarantees a pvkit VM with `null` at I/O privilege. Each `out` reaches
     // the host's hypercall handler, which for `null` touches no guest memory, writes only rax
-    // and rdx (declared) and preserves every other register, including rdi and `sum`; after a
-    // failure the `out`s go to port 0, which the host drops. `n` >= 1 and `n - 1` < 2^48, so
-    // the index in bits 16.. of rdi counts down without overflow and the loop runs exactly `n`
-    // times. No stack; flags clobbered.
+    // and rdx (declared) and preserves every other register, including rcx, rdi and `sum`;
+    // after a failure the `out`s go to port 0, which the host drops. `n` >= 1 (checked above),
+    // so `loop` runs the body exactly `n` times. No stack; flags clobbered.
     unsafe {
         asm!(
             "2:",
             "out dx, eax",
             "add {sum}, rdx",
-            "sub rdi, {step}",
-            "jnc 2b",
-            step = const 1u32 << 16,
+            "loop 2b",
             sum = inout(reg) sum,
             inout("rax") status,
             inout("rdx") u64::from(HYPERCALL_PORT) => _,
-            inout("rdi") ((n - 1) << 16) | u64::from(HYPERCALL_PORT) => _,
+            inout("rcx") n => _,
+            in("rdi") u64::from(HYPERCALL_PORT),
             options(nomem, nostack),
         );
     }
     (status, sum)
 }
 
-/// Writes `i as u32` to the null port for `i` = `0..n` in one asm loop of 4 instructions per
-/// write: `out dx, eax`, `inc rax`, `cmp`, `jb` (`i` counts in `rax`, so `eax` is `i as u32`;
-/// `dx` is loaded once, before the loop). `n` = 0 writes nothing.
+/// Writes `i as u32` to the null port for `i` = `0..n` in one asm loop of 3 instructions per
+/// write: `out dx, eax`, `inc eax`, `loop` (`i` counts in `eax`, `rcx` counts the writes, `dx`
+/// is loaded once, before the loop). `n` = 0 writes nothing.
 ///
 /// # Safety
 /// The machine must be a pvkit VM (whose null port only counts and latches each write) and the
@@ -150,16 +137,15 @@ unsafe fn trapped_loop(n: u64) {
     }
     // SAFETY: the caller guarantees a pvkit VM at I/O privilege, whose null port only counts
     // (and latches) each write and touches no guest memory or register. `n` >= 1 (checked
-    // above), so the bottom-tested loop runs exactly `n` times. No stack; rax (the counter)
-    // and the flags are clobbered.
+    // above), so `loop` runs the body exactly `n` times. No stack; rax, rcx (the counters) and
+    // the flags are clobbered.
     unsafe {
         asm!(
             "2:",
             "out dx, eax",
-            "inc rax",
-            "cmp rax, {n}",
-            "jb 2b",
-            n = in(reg) n,
+            "inc eax",
+            "loop 2b",
+            inout("rcx") n => _,
             inout("rax") 0u64 => _,
             in("dx") NULL_PORT,
             options(nomem, nostack),
