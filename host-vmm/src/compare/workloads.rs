@@ -13,7 +13,7 @@ pub const WORKLOADS: &[&str] = &["null", "console", "pagetable", "idle", "zero",
 /// Default number of null calls.
 pub const DEFAULT_NULL_OPS: u64 = 100_000;
 /// Default rounds of the `null` runs and their floors (the median is reported).
-pub const DEFAULT_NULL_ROUNDS: u64 = 5;
+pub const DEFAULT_NULL_ROUNDS: u64 = 7;
 /// Default console bytes.
 pub const DEFAULT_CONSOLE_BYTES: u64 = 16_384;
 /// Default page-table updates.
