@@ -14,6 +14,7 @@
 //! [`VcpuHandle::resume`]. While parked the guest is exactly at an instruction boundary with
 //! every exit fully handled, which is where a debugger, a snapshot or a migration needs it.
 
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -151,8 +152,9 @@ impl Vcpu {
     }
 
     /// The run loop's check between two exits: if a pause is requested, park here (serving
-    /// register requests) until it is resumed or `stopping` returns true.
-    pub fn pause_point(&mut self, stopping: impl Fn() -> bool) {
+    /// register requests, and jobs on `context`, the run loop's state) until it is resumed or
+    /// `stopping` returns true.
+    pub fn pause_point(&mut self, context: &mut dyn Any, stopping: impl Fn() -> bool) {
         if !self.control.pause.load(Ordering::Acquire) {
             return;
         }
@@ -162,7 +164,7 @@ impl Vcpu {
         control.changed.notify_all();
         while control.pause.load(Ordering::Acquire) && !stopping() {
             if let Some(req) = st.request.take() {
-                st.reply = Some(self.serve(req));
+                st.reply = Some(self.serve(req, context));
                 control.changed.notify_all();
                 continue;
             }
@@ -172,12 +174,13 @@ impl Vcpu {
         control.changed.notify_all();
     }
 
-    fn serve(&mut self, req: Request) -> Reply {
+    fn serve(&mut self, req: Request, context: &mut dyn Any) -> Reply {
         match req {
             Request::Regs => Reply::Regs(self.regs()),
             Request::SetRegs(r) => Reply::Done(self.set_regs(&r)),
             Request::Sregs => Reply::Sregs(self.sregs()),
             Request::SetSregs(s) => Reply::Done(self.set_sregs(&s)),
+            Request::Job(job) => Reply::Job(job(context)),
         }
     }
 }
@@ -197,14 +200,32 @@ pub enum ControlError {
     /// KVM refused the register access.
     #[error(transparent)]
     Vmm(#[from] Error),
+    /// A job asked for another kind of run-loop state than the loop has.
+    #[error("the vCPU's run loop does not hold the state this request needs")]
+    WrongContext,
 }
 
-#[derive(Debug)]
+/// Work done on the parked vCPU thread with the run loop's state.
+type Job = Box<dyn FnOnce(&mut dyn Any) -> Box<dyn Any + Send> + Send>;
+
 enum Request {
     Regs,
     SetRegs(kvm_regs),
     Sregs,
     SetSregs(kvm_sregs),
+    Job(Job),
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Request::Regs => "Regs",
+            Request::SetRegs(_) => "SetRegs",
+            Request::Sregs => "Sregs",
+            Request::SetSregs(_) => "SetSregs",
+            Request::Job(_) => "Job",
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -212,6 +233,7 @@ enum Reply {
     Regs(Result<kvm_regs>),
     Sregs(Result<kvm_sregs>),
     Done(Result<()>),
+    Job(Box<dyn Any + Send>),
 }
 
 #[derive(Debug, Default)]
@@ -328,6 +350,28 @@ impl VcpuHandle {
         match self.call(Request::SetSregs(*sregs))? {
             Reply::Done(r) => Ok(r?),
             _ => unreachable!("a SetSregs request gets a Done reply"),
+        }
+    }
+
+    /// Runs `job` on the parked vCPU thread with the run loop's state, which must be a `C`
+    /// (the [`crate::vm::Vm`] run loop passes its [`crate::machine::Machine`]), and returns
+    /// what it returns. The guest stays parked throughout.
+    pub fn with_parked<C: 'static, T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut C) -> T + Send + 'static,
+    ) -> std::result::Result<T, ControlError> {
+        let job: Job = Box::new(move |context: &mut dyn Any| -> Box<dyn Any + Send> {
+            match context.downcast_mut::<C>() {
+                Some(c) => Box::new(Some(job(c))),
+                None => Box::new(None::<T>),
+            }
+        });
+        match self.call(Request::Job(job))? {
+            Reply::Job(out) => match out.downcast::<Option<T>>() {
+                Ok(out) => out.ok_or(ControlError::WrongContext),
+                Err(_) => Err(ControlError::WrongContext),
+            },
+            _ => unreachable!("a Job request gets a Job reply"),
         }
     }
 

@@ -19,7 +19,7 @@ use crate::metrics::ExitStats;
 use crate::state::StateError;
 use crate::stop::{StopReason, Stopper};
 use crate::sync::lock;
-use crate::vcpu::{Vcpu, VcpuHandle};
+use crate::vcpu::{ControlError, Vcpu, VcpuHandle};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -68,6 +68,33 @@ pub struct Vm {
     kernel: ElfInfo,
 }
 
+/// Controls a running [`Vm`] from another thread: pause it at an exit boundary, inspect it,
+/// save its state, resume it.
+#[derive(Debug, Clone)]
+pub struct VmHandle {
+    vcpu: VcpuHandle,
+}
+
+impl VmHandle {
+    /// The vCPU's handle (registers, pause, resume).
+    pub fn vcpu(&self) -> &VcpuHandle {
+        &self.vcpu
+    }
+
+    /// The machine's state now ([`Machine::save`]), taken on the vCPU thread while it is
+    /// parked: pause first ([`VcpuHandle::pause`]). The virtio windows are paused around the
+    /// save, so every queue position is at a batch boundary and no device writes guest memory
+    /// while it is read.
+    pub fn save_machine(&self) -> std::result::Result<MachineState, ControlError> {
+        self.vcpu.with_parked(|machine: &mut Machine| {
+            machine.pause_devices();
+            let state = machine.save();
+            machine.resume_devices();
+            state
+        })
+    }
+}
+
 /// How a run ended without a VMM error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -109,6 +136,14 @@ impl Vm {
     /// another thread (see [`VcpuHandle`]). Take it before calling [`Vm::run`].
     pub fn vcpu_handle(&self) -> VcpuHandle {
         self.vcpu.handle(self.stop.clone())
+    }
+
+    /// A handle that pauses the running VM and saves its machine state from another thread
+    /// (see [`VmHandle`]). Take it before calling [`Vm::run`].
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            vcpu: self.vcpu_handle(),
+        }
     }
 
     /// Where the kernel was loaded.
@@ -186,7 +221,8 @@ impl Vm {
             // KVM_RUN (EINTR) or woke its idle wait, and ends the run here; a pause parks
             // here until resumed.
             let stop = &self.stop;
-            self.vcpu.pause_point(|| stop.requested().is_some());
+            self.vcpu
+                .pause_point(&mut self.machine, || stop.requested().is_some());
             if let Some(reason) = self.stop.requested() {
                 return Ok(End::Stopped(reason));
             }

@@ -299,6 +299,24 @@ impl Machine {
         Ok(())
     }
 
+    /// Pauses every virtio window: its worker stops at a batch boundary and no device touches
+    /// guest memory until [`Machine::resume_devices`].
+    pub fn pause_devices(&mut self) {
+        for w in &self.devices.virtio {
+            lock(w).pause();
+        }
+    }
+
+    /// Restarts the virtio windows paused by [`Machine::pause_devices`]. A window whose device
+    /// cannot restart asks the guest for a reset (`DEVICE_NEEDS_RESET`), as a broken device
+    /// does.
+    pub fn resume_devices(&mut self) {
+        for w in &self.devices.virtio {
+            // The error is recorded in the window (needs-reset); the guest sees it there.
+            let _ = lock(w).resume();
+        }
+    }
+
     /// The machine's state as data (RAM contents excluded: they are saved as memory).
     pub fn save(&self) -> MachineState {
         MachineState {

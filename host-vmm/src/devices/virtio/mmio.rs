@@ -160,7 +160,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if self.interrupt.needs_reset() {
             return Ok(());
         }
-        self.device.resume()?;
+        if let Err(e) = self.device.resume() {
+            // The device cannot run again (e.g. no thread): the guest must reset it, as for a
+            // ring the device cannot follow.
+            self.interrupt.signal_needs_reset();
+            return Err(e);
+        }
         self.paused = false;
         Ok(())
     }
