@@ -22,7 +22,8 @@ pub trait Persist {
     /// The state as data.
     type State: Serialize + DeserializeOwned + std::fmt::Debug + Clone + PartialEq;
 
-    /// The current state. Called at an exit boundary, with the vCPU stopped.
+    /// The current state. Called at an exit boundary, with the vCPU parked and the devices
+    /// paused ([`crate::vm::VmHandle::save_machine`] does both).
     fn save(&self) -> Self::State;
 
     /// Loads `state` into this (freshly built) instance. On error, `self` is left as it was
