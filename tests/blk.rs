@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tests::{Mode, boot_with_disk, fnv1a, text};
+use tests::{Mode, boot_with_disk, fnv1a, pseudo_random_bytes, text};
 
 const MIB: u64 = 4;
 
@@ -14,16 +14,11 @@ struct Image(PathBuf);
 impl Image {
     fn new(tag: &str) -> Image {
         let p = std::env::temp_dir().join(format!("pvkit-test-{tag}-{}.img", std::process::id()));
-        let mut x = 0x1234_5678_9abc_def1u64;
-        let data: Vec<u8> = (0..(2 * MIB) << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        std::fs::write(&p, data).unwrap();
+        std::fs::write(
+            &p,
+            pseudo_random_bytes((2 * MIB) << 20, 0x1234_5678_9abc_def1),
+        )
+        .unwrap();
         Image(p)
     }
 

@@ -11,7 +11,7 @@ use host_vmm::console::ConsoleSink;
 use host_vmm::devices::virtio::MmioDeviceState;
 use host_vmm::machine::MachineState;
 use host_vmm::vcpu::ControlError;
-use tests::{Mode, require_kvm};
+use tests::{Mode, pseudo_random_bytes, require_kvm};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -154,16 +154,7 @@ fn virtio_devices_are_saved_between_batches_while_the_guest_does_io() {
     require_kvm();
     const MIB: u64 = 16;
     let path = std::env::temp_dir().join(format!("pvkit-pause-{}.img", std::process::id()));
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..MIB << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(&path, &data).unwrap();
+    std::fs::write(&path, pseudo_random_bytes(MIB << 20, 0x9e37_79b9_7f4a_7c15)).unwrap();
     let mut cfg = VmConfig::new(Mode::Pv, "blk");
     cfg.args = ["pattern=seq-read", "size_kib=64", "wait=pv"]
         .iter()

@@ -138,3 +138,16 @@ pub mod asm {
     /// `shl rdx, 8; or rax, rdx`: pack a hypercall's value above its status.
     pub const PACK_STATUS_AND_VALUE: [u8; 7] = [0x48, 0xc1, 0xe2, 0x08, 0x48, 0x09, 0xd0];
 }
+
+/// `len` pseudo-random bytes (xorshift64 from `seed`): deterministic disk-image contents.
+pub fn pseudo_random_bytes(len: u64, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
