@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use hypercall_abi::idle::{EVENT_PORT, TIMER_PORT};
-use hypercall_abi::layout::{PAGE_SIZE, PT_POOL_GPA, PT_POOL_SIZE};
+use hypercall_abi::layout::PAGE_SIZE;
 use hypercall_abi::ports::{EXIT_PORT, MARKER_PORT, NULL_PORT, UART_COM1};
 use hypercall_abi::virtio;
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -29,16 +29,14 @@ use crate::devices::virtio::console::Console;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{Interrupt, StatefulWindow};
 use crate::error::{Error, Result};
-use crate::hypercall::{self, clock::Clock};
+use crate::hypercall;
 use crate::kernel_abi::{KernelAbi, Offer};
 use crate::loader::{self, ElfInfo};
-use crate::machine::{Devices, Machine, POOL_SLOT};
+use crate::machine::{DeviceSet, Devices, Machine, MachineParts, POOL_SLOT};
 use crate::memory::GuestRam;
-use crate::metrics::ExitStats;
 use crate::mmu::PageTablePool;
 use crate::stop::Stopper;
 use crate::sync::lock;
-use crate::trap::pool_window::PoolWindow;
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
 use crate::{cpuid, memory};
@@ -193,19 +191,6 @@ pub fn create_vcpu(kvm: &Kvm, vm: &VmFd, checked: &Checked) -> Result<(Vcpu, Off
     Ok((vcpu, offer, tsc_khz))
 }
 
-/// A VM's devices while it is being built: both buses and the typed handles.
-#[derive(Debug)]
-pub struct DeviceSet {
-    /// The PIO bus.
-    pub pio: Bus,
-    /// The MMIO bus (the pool window is added by [`assemble_machine`]).
-    pub mmio: Bus,
-    /// Typed handles to the same devices.
-    pub devices: Devices,
-    /// The virtio windows: (base, device ID), window `n` at index `n`.
-    pub windows: Vec<(u64, u32)>,
-}
-
 /// Step 5a: the PIO devices (COM1, exit, marker, null, timer, event), each on its range of
 /// the PIO bus. Needs no KVM.
 pub fn attach_pio_devices(console: &ConsoleSink, events: &EventQueue) -> Result<DeviceSet> {
@@ -289,49 +274,10 @@ pub fn attach_virtio_devices(
     Ok(())
 }
 
-/// What [`assemble_machine`] puts together.
-#[derive(Debug)]
-pub struct MachineParts {
-    /// Guest RAM.
-    pub ram: GuestRam,
-    /// The page-table pool (boot tables installed).
-    pub pool: PageTablePool,
-    /// The devices.
-    pub devices: DeviceSet,
-    /// The event queue the devices wake.
-    pub events: EventQueue,
-    /// The console sink.
-    pub console: ConsoleSink,
-    /// What the guest is shown.
-    pub offer: Offer,
-    /// RAM below this cannot be released by the guest.
-    pub protected_end: u64,
-}
-
 /// Step 7: the [`Machine`]: the parts, the pool's trapped window on the MMIO bus, a fresh
 /// clock and statistics. Needs no KVM.
 pub fn assemble_machine(parts: MachineParts) -> Result<Machine> {
-    let pool = Arc::new(Mutex::new(parts.pool));
-    let mut mmio = parts.devices.mmio;
-    mmio.insert(
-        PT_POOL_GPA,
-        PT_POOL_SIZE,
-        Arc::new(Mutex::new(PoolWindow::new(pool.clone(), PT_POOL_GPA))),
-    )
-    .map_err(bus_error)?;
-    Ok(Machine {
-        ram: parts.ram,
-        pool,
-        pio: parts.devices.pio,
-        mmio,
-        devices: parts.devices.devices,
-        events: parts.events,
-        clock: Clock::new(),
-        console: parts.console,
-        stats: ExitStats::default(),
-        offer: parts.offer,
-        protected_end: parts.protected_end,
-    })
+    Machine::new(parts).map_err(bus_error)
 }
 
 /// What [`configure_boot`] needs.

@@ -197,18 +197,18 @@ impl Vm {
             let _running = stop.running();
             self.run_loop(observer)
         });
-        self.machine.console.flush();
+        self.machine.console().flush();
         let end = run?;
         let (exit_code, stopped) = match end {
             End::Exit(code) => (code, None),
             End::Stopped(r) => (u32::from(r.exit_status()), Some(r)),
         };
-        let null_writes = lock(&self.machine.devices.null).writes();
+        let null_writes = lock(&self.machine.devices().null).writes();
         Ok(RunReport {
             exit_code,
             stopped,
-            stats: self.machine.stats.clone(),
-            console: self.machine.console.captured(),
+            stats: self.machine.stats().clone(),
+            console: self.machine.console().captured(),
             wall_ns: start.elapsed().as_nanos() as u64,
             null_writes,
         })
@@ -242,7 +242,7 @@ impl Vm {
                     return Err(Error::GuestFault {
                         what,
                         rip: self.vcpu.rip(),
-                        exits: self.machine.stats.total,
+                        exits: self.machine.stats().total,
                     });
                 }
             }

@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hypercall_abi::idle::{EVENT_VECTOR, TIMER_VECTOR};
+use hypercall_abi::layout::{PT_POOL_GPA, PT_POOL_SIZE};
 use hypercall_abi::{HYPERCALL_PORT, Regs};
 use kvm_ioctls::{VcpuExit, VmFd};
 
-use crate::bus::{Bus, BusAction};
+use crate::bus::{Bus, BusAction, BusError};
 use crate::console::ConsoleSink;
 use crate::devices::debug::NullDevice;
 use crate::devices::event::{EventDevice, EventDeviceState, EventQueue, EventQueueState};
@@ -34,6 +35,7 @@ use crate::metrics::{ExitReason, ExitStats};
 use crate::mmu::PageTablePool;
 use crate::state::{Persist, STATE_VERSION, StateError, check_version};
 use crate::sync::lock;
+use crate::trap::pool_window::PoolWindow;
 
 /// KVM memory slot of the page-table pool (RAM is slot 0).
 pub const POOL_SLOT: u32 = 1;
@@ -81,25 +83,82 @@ pub struct Devices {
     pub virtio: Vec<Arc<Mutex<dyn StatefulWindow>>>,
 }
 
+/// A VM's devices while it is being built: both buses and the typed handles.
+#[derive(Debug)]
+pub struct DeviceSet {
+    /// The PIO bus.
+    pub pio: Bus,
+    /// The MMIO bus (the pool window joins in [`Machine::new`]).
+    pub mmio: Bus,
+    /// Typed handles to the same devices.
+    pub devices: Devices,
+    /// The virtio windows: (base, device ID), window `n` at index `n`.
+    pub windows: Vec<(u64, u32)>,
+}
+
+/// What a [`Machine`] is made of ([`Machine::new`]; [`crate::builder`] makes the parts).
+#[derive(Debug)]
+pub struct MachineParts {
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// The page-table pool (boot tables installed).
+    pub pool: PageTablePool,
+    /// The devices.
+    pub devices: DeviceSet,
+    /// The event queue the devices wake.
+    pub events: EventQueue,
+    /// The console sink.
+    pub console: ConsoleSink,
+    /// What the guest is shown.
+    pub offer: Offer,
+    /// RAM below this cannot be released by the guest.
+    pub protected_end: u64,
+}
+
 /// Host-side VM state and exit handling (see the module docs).
 #[derive(Debug)]
 pub struct Machine {
-    pub(crate) ram: GuestRam,
-    pub(crate) pool: Arc<Mutex<PageTablePool>>,
-    pub(crate) pio: Bus,
-    pub(crate) mmio: Bus,
-    pub(crate) devices: Devices,
-    pub(crate) events: EventQueue,
-    pub(crate) clock: Clock,
-    pub(crate) console: ConsoleSink,
-    pub(crate) stats: ExitStats,
+    ram: GuestRam,
+    pool: Arc<Mutex<PageTablePool>>,
+    pio: Bus,
+    mmio: Bus,
+    devices: Devices,
+    events: EventQueue,
+    clock: Clock,
+    console: ConsoleSink,
+    stats: ExitStats,
     /// What the guest is shown: pvkit with feature bits, or nothing.
-    pub(crate) offer: Offer,
+    offer: Offer,
     /// RAM below this (boot structures, stack, kernel image) cannot be released.
-    pub(crate) protected_end: u64,
+    protected_end: u64,
 }
 
 impl Machine {
+    /// Puts the parts together: the pool's trapped window joins the MMIO bus; the clock starts
+    /// now; no exit is counted yet.
+    pub fn new(parts: MachineParts) -> std::result::Result<Machine, BusError> {
+        let pool = Arc::new(Mutex::new(parts.pool));
+        let mut mmio = parts.devices.mmio;
+        mmio.insert(
+            PT_POOL_GPA,
+            PT_POOL_SIZE,
+            Arc::new(Mutex::new(PoolWindow::new(pool.clone(), PT_POOL_GPA))),
+        )?;
+        Ok(Machine {
+            ram: parts.ram,
+            pool,
+            pio: parts.devices.pio,
+            mmio,
+            devices: parts.devices.devices,
+            events: parts.events,
+            clock: Clock::new(),
+            console: parts.console,
+            stats: ExitStats::default(),
+            offer: parts.offer,
+            protected_end: parts.protected_end,
+        })
+    }
+
     /// The exit statistics so far.
     pub fn stats(&self) -> &ExitStats {
         &self.stats

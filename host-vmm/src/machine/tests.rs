@@ -8,7 +8,7 @@ use hypercall_abi::{HYPERCALL_PORT, Regs, Return, features, virtio};
 use kvm_ioctls::VcpuExit;
 
 use super::*;
-use crate::builder::{MachineParts, assemble_machine, attach_pio_devices};
+use crate::builder::attach_pio_devices;
 use crate::kernel_abi::HiddenBecause;
 
 const MEM: u64 = 16 << 20;
@@ -17,7 +17,7 @@ fn machine(offer: Offer) -> Machine {
     let console = ConsoleSink::new(None);
     let events = EventQueue::default();
     let devices = attach_pio_devices(&console, &events).unwrap();
-    assemble_machine(MachineParts {
+    Machine::new(MachineParts {
         ram: GuestRam::new(MEM).unwrap(),
         pool: PageTablePool::new(MEM).unwrap(),
         devices,
