@@ -155,48 +155,79 @@ fn virtio_devices_are_saved_between_batches_while_the_guest_does_io() {
     const MIB: u64 = 16;
     let path = std::env::temp_dir().join(format!("pvkit-pause-{}.img", std::process::id()));
     std::fs::write(&path, pseudo_random_bytes(MIB << 20, 0x9e37_79b9_7f4a_7c15)).unwrap();
-    let mut cfg = VmConfig::new(Mode::Pv, "blk");
-    cfg.args = ["pattern=seq-read", "size_kib=64", "wait=pv"]
+    // The guest waits for completions parked in idle_yield (PV) or halted (trapped): both
+    // waits are cut short by each pause and must go on as if nothing happened.
+    for (mode, wait) in [(Mode::Pv, "wait=pv"), (Mode::Trapped, "wait=irq")] {
+        let mut cfg = VmConfig::new(mode, "blk");
+        cfg.args = ["pattern=seq-read", "size_kib=64", wait]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([format!("mib={MIB}")])
+            .collect();
+        cfg.disk = Some(host_vmm::config::DiskConfig {
+            path: path.clone(),
+            readonly: true,
+        });
+        let reference = host_vmm::run(&cfg, ConsoleSink::new(None)).unwrap();
+        let vm = build(&cfg, ConsoleSink::new(None)).unwrap();
+        let (report, states) = run_saving(vm, Duration::from_millis(2));
+        assert_eq!(
+            report.exit_code,
+            0,
+            "{wait}: {}",
+            String::from_utf8_lossy(&report.console)
+        );
+        assert_eq!(checksum(&report.console), checksum(&reference.console));
+        assert!(checksum(&report.console).is_some());
+        let active = states
+            .iter()
+            .filter(|s| matches!(&s.virtio[0], MmioDeviceState::Block(b) if b.active))
+            .count();
+        assert!(
+            active > 0,
+            "{wait}: {} saves, none while the device was active",
+            states.len()
+        );
+        for s in &states {
+            assert_eq!(s.virtio.len(), 1);
+            let MmioDeviceState::Block(b) = &s.virtio[0] else {
+                panic!("a block window saved as {:?}", s.virtio[0]);
+            };
+            assert!(!b.needs_reset);
+            if b.active {
+                // Saved between batches: every request the device took is completed.
+                for q in &b.queues {
+                    assert_eq!(q.next_used, q.next_avail, "{q:?}");
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn pauses_do_not_wake_an_idle_guest() {
+    require_kvm();
+    // 20 intervals of 20 ms parked in idle_yield; pausing every 3 ms interrupts most waits.
+    let mut cfg = VmConfig::new(Mode::Pv, "idle");
+    cfg.args = ["strategy=pv", "intervals=20", "interval_us=20000"]
         .iter()
         .map(|s| s.to_string())
-        .chain([format!("mib={MIB}")])
         .collect();
-    cfg.disk = Some(host_vmm::config::DiskConfig {
-        path: path.clone(),
-        readonly: true,
-    });
     let reference = host_vmm::run(&cfg, ConsoleSink::new(None)).unwrap();
     let vm = build(&cfg, ConsoleSink::new(None)).unwrap();
-    let (report, states) = run_saving(vm, Duration::from_millis(2));
-    let _ = std::fs::remove_file(&path);
+    let (report, states) = run_saving(vm, Duration::from_millis(3));
     assert_eq!(
         report.exit_code,
         0,
         "{}",
         String::from_utf8_lossy(&report.console)
     );
+    assert!(states.len() > 10, "{} pauses", states.len());
     assert_eq!(checksum(&report.console), checksum(&reference.console));
-    assert!(checksum(&report.console).is_some());
-    let active = states
-        .iter()
-        .filter(|s| matches!(&s.virtio[0], MmioDeviceState::Block(b) if b.active))
-        .count();
-    assert!(
-        active > 0,
-        "{} saves, none while the device was active",
-        states.len()
+    // One idle_yield per interval, as without pauses: no early wake-up reached the guest.
+    assert_eq!(
+        report.stats.by_hypercall.get("idle_yield"),
+        reference.stats.by_hypercall.get("idle_yield")
     );
-    for s in &states {
-        assert_eq!(s.virtio.len(), 1);
-        let MmioDeviceState::Block(b) = &s.virtio[0] else {
-            panic!("a block window saved as {:?}", s.virtio[0]);
-        };
-        assert!(!b.needs_reset);
-        if b.active {
-            // Saved between batches: every request the device took is completed.
-            for q in &b.queues {
-                assert_eq!(q.next_used, q.next_avail, "{q:?}");
-            }
-        }
-    }
 }

@@ -145,18 +145,12 @@ impl Vcpu {
         }
     }
 
-    /// A cheap check, for waits inside an exit's handling, of whether a pause is requested.
-    pub fn pause_requested(&self) -> impl Fn() -> bool + use<> {
-        let control = self.control.clone();
-        move || control.pause.load(Ordering::Acquire)
-    }
-
     /// The run loop's check between two exits: if a pause is requested, park here (serving
     /// register requests, and jobs on `context`, the run loop's state) until it is resumed or
-    /// `stopping` returns true.
-    pub fn pause_point(&mut self, context: &mut dyn Any, stopping: impl Fn() -> bool) {
+    /// `stopping` returns true. Returns whether it parked.
+    pub fn pause_point(&mut self, context: &mut dyn Any, stopping: impl Fn() -> bool) -> bool {
         if !self.control.pause.load(Ordering::Acquire) {
-            return;
+            return false;
         }
         let control = self.control.clone();
         let mut st = lock(&control.state);
@@ -172,6 +166,7 @@ impl Vcpu {
         }
         st.parked = false;
         control.changed.notify_all();
+        true
     }
 
     fn serve(&mut self, req: Request, context: &mut dyn Any) -> Reply {

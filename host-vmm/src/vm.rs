@@ -220,9 +220,7 @@ impl Vm {
             // Before every entry: a stop requested while the guest ran kicked it out of
             // KVM_RUN (EINTR) or woke its idle wait, and ends the run here; a pause parks
             // here until resumed.
-            let stop = &self.stop;
-            self.vcpu
-                .pause_point(&mut self.machine, || stop.requested().is_some());
+            self.pause_point();
             if let Some(reason) = self.stop.requested() {
                 return Ok(End::Stopped(reason));
             }
@@ -249,37 +247,63 @@ impl Vm {
         }
     }
 
-    /// Reads the argument registers, dispatches, and writes `rax`/`rdx` back.
+    /// Parks here if a pause is requested, until resumed or stopped; then forgets the
+    /// interrupts sent to bring the vCPU here.
+    fn pause_point(&mut self) {
+        let stop = &self.stop;
+        if self
+            .vcpu
+            .pause_point(&mut self.machine, || stop.requested().is_some())
+        {
+            self.machine.clear_wait_interrupts();
+        }
+    }
+
+    /// Reads the argument registers, dispatches, and writes `rax`/`rdx` back. A call whose
+    /// host-side wait a stop or pause cut short is run again after the pause: the guest never
+    /// sees the pause.
     fn hypercall(&mut self) -> Result<Step> {
         let regs = self.vcpu.regs()?;
         let call = Regs {
             nr: regs.rax,
             args: [regs.rdi, regs.rsi, regs.rcx, regs.r8],
         };
-        match self.machine.hypercall(&call) {
-            Outcome::Exit(code) => Ok(Step::Exit(code)),
-            Outcome::Return(ret) => {
-                self.vcpu.set_return(ret.status, ret.value)?;
-                Ok(Step::Continue)
+        let mut outcome = self.machine.hypercall(&call);
+        loop {
+            match outcome {
+                Outcome::Exit(code) => return Ok(Step::Exit(code)),
+                Outcome::Return(ret) => {
+                    self.vcpu.set_return(ret.status, ret.value)?;
+                    return Ok(Step::Continue);
+                }
+                // Stopping: the run ends before the guest runs again.
+                Outcome::Interrupted(_) if self.stop.requested().is_some() => {
+                    return Ok(Step::Continue);
+                }
+                Outcome::Interrupted(request) => {
+                    self.pause_point();
+                    outcome = self.machine.resume_hypercall(request);
+                }
             }
         }
     }
 
-    /// `hlt`: wait for the next timer tick or event and raise its interrupt.
+    /// `hlt`: wait for the next timer tick or event and raise its interrupt; a wait that a
+    /// pause cut short goes on after it.
     fn halt(&mut self) -> Result<Step> {
         let enabled = self.vcpu.interrupts_enabled();
-        let stop = &self.stop;
-        let handle_wants = self.vcpu.pause_requested();
-        match self
-            .machine
-            .halt(enabled, || stop.requested().is_some() || handle_wants())
-        {
-            Halt::Inject(vector) => {
-                self.vcpu.inject_interrupt(vector)?;
-                Ok(Step::Continue)
+        loop {
+            match self.machine.halt(enabled) {
+                Halt::Inject(vector) => {
+                    self.vcpu.inject_interrupt(vector)?;
+                    return Ok(Step::Continue);
+                }
+                Halt::Fault(what) => return Ok(Step::Fault(what)),
+                Halt::Interrupted if self.stop.requested().is_some() => {
+                    return Ok(Step::Continue);
+                }
+                Halt::Interrupted => self.pause_point(),
             }
-            Halt::Resume => Ok(Step::Continue),
-            Halt::Fault(what) => Ok(Step::Fault(what)),
         }
     }
 }

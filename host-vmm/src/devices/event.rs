@@ -27,6 +27,28 @@ use crate::sync::lock;
 /// have outstanding: the event device fires within [`EVENT_MAX_DELAY_US`]).
 pub const STATE_EVENTS_MAX: u64 = 1 << 20;
 
+/// How a wait on the [`EventQueue`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    /// This many events were pending (all consumed).
+    Events(u64),
+    /// The timeout passed with no event.
+    Timeout,
+    /// An [`Interrupter`] ended the wait (a stop or pause request): nothing happened for the
+    /// guest, and what waited is not done.
+    Interrupted,
+}
+
+impl Woken {
+    /// The events consumed (0 for a timeout or an interrupt).
+    pub fn events(self) -> u64 {
+        match self {
+            Woken::Events(n) => n,
+            Woken::Timeout | Woken::Interrupted => 0,
+        }
+    }
+}
+
 /// The VM's pending-event queue (consumed by the vCPU thread).
 #[derive(Debug)]
 pub struct EventQueue {
@@ -99,12 +121,11 @@ impl EventQueue {
     }
 
     /// Blocks until at least one event is pending, `timeout` passes (`None`: no timeout) or
-    /// an [`Interrupter`] ends the wait; consumes the pending events and returns how many (0
-    /// on timeout or interrupt).
-    pub fn wait(&mut self, timeout: Option<Duration>) -> u64 {
+    /// an [`Interrupter`] ends the wait; consumes the pending events and says which.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Woken {
         let pending = self.drain();
         if pending > 0 {
-            return pending;
+            return Woken::Events(pending);
         }
         // A never-firing timer when there is no timeout.
         let deadline = match timeout {
@@ -115,13 +136,13 @@ impl EventQueue {
             recv(self.rx) -> got => match got {
                 Ok(()) => {
                     self.delivered.fetch_add(1, Ordering::Relaxed);
-                    1 + self.drain()
+                    Woken::Events(1 + self.drain())
                 }
                 // We hold a sender ourselves, so the channel never disconnects.
-                Err(_) => 0,
+                Err(_) => Woken::Timeout,
             },
-            recv(self.interrupt_rx) -> _ => 0,
-            recv(deadline) -> _ => 0,
+            recv(self.interrupt_rx) -> _ => Woken::Interrupted,
+            recv(deadline) -> _ => Woken::Timeout,
         }
     }
 
@@ -334,8 +355,8 @@ mod tests {
         w.wake();
         w.wake();
         // The events arrived before anyone waited: the wait returns at once.
-        assert_eq!(q.wait(Some(Duration::from_secs(5))), 2);
-        assert_eq!(q.wait(Some(Duration::from_millis(1))), 0);
+        assert_eq!(q.wait(Some(Duration::from_secs(5))), Woken::Events(2));
+        assert_eq!(q.wait(Some(Duration::from_millis(1))), Woken::Timeout);
         assert_eq!(q.delivered(), 2);
     }
 
@@ -347,12 +368,12 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
             i.interrupt();
         });
-        assert_eq!(q.wait(None), 0);
+        assert_eq!(q.wait(None), Woken::Interrupted);
         t.join().unwrap();
         assert_eq!(q.delivered(), 0);
         q.interrupter().interrupt();
         q.clear_interrupts();
-        assert_eq!(q.wait(Some(Duration::from_millis(5))), 0);
+        assert_eq!(q.wait(Some(Duration::from_millis(5))), Woken::Timeout);
     }
 
     #[test]
@@ -363,8 +384,8 @@ mod tests {
         dev.schedule(Duration::from_millis(20));
         dev.schedule(Duration::from_millis(5));
         assert_eq!(dev.outstanding(), 2);
-        let mut got = q.wait(Some(Duration::from_secs(5)));
-        got += q.wait(Some(Duration::from_secs(5)));
+        let mut got = q.wait(Some(Duration::from_secs(5))).events();
+        got += q.wait(Some(Duration::from_secs(5))).events();
         assert_eq!(got, 2);
         assert!(t0.elapsed() >= Duration::from_millis(20));
         assert_eq!(dev.outstanding(), 0);
@@ -416,6 +437,6 @@ mod tests {
                 due_in_ns: vec![1_000],
             })
             .unwrap();
-        assert_eq!(fresh_q.wait(Some(Duration::from_secs(5))), 1);
+        assert_eq!(fresh_q.wait(Some(Duration::from_secs(5))), Woken::Events(1));
     }
 }

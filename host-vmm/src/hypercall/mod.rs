@@ -62,6 +62,9 @@ pub struct Context<'a> {
 pub enum Outcome {
     /// Resume the guest with these return registers.
     Return(Return),
+    /// A stop or pause request cut a host-side wait short (`idle_yield`): the call is not
+    /// done and nothing is returned; [`service`] it again once the vCPU resumes.
+    Interrupted(Request),
     /// The guest exits with this code.
     Exit(u32),
 }
@@ -81,17 +84,27 @@ pub fn dispatch(ctx: &mut Context<'_>, regs: &Regs, stats: &mut ExitStats) -> Ou
         return Outcome::Return(Return::err(AbiError::NotImplemented));
     }
     // Only now the arguments: a malformed call whose feature is off is `NOT_IMPLEMENTED`.
-    let request = match Request::decode_args(call, &regs.args) {
-        Ok(r) => r,
-        Err(e) => return Outcome::Return(Return::err(e)),
-    };
+    match Request::decode_args(call, &regs.args) {
+        Ok(request) => service(ctx, request, stats),
+        Err(e) => Outcome::Return(Return::err(e)),
+    }
+}
+
+/// Services a decoded, counted, permitted request; also how a call that came back
+/// [`Outcome::Interrupted`] goes on after the pause (it is counted once).
+pub fn service(ctx: &mut Context<'_>, request: Request, stats: &mut ExitStats) -> Outcome {
     let ret = match request {
         Request::Null { echo } => Return::ok(echo),
         Request::Features => Return::ok(ctx.features),
         Request::ConsoleWrite { gpa, len } => console::write(ctx.ram, ctx.console, gpa, len),
         Request::Exit { code } => return Outcome::Exit(code),
         Request::ClockNs => Return::ok(ctx.clock.now_ns()),
-        Request::IdleYield { deadline_ns } => idle::idle_yield(ctx.clock, ctx.events, deadline_ns),
+        Request::IdleYield { deadline_ns } => {
+            match idle::idle_yield(ctx.clock, ctx.events, deadline_ns) {
+                Some(ret) => ret,
+                None => return Outcome::Interrupted(request),
+            }
+        }
         Request::ZeroHints(op) => zero::zero_hints(ctx.ram, ctx.protected_end, op, stats),
         Request::MmuUpdate {
             batch_gpa,

@@ -16,13 +16,14 @@ use std::time::Instant;
 
 use hypercall_abi::idle::{EVENT_VECTOR, TIMER_VECTOR};
 use hypercall_abi::layout::{PT_POOL_GPA, PT_POOL_SIZE};
+use hypercall_abi::request::Request;
 use hypercall_abi::{HYPERCALL_PORT, Regs};
 use kvm_ioctls::{VcpuExit, VmFd};
 
 use crate::bus::{Bus, BusAction, BusError};
 use crate::console::ConsoleSink;
 use crate::devices::debug::NullDevice;
-use crate::devices::event::{EventDevice, EventDeviceState, EventQueue, EventQueueState};
+use crate::devices::event::{EventDevice, EventDeviceState, EventQueue, EventQueueState, Woken};
 use crate::devices::serial::{Uart, UartState};
 use crate::devices::timer::{PeriodicTimer, TimerState};
 use crate::devices::virtio::{MmioDeviceState, StatefulWindow};
@@ -62,8 +63,9 @@ pub enum Step {
 pub enum Halt {
     /// Raise this interrupt vector and resume.
     Inject(u8),
-    /// Woken without anything to deliver (a stop or pause request): resume as is.
-    Resume,
+    /// A stop or pause request ended the wait: the guest is still halted (wait again after
+    /// the pause).
+    Interrupted,
     /// Nothing can ever wake the guest.
     Fault(String),
 }
@@ -296,6 +298,18 @@ impl Machine {
 
     /// Services one hypercall with argument registers `call`.
     pub fn hypercall(&mut self, call: &Regs) -> Outcome {
+        self.with_context(|ctx, stats| hypercall::dispatch(ctx, call, stats))
+    }
+
+    /// Goes on with a hypercall that came back [`Outcome::Interrupted`] (not counted again).
+    pub fn resume_hypercall(&mut self, request: Request) -> Outcome {
+        self.with_context(|ctx, stats| hypercall::service(ctx, request, stats))
+    }
+
+    fn with_context(
+        &mut self,
+        f: impl FnOnce(&mut Context<'_>, &mut ExitStats) -> Outcome,
+    ) -> Outcome {
         let mut pool = lock(&self.pool);
         let mut ctx = Context {
             ram: &self.ram,
@@ -306,48 +320,48 @@ impl Machine {
             protected_end: self.protected_end,
             features: self.offer.features(),
         };
-        hypercall::dispatch(&mut ctx, call, &mut self.stats)
+        f(&mut ctx, &mut self.stats)
     }
 
     /// `hlt` with interrupts enabled (`interrupts_enabled`): waits for the next timer tick or
     /// event and says which interrupt to raise. A guest that halts with interrupts disabled,
-    /// or with nothing that could ever wake it, is stuck for good. `stopping` is checked after
-    /// the wait: a stop or pause request ends the wait early.
-    pub fn halt(&mut self, interrupts_enabled: bool, stopping: impl Fn() -> bool) -> Halt {
+    /// or with nothing that could ever wake it, is stuck for good. A stop or pause request
+    /// ends the wait early ([`Halt::Interrupted`]): the guest is still halted.
+    pub fn halt(&mut self, interrupts_enabled: bool) -> Halt {
         if !interrupts_enabled {
             return Halt::Fault(
                 "halted (KVM_EXIT_HLT) with interrupts disabled: nothing can wake it".into(),
             );
         }
         let tick = lock(&self.devices.timer).next_due();
-        let mut events = self.events.drain();
-        if events == 0 {
-            // An active virtio device may complete a request at any time.
-            let device_active = self.devices.virtio.iter().any(|d| lock(d).is_active());
-            if tick.is_none() && lock(&self.devices.event).outstanding() == 0 && !device_active {
-                return Halt::Fault(
-                    "halted (KVM_EXIT_HLT) with no timer running, no event outstanding and no \
-                     active device"
-                        .into(),
-                );
-            }
-            let timeout = tick.map(|t| t.saturating_duration_since(Instant::now()));
-            events = self.events.wait(timeout);
-            if events == 0 && stopping() {
-                return Halt::Resume;
-            }
-        }
-        if events > 0 {
+        let pending = self.events.drain();
+        if pending > 0 {
             return Halt::Inject(EVENT_VECTOR);
         }
-        let now = Instant::now();
-        let mut timer = lock(&self.devices.timer);
-        if timer.next_due().is_none_or(|t| t > now) {
-            // Woken early (an interrupt without a stop): nothing is due yet.
-            return Halt::Resume;
+        // An active virtio device may complete a request at any time.
+        let device_active = self.devices.virtio.iter().any(|d| lock(d).is_active());
+        if tick.is_none() && lock(&self.devices.event).outstanding() == 0 && !device_active {
+            return Halt::Fault(
+                "halted (KVM_EXIT_HLT) with no timer running, no event outstanding and no \
+                 active device"
+                    .into(),
+            );
         }
-        timer.ack(now);
-        Halt::Inject(TIMER_VECTOR)
+        let timeout = tick.map(|t| t.saturating_duration_since(Instant::now()));
+        match self.events.wait(timeout) {
+            Woken::Events(_) => Halt::Inject(EVENT_VECTOR),
+            Woken::Interrupted => Halt::Interrupted,
+            Woken::Timeout => {
+                lock(&self.devices.timer).ack(Instant::now());
+                Halt::Inject(TIMER_VECTOR)
+            }
+        }
+    }
+
+    /// Forgets interrupts of the event queue's waits that nobody consumed (sent while the vCPU
+    /// was on its way to a pause).
+    pub fn clear_wait_interrupts(&self) {
+        self.events.clear_interrupts();
     }
 
     /// Makes KVM drop its shadow page tables if a pool update could have left them stale.

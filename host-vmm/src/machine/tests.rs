@@ -137,25 +137,25 @@ fn trapped_page_table_stores_go_to_the_pool_window() {
 fn hlt_waits_for_what_can_wake_the_guest() {
     let mut m = pv();
     assert_eq!(m.handle_exit(VcpuExit::Hlt), Step::Halt);
-    assert!(matches!(m.halt(false, || false), Halt::Fault(_)));
+    assert!(matches!(m.halt(false), Halt::Fault(_)));
     assert!(
-        matches!(m.halt(true, || false), Halt::Fault(ref w) if w.contains("no timer")),
+        matches!(m.halt(true), Halt::Fault(ref w) if w.contains("no timer")),
         "nothing can wake it"
     );
     m.events.waker().wake();
-    assert_eq!(m.halt(true, || false), Halt::Inject(EVENT_VECTOR));
+    assert_eq!(m.halt(true), Halt::Inject(EVENT_VECTOR));
     // Program a 1 ms timer through its port, then halt: the tick comes.
     m.handle_exit(VcpuExit::IoOut(TIMER_PORT, &1000u32.to_le_bytes()));
-    assert_eq!(m.halt(true, || false), Halt::Inject(TIMER_VECTOR));
+    assert_eq!(m.halt(true), Halt::Inject(TIMER_VECTOR));
     assert_eq!(lock(&m.devices.timer).ticks(), 1);
     // An event scheduled through the event device's port wakes the halted guest.
     m.handle_exit(VcpuExit::IoOut(TIMER_PORT, &0u32.to_le_bytes()));
     m.handle_exit(VcpuExit::IoOut(EVENT_PORT, &100u32.to_le_bytes()));
-    assert_eq!(m.halt(true, || false), Halt::Inject(EVENT_VECTOR));
+    assert_eq!(m.halt(true), Halt::Inject(EVENT_VECTOR));
     // A stop or pause ends the wait without an interrupt.
     m.handle_exit(VcpuExit::IoOut(TIMER_PORT, &1_000_000u32.to_le_bytes()));
     m.events.interrupter().interrupt();
-    assert_eq!(m.halt(true, || true), Halt::Resume);
+    assert_eq!(m.halt(true), Halt::Interrupted);
 }
 
 #[test]

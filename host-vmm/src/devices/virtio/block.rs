@@ -1424,7 +1424,7 @@ pub(crate) mod tests {
             header(&mem, HDR, VIRTIO_BLK_T_OUT, u64::from(round));
             drv.submit(&[(HDR, 16, R), (BUF, 512, R), (STATUS, 1, W)]);
             kick.write(1).unwrap();
-            assert_eq!(events.wait(Some(Duration::from_secs(5))), 1);
+            assert_eq!(events.wait(Some(Duration::from_secs(5))).events(), 1);
             assert_eq!(drv.used_idx(), 1);
             assert_eq!(status(&mem), OK);
             block.reset();

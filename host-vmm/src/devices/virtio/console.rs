@@ -541,7 +541,7 @@ mod tests {
             put(&mem, BUF, &[b'0' + round]);
             tx.submit(&[(BUF, 1, R)]);
             kick.write(1).unwrap();
-            assert_eq!(events.wait(Some(Duration::from_secs(5))), 1);
+            assert_eq!(events.wait(Some(Duration::from_secs(5))).events(), 1);
             assert_eq!(tx.used_idx(), 1);
             console.reset();
         }

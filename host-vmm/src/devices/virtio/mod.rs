@@ -528,7 +528,7 @@ mod tests {
         header(&mem, HDR, VIRTIO_BLK_T_OUT, 3);
         drv.submit(&[(HDR, 16, R), (BUF, 512, R), (STATUS, 1, W)]);
         w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-        assert_eq!(events.wait(Some(Duration::from_secs(5))), 1);
+        assert_eq!(events.wait(Some(Duration::from_secs(5))).events(), 1);
 
         // Quiesce, save; a request queued while paused is not served.
         t.pause();
@@ -559,7 +559,7 @@ mod tests {
             .restore(&serde_json::from_str(&json).unwrap())
             .unwrap();
         assert!(fresh.is_active());
-        assert_eq!(events.wait(Some(Duration::from_secs(5))), 1);
+        assert_eq!(events.wait(Some(Duration::from_secs(5))).events(), 1);
         assert_eq!(drv.used_idx(), 2);
         let mut back = vec![0; 512];
         mem.read_slice(&mut back, GuestAddress(BUF + 0x1000))
@@ -571,7 +571,7 @@ mod tests {
         drv.set_used_event(2);
         drv.submit(&[(HDR, 16, R), (BUF + 0x2000, 512, W), (STATUS, 1, W)]);
         w32(&mut fresh, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-        assert_eq!(events.wait(Some(Duration::from_secs(5))), 1);
+        assert_eq!(events.wait(Some(Duration::from_secs(5))).events(), 1);
         assert_eq!(drv.used_idx(), 3);
         fresh.pause();
         let again = fresh.save();
@@ -647,7 +647,7 @@ mod tests {
         mem.write_slice(b"before ", GuestAddress(BUF)).unwrap();
         tx.submit(&[(BUF, 7, R)]);
         w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
-        assert_eq!(events.wait(Some(Duration::from_secs(5))), 1);
+        assert_eq!(events.wait(Some(Duration::from_secs(5))).events(), 1);
         t.pause();
         mem.write_slice(b"after\n", GuestAddress(BUF + 0x1000))
             .unwrap();
@@ -669,7 +669,7 @@ mod tests {
             state
         );
         fresh.restore(&state).unwrap();
-        assert_eq!(events.wait(Some(Duration::from_secs(5))), 1);
+        assert_eq!(events.wait(Some(Duration::from_secs(5))).events(), 1);
         assert_eq!(sink.captured(), b"before ");
         assert_eq!(sink2.captured(), b"after\n");
         assert_eq!(fresh.device().stats().chains, 2);
@@ -738,7 +738,7 @@ mod tests {
         header(&mem, HDR, VIRTIO_BLK_T_OUT, 10);
         drv.submit(&[(HDR, 16, R), (BUF, 512, R), (STATUS, 1, W)]);
         w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-        assert_eq!(events.wait(Some(Duration::from_secs(5))), 1);
+        assert_eq!(events.wait(Some(Duration::from_secs(5))).events(), 1);
         assert_eq!(r32(&t, VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
         w32(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
         assert_eq!(r32(&t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
@@ -751,7 +751,7 @@ mod tests {
         header(&mem, HDR, VIRTIO_BLK_T_IN, 10);
         drv.submit(&[(HDR, 16, R), (BUF + 0x1000, 512, W), (STATUS, 1, W)]);
         w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-        assert_eq!(events.wait(Some(Duration::from_secs(5))), 1);
+        assert_eq!(events.wait(Some(Duration::from_secs(5))).events(), 1);
         let mut back = vec![0; 512];
         mem.read_slice(&mut back, GuestAddress(BUF + 0x1000))
             .unwrap();
@@ -761,7 +761,7 @@ mod tests {
         drv.submit(&[(HDR, 16, R), (BUF + 0x2000, 512, W), (STATUS, 1, W)]);
         w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         wait_until("the third completion", || drv.used_idx() == 3);
-        assert_eq!(events.wait(Some(Duration::from_millis(50))), 0);
+        assert_eq!(events.wait(Some(Duration::from_millis(50))).events(), 0);
         let stats = t.device().stats();
         assert_eq!((stats.reads, stats.writes), (2, 1));
 

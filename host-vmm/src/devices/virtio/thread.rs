@@ -273,7 +273,7 @@ mod tests {
         assert_eq!(events.drain(), 0);
         // Second pass: it did.
         kick.write(1).unwrap();
-        assert_eq!(events.wait(Some(Duration::from_secs(5))), 1);
+        assert_eq!(events.wait(Some(Duration::from_secs(5))).events(), 1);
         assert_eq!(irq.status(), 1, "INT_VRING");
         let handler = worker.stop().expect("the handler comes back");
         assert_eq!(handler.calls.load(Ordering::Acquire), 2);
