@@ -257,8 +257,8 @@ pub struct VcpuHandle {
 impl VcpuHandle {
     /// Stops the vCPU at its next exit boundary and returns once it is parked there
     /// ([`VcpuHandle::request_pause`] then [`VcpuHandle::wait_paused`]). A vCPU waiting in
-    /// `idle_yield` or `hlt` is woken (the guest sees an early, eventless return, which the
-    /// ABI allows).
+    /// `idle_yield` or `hlt` is woken and parks inside that wait, which goes on after the
+    /// resume: the guest never sees the pause.
     pub fn pause(&self, timeout: Duration) -> std::result::Result<(), ControlError> {
         self.request_pause();
         self.wait_paused(timeout)

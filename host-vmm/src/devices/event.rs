@@ -5,8 +5,9 @@
 //! Any host thread (a device's queue thread, a test) can wake the guest through a [`Waker`].
 //! Events stay queued until the vCPU consumes them, so a wake-up that races with the guest's
 //! decision to idle is never lost. A control thread that needs the vCPU back (stop, pause)
-//! ends a wait without an event through an [`Interrupter`]: the guest sees an early return,
-//! never an event that did not happen.
+//! ends a wait without an event through an [`Interrupter`] ([`Woken::Interrupted`]); the wait
+//! goes on after the pause, so the guest sees neither an early return nor an event that did
+//! not happen.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
