@@ -246,6 +246,11 @@ impl Stopper {
         }
     }
 
+    /// Where the run is now.
+    pub(crate) fn phase(&self) -> RunPhase {
+        phase(self.lock().vcpu)
+    }
+
     /// Waits up to `timeout` for the run's phase to change from `from`.
     pub(crate) fn wait_phase_change(&self, from: RunPhase, timeout: Duration) {
         let state = self.lock();

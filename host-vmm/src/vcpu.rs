@@ -158,7 +158,11 @@ impl Vcpu {
         control.changed.notify_all();
         while control.pause.load(Ordering::Acquire) && !stopping() {
             if let Some(req) = st.request.take() {
-                st.reply = Some(self.serve(req, context));
+                // Served without the lock: a job may take its time, or use a handle itself.
+                drop(st);
+                let reply = self.serve(req, context);
+                st = lock(&control.state);
+                st.reply = Some(reply);
                 control.changed.notify_all();
                 continue;
             }
@@ -245,6 +249,8 @@ struct Control {
     pause: AtomicBool,
     state: Mutex<ControlState>,
     changed: Condvar,
+    /// Held for the whole of one request, so handles on several threads take turns.
+    calls: Mutex<()>,
 }
 
 /// Pauses, inspects and resumes a [`Vcpu`] from another thread.
@@ -371,6 +377,7 @@ impl VcpuHandle {
     }
 
     fn call(&self, req: Request) -> std::result::Result<Reply, ControlError> {
+        let _turn = lock(&self.control.calls);
         let mut st = lock(&self.control.state);
         if !st.parked {
             return Err(ControlError::NotPaused);
@@ -382,8 +389,9 @@ impl VcpuHandle {
             if let Some(reply) = st.reply.take() {
                 return Ok(reply);
             }
-            if !st.parked {
-                // Stopped (or resumed by another handle) before serving it.
+            if !st.parked || self.stopper.phase() == RunPhase::Done {
+                // Stopped (or resumed by another handle) before serving it, or the run ended
+                // while serving it.
                 st.request = None;
                 return Err(ControlError::Ended);
             }
