@@ -16,6 +16,11 @@ use crate::metrics::{Snapshot, Window};
 use crate::rusage::{thread_cpu_ns, thread_faults};
 use crate::vm::{RunObserver, RunReport};
 
+/// The most checkpoint markers a window records. Each one reads the page map over all of guest
+/// RAM (resident bytes), so a guest flooding them must not cost the host memory or a scan per
+/// exit: later checkpoints, and checkpoints outside a begin/end window, are ignored.
+pub const CHECKPOINTS_MAX: usize = 64;
+
 /// Records the window between the begin and end markers, with the checkpoints in between.
 #[derive(Debug, Default)]
 pub struct WindowRecorder {
@@ -68,7 +73,10 @@ impl RunObserver for WindowRecorder {
                     self.window = Some(w);
                 }
             }
-            MARKER_CHECKPOINT => {
+            // The begin marker's own entry is `checkpoints[0]`.
+            MARKER_CHECKPOINT
+                if self.begin.is_some() && self.checkpoints.len() <= CHECKPOINTS_MAX =>
+            {
                 let at = Instant::now();
                 self.checkpoints.push((machine.ram().resident_bytes(), at));
             }
@@ -116,4 +124,52 @@ pub fn measure(cfg: &VmConfig, console: ConsoleSink) -> Result<Measured> {
         window: recorder.window(),
         result,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builder::attach_pio_devices;
+    use crate::devices::event::EventQueue;
+    use crate::kernel_abi::{HiddenBecause, Offer};
+    use crate::machine::MachineParts;
+    use crate::memory::GuestRam;
+    use crate::mmu::PageTablePool;
+
+    fn machine() -> Machine {
+        let console = ConsoleSink::new(None);
+        let events = EventQueue::default();
+        let devices = attach_pio_devices(&console, &events).unwrap();
+        Machine::new(MachineParts {
+            ram: GuestRam::new(16 << 20).unwrap(),
+            pool: PageTablePool::new(16 << 20).unwrap(),
+            devices,
+            events,
+            console,
+            offer: Offer::Hidden(HiddenBecause::TrappedMode),
+            protected_end: 0x40_0000,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn checkpoints_count_only_inside_a_window_and_are_bounded() {
+        let m = machine();
+        let mut r = WindowRecorder::default();
+        for _ in 0..1000 {
+            r.marker(MARKER_CHECKPOINT, &m);
+        }
+        assert!(
+            r.checkpoints.is_empty(),
+            "no begin marker: nothing recorded"
+        );
+        r.marker(MARKER_BEGIN, &m);
+        for _ in 0..10_000 {
+            r.marker(MARKER_CHECKPOINT, &m);
+        }
+        r.marker(MARKER_END, &m);
+        let w = r.window().unwrap();
+        assert_eq!(w.checkpoint_ns.len(), CHECKPOINTS_MAX);
+        assert_eq!(w.resident_bytes.len(), CHECKPOINTS_MAX + 2);
+    }
 }

@@ -24,9 +24,14 @@ use crate::devices::debug::{le_u32, put_le_u32};
 use crate::state::{Persist, StateError};
 use crate::sync::lock;
 
-/// The most events a saved state may hold pending or scheduled (far more than any guest can
-/// have outstanding: the event device fires within [`EVENT_MAX_DELAY_US`]).
+/// The most events a saved state may hold pending (far more than any guest can have queued
+/// and not consumed).
 pub const STATE_EVENTS_MAX: u64 = 1 << 20;
+
+/// The most events the event device holds scheduled and not yet fired. A write beyond it is
+/// dropped (counted as the event `event_dropped`): a flood of writes costs the host at most
+/// this many deadlines (16 bytes each), never growth.
+pub const EVENT_OUTSTANDING_MAX: usize = 1024;
 
 /// How a wait on the [`EventQueue`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,12 +227,16 @@ impl EventDevice {
         }
     }
 
-    /// Schedules one event `delay` from now.
-    pub fn schedule(&mut self, delay: Duration) {
-        self.schedule_at(Instant::now() + delay);
+    /// Schedules one event `delay` from now. Returns false (and schedules nothing) if
+    /// [`EVENT_OUTSTANDING_MAX`] events are already scheduled.
+    pub fn schedule(&mut self, delay: Duration) -> bool {
+        self.schedule_at(Instant::now() + delay)
     }
 
-    fn schedule_at(&mut self, at: Instant) {
+    fn schedule_at(&mut self, at: Instant) -> bool {
+        if self.outstanding() >= EVENT_OUTSTANDING_MAX as u64 {
+            return false;
+        }
         if self.requests.is_none() {
             let (tx, rx) = unbounded();
             let waker = self.waker.clone();
@@ -242,13 +251,14 @@ impl EventDevice {
                     self.thread = Some(handle);
                     self.requests = Some(tx);
                 }
-                Err(_) => return,
+                Err(_) => return false,
             }
         }
         lock(&self.due).push(Reverse(at));
         if let Some(tx) = &self.requests {
             let _ = tx.send(());
         }
+        true
     }
 
     /// Events scheduled but not yet fired.
@@ -268,8 +278,11 @@ impl BusDevice for EventDevice {
 
     fn write(&mut self, _offset: u64, data: &[u8]) -> BusAction {
         let us = le_u32(data).min(EVENT_MAX_DELAY_US);
-        self.schedule(Duration::from_micros(u64::from(us)));
-        BusAction::Continue
+        if self.schedule(Duration::from_micros(u64::from(us))) {
+            BusAction::Continue
+        } else {
+            BusAction::Counted("event_dropped")
+        }
     }
 }
 
@@ -295,10 +308,13 @@ impl Persist for EventDevice {
 
     fn restore(&mut self, state: &EventDeviceState) -> Result<(), StateError> {
         let max_ns = u64::from(EVENT_MAX_DELAY_US) * 1000;
-        if state.due_in_ns.len() as u64 > STATE_EVENTS_MAX {
+        if state.due_in_ns.len() > EVENT_OUTSTANDING_MAX {
             return Err(StateError::invalid(
                 "event device",
-                "too many scheduled events",
+                format!(
+                    "{} scheduled events (at most {EVENT_OUTSTANDING_MAX})",
+                    state.due_in_ns.len()
+                ),
             ));
         }
         if let Some(bad) = state.due_in_ns.iter().find(|&&ns| ns > max_ns) {
@@ -394,6 +410,24 @@ mod tests {
         dev.read(0, &mut d);
         assert_eq!(u32::from_le_bytes(d), 2, "the port reads events delivered");
         drop(dev); // joins the thread
+    }
+
+    #[test]
+    fn a_flood_of_schedules_is_bounded() {
+        let q = EventQueue::default();
+        let mut dev = EventDevice::new(&q);
+        let ten_s = (EVENT_MAX_DELAY_US).to_le_bytes();
+        for _ in 0..EVENT_OUTSTANDING_MAX {
+            assert_eq!(dev.write(0, &ten_s), BusAction::Continue);
+        }
+        for _ in 0..10_000 {
+            assert_eq!(dev.write(0, &ten_s), BusAction::Counted("event_dropped"));
+        }
+        assert_eq!(dev.outstanding(), EVENT_OUTSTANDING_MAX as u64);
+        let too_many = EventDeviceState {
+            due_in_ns: vec![0; EVENT_OUTSTANDING_MAX + 1],
+        };
+        assert!(dev.restore(&too_many).is_err());
     }
 
     #[test]
