@@ -104,5 +104,9 @@ fn fuzz_needs_pv_mode() {
     let r = boot(Mode::Trapped, "fuzz", &[]);
     assert_eq!(r.exit_code, 4, "{}", text(&r));
     assert!(text(&r).contains("needs mode pv"), "{}", text(&r));
-    assert!(r.stats.by_hypercall.is_empty(), "{:?}", r.stats.by_hypercall);
+    assert!(
+        r.stats.by_hypercall.is_empty(),
+        "{:?}",
+        r.stats.by_hypercall
+    );
 }

@@ -623,9 +623,11 @@ impl Fuzz {
                         } else {
                             self.range()
                         };
-                        if !self.release_refused(start, len)
-                            && !(start >= self.owned_start && start + len <= self.owned_end)
-                        {
+                        let owned = start >= self.owned_start
+                            && start
+                                .checked_add(len)
+                                .is_some_and(|end| end <= self.owned_end);
+                        if !owned && !self.release_refused(start, len) {
                             (start, len) = (self.data(), PAGE_SIZE);
                         }
                         self.put(first + i, start, len);
