@@ -60,7 +60,7 @@ enum Command {
         /// Guest RAM, e.g. 128M, 1G (16 MiB .. 3068 MiB, below the page-table pool).
         #[arg(long, default_value = "128M", value_parser = mem_size)]
         mem: u64,
-        /// Workload for the demo kernel: hello, null, console, pagetable, idle, zero, blk, vconsole, cpl3, panic.
+        /// Workload for the demo kernel: hello, null, console, pagetable, idle, zero, blk, vconsole, cpl3, fuzz, panic.
         #[arg(long, default_value = "hello")]
         workload: String,
         /// Print exit statistics to stderr when the guest exits (or is stopped).

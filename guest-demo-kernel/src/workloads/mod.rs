@@ -5,6 +5,7 @@
 mod blk;
 mod console;
 mod cpl3;
+mod fuzz;
 mod hello;
 mod idle;
 mod null;
@@ -94,6 +95,7 @@ const WORKLOADS: &[Workload] = &[
     zero::WORKLOAD,
     blk::WORKLOAD,
     vconsole::WORKLOAD,
+    fuzz::WORKLOAD,
     panic::WORKLOAD,
 ];
 
