@@ -90,6 +90,7 @@ pub fn build(cfg: &VmConfig, console: ConsoleSink) -> Result<Vm> {
         stopper,
         cfg.timeout,
         kernel,
+        cfg.seccomp,
     ))
 }
 

@@ -67,6 +67,9 @@ pub struct VmConfig {
     /// Stop the run this long after it starts (the guest's first entry), if the guest has
     /// not exited by then; the report then says [`crate::stop::StopReason::Timeout`].
     pub timeout: Option<Duration>,
+    /// Run the VM's host threads under seccomp filters ([`crate::sandbox`]); off only for
+    /// debugging (`--no-seccomp`).
+    pub seccomp: bool,
 }
 
 /// A disk image for the virtio-blk device.
@@ -92,6 +95,7 @@ impl VmConfig {
             disk: None,
             virtio_console: false,
             timeout: None,
+            seccomp: true,
         }
     }
 }

@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod mmu;
 pub mod prepare;
 pub mod rusage;
+pub mod sandbox;
 pub mod state;
 pub mod stop;
 pub mod sync;

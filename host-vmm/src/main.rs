@@ -16,6 +16,7 @@ use host_vmm::console::ConsoleSink;
 use host_vmm::kernel_abi::{HiddenBecause, KernelAbi, Offer};
 use host_vmm::memory::parse_mem_size;
 use host_vmm::metrics::Window;
+use host_vmm::sandbox::{self, ThreadKind};
 use host_vmm::stop::{self, StopReason, Stopper};
 use host_vmm::vm::RunReport;
 use hypercall_abi::boot::Mode;
@@ -82,6 +83,9 @@ enum Command {
         /// KVM device node.
         #[arg(long, default_value = config::DEFAULT_KVM_DEVICE)]
         kvm_device: PathBuf,
+        /// Run the host threads without seccomp filters (for debugging; see the README).
+        #[arg(long)]
+        no_seccomp: bool,
         /// Workload arguments passed to the guest, e.g. `-- ops=1000`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -102,6 +106,18 @@ enum Command {
         /// Feature bits that would be cleared (as for `run`).
         #[arg(long, value_name = "FEATURE[,...]", value_delimiter = ',', value_parser = feature_bit)]
         disable: Vec<u64>,
+    },
+    /// Test aid: installs a thread kind's seccomp filter on a new thread, then makes one
+    /// system call (`none`: an allowed `write`). A refused call ends the process with the
+    /// seccomp report and status 159.
+    #[command(hide = true)]
+    SandboxSelftest {
+        /// vcpu, virtio, event, prepare, timeout, signals.
+        #[arg(long, default_value = "vcpu")]
+        kind: String,
+        /// none, socket, execve, openat-write, ioctl.
+        #[arg(long, default_value = "none")]
+        call: String,
     },
 }
 
@@ -167,6 +183,9 @@ struct CompareArgs {
     /// KVM device node.
     #[arg(long, default_value = config::DEFAULT_KVM_DEVICE)]
     kvm_device: PathBuf,
+    /// Run the host threads without seccomp filters (for debugging; see the README).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 impl CompareArgs {
@@ -334,6 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             readonly,
             virtio_console,
             kvm_device,
+            no_seccomp,
             args,
         } => {
             let cfg = VmConfig {
@@ -347,6 +367,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 disk: disk.map(|path| DiskConfig { path, readonly }),
                 virtio_console,
                 timeout,
+                seccomp: !no_seccomp,
             };
             let vm = builder::build(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
             if vm.offer() == Offer::Hidden(HiddenBecause::NoNote) && cfg.mode == Mode::Pv {
@@ -359,7 +380,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The marker window (`--stats`) is measured by the harness's observer.
             let mut recorder = WindowRecorder::default();
             let report = {
-                let _signals = StopOnSignals::install(vm.stopper())?;
+                let _signals = StopOnSignals::install(vm.stopper(), cfg.seccomp)?;
                 vm.run_observed(&mut recorder)?
             };
             if stats {
@@ -387,7 +408,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::SandboxSelftest { kind, call } => sandbox_selftest(&kind, &call),
         Command::Compare(args) => {
+            if args.no_seccomp {
+                sandbox::disable_process_wide();
+            }
             let json = args.json.clone();
             let opts = args.options()?;
             let records = compare::run(&opts, |w, m| eprintln!("running {w} ({m})..."))?;
@@ -407,6 +432,57 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+/// `host-vmm sandbox-selftest`: see [`Command::SandboxSelftest`].
+fn sandbox_selftest(kind: &str, call: &str) -> anyhow::Result<ExitCode> {
+    let kind = match kind {
+        "vcpu" => ThreadKind::Vcpu,
+        "virtio" => ThreadKind::VirtioWorker,
+        "event" => ThreadKind::EventDevice,
+        "prepare" => ThreadKind::Prepare,
+        "timeout" => ThreadKind::Timeout,
+        "signals" => ThreadKind::Signals,
+        other => anyhow::bail!("unknown thread kind {other:?}"),
+    };
+    let call = call.to_string();
+    let done = std::thread::spawn(move || -> anyhow::Result<i64> {
+        sandbox::apply(kind, true)?;
+        // SAFETY (each arm): plain system calls with valid arguments; whatever they create
+        // is released at once, and a refused call ends the process in the SIGSYS handler.
+        let ret = match call.as_str() {
+            "none" => {
+                // SAFETY: see above; writes 3 bytes from a static buffer to stderr.
+                unsafe { libc::write(2, b"ok\n".as_ptr().cast(), 3) as i64 }
+            }
+            "socket" => {
+                // SAFETY: see above.
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as i64 }
+            }
+            "execve" => {
+                let path = c"/bin/true";
+                let argv = [path.as_ptr(), std::ptr::null()];
+                // SAFETY: see above; `path` and `argv` are NUL-terminated and live.
+                unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), std::ptr::null()) as i64 }
+            }
+            "openat-write" => {
+                // SAFETY: see above; a NUL-terminated path, opened (if allowed) write-only.
+                unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY) as i64 }
+            }
+            "ioctl" => {
+                // SAFETY: see above; FIONREAD on stdin writes one int into `n`.
+                let mut n: libc::c_int = 0;
+                unsafe { libc::ioctl(0, libc::FIONREAD, &mut n) as i64 }
+            }
+            other => anyhow::bail!("unknown call {other:?}"),
+        };
+        Ok(ret)
+    });
+    let ret = done
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sandboxed thread panicked"))??;
+    println!("allowed: returned {ret}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_stats(report: &RunReport, window: Option<&Window>) {
@@ -437,13 +513,14 @@ struct StopOnSignals {
 }
 
 impl StopOnSignals {
-    fn install(stopper: Stopper) -> anyhow::Result<StopOnSignals> {
+    fn install(stopper: Stopper, seccomp: bool) -> anyhow::Result<StopOnSignals> {
         let mut signals =
             Signals::new([SIGINT, SIGTERM]).context("cannot install SIGINT/SIGTERM handlers")?;
         let handle = signals.handle();
         let thread = std::thread::Builder::new()
             .name("pvkit-signals".into())
             .spawn(move || {
+                sandbox::enter(ThreadKind::Signals, seccomp);
                 for signal in signals.forever() {
                     stopper.stop(StopReason::Signal(signal));
                 }

@@ -143,9 +143,13 @@ impl Preparer {
             failed_steps: AtomicU64::new(0),
         });
         let s = Arc::clone(&shared);
+        let seccomp = crate::sandbox::inherit();
         let thread = std::thread::Builder::new()
             .name("pvkit-prepare".into())
-            .spawn(move || worker(&s, host_base, size))?;
+            .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::ThreadKind::Prepare, seccomp);
+                worker(&s, host_base, size)
+            })?;
         Ok(Preparer {
             shared,
             thread: Some(thread),

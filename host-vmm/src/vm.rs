@@ -42,7 +42,7 @@ pub struct RunReport {
 /// Watches a run from the vCPU thread. [`Vm::run_observed`] calls it for every marker the
 /// guest writes (the marker port, `MARKER_PORT`), between two exits; a benchmark harness uses
 /// it to measure what happened between two markers (see `crate::compare`).
-pub trait RunObserver {
+pub trait RunObserver: Send {
     /// The guest wrote `value` to the marker port; `machine` is the VM's state now.
     fn marker(&mut self, value: u32, machine: &Machine);
 }
@@ -66,6 +66,7 @@ pub struct Vm {
     stop: Stopper,
     timeout: Option<Duration>,
     kernel: ElfInfo,
+    seccomp: bool,
 }
 
 /// Controls a running [`Vm`] from another thread: pause it at an exit boundary, inspect it,
@@ -114,6 +115,7 @@ impl Vm {
         stop: Stopper,
         timeout: Option<Duration>,
         kernel: ElfInfo,
+        seccomp: bool,
     ) -> Vm {
         Vm {
             vcpu,
@@ -123,6 +125,7 @@ impl Vm {
             stop,
             timeout,
             kernel,
+            seccomp,
         }
     }
 
@@ -176,7 +179,7 @@ impl Vm {
     pub fn run_observed(mut self, observer: &mut dyn RunObserver) -> Result<RunReport> {
         let start = Instant::now();
         let stopper = self.stop.clone();
-        let timeout = self.timeout;
+        let (timeout, seccomp) = (self.timeout, self.seccomp);
         let run = std::thread::scope(|s| {
             if let Some(t) = timeout {
                 // Waits for the deadline or the end of the run, whichever is first; joined
@@ -184,6 +187,7 @@ impl Vm {
                 std::thread::Builder::new()
                     .name("pvkit-timeout".into())
                     .spawn_scoped(s, move || {
+                        crate::sandbox::enter(crate::sandbox::ThreadKind::Timeout, seccomp);
                         stopper.stop_at(start.checked_add(t), StopReason::Timeout(t))
                     })
                     .map_err(|source| Error::Io {
@@ -191,11 +195,15 @@ impl Vm {
                         source,
                     })?;
             }
-            let _slack = TimerSlack::precise();
-            // While this lives, a stop request kicks this thread out of KVM_RUN.
-            let stop = self.stop.clone();
-            let _running = stop.running();
-            self.run_loop(observer)
+            // On its own sandboxed thread unless seccomp is off (see `crate::sandbox`).
+            let vm = &mut self;
+            crate::sandbox::run_vcpu(s, seccomp, move || {
+                let _slack = TimerSlack::precise();
+                // While this lives, a stop request kicks this thread out of KVM_RUN.
+                let stop = vm.stop.clone();
+                let _running = stop.running();
+                vm.run_loop(observer)
+            })
         });
         self.machine.console().flush();
         let end = run?;

@@ -98,6 +98,7 @@ pub fn run_floor(opts: &CompareOptions, floor: Floor, ops: u64) -> Result<Record
         disk: None,
         virtio_console: false,
         timeout: None,
+        seccomp: true,
     };
     let report = measure(&cfg, ConsoleSink::new(None)).map_err(|source| CompareError::Vmm {
         run: floor.run_name(),

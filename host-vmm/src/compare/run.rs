@@ -75,6 +75,7 @@ pub fn run(
                     }),
                     virtio_console: false,
                     timeout: None,
+                    seccomp: true,
                 };
                 let report =
                     measure(&cfg, ConsoleSink::new(None)).map_err(|source| CompareError::Vmm {

@@ -241,9 +241,13 @@ impl EventDevice {
             let (tx, rx) = unbounded();
             let waker = self.waker.clone();
             let due = self.due.clone();
+            let seccomp = crate::sandbox::inherit();
             let spawned = std::thread::Builder::new()
                 .name("pvkit-event-dev".into())
-                .spawn(move || scheduler(rx, waker, due));
+                .spawn(move || {
+                    crate::sandbox::enter(crate::sandbox::ThreadKind::EventDevice, seccomp);
+                    scheduler(rx, waker, due)
+                });
             // Without a thread the device cannot fire; the guest then sees no completion,
             // which it must handle anyway (a device may be slow). Nothing to do here.
             match spawned {

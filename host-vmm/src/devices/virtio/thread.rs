@@ -113,9 +113,13 @@ impl<H: QueueHandler> Worker<H> {
         let (control, rx) = unbounded();
         let slot = self.slot.clone();
         let interrupt = self.interrupt.clone();
+        let seccomp = crate::sandbox::inherit();
         let thread = std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || run(&slot, notify, rx, interrupt))
+            .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::ThreadKind::VirtioWorker, seccomp);
+                run(&slot, notify, rx, interrupt)
+            })
             .map_err(io_err("cannot start a thread"))?;
         self.running = Some(Running { control, thread });
         Ok(())
