@@ -20,8 +20,9 @@
 //! `mremap`, `mprotect`, `brk`, `madvise` MADV_DONTNEED/MADV_FREE (allocator and thread-stack
 //! release), `rt_sigprocmask`, `rt_sigreturn`, `sigaltstack`, `sched_yield`,
 //! `sched_getaffinity`, `gettid`, `getpid`, `getrandom`, `clock_gettime`, `clock_nanosleep`,
-//! `nanosleep`, `restart_syscall`, `close`, `exit`, `exit_group`, and `tgkill` aimed at this
-//! process only (the stop kick and `abort`).
+//! `nanosleep`, `restart_syscall`, `close`, `fcntl` F_GETFD (debug builds check an fd before
+//! closing it), `exit`, `exit_group`, and `tgkill` aimed at this process only (the stop kick
+//! and `abort`).
 //!
 //! Threads a sandboxed thread starts inherit its filter (the kernel copies it at `clone`) and
 //! then add their own: what a thread may do is the intersection of the two. That is why the
@@ -248,8 +249,9 @@ pub const VCPU_IOCTLS: [(&str, u64); 7] = [
     ),
 ];
 
-/// What every thread needs (see the module docs), with the extra `madvise` advice `advice`.
-fn common(advice: &[i32]) -> std::result::Result<Rules, seccompiler::Error> {
+/// What every thread needs (see the module docs), with the extra `madvise` advice `advice` and
+/// `fcntl` commands `fcntl`.
+fn common(advice: &[i32], fcntl: &[i32]) -> std::result::Result<Rules, seccompiler::Error> {
     let mut madvise = vec![libc::MADV_DONTNEED, libc::MADV_FREE];
     madvise.extend_from_slice(advice);
     let madvise: Vec<u64> = madvise.iter().map(|&a| a as u64).collect();
@@ -283,6 +285,10 @@ fn common(advice: &[i32]) -> std::result::Result<Rules, seccompiler::Error> {
     .collect();
     rules.push((libc::SYS_madvise, one_of(2, &madvise)?));
     rules.push((libc::SYS_tgkill, one_of(0, &[pid])?));
+    // F_GETFD: debug builds check that an fd is open before closing it.
+    let mut fcntl: Vec<u64> = fcntl.iter().map(|&c| c as u64).collect();
+    fcntl.push(libc::F_GETFD as u64);
+    rules.push((libc::SYS_fcntl, one_of(1, &fcntl)?));
     Ok(rules)
 }
 
@@ -307,7 +313,10 @@ pub fn rules(
     let plain = |list: &[i64]| -> Rules { list.iter().map(|&nr| (nr, Vec::new())).collect() };
     let rules: Rules = match kind {
         ThreadKind::Vcpu => {
-            let mut r = common(&[libc::MADV_REMOVE, libc::MADV_POPULATE_WRITE])?;
+            let mut r = common(
+                &[libc::MADV_REMOVE, libc::MADV_POPULATE_WRITE],
+                &[libc::F_DUPFD_CLOEXEC],
+            )?;
             r.extend(plain(&DEVICE_IO));
             r.extend(plain(&[
                 libc::SYS_getrusage,
@@ -345,7 +354,6 @@ pub fn rules(
                     libc::O_RDONLY as u64,
                 )?])?],
             ));
-            r.push((libc::SYS_fcntl, one_of(1, &[libc::F_DUPFD_CLOEXEC as u64])?));
             let thread = libc::CLONE_THREAD as u64;
             r.push((
                 libc::SYS_clone,
@@ -358,14 +366,14 @@ pub fn rules(
             r
         }
         ThreadKind::VirtioWorker => {
-            let mut r = common(&[])?;
+            let mut r = common(&[], &[])?;
             r.extend(plain(&DEVICE_IO));
             r
         }
-        ThreadKind::EventDevice | ThreadKind::Timeout => common(&[])?,
-        ThreadKind::Prepare => common(&[libc::MADV_POPULATE_WRITE])?,
+        ThreadKind::EventDevice | ThreadKind::Timeout => common(&[], &[])?,
+        ThreadKind::Prepare => common(&[libc::MADV_POPULATE_WRITE], &[])?,
         ThreadKind::Signals => {
-            let mut r = common(&[])?;
+            let mut r = common(&[], &[])?;
             r.extend(plain(&[libc::SYS_recvfrom, libc::SYS_read, libc::SYS_poll]));
             r
         }
