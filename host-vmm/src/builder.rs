@@ -82,16 +82,8 @@ pub fn build(cfg: &VmConfig, console: ConsoleSink) -> Result<Vm> {
         offer,
         protected_end: kernel.end.next_multiple_of(PAGE_SIZE),
     })?;
-    Ok(Vm::from_parts(
-        kvm,
-        vm_fd,
-        vcpu,
-        machine,
-        stopper,
-        cfg.timeout,
-        kernel,
-        cfg.seccomp,
-    ))
+    let vm = Vm::from_parts(kvm, vm_fd, vcpu, machine, stopper, cfg.timeout, kernel);
+    Ok(vm.with_seccomp(cfg.seccomp))
 }
 
 /// What [`check_config`] established without KVM.

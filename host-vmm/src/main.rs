@@ -448,30 +448,30 @@ fn sandbox_selftest(kind: &str, call: &str) -> anyhow::Result<ExitCode> {
     let call = call.to_string();
     let done = std::thread::spawn(move || -> anyhow::Result<i64> {
         sandbox::apply(kind, true)?;
-        // SAFETY (each arm): plain system calls with valid arguments; whatever they create
-        // is released at once, and a refused call ends the process in the SIGSYS handler.
+        // Each arm makes one plain system call with valid arguments; nothing it could create
+        // outlives the process, and a refused call ends the process in the SIGSYS handler.
         let ret = match call.as_str() {
             "none" => {
-                // SAFETY: see above; writes 3 bytes from a static buffer to stderr.
+                // SAFETY: writes 3 bytes from a static buffer to stderr.
                 unsafe { libc::write(2, b"ok\n".as_ptr().cast(), 3) as i64 }
             }
             "socket" => {
-                // SAFETY: see above.
+                // SAFETY: no pointer arguments; the socket (if created) is closed at exit.
                 unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as i64 }
             }
             "execve" => {
                 let path = c"/bin/true";
                 let argv = [path.as_ptr(), std::ptr::null()];
-                // SAFETY: see above; `path` and `argv` are NUL-terminated and live.
+                // SAFETY: `path` and `argv` are NUL-terminated and live (on success the process is replaced).
                 unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), std::ptr::null()) as i64 }
             }
             "openat-write" => {
-                // SAFETY: see above; a NUL-terminated path, opened (if allowed) write-only.
+                // SAFETY: a NUL-terminated path, opened (if allowed) write-only.
                 unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY) as i64 }
             }
             "ioctl" => {
-                // SAFETY: see above; FIONREAD on stdin writes one int into `n`.
                 let mut n: libc::c_int = 0;
+                // SAFETY: FIONREAD on stdin writes one int into `n`.
                 unsafe { libc::ioctl(0, libc::FIONREAD, &mut n) as i64 }
             }
             other => anyhow::bail!("unknown call {other:?}"),

@@ -115,7 +115,6 @@ impl Vm {
         stop: Stopper,
         timeout: Option<Duration>,
         kernel: ElfInfo,
-        seccomp: bool,
     ) -> Vm {
         Vm {
             vcpu,
@@ -125,8 +124,14 @@ impl Vm {
             stop,
             timeout,
             kernel,
-            seccomp,
+            seccomp: true,
         }
+    }
+
+    /// Whether [`Vm::run`] sandboxes its threads ([`crate::config::VmConfig::seccomp`]).
+    pub(crate) fn with_seccomp(mut self, on: bool) -> Vm {
+        self.seccomp = on;
+        self
     }
 
     /// A handle that stops this VM's run from another thread (see [`Stopper::stop`]). Take it
@@ -176,6 +181,10 @@ impl Vm {
     }
 
     /// [`Vm::run`], calling `observer` at every marker.
+    ///
+    /// With [`crate::config::VmConfig::seccomp`] on (the default), the loop (and `observer`)
+    /// runs on a `pvkit-vcpu` thread under the vCPU's seccomp filter, started and joined here;
+    /// the calling thread itself is never filtered (see [`crate::sandbox`]).
     pub fn run_observed(mut self, observer: &mut dyn RunObserver) -> Result<RunReport> {
         let start = Instant::now();
         let stopper = self.stop.clone();
