@@ -143,7 +143,10 @@ pub fn apply(kind: ThreadKind, enabled: bool) -> Result<()> {
         return Ok(());
     }
     let err = |what: &str, e: seccompiler::Error| Error::Io {
-        what: format!("seccomp: cannot {what} the {} thread's filter", kind.name()),
+        what: format!(
+            "seccomp: cannot {what} the {} thread's filter (--no-seccomp runs without)",
+            kind.name()
+        ),
         source: std::io::Error::other(e),
     };
     let programs = programs(kind).map_err(|e| err("build", e))?;
