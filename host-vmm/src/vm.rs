@@ -190,9 +190,10 @@ impl Vm {
         let stopper = self.stop.clone();
         let (timeout, seccomp) = (self.timeout, self.seccomp);
         let run = std::thread::scope(|s| {
-            if let Some(t) = timeout {
+            let timer = timeout.map(|t| {
                 // Waits for the deadline or the end of the run, whichever is first; joined
-                // when the scope ends, so it never outlives the run.
+                // below (by its handle: the thread itself has ended, not only its closure),
+                // so it never outlives the run.
                 std::thread::Builder::new()
                     .name("pvkit-timeout".into())
                     .spawn_scoped(s, move || {
@@ -202,17 +203,22 @@ impl Vm {
                     .map_err(|source| Error::Io {
                         what: "cannot start the timeout thread".into(),
                         source,
-                    })?;
-            }
+                    })
+            });
+            let timer = timer.transpose()?;
             // On its own sandboxed thread unless seccomp is off (see `crate::sandbox`).
             let vm = &mut self;
-            crate::sandbox::run_vcpu(s, seccomp, move || {
+            let run = crate::sandbox::run_vcpu(s, seccomp, move || {
                 let _slack = TimerSlack::precise();
                 // While this lives, a stop request kicks this thread out of KVM_RUN.
                 let stop = vm.stop.clone();
                 let _running = stop.running();
                 vm.run_loop(observer)
-            })
+            });
+            if let Some(Err(panic)) = timer.map(|t| t.join()) {
+                std::panic::resume_unwind(panic);
+            }
+            run
         });
         self.machine.console().flush();
         let end = run?;
