@@ -54,7 +54,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile};
 
 use super::thread::{QueueHandler, Worker};
-use super::{Activation, Counters, DeviceError, VirtioDevice, read_config_bytes};
+use super::{Activation, Counters, DeviceError, Pass, VirtioDevice, read_config_bytes};
 use crate::error::Error;
 use crate::state::{Persist, StateError};
 
@@ -227,7 +227,7 @@ impl Disk {
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, DeviceError> {
+    ) -> Result<Pass, DeviceError> {
         super::drain_queue(queue, mem, |chain| self.execute(chain, mem))
     }
 
@@ -436,7 +436,7 @@ struct BlockQueue {
 }
 
 impl QueueHandler for BlockQueue {
-    fn process(&mut self) -> Result<bool, DeviceError> {
+    fn process(&mut self) -> Result<Pass, DeviceError> {
         self.disk.process_queue(&mut self.queue, &self.mem)
     }
 }
@@ -1214,15 +1214,27 @@ pub(crate) mod tests {
         b.drv.put_desc(4, HDR, 16, next, 999);
         b.drv.publish(4);
         assert_eq!(b.process_one(4), (NO_STATUS, 0));
-        // A head index past the ring: consumed, nothing to give back.
-        b.drv.publish(999);
-        let before = b.drv.used_idx();
-        assert!(!b.disk.process_queue(&mut b.queue, &mem).unwrap());
-        assert_eq!(b.drv.used_idx(), before);
         // The queue keeps working.
         b.drv.next_desc = 5;
         assert_eq!(b.request(VIRTIO_BLK_T_IN, 0, &[(BUF, 512, W)]), (OK, 513));
-        assert_eq!(b.disk.stats().unanswerable, 4);
+        assert_eq!(b.disk.stats().unanswerable, 3);
+        // A head index past the ring names no descriptor and cannot be given back: the ring
+        // is broken (the device needs a reset) rather than consumed silently, which would let
+        // the available index run ahead of the used one.
+        b.drv.publish(999);
+        let before = b.drv.used_idx();
+        let e = b.disk.process_queue(&mut b.queue, &mem).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DeviceError::HeadOutOfRange {
+                    head: 999,
+                    size: 16
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(b.drv.used_idx(), before);
     }
 
     #[test]
@@ -1335,7 +1347,7 @@ pub(crate) mod tests {
         header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
         b.drv.submit(&[(HDR, 16, R), (STATUS, 1, W)]);
         assert!(
-            !b.disk.process_queue(&mut b.queue, &mem).unwrap(),
+            !b.disk.process_queue(&mut b.queue, &mem).unwrap().interrupt,
             "1 used: no interrupt"
         );
         assert_eq!(
@@ -1347,7 +1359,7 @@ pub(crate) mod tests {
             b.drv.submit(&[(HDR, 16, R), (STATUS, 1, W)]);
         }
         assert!(
-            !b.disk.process_queue(&mut b.queue, &mem).unwrap(),
+            !b.disk.process_queue(&mut b.queue, &mem).unwrap().interrupt,
             "4 used: no interrupt"
         );
         assert_eq!(b.drv.avail_event(), 4);
@@ -1355,20 +1367,20 @@ pub(crate) mod tests {
             b.drv.submit(&[(HDR, 16, R), (STATUS, 1, W)]);
         }
         assert!(
-            b.disk.process_queue(&mut b.queue, &mem).unwrap(),
+            b.disk.process_queue(&mut b.queue, &mem).unwrap().interrupt,
             "6 used: interrupt"
         );
         assert_eq!(b.drv.used_idx(), 6);
         // Nothing new: no interrupt.
-        assert!(!b.disk.process_queue(&mut b.queue, &mem).unwrap());
+        assert!(!b.disk.process_queue(&mut b.queue, &mem).unwrap().interrupt);
 
         // Without EVENT_IDX every batch that used something interrupts.
         let mut b = Bench::new(&mem, 8, false);
         b.drv.set_used_event(100);
         b.drv.submit(&[(HDR, 16, R), (STATUS, 1, W)]);
-        assert!(b.disk.process_queue(&mut b.queue, &mem).unwrap());
+        assert!(b.disk.process_queue(&mut b.queue, &mem).unwrap().interrupt);
         assert!(
-            !b.disk.process_queue(&mut b.queue, &mem).unwrap(),
+            !b.disk.process_queue(&mut b.queue, &mem).unwrap().interrupt,
             "nothing used"
         );
     }

@@ -32,7 +32,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::thread::{QueueHandler, Worker};
-use super::{Activation, Counters, DeviceError, VirtioDevice, read_config_bytes};
+use super::{Activation, Counters, DeviceError, Pass, VirtioDevice, read_config_bytes};
 use crate::console::ConsoleSink;
 use crate::state::{Persist, StateError};
 
@@ -95,7 +95,7 @@ impl Transmitter {
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, DeviceError> {
+    ) -> Result<Pass, DeviceError> {
         super::drain_queue(queue, mem, |chain| {
             self.transmit(chain, mem);
             0
@@ -158,7 +158,7 @@ struct TransmitQueue {
 }
 
 impl QueueHandler for TransmitQueue {
-    fn process(&mut self) -> Result<bool, DeviceError> {
+    fn process(&mut self) -> Result<Pass, DeviceError> {
         self.tx.process_queue(&mut self.queue, &self.mem)
     }
 }
@@ -441,16 +441,29 @@ mod tests {
         // `next` past the ring.
         b.drv.put_desc(2, BUF, 4, VRING_DESC_F_NEXT, 999);
         b.drv.publish(2);
-        // A head past the ring: consumed, nothing to give back.
-        b.drv.publish(999);
-        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap());
+        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap().interrupt);
         assert_eq!(b.drv.used_idx(), 2);
         assert!(b.sink.captured().is_empty());
-        assert_eq!(b.tx.stats().dropped_chains, 3);
+        assert_eq!(b.tx.stats().dropped_chains, 2);
         // Still working.
         b.drv.submit(&[(BUF, 4, R)]);
         b.tx.process_queue(&mut b.queue, &mem).unwrap();
         assert_eq!(b.sink.captured(), b"loop");
+        // A head past the ring cannot be given back: the ring is broken (needs a reset), so
+        // the available index can never run ahead of the used one.
+        b.drv.publish(999);
+        let e = b.tx.process_queue(&mut b.queue, &mem).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DeviceError::HeadOutOfRange {
+                    head: 999,
+                    size: 16
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(b.drv.used_idx(), 3);
     }
 
     #[test]
@@ -460,13 +473,19 @@ mod tests {
         put(&mem, BUF, b"z");
         b.drv.set_used_event(2);
         b.drv.submit(&[(BUF, 1, R)]);
-        assert!(!b.tx.process_queue(&mut b.queue, &mem).unwrap(), "1 used");
+        assert!(
+            !b.tx.process_queue(&mut b.queue, &mem).unwrap().interrupt,
+            "1 used"
+        );
         assert_eq!(b.drv.avail_event(), 1);
         b.drv.submit(&[(BUF, 1, R)]);
         b.drv.submit(&[(BUF, 1, R)]);
-        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap(), "3 used");
         assert!(
-            !b.tx.process_queue(&mut b.queue, &mem).unwrap(),
+            b.tx.process_queue(&mut b.queue, &mem).unwrap().interrupt,
+            "3 used"
+        );
+        assert!(
+            !b.tx.process_queue(&mut b.queue, &mem).unwrap().interrupt,
             "nothing new"
         );
         assert_eq!(b.sink.captured(), b"zzz");
@@ -475,7 +494,7 @@ mod tests {
         let mut b = Bench::new(&mem, false);
         b.drv.set_used_event(100);
         b.drv.submit(&[(BUF, 1, R)]);
-        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap());
+        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap().interrupt);
     }
 
     #[test]

@@ -10,8 +10,24 @@
 //! `VIRTIO_F_VERSION_1`, queue registers are writable only between FEATURES_OK and DRIVER_OK
 //! (and not while the selected queue is ready), status bits can only be added, and writing 0
 //! resets the device. DRIVER_OK validates every queue (size a power of two ≤ QueueNumMax,
-//! aligned rings inside guest RAM) before the device sees it; a failure sets
-//! `DEVICE_NEEDS_RESET`.
+//! aligned rings inside guest RAM, no two rings overlapping) before the device sees it; a
+//! failure sets `DEVICE_NEEDS_RESET`. Restoring an active state validates its queues the same
+//! way.
+//!
+//! # Ring layout
+//!
+//! Each queue has three rings: the descriptor table (16 bytes per entry), the available ring
+//! (6 + 2 × size bytes, `used_event` included) and the used ring (6 + 8 × size bytes,
+//! `avail_event` included). Activation refuses any two of them that share a byte — within one
+//! queue **and across the queues of the device** — with [`DeviceError::RingOverlap`]. The
+//! device writes the used rings (and `avail_event`); a used ring on top of an available ring
+//! or descriptor table would let the device's own completions publish new buffers to itself
+//! (a ring that never empties) or rewrite descriptors under it. No driver needs such a layout
+//! (the spec lays the three parts out separately, and drivers allocate each queue's rings on
+//! their own). Rings of *different* devices, and rings overlapping the data buffers, cannot be
+//! checked here (one window does not know the others, buffers change per request); there, the
+//! per-pass budget of every device loop ([`super::pass_budget`]) is what keeps a worker
+//! stoppable.
 
 use std::fmt;
 use std::sync::Arc;
@@ -434,6 +450,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queue.set_next_used(next_used);
             queues.push(queue);
         }
+        check_overlaps(&queues)?;
         Ok(queues)
     }
 
@@ -805,6 +822,42 @@ impl From<&VirtqueueState> for QueueConfig {
             device: q.used_ring,
         }
     }
+}
+
+/// The rings of `queue` as `(name, guest-physical start, length in bytes)`.
+fn rings(queue: &Queue) -> [(&'static str, u64, u64); 3] {
+    let size = u64::from(queue.size());
+    [
+        ("descriptor table", queue.desc_table(), 16 * size),
+        ("available ring", queue.avail_ring(), 6 + 2 * size),
+        ("used ring", queue.used_ring(), 6 + 8 * size),
+    ]
+}
+
+/// Refuses any two rings of `queues` (one device's queues, in index order) that share a byte;
+/// see the module docs' "Ring layout".
+fn check_overlaps(queues: &[Queue]) -> Result<(), DeviceError> {
+    let all: Vec<(u16, &'static str, u64, u64)> = (0u16..)
+        .zip(queues)
+        .flat_map(|(index, q)| rings(q).map(|(name, start, len)| (index, name, start, len)))
+        .collect();
+    for (i, &(index, ring, start, len)) in all.iter().enumerate() {
+        for &(other, other_ring, other_start, other_len) in &all[..i] {
+            // Both ranges lie in guest RAM (checked before), so the ends cannot overflow; the
+            // saturation only keeps this function total.
+            if start < other_start.saturating_add(other_len)
+                && other_start < start.saturating_add(len)
+            {
+                return Err(DeviceError::RingOverlap {
+                    index,
+                    ring,
+                    other,
+                    other_ring,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn set_low(reg: &mut u64, value: u32) {

@@ -139,10 +139,32 @@ pub enum DeviceError {
         /// Queue index.
         index: u16,
     },
+    /// Two rings overlap: of one queue, or of two queues of the same device (see
+    /// [`mmio`]'s "Ring layout").
+    #[error("queue {index}: its {ring} overlaps the {other_ring} of queue {other}")]
+    RingOverlap {
+        /// Queue index.
+        index: u16,
+        /// Which of its rings.
+        ring: &'static str,
+        /// The queue whose ring it overlaps (may be `index` itself).
+        other: u16,
+        /// Which of that queue's rings.
+        other_ring: &'static str,
+    },
     /// The device saw a ring it cannot follow any more (e.g. the available index ran more than
     /// a whole ring ahead, or the used ring became unwritable).
     #[error("broken virtqueue: {0}")]
     Ring(virtio_queue::Error),
+    /// The available ring named a head descriptor outside the descriptor table: a chain that
+    /// cannot be put in the used ring, so the ring cannot be followed any more.
+    #[error("broken virtqueue: head index {head} outside a ring of {size}")]
+    HeadOutOfRange {
+        /// The head index the driver published.
+        head: u16,
+        /// The queue size.
+        size: u16,
+    },
     /// The device was activated twice without a reset.
     #[error("device is already active")]
     AlreadyActive,
@@ -350,40 +372,73 @@ impl Interrupt {
     }
 }
 
-/// Serves every chain the driver made available on `queue` with `serve` (which returns the
-/// used length: bytes written into the chain's buffers), then re-enables notifications and
-/// goes again if more arrived meanwhile. Returns whether the driver wants an interrupt for what
-/// was used (always without EVENT_IDX; per `used_event` with it). An error means the ring
-/// itself is broken (the available index ran more than a ring ahead, or the used ring cannot
-/// be written).
+/// What one pass over a queue ([`drain_queue`]) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// The driver wants an interrupt for the buffers this pass used (always, without
+    /// EVENT_IDX, when something was used; per `used_event` with it).
+    pub interrupt: bool,
+    /// The pass stopped at its budget ([`pass_budget`]) and chains may be left: the caller
+    /// must run another pass (after looking at its control messages), not wait for a
+    /// notification.
+    pub more: bool,
+}
+
+/// How many chains one pass over `queue` serves at most: the queue size. A well-behaved
+/// driver never has more than that outstanding, so one pass still drains its ring; a ring the
+/// driver (or another device's used ring) keeps refilling is served in passes of this many
+/// chains, and the worker looks at its control messages between passes.
+pub fn pass_budget(queue: &Queue) -> u16 {
+    queue.size().max(1)
+}
+
+/// Serves what the driver made available on `queue` with `serve` (which returns the used
+/// length: bytes written into the chain's buffers), at most [`pass_budget`] chains, then
+/// re-enables notifications and goes again (within the same budget) if more arrived
+/// meanwhile. Every chain taken from the available ring is put in the used ring before the
+/// next is taken.
+///
+/// An error means the ring itself is broken and the device must be reset: the available index
+/// ran more than a ring ahead, the used ring cannot be written, or a head index names no
+/// descriptor ([`DeviceError::HeadOutOfRange`]; such a chain cannot be given back, and
+/// consuming it silently would let the available index run ahead of the used one for good).
 pub fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
-) -> Result<bool, DeviceError> {
-    let mut used_any = false;
-    loop {
+) -> Result<Pass, DeviceError> {
+    let budget = pass_budget(queue);
+    let mut served = 0u16;
+    let more = loop {
         let mut progressed = false;
-        while let Some(chain) = queue.iter(mem).map_err(DeviceError::Ring)?.next() {
+        while served < budget {
+            let Some(chain) = queue.iter(mem).map_err(DeviceError::Ring)?.next() else {
+                break;
+            };
             progressed = true;
+            served += 1;
             let head = chain.head_index();
-            let len = serve(chain);
-            // A head outside the ring names no descriptor: there is nothing to give back.
-            if head < queue.size() {
-                queue.add_used(mem, head, len).map_err(DeviceError::Ring)?;
-                used_any = true;
+            if head >= queue.size() {
+                return Err(DeviceError::HeadOutOfRange {
+                    head,
+                    size: queue.size(),
+                });
             }
+            let len = serve(chain);
+            queue.add_used(mem, head, len).map_err(DeviceError::Ring)?;
+        }
+        if served == budget {
+            // Notifications stay as they are: the caller runs another pass anyway.
+            break true;
         }
         // More arrived while notifications were off: go again. Without progress, stop rather
         // than spin; anything the driver adds from here on comes with a notification.
         if !queue.enable_notification(mem).map_err(DeviceError::Ring)? || !progressed {
-            break;
+            break false;
         }
-    }
-    if !used_any {
-        return Ok(false);
-    }
-    queue.needs_notification(mem).map_err(DeviceError::Ring)
+    };
+    let interrupt = served > 0 && queue.needs_notification(mem).map_err(DeviceError::Ring)?;
+    Ok(Pass { interrupt, more })
 }
 
 /// A device's counters, shared between its worker thread and whoever reports them.
