@@ -812,6 +812,63 @@ pub(crate) mod tests {
         }
     }
 
+    /// Runs `f` on its own thread and returns its result, failing the test (instead of hanging
+    /// it) if that takes more than 10 s. A hung `f` is left behind on its thread.
+    pub(crate) fn within<T: Send + 'static>(
+        what: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(f());
+        });
+        result
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{what} did not finish within 10 s ({e})"))
+    }
+
+    /// The ring of issue 13, finding 1, on `drv`'s rings: the used ring laid on the available
+    /// ring, so that every used-index write is an available-index write. The device positions
+    /// are where a guest left them after publishing 65536 − size chains with heads outside the
+    /// ring, consumed but never used (what the device did before such a head broke the ring):
+    /// `next_avail` = 65536 − size, `next_used` = 0, with one chain available. From there each
+    /// completion publishes one more chain (the available index stays a whole ring ahead), and
+    /// the used elements written over the available slots name heads 0, 1 (a used length of
+    /// 0 or 1) and 0: with chains at heads 0 and 1 the ring never empties.
+    pub(crate) fn self_feeding_queue(drv: &mut Driver<'_>) -> Queue {
+        drv.used = drv.avail;
+        let ring_len = 6 + 8 * usize::from(drv.size);
+        drv.mem
+            .write_slice(&vec![0; ring_len], GuestAddress(drv.avail))
+            .unwrap();
+        let mut q = Queue::new(QUEUE_SIZE).unwrap();
+        q.try_set_size(drv.size).unwrap();
+        q.try_set_desc_table_address(GuestAddress(drv.desc))
+            .unwrap();
+        q.try_set_avail_ring_address(GuestAddress(drv.avail))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(drv.used)).unwrap();
+        q.set_ready(true);
+        assert!(q.is_valid(drv.mem), "virtio-queue alone accepts the layout");
+        let start = 0u16.wrapping_sub(drv.size);
+        q.set_next_avail(start);
+        q.set_next_used(0);
+        drv.set_avail_idx(start.wrapping_add(1));
+        q
+    }
+
+    /// [`self_feeding_queue`] with two block requests of an unknown type (answered UNSUPP,
+    /// used length 1, no disk I/O) at heads 0 and 1.
+    pub(crate) fn self_feeding_block_queue(drv: &mut Driver<'_>) -> Queue {
+        header(drv.mem, HDR, 0xdead_beef, 0);
+        let next = VRING_DESC_F_NEXT;
+        drv.put_desc(0, HDR, 16, next, 2);
+        drv.put_desc(1, HDR, 16, next, 3);
+        drv.put_desc(2, STATUS, 1, VRING_DESC_F_WRITE, 0);
+        drv.put_desc(3, STATUS, 1, VRING_DESC_F_WRITE, 0);
+        self_feeding_queue(drv)
+    }
+
     pub(crate) fn header(mem: &GuestMemoryMmap, addr: u64, kind: u32, sector: u64) {
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&kind.to_le_bytes());
@@ -1392,6 +1449,80 @@ pub(crate) mod tests {
         b.drv.set_avail_idx(100);
         let e = b.disk.process_queue(&mut b.queue, &mem).unwrap_err();
         assert!(matches!(e, DeviceError::Ring(_)), "{e}");
+    }
+
+    /// Finding 1 at the engine: a ring that feeds itself is served one budget (the queue size)
+    /// per call, and the call says more is left instead of looping for ever.
+    #[test]
+    fn a_ring_that_feeds_itself_is_served_in_bounded_passes() {
+        let mem = guest_memory();
+        let mut drv = Driver::new(&mem, RING, 16);
+        let queue = self_feeding_block_queue(&mut drv);
+        let image = TempImage::new(8, 0);
+        let disk = Disk::open(&image.0, false).unwrap();
+        let m = mem.clone();
+        let (disk, queue) = within("three passes", move || {
+            let (mut disk, mut queue) = (disk, queue);
+            for pass in 1..=3u16 {
+                let p = disk.process_queue(&mut queue, &m).unwrap();
+                assert!(p.more, "pass {pass}: the ring is not empty");
+                assert_eq!(queue.next_used(), 16 * pass);
+            }
+            (disk, queue)
+        });
+        assert_eq!(disk.stats().unsupported, 48);
+        assert_eq!(drv.used_idx(), 48, "(also the available index)");
+        assert_eq!(queue.next_avail(), 48u16.wrapping_sub(16));
+        assert_eq!(image.bytes(), TempImage::new(8, 0).bytes(), "no disk I/O");
+    }
+
+    /// Finding 1 at the worker: with the ring above, one notification keeps the worker busy
+    /// pass after pass, yet pause and reset still stop and join its thread promptly (they used
+    /// to wait for it for ever), and nothing runs after them.
+    #[test]
+    fn pause_and_reset_stop_a_worker_whose_ring_never_empties() {
+        use super::super::{ActiveQueue, Interrupt};
+        use vmm_sys_util::eventfd::EventFd;
+
+        let mem = guest_memory();
+        let image = TempImage::new(8, 0);
+        let mut block = Block::new(Disk::open(&image.0, false).unwrap());
+        let mut drv = Driver::new(&mem, RING, 16);
+        let queue = self_feeding_block_queue(&mut drv);
+        let notify = EventFd::new(0).unwrap();
+        let kick = notify.try_clone().unwrap();
+        block
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![ActiveQueue { queue, notify }],
+                features: 1 << VIRTIO_F_VERSION_1,
+                interrupt: Interrupt::new(|| {}),
+            })
+            .unwrap();
+        kick.write(1).unwrap();
+        let stats = block.stats.clone();
+        let served = move || stats.get().unsupported;
+        crate::test_util::wait_until("many passes", || served() > 1000);
+        let mut block = within("the pause", move || {
+            block.pause();
+            block
+        });
+        let n = served();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(served(), n, "nothing runs while paused");
+        block.resume().unwrap();
+        crate::test_util::wait_until("more passes", || served() > n + 1000);
+        let block = within("the reset", move || {
+            block.reset();
+            block
+        });
+        assert!(
+            block.disk.is_some(),
+            "the thread was joined, the disk is back"
+        );
+        let n = served();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(served(), n, "nothing runs after the reset");
     }
 
     #[test]

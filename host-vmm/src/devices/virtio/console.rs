@@ -318,7 +318,9 @@ mod tests {
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
-    use super::super::block::tests::{BUF, Driver, MEM_SIZE, R, RING, W, guest_memory};
+    use super::super::block::tests::{
+        BUF, Driver, MEM_SIZE, R, RING, W, guest_memory, self_feeding_queue, within,
+    };
     use super::super::{ActiveQueue, Interrupt};
     use super::*;
     use crate::devices::event::EventQueue;
@@ -518,6 +520,59 @@ mod tests {
         let mut cfg = [0xff; 4];
         c.read_config(0, &mut cfg);
         assert_eq!(cfg, [0; 4]);
+    }
+
+    /// Finding 1 on the console, which shares the loop: a transmit ring that feeds itself is
+    /// served one budget per call, and reset still stops and joins the worker promptly.
+    #[test]
+    fn a_transmit_ring_that_feeds_itself_is_bounded_and_stoppable() {
+        let mem = guest_memory();
+        put(&mem, BUF, b"x");
+        let mut tx = Driver::new(&mem, RING + 0x3000, 16);
+        tx.put_desc(0, BUF, 1, 0, 0);
+        tx.put_desc(1, BUF, 1, 0, 0);
+        let mut queue = self_feeding_queue(&mut tx);
+        let sink = ConsoleSink::new(None);
+        let mut t = Transmitter::new(sink.clone());
+        let m = mem.clone();
+        let (t, queue) = within("two passes", move || {
+            for _ in 0..2 {
+                assert!(t.process_queue(&mut queue, &m).unwrap().more);
+            }
+            (t, queue)
+        });
+        assert_eq!(t.stats().chains, 32);
+        assert_eq!(sink.captured(), [b'x'; 32]);
+
+        let rx = Driver::new(&mem, RING, 16);
+        let notify = EventFd::new(0).unwrap();
+        let kick = notify.try_clone().unwrap();
+        let mut console = Console::new(ConsoleSink::new(None));
+        console
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![
+                    ActiveQueue {
+                        queue: rx.queue(false),
+                        notify: EventFd::new(0).unwrap(),
+                    },
+                    ActiveQueue { queue, notify },
+                ],
+                features: 1 << VIRTIO_F_VERSION_1,
+                interrupt: Interrupt::new(|| {}),
+            })
+            .unwrap();
+        kick.write(1).unwrap();
+        let stats = console.tx.stats.clone();
+        crate::test_util::wait_until("many passes", || stats.get().chains > 1000);
+        let console = within("the reset", move || {
+            let mut console = console;
+            console.reset();
+            console
+        });
+        let n = console.stats().chains;
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(console.stats().chains, n, "nothing runs after the reset");
     }
 
     /// Activation with both queues, output through the worker, reset, and activation again.

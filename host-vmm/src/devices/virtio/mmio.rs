@@ -1246,6 +1246,115 @@ mod tests {
         }
     }
 
+    /// Sets up queue `index` with explicit ring addresses.
+    fn setup_rings(t: &mut MmioTransport<Fake>, index: u32, num: u32, rings: [u64; 3]) {
+        w32(t, VIRTIO_MMIO_QUEUE_SEL, index);
+        w32(t, VIRTIO_MMIO_QUEUE_NUM, num);
+        let regs = [
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_AVAIL_HIGH),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_QUEUE_USED_HIGH),
+        ];
+        for ((low, high), addr) in regs.into_iter().zip(rings) {
+            w32(t, low, addr as u32);
+            w32(t, high, (addr >> 32) as u32);
+        }
+        w32(t, VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    /// Finding 1 at the transport: rings that overlap — within a queue or across the device's
+    /// queues — are refused at DRIVER_OK like any unusable setup (`DEVICE_NEEDS_RESET`, the
+    /// device never sees them); rings that only touch are fine.
+    #[test]
+    fn activation_rejects_overlapping_rings() {
+        // Queue 0 has 16 entries: table 256 bytes, available ring 38, used ring 134.
+        // Queue 1 has 8: 128, 22, 70.
+        let q1 = [0x4_0000, 0x4_1000, 0x4_2000];
+        let desc = 0x1_0000;
+        let avail = 0x2_0000;
+        let used = 0x3_0000;
+        type Case = (
+            &'static str,
+            [u64; 3],
+            [u64; 3],
+            Option<(u16, &'static str, u16, &'static str)>,
+        );
+        let cases: &[Case] = &[
+            (
+                "used ring on the available ring",
+                [desc, avail, avail],
+                q1,
+                Some((0, "used ring", 0, "available ring")),
+            ),
+            (
+                "avail_event on the available ring's flags",
+                [desc, avail, avail - 132],
+                q1,
+                Some((0, "used ring", 0, "available ring")),
+            ),
+            (
+                "available ring inside the descriptor table",
+                [desc, desc + 0xf0, used],
+                q1,
+                Some((0, "available ring", 0, "descriptor table")),
+            ),
+            (
+                "used ring over the descriptor table",
+                [desc, avail, desc + 0x80],
+                q1,
+                Some((0, "used ring", 0, "descriptor table")),
+            ),
+            (
+                "queue 1's used ring on queue 0's available ring",
+                [desc, avail, used],
+                [0x4_0000, 0x4_1000, avail],
+                Some((1, "used ring", 0, "available ring")),
+            ),
+            (
+                "two queues sharing a descriptor table",
+                [desc, avail, used],
+                [desc, 0x4_1000, 0x4_2000],
+                Some((1, "descriptor table", 0, "descriptor table")),
+            ),
+            (
+                "touching rings",
+                [desc, desc + 0x100, avail - 136],
+                [0xf000, desc - 22, 0xf080],
+                None,
+            ),
+        ];
+        for (why, rings0, rings1, want) in cases {
+            let (mut t, log) = transport();
+            negotiate(&mut t, V1);
+            setup_rings(&mut t, 0, 16, *rings0);
+            setup_rings(&mut t, 1, 8, *rings1);
+            w32(&mut t, VIRTIO_MMIO_STATUS, DRIVER_OK);
+            let Some((index, ring, other, other_ring)) = *want else {
+                assert!(t.is_active(), "{why}: {:?}", t.activation_error());
+                continue;
+            };
+            expect_needs_reset(&t, &log);
+            let e = t.activation_error().unwrap();
+            assert!(
+                matches!(
+                    e,
+                    DeviceError::RingOverlap { index: i, ring: r, other: o, other_ring: or }
+                        if (*i, *r, *o, *or) == (index, ring, other, other_ring)
+                ),
+                "{why}: {e}"
+            );
+            // Notifications are ignored until the driver resets; then it can start over.
+            w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+            w32(&mut t, VIRTIO_MMIO_STATUS, 0);
+            assert_eq!(r32(&t, VIRTIO_MMIO_STATUS), 0, "{why}");
+            negotiate(&mut t, V1);
+            setup_queue(&mut t, 0, 16, 0);
+            setup_queue(&mut t, 1, 8, 0x4_0000);
+            w32(&mut t, VIRTIO_MMIO_STATUS, DRIVER_OK);
+            assert!(t.is_active(), "{why}");
+        }
+    }
+
     #[test]
     fn activation_needs_every_queue_ready() {
         let (mut t, log) = transport();
@@ -1622,6 +1731,11 @@ mod tests {
                 false,
             ),
             ("misaligned table", |s| s.queues[0].desc_table += 8, false),
+            (
+                "used ring on another queue's available ring",
+                |s| s.queues[1].used_ring = s.queues[0].avail_ring,
+                false,
+            ),
         ];
         for (why, corrupt, mismatch) in cases {
             let mut bad = good.clone();
