@@ -373,6 +373,19 @@ impl Disk {
     }
 }
 
+#[cfg(test)]
+impl Disk {
+    /// The counters, shared (for tests that read them while the engine holds the disk).
+    pub(crate) fn stats_handle(&self) -> Counters<BlockStats> {
+        self.stats.clone()
+    }
+
+    /// Sets write-through (what activation derives from `VIRTIO_BLK_F_FLUSH`).
+    pub(crate) fn set_write_through(&mut self, on: bool) {
+        self.write_through = on;
+    }
+}
+
 /// The descriptors of a chain, or `None` if the chain is longer than a request can be or
 /// ends early (a descriptor that says "next" was the last one the iterator gave: a loop cut off
 /// by the ring-size bound, a `next` index outside the ring, an unreadable descriptor).

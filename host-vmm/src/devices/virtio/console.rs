@@ -117,6 +117,14 @@ impl Transmitter {
     }
 }
 
+#[cfg(test)]
+impl Transmitter {
+    /// The counters, shared (for tests that read them while the engine runs).
+    pub(crate) fn stats_handle(&self) -> Counters<ConsoleStats> {
+        self.stats.clone()
+    }
+}
+
 /// The bytes of a transmit chain, or `None` if it is malformed (see the module docs). Nothing
 /// is read from guest memory before the whole chain has been checked.
 fn read_chain(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Option<Vec<u8>> {

@@ -91,6 +91,8 @@
 
 pub mod block;
 pub mod console;
+#[cfg(test)]
+mod fuzz;
 pub mod mmio;
 pub mod thread;
 
