@@ -558,14 +558,19 @@ fn write_op(reg: u32, value: u32) -> Access {
 /// A driver's queue setup: select, size, the three rings (from a few aligned slots, so they
 /// are apart, overlapping or outside RAM in turn), ready.
 fn queue_setup() -> impl Strategy<Value = Vec<Access>> {
+    (0u32..3).prop_flat_map(queue_setup_of)
+}
+
+/// [`queue_setup`] of queue `index`.
+fn queue_setup_of(index: u32) -> impl Strategy<Value = Vec<Access>> {
     let ring = prop_oneof![
-        4 => (0u32..16).prop_map(|k| 0x1_0000 * k),
+        4 => (0u32..64).prop_map(|k| 0x4000 * k),
         2 => (0u32..0x100).prop_map(|k| 0x10 * k + 0x1_0000),
         1 => any::<u32>(),
     ];
     (
-        0u32..3,
-        prop_oneof![4 => proptest::sample::select(vec![1u32, 2, 4, 8, 16]), 1 => any::<u32>()],
+        Just(index),
+        prop_oneof![8 => proptest::sample::select(vec![1u32, 2, 4, 8]), 1 => Just(16u32), 1 => any::<u32>()],
         [ring.clone(), ring.clone(), ring],
         prop_oneof![8 => Just(0u32), 1 => any::<u32>()],
     )
@@ -591,10 +596,13 @@ fn accesses() -> impl Strategy<Value = Vec<Access>> {
         | VIRTIO_CONFIG_S_DRIVER
         | VIRTIO_CONFIG_S_FEATURES_OK
         | VIRTIO_CONFIG_S_DRIVER_OK;
+    let full_setup = (queue_setup_of(0), queue_setup_of(1))
+        .prop_map(move |(a, b)| [a, b, vec![write_op(VIRTIO_MMIO_STATUS, driver_ok)]].concat());
     let chunk = prop_oneof![
         6 => access().prop_map(|a| vec![a]),
-        3 => queue_setup(),
+        2 => queue_setup(),
         1 => Just(vec![write_op(VIRTIO_MMIO_STATUS, driver_ok)]),
+        1 => full_setup,
     ];
     proptest::collection::vec(chunk, 0..40).prop_map(|c| c.concat())
 }
@@ -671,7 +679,7 @@ proptest! {
     /// driver uses and values that move the handshake on.
     #[test]
     fn mmio_register_machine(
-        handshake_first in any::<bool>(),
+        handshake_first in prop::bool::weighted(0.8),
         ops in accesses(),
     ) {
         within("an mmio fuzz case", move || mmio_case(handshake_first, ops))?;
