@@ -27,6 +27,12 @@
 //!   a descriptor loop, a `next` index outside the ring, more than [`SEG_MAX`] + 2 descriptors
 //!   — completes with a used length of 0 and no status write. virtio-queue's chain iterator
 //!   visits at most one ring's worth of descriptors, so a loop always ends.
+//! * An available-ring entry naming a head outside the ring breaks the ring
+//!   (`DEVICE_NEEDS_RESET`): such a chain cannot be put in the used ring.
+//! * One call of [`Disk::process_queue`] serves at most one pass budget of chains (the queue
+//!   size, see [`super::pass_budget`]) and says whether more may be left, so the worker sees
+//!   a stop between passes (see [`super`]'s "Bounds"). Requests are served one at a time:
+//!   nothing is queued on the host.
 //!
 //! Guest buffers are reached only through vm-memory's volatile slices of guest RAM, and file
 //! I/O goes straight into and out of them ([`ReadVolatile`]/[`WriteVolatile`] on the file after
@@ -219,10 +225,12 @@ impl Disk {
         self.stats.update(f);
     }
 
-    /// Serves every request the driver made available on `queue`, then re-enables
-    /// notifications. Returns whether the driver wants an interrupt for what was used (always,
-    /// without EVENT_IDX; per `used_event` with it). An error means the ring itself is broken
-    /// (the available index ran more than a ring ahead, or the used ring cannot be written).
+    /// Serves the requests the driver made available on `queue`, at most one pass budget of
+    /// them ([`super::drain_queue`]), then re-enables notifications. Returns whether the
+    /// driver wants an interrupt for what was used (always, without EVENT_IDX; per
+    /// `used_event` with it) and whether requests may be left. An error means the ring itself
+    /// is broken (the available index ran more than a ring ahead, a head index outside the
+    /// ring, or the used ring cannot be written).
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,

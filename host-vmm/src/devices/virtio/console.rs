@@ -20,9 +20,16 @@
 //! descriptors. A chain that is longer, that has a device-writable descriptor, a buffer not
 //! entirely inside guest RAM, a descriptor loop or a `next` index outside the ring is
 //! **dropped**: none of its bytes reach the sink, it is used with length 0 and counted in
-//! [`ConsoleStats::dropped_chains`]. A ring the device cannot follow any more sets
-//! `DEVICE_NEEDS_RESET` (via the worker), as for the block device. Guest memory is read only
-//! through vm-memory's bounds-checked accessors on the RAM mapping.
+//! [`ConsoleStats::dropped_chains`]. A ring the device cannot follow any more (an available
+//! index more than a ring ahead, a head index outside the ring) sets `DEVICE_NEEDS_RESET`
+//! (via the worker), as for the block device. Guest memory is read only through vm-memory's
+//! bounds-checked accessors on the RAM mapping.
+//!
+//! One call of [`Transmitter::process_queue`] sends at most one pass budget of chains (the
+//! queue size, see [`super::pass_budget`]), so a transmit ring the guest keeps full cannot
+//! keep the worker from a stop (see [`super`]'s "Bounds"). Each chain's bytes are copied into
+//! one buffer of at most [`MAX_CHAIN_BYTES`], handed to the sink and freed; how much the sink
+//! keeps is the sink's bound, not this device's.
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
@@ -87,10 +94,11 @@ impl Transmitter {
         self.stats.update(f);
     }
 
-    /// Sends every chain the driver made available on the transmit `queue` to the sink, then
-    /// re-enables notifications. Returns whether the driver wants an interrupt for what was
-    /// used (always, without EVENT_IDX; per `used_event` with it). An error means the ring
-    /// itself is broken.
+    /// Sends the chains the driver made available on the transmit `queue` to the sink, at most
+    /// one pass budget of them ([`super::drain_queue`]), then re-enables notifications.
+    /// Returns whether the driver wants an interrupt for what was used (always, without
+    /// EVENT_IDX; per `used_event` with it) and whether chains may be left. An error means the
+    /// ring itself is broken.
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,

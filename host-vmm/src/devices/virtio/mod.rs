@@ -38,7 +38,9 @@
 //! * [`thread::Worker`] runs a device's queue on its own thread: it waits on the queue's
 //!   [`EventFd`] (the ioeventfd KVM signals on QueueNotify), takes `Stop` from a crossbeam
 //!   control channel, and reports completions through [`Interrupt`]. It can be paused at a
-//!   batch boundary and resumed on the same queue (for saving state).
+//!   batch boundary and resumed on the same queue (for saving state). Each batch is one
+//!   bounded pass ([`drain_queue`], at most [`pass_budget`] chains); between passes the
+//!   worker looks at its control channel (see "Bounds" below).
 //!
 //! # Trust
 //!
@@ -50,6 +52,41 @@
 //! PTE validator. Malformed requests complete with an error status (or, when the request has
 //! no usable status byte, with a zero-length used entry); a ring the device cannot follow any
 //! more sets `DEVICE_NEEDS_RESET`. Nothing a guest does panics or stops the VMM.
+//!
+//! # Bounds
+//!
+//! Nothing a guest puts in its rings can hold a device thread or grow host memory without
+//! bound; every limit is per device:
+//!
+//! * **Work per notification.** One pass ([`drain_queue`]) serves at most [`pass_budget`]
+//!   chains — the queue size, at most 256 — then returns to the worker, which looks at its
+//!   control channel and, if work may be left ([`Pass::more`]), signals its own eventfd to run
+//!   another pass. A `Stop` (device reset, pause, VM shutdown) is therefore seen within one
+//!   pass whatever the rings hold, even a ring whose own used-ring writes keep publishing
+//!   buffers (issue 13, finding 1), and joining a worker always returns. Within a chain:
+//!   virtio-queue follows at most one ring's (or one indirect table's) worth of descriptors,
+//!   and the engines stop earlier — block at `SEG_MAX` + 2 descriptors and 1 MiB of data
+//!   ([`block::MAX_DATA_LEN`]), console at [`console::MAX_DESCRIPTORS`] descriptors and
+//!   64 KiB ([`console::MAX_CHAIN_BYTES`]).
+//! * **Ring layout.** Rings that overlap — within a queue or across the queues of a device —
+//!   are refused at activation (`DEVICE_NEEDS_RESET`; see [`mmio`]'s "Ring layout").
+//! * **Ring consistency.** Every chain taken from the available ring is put in the used ring
+//!   before the next is taken. A head index outside the ring cannot be given back, so it
+//!   breaks the ring ([`DeviceError::HeadOutOfRange`], `DEVICE_NEEDS_RESET`) instead of being
+//!   consumed silently; an available index more than a ring ahead does the same. The device's
+//!   next available and next used positions therefore never drift apart.
+//! * **Pending requests: none.** A worker serves its chains one at a time, synchronously, and
+//!   completes each before taking the next; nothing is queued on the host side. The memory a
+//!   chain needs is allocated for that chain and freed after it: block, a list of at most
+//!   `SEG_MAX` + 2 descriptors (file I/O goes straight between the file and guest memory);
+//!   console, at most 64 KiB of bytes.
+//! * **Notifications.** A queue's eventfd is a kernel counter: any number of QueueNotify
+//!   writes costs at most one more pass. The control channel only carries the host's own
+//!   messages (one `Stop` per thread).
+//! * **Threads.** One worker per active device; a second activation without a reset is
+//!   refused ([`DeviceError::AlreadyActive`]); reset and pause join the worker.
+//! * **Not bounded here:** the console's output goes to the VM's
+//!   [`crate::console::ConsoleSink`], whose capture is bounded (or not) by the sink itself.
 //!
 //! # Wiring
 //!
