@@ -23,7 +23,8 @@
 //!   bytes past the last whole sector (never exposed to the guest) and, when read-only, all
 //!   its bytes.
 //! * The console engine ([`super::console::Transmitter::process_queue`]) runs the same
-//!   scenarios: the same budget and accounting, and at most 64 KiB reach the sink per chain.
+//!   scenarios: the same budget and accounting, at most 64 KiB reach the sink per chain, and
+//!   the sink never holds more than was sent.
 //! * The register machine ([`super::mmio::MmioTransport`]) takes random accesses biased towards
 //!   real registers and handshake values: it never panics, the identity registers never change,
 //!   `DRIVER_OK` only sticks after `FEATURES_OK`, an active device only ever got in-RAM,
@@ -474,7 +475,8 @@ fn console_case(s: Scenario) -> Result<(), TestCaseError> {
         || console_total(&stats.get()),
     )?;
     let sent = tx.stats();
-    prop_assert_eq!(sent.bytes, sink.captured().len() as u64);
+    // The sink may keep less than it was given (its capture is bounded), never more.
+    prop_assert!(sink.captured().len() as u64 <= sent.bytes);
     prop_assert!(sent.bytes <= sent.chains * u64::from(MAX_CHAIN_BYTES));
     Ok(())
 }
