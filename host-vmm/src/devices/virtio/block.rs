@@ -27,6 +27,12 @@
 //!   a descriptor loop, a `next` index outside the ring, more than [`SEG_MAX`] + 2 descriptors
 //!   — completes with a used length of 0 and no status write. virtio-queue's chain iterator
 //!   visits at most one ring's worth of descriptors, so a loop always ends.
+//! * An available-ring entry naming a head outside the ring breaks the ring
+//!   (`DEVICE_NEEDS_RESET`): such a chain cannot be put in the used ring.
+//! * One call of [`Disk::process_queue`] serves at most one pass budget of chains (the queue
+//!   size, see [`super::pass_budget`]) and says whether more may be left, so the worker sees
+//!   a stop between passes (see [`super`]'s "Bounds"). Requests are served one at a time:
+//!   nothing is queued on the host.
 //!
 //! Guest buffers are reached only through vm-memory's volatile slices of guest RAM, and file
 //! I/O goes straight into and out of them ([`ReadVolatile`]/[`WriteVolatile`] on the file after
@@ -54,7 +60,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile};
 
 use super::thread::{QueueHandler, Worker};
-use super::{Activation, Counters, DeviceError, VirtioDevice, read_config_bytes};
+use super::{Activation, Counters, DeviceError, Pass, VirtioDevice, read_config_bytes};
 use crate::error::Error;
 use crate::state::{Persist, StateError};
 
@@ -219,15 +225,17 @@ impl Disk {
         self.stats.update(f);
     }
 
-    /// Serves every request the driver made available on `queue`, then re-enables
-    /// notifications. Returns whether the driver wants an interrupt for what was used (always,
-    /// without EVENT_IDX; per `used_event` with it). An error means the ring itself is broken
-    /// (the available index ran more than a ring ahead, or the used ring cannot be written).
+    /// Serves the requests the driver made available on `queue`, at most one pass budget of
+    /// them ([`super::drain_queue`]), then re-enables notifications. Returns whether the
+    /// driver wants an interrupt for what was used (always, without EVENT_IDX; per
+    /// `used_event` with it) and whether requests may be left. An error means the ring itself
+    /// is broken (the available index ran more than a ring ahead, a head index outside the
+    /// ring, or the used ring cannot be written).
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, DeviceError> {
+    ) -> Result<Pass, DeviceError> {
         super::drain_queue(queue, mem, |chain| self.execute(chain, mem))
     }
 
@@ -373,6 +381,19 @@ impl Disk {
     }
 }
 
+#[cfg(test)]
+impl Disk {
+    /// The counters, shared (for tests that read them while the engine holds the disk).
+    pub(crate) fn stats_handle(&self) -> Counters<BlockStats> {
+        self.stats.clone()
+    }
+
+    /// Sets write-through (what activation derives from `VIRTIO_BLK_F_FLUSH`).
+    pub(crate) fn set_write_through(&mut self, on: bool) {
+        self.write_through = on;
+    }
+}
+
 /// The descriptors of a chain, or `None` if the chain is longer than a request can be or
 /// ends early (a descriptor that says "next" was the last one the iterator gave: a loop cut off
 /// by the ring-size bound, a `next` index outside the ring, an unreadable descriptor).
@@ -436,7 +457,7 @@ struct BlockQueue {
 }
 
 impl QueueHandler for BlockQueue {
-    fn process(&mut self) -> Result<bool, DeviceError> {
+    fn process(&mut self) -> Result<Pass, DeviceError> {
         self.disk.process_queue(&mut self.queue, &self.mem)
     }
 }
@@ -810,6 +831,63 @@ pub(crate) mod tests {
             let at = self.used + 4 + 8 * u64::from(self.size);
             self.mem.read_obj(GuestAddress(at)).unwrap()
         }
+    }
+
+    /// Runs `f` on its own thread and returns its result, failing the test (instead of hanging
+    /// it) if that takes more than 10 s. A hung `f` is left behind on its thread.
+    pub(crate) fn within<T: Send + 'static>(
+        what: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(f());
+        });
+        result
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{what} did not finish within 10 s ({e})"))
+    }
+
+    /// The ring of issue 13, finding 1, on `drv`'s rings: the used ring laid on the available
+    /// ring, so that every used-index write is an available-index write. The device positions
+    /// are where a guest left them after publishing 65536 − size chains with heads outside the
+    /// ring, consumed but never used (what the device did before such a head broke the ring):
+    /// `next_avail` = 65536 − size, `next_used` = 0, with one chain available. From there each
+    /// completion publishes one more chain (the available index stays a whole ring ahead), and
+    /// the used elements written over the available slots name heads 0, 1 (a used length of
+    /// 0 or 1) and 0: with chains at heads 0 and 1 the ring never empties.
+    pub(crate) fn self_feeding_queue(drv: &mut Driver<'_>) -> Queue {
+        drv.used = drv.avail;
+        let ring_len = 6 + 8 * usize::from(drv.size);
+        drv.mem
+            .write_slice(&vec![0; ring_len], GuestAddress(drv.avail))
+            .unwrap();
+        let mut q = Queue::new(QUEUE_SIZE).unwrap();
+        q.try_set_size(drv.size).unwrap();
+        q.try_set_desc_table_address(GuestAddress(drv.desc))
+            .unwrap();
+        q.try_set_avail_ring_address(GuestAddress(drv.avail))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(drv.used)).unwrap();
+        q.set_ready(true);
+        assert!(q.is_valid(drv.mem), "virtio-queue alone accepts the layout");
+        let start = 0u16.wrapping_sub(drv.size);
+        q.set_next_avail(start);
+        q.set_next_used(0);
+        drv.set_avail_idx(start.wrapping_add(1));
+        q
+    }
+
+    /// [`self_feeding_queue`] with two block requests of an unknown type (answered UNSUPP,
+    /// used length 1, no disk I/O) at heads 0 and 1.
+    pub(crate) fn self_feeding_block_queue(drv: &mut Driver<'_>) -> Queue {
+        header(drv.mem, HDR, 0xdead_beef, 0);
+        let next = VRING_DESC_F_NEXT;
+        drv.put_desc(0, HDR, 16, next, 2);
+        drv.put_desc(1, HDR, 16, next, 3);
+        drv.put_desc(2, STATUS, 1, VRING_DESC_F_WRITE, 0);
+        drv.put_desc(3, STATUS, 1, VRING_DESC_F_WRITE, 0);
+        self_feeding_queue(drv)
     }
 
     pub(crate) fn header(mem: &GuestMemoryMmap, addr: u64, kind: u32, sector: u64) {
@@ -1214,15 +1292,27 @@ pub(crate) mod tests {
         b.drv.put_desc(4, HDR, 16, next, 999);
         b.drv.publish(4);
         assert_eq!(b.process_one(4), (NO_STATUS, 0));
-        // A head index past the ring: consumed, nothing to give back.
-        b.drv.publish(999);
-        let before = b.drv.used_idx();
-        assert!(!b.disk.process_queue(&mut b.queue, &mem).unwrap());
-        assert_eq!(b.drv.used_idx(), before);
         // The queue keeps working.
         b.drv.next_desc = 5;
         assert_eq!(b.request(VIRTIO_BLK_T_IN, 0, &[(BUF, 512, W)]), (OK, 513));
-        assert_eq!(b.disk.stats().unanswerable, 4);
+        assert_eq!(b.disk.stats().unanswerable, 3);
+        // A head index past the ring names no descriptor and cannot be given back: the ring
+        // is broken (the device needs a reset) rather than consumed silently, which would let
+        // the available index run ahead of the used one.
+        b.drv.publish(999);
+        let before = b.drv.used_idx();
+        let e = b.disk.process_queue(&mut b.queue, &mem).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DeviceError::HeadOutOfRange {
+                    head: 999,
+                    size: 16
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(b.drv.used_idx(), before);
     }
 
     #[test]
@@ -1335,7 +1425,7 @@ pub(crate) mod tests {
         header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
         b.drv.submit(&[(HDR, 16, R), (STATUS, 1, W)]);
         assert!(
-            !b.disk.process_queue(&mut b.queue, &mem).unwrap(),
+            !b.disk.process_queue(&mut b.queue, &mem).unwrap().interrupt,
             "1 used: no interrupt"
         );
         assert_eq!(
@@ -1347,7 +1437,7 @@ pub(crate) mod tests {
             b.drv.submit(&[(HDR, 16, R), (STATUS, 1, W)]);
         }
         assert!(
-            !b.disk.process_queue(&mut b.queue, &mem).unwrap(),
+            !b.disk.process_queue(&mut b.queue, &mem).unwrap().interrupt,
             "4 used: no interrupt"
         );
         assert_eq!(b.drv.avail_event(), 4);
@@ -1355,20 +1445,20 @@ pub(crate) mod tests {
             b.drv.submit(&[(HDR, 16, R), (STATUS, 1, W)]);
         }
         assert!(
-            b.disk.process_queue(&mut b.queue, &mem).unwrap(),
+            b.disk.process_queue(&mut b.queue, &mem).unwrap().interrupt,
             "6 used: interrupt"
         );
         assert_eq!(b.drv.used_idx(), 6);
         // Nothing new: no interrupt.
-        assert!(!b.disk.process_queue(&mut b.queue, &mem).unwrap());
+        assert!(!b.disk.process_queue(&mut b.queue, &mem).unwrap().interrupt);
 
         // Without EVENT_IDX every batch that used something interrupts.
         let mut b = Bench::new(&mem, 8, false);
         b.drv.set_used_event(100);
         b.drv.submit(&[(HDR, 16, R), (STATUS, 1, W)]);
-        assert!(b.disk.process_queue(&mut b.queue, &mem).unwrap());
+        assert!(b.disk.process_queue(&mut b.queue, &mem).unwrap().interrupt);
         assert!(
-            !b.disk.process_queue(&mut b.queue, &mem).unwrap(),
+            !b.disk.process_queue(&mut b.queue, &mem).unwrap().interrupt,
             "nothing used"
         );
     }
@@ -1380,6 +1470,80 @@ pub(crate) mod tests {
         b.drv.set_avail_idx(100);
         let e = b.disk.process_queue(&mut b.queue, &mem).unwrap_err();
         assert!(matches!(e, DeviceError::Ring(_)), "{e}");
+    }
+
+    /// Finding 1 at the engine: a ring that feeds itself is served one budget (the queue size)
+    /// per call, and the call says more is left instead of looping for ever.
+    #[test]
+    fn a_ring_that_feeds_itself_is_served_in_bounded_passes() {
+        let mem = guest_memory();
+        let mut drv = Driver::new(&mem, RING, 16);
+        let queue = self_feeding_block_queue(&mut drv);
+        let image = TempImage::new(8, 0);
+        let disk = Disk::open(&image.0, false).unwrap();
+        let m = mem.clone();
+        let (disk, queue) = within("three passes", move || {
+            let (mut disk, mut queue) = (disk, queue);
+            for pass in 1..=3u16 {
+                let p = disk.process_queue(&mut queue, &m).unwrap();
+                assert!(p.more, "pass {pass}: the ring is not empty");
+                assert_eq!(queue.next_used(), 16 * pass);
+            }
+            (disk, queue)
+        });
+        assert_eq!(disk.stats().unsupported, 48);
+        assert_eq!(drv.used_idx(), 48, "(also the available index)");
+        assert_eq!(queue.next_avail(), 48u16.wrapping_sub(16));
+        assert_eq!(image.bytes(), TempImage::new(8, 0).bytes(), "no disk I/O");
+    }
+
+    /// Finding 1 at the worker: with the ring above, one notification keeps the worker busy
+    /// pass after pass, yet pause and reset still stop and join its thread promptly (they used
+    /// to wait for it for ever), and nothing runs after them.
+    #[test]
+    fn pause_and_reset_stop_a_worker_whose_ring_never_empties() {
+        use super::super::{ActiveQueue, Interrupt};
+        use vmm_sys_util::eventfd::EventFd;
+
+        let mem = guest_memory();
+        let image = TempImage::new(8, 0);
+        let mut block = Block::new(Disk::open(&image.0, false).unwrap());
+        let mut drv = Driver::new(&mem, RING, 16);
+        let queue = self_feeding_block_queue(&mut drv);
+        let notify = EventFd::new(0).unwrap();
+        let kick = notify.try_clone().unwrap();
+        block
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![ActiveQueue { queue, notify }],
+                features: 1 << VIRTIO_F_VERSION_1,
+                interrupt: Interrupt::new(|| {}),
+            })
+            .unwrap();
+        kick.write(1).unwrap();
+        let stats = block.stats.clone();
+        let served = move || stats.get().unsupported;
+        crate::test_util::wait_until("many passes", || served() > 1000);
+        let mut block = within("the pause", move || {
+            block.pause();
+            block
+        });
+        let n = served();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(served(), n, "nothing runs while paused");
+        block.resume().unwrap();
+        crate::test_util::wait_until("more passes", || served() > n + 1000);
+        let block = within("the reset", move || {
+            block.reset();
+            block
+        });
+        assert!(
+            block.disk.is_some(),
+            "the thread was joined, the disk is back"
+        );
+        let n = served();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(served(), n, "nothing runs after the reset");
     }
 
     #[test]

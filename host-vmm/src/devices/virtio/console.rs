@@ -20,9 +20,16 @@
 //! descriptors. A chain that is longer, that has a device-writable descriptor, a buffer not
 //! entirely inside guest RAM, a descriptor loop or a `next` index outside the ring is
 //! **dropped**: none of its bytes reach the sink, it is used with length 0 and counted in
-//! [`ConsoleStats::dropped_chains`]. A ring the device cannot follow any more sets
-//! `DEVICE_NEEDS_RESET` (via the worker), as for the block device. Guest memory is read only
-//! through vm-memory's bounds-checked accessors on the RAM mapping.
+//! [`ConsoleStats::dropped_chains`]. A ring the device cannot follow any more (an available
+//! index more than a ring ahead, a head index outside the ring) sets `DEVICE_NEEDS_RESET`
+//! (via the worker), as for the block device. Guest memory is read only through vm-memory's
+//! bounds-checked accessors on the RAM mapping.
+//!
+//! One call of [`Transmitter::process_queue`] sends at most one pass budget of chains (the
+//! queue size, see [`super::pass_budget`]), so a transmit ring the guest keeps full cannot
+//! keep the worker from a stop (see [`super`]'s "Bounds"). Each chain's bytes are copied into
+//! one buffer of at most [`MAX_CHAIN_BYTES`], handed to the sink and freed; how much the sink
+//! keeps is the sink's bound, not this device's.
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
@@ -32,7 +39,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::thread::{QueueHandler, Worker};
-use super::{Activation, Counters, DeviceError, VirtioDevice, read_config_bytes};
+use super::{Activation, Counters, DeviceError, Pass, VirtioDevice, read_config_bytes};
 use crate::console::ConsoleSink;
 use crate::state::{Persist, StateError};
 
@@ -87,15 +94,16 @@ impl Transmitter {
         self.stats.update(f);
     }
 
-    /// Sends every chain the driver made available on the transmit `queue` to the sink, then
-    /// re-enables notifications. Returns whether the driver wants an interrupt for what was
-    /// used (always, without EVENT_IDX; per `used_event` with it). An error means the ring
-    /// itself is broken.
+    /// Sends the chains the driver made available on the transmit `queue` to the sink, at most
+    /// one pass budget of them ([`super::drain_queue`]), then re-enables notifications.
+    /// Returns whether the driver wants an interrupt for what was used (always, without
+    /// EVENT_IDX; per `used_event` with it) and whether chains may be left. An error means the
+    /// ring itself is broken.
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, DeviceError> {
+    ) -> Result<Pass, DeviceError> {
         super::drain_queue(queue, mem, |chain| {
             self.transmit(chain, mem);
             0
@@ -114,6 +122,14 @@ impl Transmitter {
             }
             None => self.count(|s| s.dropped_chains += 1),
         }
+    }
+}
+
+#[cfg(test)]
+impl Transmitter {
+    /// The counters, shared (for tests that read them while the engine runs).
+    pub(crate) fn stats_handle(&self) -> Counters<ConsoleStats> {
+        self.stats.clone()
     }
 }
 
@@ -158,7 +174,7 @@ struct TransmitQueue {
 }
 
 impl QueueHandler for TransmitQueue {
-    fn process(&mut self) -> Result<bool, DeviceError> {
+    fn process(&mut self) -> Result<Pass, DeviceError> {
         self.tx.process_queue(&mut self.queue, &self.mem)
     }
 }
@@ -318,7 +334,9 @@ mod tests {
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
-    use super::super::block::tests::{BUF, Driver, MEM_SIZE, R, RING, W, guest_memory};
+    use super::super::block::tests::{
+        BUF, Driver, MEM_SIZE, R, RING, W, guest_memory, self_feeding_queue, within,
+    };
     use super::super::{ActiveQueue, Interrupt};
     use super::*;
     use crate::devices::event::EventQueue;
@@ -441,16 +459,29 @@ mod tests {
         // `next` past the ring.
         b.drv.put_desc(2, BUF, 4, VRING_DESC_F_NEXT, 999);
         b.drv.publish(2);
-        // A head past the ring: consumed, nothing to give back.
-        b.drv.publish(999);
-        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap());
+        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap().interrupt);
         assert_eq!(b.drv.used_idx(), 2);
         assert!(b.sink.captured().is_empty());
-        assert_eq!(b.tx.stats().dropped_chains, 3);
+        assert_eq!(b.tx.stats().dropped_chains, 2);
         // Still working.
         b.drv.submit(&[(BUF, 4, R)]);
         b.tx.process_queue(&mut b.queue, &mem).unwrap();
         assert_eq!(b.sink.captured(), b"loop");
+        // A head past the ring cannot be given back: the ring is broken (needs a reset), so
+        // the available index can never run ahead of the used one.
+        b.drv.publish(999);
+        let e = b.tx.process_queue(&mut b.queue, &mem).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DeviceError::HeadOutOfRange {
+                    head: 999,
+                    size: 16
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(b.drv.used_idx(), 3);
     }
 
     #[test]
@@ -460,13 +491,19 @@ mod tests {
         put(&mem, BUF, b"z");
         b.drv.set_used_event(2);
         b.drv.submit(&[(BUF, 1, R)]);
-        assert!(!b.tx.process_queue(&mut b.queue, &mem).unwrap(), "1 used");
+        assert!(
+            !b.tx.process_queue(&mut b.queue, &mem).unwrap().interrupt,
+            "1 used"
+        );
         assert_eq!(b.drv.avail_event(), 1);
         b.drv.submit(&[(BUF, 1, R)]);
         b.drv.submit(&[(BUF, 1, R)]);
-        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap(), "3 used");
         assert!(
-            !b.tx.process_queue(&mut b.queue, &mem).unwrap(),
+            b.tx.process_queue(&mut b.queue, &mem).unwrap().interrupt,
+            "3 used"
+        );
+        assert!(
+            !b.tx.process_queue(&mut b.queue, &mem).unwrap().interrupt,
             "nothing new"
         );
         assert_eq!(b.sink.captured(), b"zzz");
@@ -475,7 +512,7 @@ mod tests {
         let mut b = Bench::new(&mem, false);
         b.drv.set_used_event(100);
         b.drv.submit(&[(BUF, 1, R)]);
-        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap());
+        assert!(b.tx.process_queue(&mut b.queue, &mem).unwrap().interrupt);
     }
 
     #[test]
@@ -499,6 +536,59 @@ mod tests {
         let mut cfg = [0xff; 4];
         c.read_config(0, &mut cfg);
         assert_eq!(cfg, [0; 4]);
+    }
+
+    /// Finding 1 on the console, which shares the loop: a transmit ring that feeds itself is
+    /// served one budget per call, and reset still stops and joins the worker promptly.
+    #[test]
+    fn a_transmit_ring_that_feeds_itself_is_bounded_and_stoppable() {
+        let mem = guest_memory();
+        put(&mem, BUF, b"x");
+        let mut tx = Driver::new(&mem, RING + 0x3000, 16);
+        tx.put_desc(0, BUF, 1, 0, 0);
+        tx.put_desc(1, BUF, 1, 0, 0);
+        let mut queue = self_feeding_queue(&mut tx);
+        let sink = ConsoleSink::new(None);
+        let mut t = Transmitter::new(sink.clone());
+        let m = mem.clone();
+        let (t, queue) = within("two passes", move || {
+            for _ in 0..2 {
+                assert!(t.process_queue(&mut queue, &m).unwrap().more);
+            }
+            (t, queue)
+        });
+        assert_eq!(t.stats().chains, 32);
+        assert_eq!(sink.captured(), [b'x'; 32]);
+
+        let rx = Driver::new(&mem, RING, 16);
+        let notify = EventFd::new(0).unwrap();
+        let kick = notify.try_clone().unwrap();
+        let mut console = Console::new(ConsoleSink::new(None));
+        console
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![
+                    ActiveQueue {
+                        queue: rx.queue(false),
+                        notify: EventFd::new(0).unwrap(),
+                    },
+                    ActiveQueue { queue, notify },
+                ],
+                features: 1 << VIRTIO_F_VERSION_1,
+                interrupt: Interrupt::new(|| {}),
+            })
+            .unwrap();
+        kick.write(1).unwrap();
+        let stats = console.tx.stats.clone();
+        crate::test_util::wait_until("many passes", || stats.get().chains > 1000);
+        let console = within("the reset", move || {
+            let mut console = console;
+            console.reset();
+            console
+        });
+        let n = console.stats().chains;
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(console.stats().chains, n, "nothing runs after the reset");
     }
 
     /// Activation with both queues, output through the worker, reset, and activation again.

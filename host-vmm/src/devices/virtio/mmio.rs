@@ -10,8 +10,24 @@
 //! `VIRTIO_F_VERSION_1`, queue registers are writable only between FEATURES_OK and DRIVER_OK
 //! (and not while the selected queue is ready), status bits can only be added, and writing 0
 //! resets the device. DRIVER_OK validates every queue (size a power of two ≤ QueueNumMax,
-//! aligned rings inside guest RAM) before the device sees it; a failure sets
-//! `DEVICE_NEEDS_RESET`.
+//! aligned rings inside guest RAM, no two rings overlapping) before the device sees it; a
+//! failure sets `DEVICE_NEEDS_RESET`. Restoring an active state validates its queues the same
+//! way.
+//!
+//! # Ring layout
+//!
+//! Each queue has three rings: the descriptor table (16 bytes per entry), the available ring
+//! (6 + 2 × size bytes, `used_event` included) and the used ring (6 + 8 × size bytes,
+//! `avail_event` included). Activation refuses any two of them that share a byte — within one
+//! queue **and across the queues of the device** — with [`DeviceError::RingOverlap`]. The
+//! device writes the used rings (and `avail_event`); a used ring on top of an available ring
+//! or descriptor table would let the device's own completions publish new buffers to itself
+//! (a ring that never empties) or rewrite descriptors under it. No driver needs such a layout
+//! (the spec lays the three parts out separately, and drivers allocate each queue's rings on
+//! their own). Rings of *different* devices, and rings overlapping the data buffers, cannot be
+//! checked here (one window does not know the others, buffers change per request); there, the
+//! per-pass budget of every device loop ([`super::pass_budget`]) is what keeps a worker
+//! stoppable.
 
 use std::fmt;
 use std::sync::Arc;
@@ -434,6 +450,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queue.set_next_used(next_used);
             queues.push(queue);
         }
+        check_overlaps(&queues)?;
         Ok(queues)
     }
 
@@ -807,6 +824,42 @@ impl From<&VirtqueueState> for QueueConfig {
     }
 }
 
+/// The rings of `queue` as `(name, guest-physical start, length in bytes)`.
+fn rings(queue: &Queue) -> [(&'static str, u64, u64); 3] {
+    let size = u64::from(queue.size());
+    [
+        ("descriptor table", queue.desc_table(), 16 * size),
+        ("available ring", queue.avail_ring(), 6 + 2 * size),
+        ("used ring", queue.used_ring(), 6 + 8 * size),
+    ]
+}
+
+/// Refuses any two rings of `queues` (one device's queues, in index order) that share a byte;
+/// see the module docs' "Ring layout".
+fn check_overlaps(queues: &[Queue]) -> Result<(), DeviceError> {
+    let all: Vec<(u16, &'static str, u64, u64)> = (0u16..)
+        .zip(queues)
+        .flat_map(|(index, q)| rings(q).map(|(name, start, len)| (index, name, start, len)))
+        .collect();
+    for (i, &(index, ring, start, len)) in all.iter().enumerate() {
+        for &(other, other_ring, other_start, other_len) in &all[..i] {
+            // Both ranges lie in guest RAM (checked before), so the ends cannot overflow; the
+            // saturation only keeps this function total.
+            if start < other_start.saturating_add(other_len)
+                && other_start < start.saturating_add(len)
+            {
+                return Err(DeviceError::RingOverlap {
+                    index,
+                    ring,
+                    other,
+                    other_ring,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn set_low(reg: &mut u64, value: u32) {
     *reg = (*reg & !0xffff_ffff) | u64::from(value);
 }
@@ -816,26 +869,24 @@ fn set_high(reg: &mut u64, value: u32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
-
-    use proptest::prelude::*;
 
     use super::*;
 
-    const MEM_SIZE: usize = 1 << 20;
+    pub(crate) const MEM_SIZE: usize = 1 << 20;
     const DESC: u64 = 0x1_0000;
     const AVAIL: u64 = 0x2_0000;
     const USED: u64 = 0x3_0000;
 
     /// Size, descriptor table, avail ring, used ring, EVENT_IDX of an activated queue.
-    type QueueSeen = (u16, u64, u64, u64, bool);
+    pub(crate) type QueueSeen = (u16, u64, u64, u64, bool);
     type ErrorCheck = fn(&DeviceError) -> bool;
 
     /// What the fake device saw.
     #[derive(Debug, Default)]
-    struct Log {
-        activations: Vec<(u64, Vec<QueueSeen>)>,
+    pub(crate) struct Log {
+        pub(crate) activations: Vec<(u64, Vec<QueueSeen>)>,
         resets: u32,
         pauses: u32,
         resumes: u32,
@@ -843,7 +894,7 @@ mod tests {
     }
 
     #[derive(Debug)]
-    struct Fake {
+    pub(crate) struct Fake {
         log: Arc<Mutex<Log>>,
         config: [u8; 8],
         /// The queues of the current activation.
@@ -926,7 +977,7 @@ mod tests {
         }
     }
 
-    fn transport() -> (MmioTransport<Fake>, Arc<Mutex<Log>>) {
+    pub(crate) fn transport() -> (MmioTransport<Fake>, Arc<Mutex<Log>>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let log = Arc::new(Mutex::new(Log::default()));
         let dev = Fake {
@@ -940,7 +991,7 @@ mod tests {
         )
     }
 
-    fn r32(t: &MmioTransport<Fake>, offset: u32) -> u32 {
+    pub(crate) fn r32(t: &MmioTransport<Fake>, offset: u32) -> u32 {
         let mut b = [0xaa; 4];
         t.read(offset.into(), &mut b);
         u32::from_le_bytes(b)
@@ -1190,6 +1241,115 @@ mod tests {
             expect_needs_reset(&t, &log);
             let e = t.activation_error().unwrap();
             assert!(ok(e), "base {base:#x}: {e}");
+        }
+    }
+
+    /// Sets up queue `index` with explicit ring addresses.
+    fn setup_rings(t: &mut MmioTransport<Fake>, index: u32, num: u32, rings: [u64; 3]) {
+        w32(t, VIRTIO_MMIO_QUEUE_SEL, index);
+        w32(t, VIRTIO_MMIO_QUEUE_NUM, num);
+        let regs = [
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_AVAIL_HIGH),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_QUEUE_USED_HIGH),
+        ];
+        for ((low, high), addr) in regs.into_iter().zip(rings) {
+            w32(t, low, addr as u32);
+            w32(t, high, (addr >> 32) as u32);
+        }
+        w32(t, VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    /// Finding 1 at the transport: rings that overlap — within a queue or across the device's
+    /// queues — are refused at DRIVER_OK like any unusable setup (`DEVICE_NEEDS_RESET`, the
+    /// device never sees them); rings that only touch are fine.
+    #[test]
+    fn activation_rejects_overlapping_rings() {
+        // Queue 0 has 16 entries: table 256 bytes, available ring 38, used ring 134.
+        // Queue 1 has 8: 128, 22, 70.
+        let q1 = [0x4_0000, 0x4_1000, 0x4_2000];
+        let desc = 0x1_0000;
+        let avail = 0x2_0000;
+        let used = 0x3_0000;
+        type Case = (
+            &'static str,
+            [u64; 3],
+            [u64; 3],
+            Option<(u16, &'static str, u16, &'static str)>,
+        );
+        let cases: &[Case] = &[
+            (
+                "used ring on the available ring",
+                [desc, avail, avail],
+                q1,
+                Some((0, "used ring", 0, "available ring")),
+            ),
+            (
+                "avail_event on the available ring's flags",
+                [desc, avail, avail - 132],
+                q1,
+                Some((0, "used ring", 0, "available ring")),
+            ),
+            (
+                "available ring inside the descriptor table",
+                [desc, desc + 0xf0, used],
+                q1,
+                Some((0, "available ring", 0, "descriptor table")),
+            ),
+            (
+                "used ring over the descriptor table",
+                [desc, avail, desc + 0x80],
+                q1,
+                Some((0, "used ring", 0, "descriptor table")),
+            ),
+            (
+                "queue 1's used ring on queue 0's available ring",
+                [desc, avail, used],
+                [0x4_0000, 0x4_1000, avail],
+                Some((1, "used ring", 0, "available ring")),
+            ),
+            (
+                "two queues sharing a descriptor table",
+                [desc, avail, used],
+                [desc, 0x4_1000, 0x4_2000],
+                Some((1, "descriptor table", 0, "descriptor table")),
+            ),
+            (
+                "touching rings",
+                [desc, desc + 0x100, avail - 136],
+                [0xf000, desc - 22, 0xf080],
+                None,
+            ),
+        ];
+        for (why, rings0, rings1, want) in cases {
+            let (mut t, log) = transport();
+            negotiate(&mut t, V1);
+            setup_rings(&mut t, 0, 16, *rings0);
+            setup_rings(&mut t, 1, 8, *rings1);
+            w32(&mut t, VIRTIO_MMIO_STATUS, DRIVER_OK);
+            let Some((index, ring, other, other_ring)) = *want else {
+                assert!(t.is_active(), "{why}: {:?}", t.activation_error());
+                continue;
+            };
+            expect_needs_reset(&t, &log);
+            let e = t.activation_error().unwrap();
+            assert!(
+                matches!(
+                    e,
+                    DeviceError::RingOverlap { index: i, ring: r, other: o, other_ring: or }
+                        if (*i, *r, *o, *or) == (index, ring, other, other_ring)
+                ),
+                "{why}: {e}"
+            );
+            // Notifications are ignored until the driver resets; then it can start over.
+            w32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+            w32(&mut t, VIRTIO_MMIO_STATUS, 0);
+            assert_eq!(r32(&t, VIRTIO_MMIO_STATUS), 0, "{why}");
+            negotiate(&mut t, V1);
+            setup_queue(&mut t, 0, 16, 0);
+            setup_queue(&mut t, 1, 8, 0x4_0000);
+            w32(&mut t, VIRTIO_MMIO_STATUS, DRIVER_OK);
+            assert!(t.is_active(), "{why}");
         }
     }
 
@@ -1569,6 +1729,11 @@ mod tests {
                 false,
             ),
             ("misaligned table", |s| s.queues[0].desc_table += 8, false),
+            (
+                "used ring on another queue's available ring",
+                |s| s.queues[1].used_ring = s.queues[0].avail_ring,
+                false,
+            ),
         ];
         for (why, corrupt, mismatch) in cases {
             let mut bad = good.clone();
@@ -1612,36 +1777,5 @@ mod tests {
             (w.device_id(), w.is_active(), w.name()),
             (42, false, "fake")
         );
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
-        /// Any sequence of accesses, of any width at any offset, never panics, and the
-        /// registers that identify the device never change.
-        #[test]
-        fn random_accesses_never_panic(
-            ops in proptest::collection::vec(
-                (any::<bool>(), any::<bool>(), 0u64..0x140, 0usize..9, any::<u32>()),
-                0..200,
-            )
-        ) {
-            let (mut t, _) = transport();
-            for (is_write, aligned, offset, len, value) in ops {
-                let offset = if aligned { offset & !3 } else { offset };
-                let bytes = value.to_le_bytes().repeat(2);
-                if is_write {
-                    t.write(offset, &bytes[..len]);
-                } else {
-                    let mut buf = vec![0u8; len];
-                    t.read(offset, &mut buf);
-                }
-            }
-            prop_assert_eq!(r32(&t, VIRTIO_MMIO_MAGIC_VALUE), MAGIC);
-            prop_assert_eq!(r32(&t, VIRTIO_MMIO_VERSION), VERSION);
-            prop_assert_eq!(r32(&t, VIRTIO_MMIO_DEVICE_ID), 42);
-            let s = t.status();
-            // DRIVER_OK only ever sticks after FEATURES_OK.
-            prop_assert!(s & VIRTIO_CONFIG_S_DRIVER_OK == 0 || s & VIRTIO_CONFIG_S_FEATURES_OK != 0);
-        }
     }
 }

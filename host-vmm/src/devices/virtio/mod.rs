@@ -38,7 +38,9 @@
 //! * [`thread::Worker`] runs a device's queue on its own thread: it waits on the queue's
 //!   [`EventFd`] (the ioeventfd KVM signals on QueueNotify), takes `Stop` from a crossbeam
 //!   control channel, and reports completions through [`Interrupt`]. It can be paused at a
-//!   batch boundary and resumed on the same queue (for saving state).
+//!   batch boundary and resumed on the same queue (for saving state). Each batch is one
+//!   bounded pass ([`drain_queue`], at most [`pass_budget`] chains); between passes the
+//!   worker looks at its control channel (see "Bounds" below).
 //!
 //! # Trust
 //!
@@ -50,6 +52,41 @@
 //! PTE validator. Malformed requests complete with an error status (or, when the request has
 //! no usable status byte, with a zero-length used entry); a ring the device cannot follow any
 //! more sets `DEVICE_NEEDS_RESET`. Nothing a guest does panics or stops the VMM.
+//!
+//! # Bounds
+//!
+//! Nothing a guest puts in its rings can hold a device thread or grow host memory without
+//! bound; every limit is per device:
+//!
+//! * **Work per notification.** One pass ([`drain_queue`]) serves at most [`pass_budget`]
+//!   chains — the queue size, at most 256 — then returns to the worker, which looks at its
+//!   control channel and, if work may be left ([`Pass::more`]), signals its own eventfd to run
+//!   another pass. A `Stop` (device reset, pause, VM shutdown) is therefore seen within one
+//!   pass whatever the rings hold, even a ring whose own used-ring writes keep publishing
+//!   buffers (issue 13, finding 1), and joining a worker always returns. Within a chain:
+//!   virtio-queue follows at most one ring's (or one indirect table's) worth of descriptors,
+//!   and the engines stop earlier — block at `SEG_MAX` + 2 descriptors and 1 MiB of data
+//!   ([`block::MAX_DATA_LEN`]), console at [`console::MAX_DESCRIPTORS`] descriptors and
+//!   64 KiB ([`console::MAX_CHAIN_BYTES`]).
+//! * **Ring layout.** Rings that overlap — within a queue or across the queues of a device —
+//!   are refused at activation (`DEVICE_NEEDS_RESET`; see [`mmio`]'s "Ring layout").
+//! * **Ring consistency.** Every chain taken from the available ring is put in the used ring
+//!   before the next is taken. A head index outside the ring cannot be given back, so it
+//!   breaks the ring ([`DeviceError::HeadOutOfRange`], `DEVICE_NEEDS_RESET`) instead of being
+//!   consumed silently; an available index more than a ring ahead does the same. The device's
+//!   next available and next used positions therefore never drift apart.
+//! * **Pending requests: none.** A worker serves its chains one at a time, synchronously, and
+//!   completes each before taking the next; nothing is queued on the host side. The memory a
+//!   chain needs is allocated for that chain and freed after it: block, a list of at most
+//!   `SEG_MAX` + 2 descriptors (file I/O goes straight between the file and guest memory);
+//!   console, at most 64 KiB of bytes.
+//! * **Notifications.** A queue's eventfd is a kernel counter: any number of QueueNotify
+//!   writes costs at most one more pass. The control channel only carries the host's own
+//!   messages (one `Stop` per thread).
+//! * **Threads.** One worker per active device; a second activation without a reset is
+//!   refused ([`DeviceError::AlreadyActive`]); reset and pause join the worker.
+//! * **Not bounded here:** the console's output goes to the VM's
+//!   [`crate::console::ConsoleSink`], whose capture is bounded (or not) by the sink itself.
 //!
 //! # Wiring
 //!
@@ -91,6 +128,8 @@
 
 pub mod block;
 pub mod console;
+#[cfg(test)]
+mod fuzz;
 pub mod mmio;
 pub mod thread;
 
@@ -139,10 +178,32 @@ pub enum DeviceError {
         /// Queue index.
         index: u16,
     },
+    /// Two rings overlap: of one queue, or of two queues of the same device (see
+    /// [`mmio`]'s "Ring layout").
+    #[error("queue {index}: its {ring} overlaps the {other_ring} of queue {other}")]
+    RingOverlap {
+        /// Queue index.
+        index: u16,
+        /// Which of its rings.
+        ring: &'static str,
+        /// The queue whose ring it overlaps (may be `index` itself).
+        other: u16,
+        /// Which of that queue's rings.
+        other_ring: &'static str,
+    },
     /// The device saw a ring it cannot follow any more (e.g. the available index ran more than
     /// a whole ring ahead, or the used ring became unwritable).
     #[error("broken virtqueue: {0}")]
     Ring(virtio_queue::Error),
+    /// The available ring named a head descriptor outside the descriptor table: a chain that
+    /// cannot be put in the used ring, so the ring cannot be followed any more.
+    #[error("broken virtqueue: head index {head} outside a ring of {size}")]
+    HeadOutOfRange {
+        /// The head index the driver published.
+        head: u16,
+        /// The queue size.
+        size: u16,
+    },
     /// The device was activated twice without a reset.
     #[error("device is already active")]
     AlreadyActive,
@@ -350,40 +411,73 @@ impl Interrupt {
     }
 }
 
-/// Serves every chain the driver made available on `queue` with `serve` (which returns the
-/// used length: bytes written into the chain's buffers), then re-enables notifications and
-/// goes again if more arrived meanwhile. Returns whether the driver wants an interrupt for what
-/// was used (always without EVENT_IDX; per `used_event` with it). An error means the ring
-/// itself is broken (the available index ran more than a ring ahead, or the used ring cannot
-/// be written).
+/// What one pass over a queue ([`drain_queue`]) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// The driver wants an interrupt for the buffers this pass used (always, without
+    /// EVENT_IDX, when something was used; per `used_event` with it).
+    pub interrupt: bool,
+    /// The pass stopped at its budget ([`pass_budget`]) and chains may be left: the caller
+    /// must run another pass (after looking at its control messages), not wait for a
+    /// notification.
+    pub more: bool,
+}
+
+/// How many chains one pass over `queue` serves at most: the queue size. A well-behaved
+/// driver never has more than that outstanding, so one pass still drains its ring; a ring the
+/// driver (or another device's used ring) keeps refilling is served in passes of this many
+/// chains, and the worker looks at its control messages between passes.
+pub fn pass_budget(queue: &Queue) -> u16 {
+    queue.size().max(1)
+}
+
+/// Serves what the driver made available on `queue` with `serve` (which returns the used
+/// length: bytes written into the chain's buffers), at most [`pass_budget`] chains, then
+/// re-enables notifications and goes again (within the same budget) if more arrived
+/// meanwhile. Every chain taken from the available ring is put in the used ring before the
+/// next is taken.
+///
+/// An error means the ring itself is broken and the device must be reset: the available index
+/// ran more than a ring ahead, the used ring cannot be written, or a head index names no
+/// descriptor ([`DeviceError::HeadOutOfRange`]; such a chain cannot be given back, and
+/// consuming it silently would let the available index run ahead of the used one for good).
 pub fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
-) -> Result<bool, DeviceError> {
-    let mut used_any = false;
-    loop {
+) -> Result<Pass, DeviceError> {
+    let budget = pass_budget(queue);
+    let mut served = 0u16;
+    let more = loop {
         let mut progressed = false;
-        while let Some(chain) = queue.iter(mem).map_err(DeviceError::Ring)?.next() {
+        while served < budget {
+            let Some(chain) = queue.iter(mem).map_err(DeviceError::Ring)?.next() else {
+                break;
+            };
             progressed = true;
+            served += 1;
             let head = chain.head_index();
-            let len = serve(chain);
-            // A head outside the ring names no descriptor: there is nothing to give back.
-            if head < queue.size() {
-                queue.add_used(mem, head, len).map_err(DeviceError::Ring)?;
-                used_any = true;
+            if head >= queue.size() {
+                return Err(DeviceError::HeadOutOfRange {
+                    head,
+                    size: queue.size(),
+                });
             }
+            let len = serve(chain);
+            queue.add_used(mem, head, len).map_err(DeviceError::Ring)?;
+        }
+        if served == budget {
+            // Notifications stay as they are: the caller runs another pass anyway.
+            break true;
         }
         // More arrived while notifications were off: go again. Without progress, stop rather
         // than spin; anything the driver adds from here on comes with a notification.
         if !queue.enable_notification(mem).map_err(DeviceError::Ring)? || !progressed {
-            break;
+            break false;
         }
-    }
-    if !used_any {
-        return Ok(false);
-    }
-    queue.needs_notification(mem).map_err(DeviceError::Ring)
+    };
+    let interrupt = served > 0 && queue.needs_notification(mem).map_err(DeviceError::Ring)?;
+    Ok(Pass { interrupt, more })
 }
 
 /// A device's counters, shared between its worker thread and whoever reports them.

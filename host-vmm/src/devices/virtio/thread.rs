@@ -7,6 +7,16 @@
 //! `read` waits for both; the worker always drains the channel before touching the queue, so a
 //! `Stop` is never delayed behind queue work it was meant to prevent. A spurious wake-up only
 //! costs one look at an empty ring.
+//!
+//! # Bounded passes
+//!
+//! A handler serves at most one budget of chains per [`QueueHandler::process`] call (the queue
+//! size, see [`super::pass_budget`]) and says whether work may be left ([`Pass::more`]). The
+//! worker then signals its own eventfd and goes round its loop again, so it looks at its
+//! control channel between every two passes: a `Stop` (reset, pause, VM shutdown) is seen
+//! within one pass however the guest keeps the ring full — even a ring whose own used-ring
+//! writes make more buffers available. The control channel only ever carries messages from
+//! the host (one `Stop` per thread), so it does not grow with anything the guest does.
 
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,16 +25,17 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DeviceError, Interrupt};
+use super::{DeviceError, Interrupt, Pass};
 use crate::error::Error;
 use crate::sync::lock;
 
 /// The queue work of one device, run by a [`Worker`].
 pub trait QueueHandler: Send + 'static {
-    /// Processes everything the driver made available. Returns whether the driver wants an
-    /// interrupt for the buffers just used (EVENT_IDX). An error means the ring is beyond
-    /// repair: the worker sets `DEVICE_NEEDS_RESET` and stops processing until reset.
-    fn process(&mut self) -> Result<bool, DeviceError>;
+    /// Processes what the driver made available, at most one budget of chains (see the module
+    /// docs). Returns whether the driver wants an interrupt for the buffers just used
+    /// (EVENT_IDX) and whether work may be left. An error means the ring is beyond repair: the
+    /// worker sets `DEVICE_NEEDS_RESET` and stops processing until reset.
+    fn process(&mut self) -> Result<Pass, DeviceError>;
 }
 
 /// Control messages for a worker.
@@ -219,8 +230,16 @@ fn run<H: QueueHandler>(
             result
         };
         match result {
-            Ok(true) => interrupt.signal_used_queue(),
-            Ok(false) => {}
+            Ok(pass) => {
+                if pass.interrupt {
+                    interrupt.signal_used_queue();
+                }
+                if pass.more {
+                    // Come back for the rest after looking at the control channel. Only fails
+                    // if the counter would overflow, and then the next read returns at once.
+                    let _ = notify.write(1);
+                }
+            }
             Err(_) => interrupt.signal_needs_reset(),
         }
     }
@@ -242,13 +261,17 @@ mod tests {
     }
 
     impl QueueHandler for Script {
-        fn process(&mut self) -> Result<bool, DeviceError> {
+        fn process(&mut self) -> Result<Pass, DeviceError> {
             self.calls.fetch_add(1, Ordering::AcqRel);
-            if self.results.is_empty() {
+            let result = if self.results.is_empty() {
                 Ok(true)
             } else {
                 self.results.remove(0)
-            }
+            };
+            result.map(|interrupt| Pass {
+                interrupt,
+                more: false,
+            })
         }
     }
 
@@ -344,6 +367,46 @@ mod tests {
         worker.resume().unwrap();
         assert!(!worker.is_paused());
         assert!(worker.stop().is_some());
+    }
+
+    /// A handler whose ring never empties (every pass says more is left).
+    struct Endless(Arc<AtomicU32>);
+
+    impl QueueHandler for Endless {
+        fn process(&mut self) -> Result<Pass, DeviceError> {
+            self.0.fetch_add(1, Ordering::AcqRel);
+            Ok(Pass {
+                interrupt: false,
+                more: true,
+            })
+        }
+    }
+
+    /// One notification keeps an endless ring going pass after pass, and a stop is still
+    /// seen between two passes: the thread is joined promptly.
+    #[test]
+    fn endless_work_runs_in_passes_and_still_stops() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let notify = EventFd::new(0).unwrap();
+        let kick = notify.try_clone().unwrap();
+        let worker = Worker::spawn(
+            "test-worker",
+            Endless(calls.clone()),
+            notify,
+            Interrupt::new(|| {}),
+        )
+        .unwrap();
+        kick.write(1).unwrap();
+        wait_until("many passes from one notification", || {
+            calls.load(Ordering::Acquire) > 100
+        });
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let handler = worker.stop();
+            let _ = done.send(handler.is_some());
+        });
+        let stopped = finished.recv_timeout(Duration::from_secs(10));
+        assert_eq!(stopped, Ok(true), "the worker did not stop within 10 s");
     }
 
     #[test]
