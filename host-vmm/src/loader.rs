@@ -1,17 +1,16 @@
 //! Kernel loading: validate the ELF header and program headers ourselves (class, data, machine,
-//! type, segment placement), then let linux-loader copy the segments into guest memory.
+//! type, segment placement), then copy exactly the validated segments into guest memory.
 //!
 //! Validation runs on the raw bytes, before anything touches guest memory, so a bad file gives
-//! a precise message instead of a half-loaded guest.
+//! a precise message instead of a half-loaded guest. [`load`] copies the segments [`validate`]
+//! accepted and nothing else, so every byte it writes lies inside the validated extent
+//! ([`ElfInfo::start`]..[`ElfInfo::end`], at or above `KERNEL_MIN_GPA`). Every `PT_LOAD` header
+//! is checked, whatever its sizes: one with `p_filesz > p_memsz` (including `p_memsz = 0` with
+//! file bytes) is malformed and refused; an empty one (both sizes 0) loads nothing and is
+//! ignored.
 
-use std::io::{Read, Seek, SeekFrom};
-
-use hypercall_abi::layout::{KERNEL_MIN_GPA, MAX_MEM_SIZE, MIN_MEM_SIZE, PAGE_SIZE};
-use linux_loader::loader::{KernelLoader, elf::Elf};
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, VolatileMemoryError,
-    VolatileSlice, bitmap::BitmapSlice,
-};
+use hypercall_abi::layout::{KERNEL_MIN_GPA, MAX_MEM_SIZE, MIN_MEM_SIZE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
@@ -148,7 +147,7 @@ pub enum ElfError {
     /// Entry point not inside any loaded segment.
     #[error("entry point {0:#x} is not inside any loadable segment")]
     BadEntry(u64),
-    /// linux-loader refused the image.
+    /// Copying a validated segment into guest memory failed.
     #[error("loading failed: {0}")]
     Load(String),
 }
@@ -174,8 +173,21 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
 
+/// One accepted `PT_LOAD` segment: `filesz` bytes at file `offset` go to `paddr`.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    offset: usize,
+    paddr: u64,
+    filesz: usize,
+}
+
 /// Validates `image` as a bootable ELF64 x86-64 executable for `mem_size` bytes of RAM.
 pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
+    parse(image, mem_size).map(|(info, _)| info)
+}
+
+/// [`validate`], also returning the segments [`load`] copies.
+fn parse(image: &[u8], mem_size: u64) -> Result<(ElfInfo, Vec<Segment>), ElfError> {
     if image.len() < EHDR_SIZE {
         return Err(ElfError::TooShort(image.len()));
     }
@@ -216,6 +228,7 @@ pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
     let mut start = u64::MAX;
     let mut end = 0u64;
     let mut entry_ok = false;
+    let mut segments = Vec::new();
     for index in 0..usize::from(phnum) {
         let ph = &image[phoff as usize + index * PHDR_SIZE..][..PHDR_SIZE];
         if u32_at(ph, 0) != PT_LOAD {
@@ -226,7 +239,8 @@ pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
         let paddr = u64_at(ph, 24);
         let filesz = u64_at(ph, 32);
         let memsz = u64_at(ph, 40);
-        if memsz == 0 {
+        if memsz == 0 && filesz == 0 {
+            // Occupies nothing and loads nothing.
             continue;
         }
         let file_end = offset.checked_add(filesz);
@@ -286,6 +300,12 @@ pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
         entry_ok |= (paddr..seg_end).contains(&entry);
         start = start.min(paddr);
         end = end.max(seg_end);
+        // Both fit in usize: the file range lies inside `image`.
+        segments.push(Segment {
+            offset: offset as usize,
+            paddr,
+            filesz: filesz as usize,
+        });
     }
     if end == 0 {
         return Err(ElfError::NoLoadableSegments);
@@ -299,19 +319,20 @@ pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
     if !entry_ok {
         return Err(ElfError::BadEntry(entry));
     }
-    Ok(ElfInfo { entry, start, end })
+    Ok((ElfInfo { entry, start, end }, segments))
 }
 
 /// Validates and loads `image` into guest RAM `ram`. Returns where it landed.
+///
+/// Copies the file bytes of exactly the segments [`validate`] accepted, each to its `p_paddr`;
+/// nothing is written outside [`ElfInfo::start`]..[`ElfInfo::end`]. The rest of each segment
+/// (its BSS) is left as it is: guest RAM starts zeroed.
 pub fn load(ram: &GuestMemoryMmap, image: &[u8]) -> Result<ElfInfo, ElfError> {
-    let info = validate(image, ram.last_addr().0 + 1)?;
-    let mut reader = SliceReader {
-        data: image,
-        pos: 0,
-    };
-    let res = Elf::load(ram, None, &mut reader, Some(GuestAddress(KERNEL_MIN_GPA)))
-        .map_err(|e| ElfError::Load(e.to_string()))?;
-    debug_assert!(res.kernel_end <= info.end.next_multiple_of(PAGE_SIZE));
+    let (info, segments) = parse(image, ram.last_addr().0 + 1)?;
+    for s in segments {
+        ram.write_slice(&image[s.offset..s.offset + s.filesz], GuestAddress(s.paddr))
+            .map_err(|e| ElfError::Load(e.to_string()))?;
+    }
     Ok(info)
 }
 
@@ -444,51 +465,6 @@ pub fn program_headers(image: &[u8]) -> Vec<ProgramHeader> {
         .collect()
 }
 
-/// A seekable in-memory reader that linux-loader can read into guest memory from
-/// (`Cursor` does not implement vm-memory's `ReadVolatile`).
-struct SliceReader<'a> {
-    data: &'a [u8],
-    pos: usize,
-}
-
-impl SliceReader<'_> {
-    fn rest(&self) -> &[u8] {
-        &self.data[self.pos.min(self.data.len())..]
-    }
-}
-
-impl Read for SliceReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.rest().read(buf)?;
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-impl ReadVolatile for SliceReader<'_> {
-    fn read_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &mut VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let n = self.rest().read_volatile(buf)?;
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-impl Seek for SliceReader<'_> {
-    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
-        let new = match pos {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => (self.data.len() as u64).checked_add_signed(d),
-            SeekFrom::Current(d) => (self.pos as u64).checked_add_signed(d),
-        };
-        let new = new.ok_or_else(|| std::io::Error::other("seek out of range"))?;
-        self.pos = usize::try_from(new).map_err(std::io::Error::other)?;
-        Ok(new)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,6 +558,83 @@ mod tests {
         assert_eq!(
             validate(&over, MEM),
             Err(ElfError::FileSizeExceedsMemSize(0))
+        );
+    }
+
+    /// Overwrites program header `index` (a PT_LOAD) of `img` with the given fields.
+    fn set_load(img: &mut [u8], index: usize, offset: u64, paddr: u64, filesz: u64, memsz: u64) {
+        let ph = &mut img[64 + index * PHDR_SIZE..][..PHDR_SIZE];
+        ph[0..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        ph[4..8].copy_from_slice(&6u32.to_le_bytes());
+        ph[8..16].copy_from_slice(&offset.to_le_bytes());
+        ph[16..24].copy_from_slice(&paddr.to_le_bytes());
+        ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+        ph[32..40].copy_from_slice(&filesz.to_le_bytes());
+        ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+    }
+
+    /// Issue 13, finding 3: a PT_LOAD with `p_memsz = 0` but file bytes used to skip
+    /// validation while linux-loader still copied its bytes — below the 2 MiB floor, or past
+    /// the recorded kernel end (and a debug build failed an assertion).
+    #[test]
+    fn segments_with_memsz_zero_are_validated_too() {
+        // The PT_NOTE header (index 1) turned into such a segment.
+        for paddr in [0x1000, 0x40_0000, 0x20_0000] {
+            let mut img = tiny_elf(0x20_0000, &[0xf4], 0x1000);
+            set_load(&mut img, 1, 0x1000, paddr, 1, 0);
+            assert_eq!(
+                validate(&img, MEM),
+                Err(ElfError::FileSizeExceedsMemSize(1)),
+                "{paddr:#x}"
+            );
+            let ram = crate::memory::GuestRam::new(MEM).unwrap();
+            assert_eq!(
+                load(ram.mem(), &img),
+                Err(ElfError::FileSizeExceedsMemSize(1))
+            );
+            let mut b = [0u8; 1];
+            vm_memory::Bytes::read_slice(ram.mem(), &mut b, GuestAddress(paddr)).unwrap();
+            assert_eq!(b, [0], "nothing loaded at {paddr:#x}");
+        }
+        // Segment 0 itself with memsz 0.
+        let mut img = tiny_elf(0x20_0000, &[0xf4], 0x1000);
+        img[64 + 40..64 + 48].copy_from_slice(&0u64.to_le_bytes());
+        assert_eq!(
+            validate(&img, MEM),
+            Err(ElfError::FileSizeExceedsMemSize(0))
+        );
+    }
+
+    /// An empty PT_LOAD (both sizes 0) occupies and loads nothing, wherever it claims to be.
+    #[test]
+    fn empty_segments_load_nothing() {
+        let mut img = tiny_elf(0x20_0000, &[0xf4], 0x1000);
+        set_load(&mut img, 1, 0, 0x1000, 0, 0);
+        let info = validate(&img, MEM).unwrap();
+        assert_eq!((info.start, info.end), (0x20_0000, 0x20_1000));
+        let ram = crate::memory::GuestRam::new(MEM).unwrap();
+        assert_eq!(load(ram.mem(), &img), Ok(info));
+        let mut low = vec![0u8; 0x20_0000];
+        vm_memory::Bytes::read_slice(ram.mem(), &mut low, GuestAddress(0)).unwrap();
+        assert!(low.iter().all(|&b| b == 0));
+    }
+
+    /// What `load` writes is exactly the validated segments' file bytes.
+    #[test]
+    fn load_writes_only_the_validated_segments() {
+        let mut img = tiny_elf(0x20_0000, &[0xf4, 0x90, 0x90], 0x1000);
+        // A second segment: 2 file bytes (the code's last two) at 0x30_0000, 0x2000 in memory.
+        set_load(&mut img, 1, 0x1001, 0x30_0000, 2, 0x2000);
+        let info = validate(&img, MEM).unwrap();
+        assert_eq!((info.start, info.end), (0x20_0000, 0x30_2000));
+        let ram = crate::memory::GuestRam::new(MEM).unwrap();
+        load(ram.mem(), &img).unwrap();
+        let mut all = vec![0u8; MEM as usize];
+        vm_memory::Bytes::read_slice(ram.mem(), &mut all, GuestAddress(0)).unwrap();
+        let nonzero: Vec<usize> = (0..all.len()).filter(|&i| all[i] != 0).collect();
+        assert_eq!(
+            nonzero,
+            [0x20_0000, 0x20_0001, 0x20_0002, 0x30_0000, 0x30_0001]
         );
     }
 

@@ -18,8 +18,8 @@
 
 use hypercall_abi::layout::{PAGE_SIZE, PT_POOL_BOOT_FRAMES};
 use hypercall_abi::mmu::{
-    ENTRIES_PER_TABLE, Level, POOL_FRAMES, PTE_ADDR_MASK, PTE_HUGE, PTE_PRESENT, pool_frame_gpa,
-    pool_frame_index,
+    ENTRIES_PER_TABLE, Level, PIN_MAX, POOL_FRAMES, PTE_ADDR_MASK, PTE_HUGE, PTE_PRESENT,
+    pool_frame_gpa, pool_frame_index,
 };
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
@@ -118,7 +118,7 @@ impl Persist for PageTablePool {
 }
 
 /// The level and entries of each of the VMM's boot tables, as `crate::boot` installs them.
-fn vmm_boot_tables() -> Vec<(Level, Vec<u64>)> {
+pub(super) fn vmm_boot_tables() -> Vec<(Level, Vec<u64>)> {
     let Ok(mut scratch) = PageTablePool::new(0) else {
         // Without the scratch mapping no boot entry is whitelisted: a state with boot tables
         // is then refused, which is safe.
@@ -141,7 +141,7 @@ fn vmm_boot_tables() -> Vec<(Level, Vec<u64>)> {
 
 /// Checks `state` against the pool invariants (`boot`: [`vmm_boot_tables`]); returns the
 /// frame table it describes.
-fn validate(
+pub(super) fn validate(
     state: &PageTablePoolState,
     ram_size: u64,
     boot: &[(Level, Vec<u64>)],
@@ -209,8 +209,8 @@ fn validate(
     }
     for (i, info) in frames.iter().enumerate().filter(|(_, f)| f.level != 0) {
         let consistent = if info.level == 4 {
-            // Roots have no parents; their count is their pins, at least one.
-            parents[i] == 0 && info.refs >= 1
+            // Roots have no parents; their count is their pins, 1..=PIN_MAX.
+            parents[i] == 0 && (1..=PIN_MAX).contains(&info.refs)
         } else {
             info.refs == parents[i]
         };
@@ -385,6 +385,13 @@ mod tests {
                 Box::new(move |s| {
                     let i = frame(s, 11);
                     s.frames[i].refs = 0;
+                }),
+            ),
+            (
+                "too many pins",
+                Box::new(move |s| {
+                    let i = frame(s, 10);
+                    s.frames[i].refs = PIN_MAX + 1;
                 }),
             ),
             (
