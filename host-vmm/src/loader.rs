@@ -748,3 +748,219 @@ mod tests {
         ));
     }
 }
+
+/// Fuzzing of the loader on hostile images: valid ELFs ([`minimal_elf`] and the embedded demo
+/// kernel) with random byte flips and field overwrites in the ELF header and program headers.
+/// Cases: `PROPTEST_CASES` (proptest's default without it); the long run is
+/// `PROPTEST_CASES=1000000 cargo test --release -p host-vmm --lib fuzz`.
+#[cfg(test)]
+mod fuzz {
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        /// XOR a byte of the headers (ELF header and the first program headers), or anywhere.
+        Flip { at: usize, xor: u8 },
+        /// Overwrite 8-byte field `field` (0..7: type+flags, offset, vaddr, paddr, filesz,
+        /// memsz, align) of program header `ph`.
+        Field { ph: usize, field: usize, value: u64 },
+        /// Set both vaddr and paddr of program header `ph` (keeps them equal).
+        Addr { ph: usize, value: u64 },
+        /// Make program header `ph` a PT_LOAD (or another type).
+        Kind { ph: usize, kind: u32 },
+        /// Overwrite an ELF header field: entry, phoff, phentsize, phnum.
+        Header { field: usize, value: u64 },
+        /// Cut the file.
+        Truncate(usize),
+    }
+
+    fn interesting() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            3 => prop::sample::select(vec![
+                0,
+                1,
+                0xfff,
+                0x1000,
+                0x1001,
+                KERNEL_MIN_GPA - 1,
+                KERNEL_MIN_GPA,
+                KERNEL_MIN_GPA + 0x1000,
+                4 << 20,
+                (4 << 20) - 1,
+                (4 << 20) + 1,
+                16 << 20,
+                MAX_MEM_SIZE,
+                HIGHER_HALF,
+                u64::MAX,
+                u64::MAX - 0xfff,
+                i64::MAX as u64,
+            ]),
+            2 => 0u64..0x40_0000,
+            1 => any::<u64>(),
+        ]
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            4 => (prop_oneof![4 => 0usize..(64 + 4 * 56), 1 => any::<usize>()], 1u8..=255)
+                .prop_map(|(at, xor)| Mutation::Flip { at, xor }),
+            4 => (0usize..4, 1usize..7, interesting())
+                .prop_map(|(ph, field, value)| Mutation::Field { ph, field, value }),
+            2 => (0usize..4, interesting()).prop_map(|(ph, value)| Mutation::Addr { ph, value }),
+            1 => (0usize..4, prop::sample::select(vec![PT_LOAD, PT_NOTE, 0, 6, 7, u32::MAX]))
+                .prop_map(|(ph, kind)| Mutation::Kind { ph, kind }),
+            2 => (0usize..4, interesting()).prop_map(|(field, value)| Mutation::Header { field, value }),
+            1 => any::<usize>().prop_map(Mutation::Truncate),
+        ]
+    }
+
+    fn put(img: &mut [u8], at: usize, bytes: &[u8]) {
+        if let Some(dst) = at
+            .checked_add(bytes.len())
+            .and_then(|end| img.get_mut(at..end))
+        {
+            dst.copy_from_slice(bytes);
+        }
+    }
+
+    fn apply(img: &mut Vec<u8>, m: &Mutation) {
+        // The program header table as the image says (before this mutation).
+        let phoff = if img.len() >= EHDR_SIZE {
+            usize::try_from(u64_at(img, 32)).unwrap_or(usize::MAX)
+        } else {
+            EHDR_SIZE
+        };
+        let ph_at = |ph: usize| phoff.saturating_add(ph * PHDR_SIZE);
+        match *m {
+            Mutation::Flip { at, xor } => {
+                if !img.is_empty() {
+                    let at = at % img.len();
+                    img[at] ^= xor;
+                }
+            }
+            Mutation::Field { ph, field, value } => put(
+                img,
+                ph_at(ph).saturating_add(field * 8),
+                &value.to_le_bytes(),
+            ),
+            Mutation::Addr { ph, value } => {
+                put(img, ph_at(ph).saturating_add(16), &value.to_le_bytes());
+                put(img, ph_at(ph).saturating_add(24), &value.to_le_bytes());
+            }
+            Mutation::Kind { ph, kind } => put(img, ph_at(ph), &kind.to_le_bytes()),
+            Mutation::Header { field, value } => match field {
+                0 => put(img, 24, &value.to_le_bytes()),
+                1 => put(img, 32, &value.to_le_bytes()),
+                2 => put(img, 54, &(value as u16).to_le_bytes()),
+                _ => put(img, 56, &((value % 8) as u16).to_le_bytes()),
+            },
+            Mutation::Truncate(n) => {
+                let n = n % (img.len() + 1);
+                img.truncate(n);
+            }
+        }
+    }
+
+    /// The images mutations start from, each with a RAM size it fits in.
+    fn bases() -> Vec<(Vec<u8>, u64)> {
+        let code: Vec<u8> = (0..64u8).collect();
+        let demo = crate::kernel::DEMO_KERNEL;
+        let demo_end = validate(demo, MAX_MEM_SIZE).expect("demo kernel").end;
+        vec![
+            (minimal_elf(KERNEL_MIN_GPA, &code, 0x1000), 4 << 20),
+            (minimal_elf(KERNEL_MIN_GPA + 0x3000, &code, 0x8000), 4 << 20),
+            (
+                minimal_elf_with_note(KERNEL_MIN_GPA, &code, 0x2000, None),
+                4 << 20,
+            ),
+            (
+                demo.to_vec(),
+                demo_end.next_multiple_of(1 << 20) + (1 << 20),
+            ),
+        ]
+    }
+
+    /// The first non-zero byte of `ram` in `[from, to)`.
+    fn first_nonzero(ram: &GuestMemoryMmap, from: u64, to: u64) -> Option<u64> {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(buf.len() as u64) as usize;
+            ram.read_slice(&mut buf[..n], GuestAddress(at)).unwrap();
+            if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+                return Some(at + i as u64);
+            }
+            at += n as u64;
+        }
+        None
+    }
+
+    #[test]
+    fn fuzz_mutated_elfs_load_only_inside_the_validated_extent() {
+        let bases = bases();
+        // One RAM per size, reused: after each case the extent a load wrote is zeroed again.
+        let rams: RefCell<HashMap<u64, GuestMemoryMmap>> = RefCell::default();
+        let accepted = Cell::new(0u64);
+        let mut runner = TestRunner::new(Config {
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let cases = runner.config().cases;
+        let strategy = (
+            0..bases.len(),
+            prop::collection::vec(mutation(), 1..8),
+            prop::sample::select(vec![0u64, 1 << 20, 16 << 20]),
+        );
+        runner
+            .run(&strategy, |(base, mutations, extra_mem)| {
+                let (ref image, mem) = bases[base];
+                let mem = mem + extra_mem;
+                let mut img = image.clone();
+                for m in &mutations {
+                    apply(&mut img, m);
+                }
+                // Parsers that see the same bytes must not panic either.
+                let _ = crate::kernel_abi::KernelAbi::read(&img);
+                let _ = program_headers(&img);
+                let verdict = validate(&img, mem);
+                let mut rams = rams.borrow_mut();
+                let ram = rams.entry(mem).or_insert_with(|| {
+                    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem as usize)]).unwrap()
+                });
+                let loaded = load(ram, &img);
+                prop_assert_eq!(&loaded, &verdict, "load and validate disagree");
+                let (from, to) = match verdict {
+                    Ok(info) => {
+                        accepted.set(accepted.get() + 1);
+                        prop_assert!(info.start >= KERNEL_MIN_GPA, "{info:?}");
+                        prop_assert!(info.start < info.end && info.end <= mem, "{info:?}");
+                        prop_assert!((info.start..info.end).contains(&info.entry), "{info:?}");
+                        (info.start, info.end)
+                    }
+                    Err(_) => (0, 0),
+                };
+                let stray = first_nonzero(ram, 0, from).or_else(|| first_nonzero(ram, to, mem));
+                if from < to {
+                    let zero = vec![0u8; (to - from) as usize];
+                    ram.write_slice(&zero, GuestAddress(from)).unwrap();
+                }
+                match stray {
+                    Some(at) => Err(TestCaseError::fail(format!(
+                        "byte written at {at:#x}, outside the validated extent {from:#x}..{to:#x}"
+                    ))),
+                    None => Ok(()),
+                }
+            })
+            .unwrap();
+        eprintln!(
+            "loader fuzz: {cases} cases, {} accepted images",
+            accepted.get()
+        );
+    }
+}

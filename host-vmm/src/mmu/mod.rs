@@ -300,7 +300,7 @@ impl PageTablePool {
     #[cfg(test)]
     pub(crate) fn check_invariants(&self) -> std::result::Result<(), String> {
         use crate::state::Persist;
-        let frames = state::validate(&self.save(), self.ram_size, &state::vmm_boot_tables())
+        let frames = state::validate(&self.save(), self.ram_size, state::vmm_boot_tables())
             .map_err(|e| e.to_string())?;
         if frames != self.frames {
             return Err("frame table differs from what the entries imply".into());

@@ -98,7 +98,7 @@ impl Persist for PageTablePool {
                 ),
             ));
         }
-        let frames = validate(state, self.ram_size, &vmm_boot_tables())?;
+        let frames = validate(state, self.ram_size, vmm_boot_tables())?;
         // Everything checked: now replace the pool. Untyped frames are zero.
         let zero = vec![0u8; PAGE_SIZE as usize];
         for i in 0..POOL_FRAMES {
@@ -117,26 +117,30 @@ impl Persist for PageTablePool {
     }
 }
 
-/// The level and entries of each of the VMM's boot tables, as `crate::boot` installs them.
-pub(super) fn vmm_boot_tables() -> Vec<(Level, Vec<u64>)> {
-    let Ok(mut scratch) = PageTablePool::new(0) else {
-        // Without the scratch mapping no boot entry is whitelisted: a state with boot tables
-        // is then refused, which is safe.
-        return Vec::new();
-    };
-    crate::boot::install_identity_map(&mut scratch);
-    (0..PT_POOL_BOOT_FRAMES as usize)
-        .map(|i| {
-            let entries = (0..ENTRIES_PER_TABLE)
-                .map(|n| {
-                    scratch
-                        .read_entry(pool_frame_gpa(i) + n as u64 * 8)
-                        .unwrap_or(0)
-                })
-                .collect();
-            (scratch.frames[i].level, entries)
-        })
-        .collect()
+/// The level and entries of each of the VMM's boot tables, as `crate::boot` installs them
+/// (computed once: they never change).
+pub(super) fn vmm_boot_tables() -> &'static [(Level, Vec<u64>)] {
+    static TABLES: std::sync::LazyLock<Vec<(Level, Vec<u64>)>> = std::sync::LazyLock::new(|| {
+        let Ok(mut scratch) = PageTablePool::new(0) else {
+            // Without the scratch mapping no boot entry is whitelisted: a state with boot
+            // tables is then refused, which is safe.
+            return Vec::new();
+        };
+        crate::boot::install_identity_map(&mut scratch);
+        (0..PT_POOL_BOOT_FRAMES as usize)
+            .map(|i| {
+                let entries = (0..ENTRIES_PER_TABLE)
+                    .map(|n| {
+                        scratch
+                            .read_entry(pool_frame_gpa(i) + n as u64 * 8)
+                            .unwrap_or(0)
+                    })
+                    .collect();
+                (scratch.frames[i].level, entries)
+            })
+            .collect()
+    });
+    &TABLES
 }
 
 /// Checks `state` against the pool invariants (`boot`: [`vmm_boot_tables`]); returns the
