@@ -166,11 +166,13 @@ impl PageTablePool {
     }
 
     fn frame_is_zero(&self, index: usize) -> bool {
+        const ZERO: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
         let mut buf = [0u8; PAGE_SIZE as usize];
+        // Slice equality of bytes is a `memcmp`.
         self.mem
             .read_slice(&mut buf, GuestAddress(frame_gpa(index)))
             .is_ok()
-            && buf.iter().all(|&b| b == 0)
+            && buf == ZERO
     }
 
     /// Writes a table the VMM builds itself (boot tables), bypassing validation. The frame is
