@@ -1,17 +1,16 @@
 //! Kernel loading: validate the ELF header and program headers ourselves (class, data, machine,
-//! type, segment placement), then let linux-loader copy the segments into guest memory.
+//! type, segment placement), then copy exactly the validated segments into guest memory.
 //!
 //! Validation runs on the raw bytes, before anything touches guest memory, so a bad file gives
-//! a precise message instead of a half-loaded guest.
+//! a precise message instead of a half-loaded guest. [`load`] copies the segments [`validate`]
+//! accepted and nothing else, so every byte it writes lies inside the validated extent
+//! ([`ElfInfo::start`]..[`ElfInfo::end`], at or above `KERNEL_MIN_GPA`). Every `PT_LOAD` header
+//! is checked, whatever its sizes: one with `p_filesz > p_memsz` (including `p_memsz = 0` with
+//! file bytes) is malformed and refused; an empty one (both sizes 0) loads nothing and is
+//! ignored.
 
-use std::io::{Read, Seek, SeekFrom};
-
-use hypercall_abi::layout::{KERNEL_MIN_GPA, MAX_MEM_SIZE, MIN_MEM_SIZE, PAGE_SIZE};
-use linux_loader::loader::{KernelLoader, elf::Elf};
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, VolatileMemoryError,
-    VolatileSlice, bitmap::BitmapSlice,
-};
+use hypercall_abi::layout::{KERNEL_MIN_GPA, MAX_MEM_SIZE, MIN_MEM_SIZE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
@@ -148,7 +147,7 @@ pub enum ElfError {
     /// Entry point not inside any loaded segment.
     #[error("entry point {0:#x} is not inside any loadable segment")]
     BadEntry(u64),
-    /// linux-loader refused the image.
+    /// Copying a validated segment into guest memory failed.
     #[error("loading failed: {0}")]
     Load(String),
 }
@@ -174,8 +173,21 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
 
+/// One accepted `PT_LOAD` segment: `filesz` bytes at file `offset` go to `paddr`.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    offset: usize,
+    paddr: u64,
+    filesz: usize,
+}
+
 /// Validates `image` as a bootable ELF64 x86-64 executable for `mem_size` bytes of RAM.
 pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
+    parse(image, mem_size).map(|(info, _)| info)
+}
+
+/// [`validate`], also returning the segments [`load`] copies.
+fn parse(image: &[u8], mem_size: u64) -> Result<(ElfInfo, Vec<Segment>), ElfError> {
     if image.len() < EHDR_SIZE {
         return Err(ElfError::TooShort(image.len()));
     }
@@ -216,6 +228,7 @@ pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
     let mut start = u64::MAX;
     let mut end = 0u64;
     let mut entry_ok = false;
+    let mut segments = Vec::new();
     for index in 0..usize::from(phnum) {
         let ph = &image[phoff as usize + index * PHDR_SIZE..][..PHDR_SIZE];
         if u32_at(ph, 0) != PT_LOAD {
@@ -226,7 +239,8 @@ pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
         let paddr = u64_at(ph, 24);
         let filesz = u64_at(ph, 32);
         let memsz = u64_at(ph, 40);
-        if memsz == 0 {
+        if memsz == 0 && filesz == 0 {
+            // Occupies nothing and loads nothing.
             continue;
         }
         let file_end = offset.checked_add(filesz);
@@ -286,6 +300,12 @@ pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
         entry_ok |= (paddr..seg_end).contains(&entry);
         start = start.min(paddr);
         end = end.max(seg_end);
+        // Both fit in usize: the file range lies inside `image`.
+        segments.push(Segment {
+            offset: offset as usize,
+            paddr,
+            filesz: filesz as usize,
+        });
     }
     if end == 0 {
         return Err(ElfError::NoLoadableSegments);
@@ -299,19 +319,20 @@ pub fn validate(image: &[u8], mem_size: u64) -> Result<ElfInfo, ElfError> {
     if !entry_ok {
         return Err(ElfError::BadEntry(entry));
     }
-    Ok(ElfInfo { entry, start, end })
+    Ok((ElfInfo { entry, start, end }, segments))
 }
 
 /// Validates and loads `image` into guest RAM `ram`. Returns where it landed.
+///
+/// Copies the file bytes of exactly the segments [`validate`] accepted, each to its `p_paddr`;
+/// nothing is written outside [`ElfInfo::start`]..[`ElfInfo::end`]. The rest of each segment
+/// (its BSS) is left as it is: guest RAM starts zeroed.
 pub fn load(ram: &GuestMemoryMmap, image: &[u8]) -> Result<ElfInfo, ElfError> {
-    let info = validate(image, ram.last_addr().0 + 1)?;
-    let mut reader = SliceReader {
-        data: image,
-        pos: 0,
-    };
-    let res = Elf::load(ram, None, &mut reader, Some(GuestAddress(KERNEL_MIN_GPA)))
-        .map_err(|e| ElfError::Load(e.to_string()))?;
-    debug_assert!(res.kernel_end <= info.end.next_multiple_of(PAGE_SIZE));
+    let (info, segments) = parse(image, ram.last_addr().0 + 1)?;
+    for s in segments {
+        ram.write_slice(&image[s.offset..s.offset + s.filesz], GuestAddress(s.paddr))
+            .map_err(|e| ElfError::Load(e.to_string()))?;
+    }
     Ok(info)
 }
 
@@ -444,51 +465,6 @@ pub fn program_headers(image: &[u8]) -> Vec<ProgramHeader> {
         .collect()
 }
 
-/// A seekable in-memory reader that linux-loader can read into guest memory from
-/// (`Cursor` does not implement vm-memory's `ReadVolatile`).
-struct SliceReader<'a> {
-    data: &'a [u8],
-    pos: usize,
-}
-
-impl SliceReader<'_> {
-    fn rest(&self) -> &[u8] {
-        &self.data[self.pos.min(self.data.len())..]
-    }
-}
-
-impl Read for SliceReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.rest().read(buf)?;
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-impl ReadVolatile for SliceReader<'_> {
-    fn read_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &mut VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let n = self.rest().read_volatile(buf)?;
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-impl Seek for SliceReader<'_> {
-    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
-        let new = match pos {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => (self.data.len() as u64).checked_add_signed(d),
-            SeekFrom::Current(d) => (self.pos as u64).checked_add_signed(d),
-        };
-        let new = new.ok_or_else(|| std::io::Error::other("seek out of range"))?;
-        self.pos = usize::try_from(new).map_err(std::io::Error::other)?;
-        Ok(new)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,6 +558,83 @@ mod tests {
         assert_eq!(
             validate(&over, MEM),
             Err(ElfError::FileSizeExceedsMemSize(0))
+        );
+    }
+
+    /// Overwrites program header `index` (a PT_LOAD) of `img` with the given fields.
+    fn set_load(img: &mut [u8], index: usize, offset: u64, paddr: u64, filesz: u64, memsz: u64) {
+        let ph = &mut img[64 + index * PHDR_SIZE..][..PHDR_SIZE];
+        ph[0..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        ph[4..8].copy_from_slice(&6u32.to_le_bytes());
+        ph[8..16].copy_from_slice(&offset.to_le_bytes());
+        ph[16..24].copy_from_slice(&paddr.to_le_bytes());
+        ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+        ph[32..40].copy_from_slice(&filesz.to_le_bytes());
+        ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+    }
+
+    /// Issue 13, finding 3: a PT_LOAD with `p_memsz = 0` but file bytes used to skip
+    /// validation while linux-loader still copied its bytes — below the 2 MiB floor, or past
+    /// the recorded kernel end (and a debug build failed an assertion).
+    #[test]
+    fn segments_with_memsz_zero_are_validated_too() {
+        // The PT_NOTE header (index 1) turned into such a segment.
+        for paddr in [0x1000, 0x40_0000, 0x20_0000] {
+            let mut img = tiny_elf(0x20_0000, &[0xf4], 0x1000);
+            set_load(&mut img, 1, 0x1000, paddr, 1, 0);
+            assert_eq!(
+                validate(&img, MEM),
+                Err(ElfError::FileSizeExceedsMemSize(1)),
+                "{paddr:#x}"
+            );
+            let ram = crate::memory::GuestRam::new(MEM).unwrap();
+            assert_eq!(
+                load(ram.mem(), &img),
+                Err(ElfError::FileSizeExceedsMemSize(1))
+            );
+            let mut b = [0u8; 1];
+            vm_memory::Bytes::read_slice(ram.mem(), &mut b, GuestAddress(paddr)).unwrap();
+            assert_eq!(b, [0], "nothing loaded at {paddr:#x}");
+        }
+        // Segment 0 itself with memsz 0.
+        let mut img = tiny_elf(0x20_0000, &[0xf4], 0x1000);
+        img[64 + 40..64 + 48].copy_from_slice(&0u64.to_le_bytes());
+        assert_eq!(
+            validate(&img, MEM),
+            Err(ElfError::FileSizeExceedsMemSize(0))
+        );
+    }
+
+    /// An empty PT_LOAD (both sizes 0) occupies and loads nothing, wherever it claims to be.
+    #[test]
+    fn empty_segments_load_nothing() {
+        let mut img = tiny_elf(0x20_0000, &[0xf4], 0x1000);
+        set_load(&mut img, 1, 0, 0x1000, 0, 0);
+        let info = validate(&img, MEM).unwrap();
+        assert_eq!((info.start, info.end), (0x20_0000, 0x20_1000));
+        let ram = crate::memory::GuestRam::new(MEM).unwrap();
+        assert_eq!(load(ram.mem(), &img), Ok(info));
+        let mut low = vec![0u8; 0x20_0000];
+        vm_memory::Bytes::read_slice(ram.mem(), &mut low, GuestAddress(0)).unwrap();
+        assert!(low.iter().all(|&b| b == 0));
+    }
+
+    /// What `load` writes is exactly the validated segments' file bytes.
+    #[test]
+    fn load_writes_only_the_validated_segments() {
+        let mut img = tiny_elf(0x20_0000, &[0xf4, 0x90, 0x90], 0x1000);
+        // A second segment: 2 file bytes (the code's last two) at 0x30_0000, 0x2000 in memory.
+        set_load(&mut img, 1, 0x1001, 0x30_0000, 2, 0x2000);
+        let info = validate(&img, MEM).unwrap();
+        assert_eq!((info.start, info.end), (0x20_0000, 0x30_2000));
+        let ram = crate::memory::GuestRam::new(MEM).unwrap();
+        load(ram.mem(), &img).unwrap();
+        let mut all = vec![0u8; MEM as usize];
+        vm_memory::Bytes::read_slice(ram.mem(), &mut all, GuestAddress(0)).unwrap();
+        let nonzero: Vec<usize> = (0..all.len()).filter(|&i| all[i] != 0).collect();
+        assert_eq!(
+            nonzero,
+            [0x20_0000, 0x20_0001, 0x20_0002, 0x30_0000, 0x30_0001]
         );
     }
 
@@ -693,5 +746,245 @@ mod tests {
             validate(&over, MAX_MEM_SIZE),
             Err(ElfError::BeyondMaxRam { .. })
         ));
+    }
+}
+
+/// Fuzzing of the loader on hostile images: valid ELFs ([`minimal_elf`] and the embedded demo
+/// kernel) with random byte flips and field overwrites in the ELF header and program headers.
+/// Cases: `PROPTEST_CASES` (proptest's default without it); the long run is
+/// `PROPTEST_CASES=1000000 cargo test --release -p host-vmm --lib fuzz`.
+#[cfg(test)]
+mod fuzz {
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        /// XOR a byte of the headers (ELF header and the first program headers), or anywhere.
+        Flip { at: usize, xor: u8 },
+        /// Overwrite 8-byte field `field` (0..7: type+flags, offset, vaddr, paddr, filesz,
+        /// memsz, align) of program header `ph`.
+        Field { ph: usize, field: usize, value: u64 },
+        /// Set both vaddr and paddr of program header `ph` (keeps them equal).
+        Addr { ph: usize, value: u64 },
+        /// Make program header `ph` a PT_LOAD (or another type).
+        Kind { ph: usize, kind: u32 },
+        /// Overwrite an ELF header field: entry, phoff, phentsize, phnum, shoff, shentsize,
+        /// shnum.
+        Header { field: usize, value: u64 },
+        /// XOR a byte of the first PT_NOTE segment's contents (the pvkit ABI note).
+        NoteFlip { at: usize, xor: u8 },
+        /// Cut the file.
+        Truncate(usize),
+    }
+
+    fn interesting() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            3 => prop::sample::select(vec![
+                0,
+                1,
+                0xfff,
+                0x1000,
+                0x1001,
+                KERNEL_MIN_GPA - 1,
+                KERNEL_MIN_GPA,
+                KERNEL_MIN_GPA + 0x1000,
+                4 << 20,
+                (4 << 20) - 1,
+                (4 << 20) + 1,
+                16 << 20,
+                MAX_MEM_SIZE,
+                HIGHER_HALF,
+                u64::MAX,
+                u64::MAX - 0xfff,
+                i64::MAX as u64,
+            ]),
+            2 => 0u64..0x40_0000,
+            1 => any::<u64>(),
+        ]
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            4 => (prop_oneof![4 => 0usize..(64 + 4 * 56), 1 => any::<usize>()], 1u8..=255)
+                .prop_map(|(at, xor)| Mutation::Flip { at, xor }),
+            4 => (0usize..4, 1usize..7, interesting())
+                .prop_map(|(ph, field, value)| Mutation::Field { ph, field, value }),
+            2 => (0usize..4, interesting()).prop_map(|(ph, value)| Mutation::Addr { ph, value }),
+            1 => (0usize..4, prop::sample::select(vec![PT_LOAD, PT_NOTE, 0, 6, 7, u32::MAX]))
+                .prop_map(|(ph, kind)| Mutation::Kind { ph, kind }),
+            2 => (0usize..7, interesting()).prop_map(|(field, value)| Mutation::Header { field, value }),
+            1 => (0usize..48, 1u8..=255).prop_map(|(at, xor)| Mutation::NoteFlip { at, xor }),
+            1 => any::<usize>().prop_map(Mutation::Truncate),
+        ]
+    }
+
+    fn put(img: &mut [u8], at: usize, bytes: &[u8]) {
+        if let Some(dst) = at
+            .checked_add(bytes.len())
+            .and_then(|end| img.get_mut(at..end))
+        {
+            dst.copy_from_slice(bytes);
+        }
+    }
+
+    fn apply(img: &mut Vec<u8>, m: &Mutation) {
+        // The program header table as the image says (before this mutation).
+        let phoff = if img.len() >= EHDR_SIZE {
+            usize::try_from(u64_at(img, 32)).unwrap_or(usize::MAX)
+        } else {
+            EHDR_SIZE
+        };
+        let ph_at = |ph: usize| phoff.saturating_add(ph * PHDR_SIZE);
+        match *m {
+            Mutation::Flip { at, xor } => {
+                if !img.is_empty() {
+                    let at = at % img.len();
+                    img[at] ^= xor;
+                }
+            }
+            Mutation::Field { ph, field, value } => put(
+                img,
+                ph_at(ph).saturating_add(field * 8),
+                &value.to_le_bytes(),
+            ),
+            Mutation::Addr { ph, value } => {
+                put(img, ph_at(ph).saturating_add(16), &value.to_le_bytes());
+                put(img, ph_at(ph).saturating_add(24), &value.to_le_bytes());
+            }
+            Mutation::Kind { ph, kind } => put(img, ph_at(ph), &kind.to_le_bytes()),
+            Mutation::Header { field, value } => match field {
+                0 => put(img, 24, &value.to_le_bytes()),
+                1 => put(img, 32, &value.to_le_bytes()),
+                2 => put(img, 54, &(value as u16).to_le_bytes()),
+                3 => put(img, 56, &((value % 8) as u16).to_le_bytes()),
+                4 => put(img, 40, &value.to_le_bytes()),
+                5 => put(img, 58, &(value as u16).to_le_bytes()),
+                _ => put(img, 60, &(value as u16).to_le_bytes()),
+            },
+            Mutation::NoteFlip { at, xor } => {
+                let note = program_headers(img)
+                    .into_iter()
+                    .find(|ph| ph.kind == PT_NOTE);
+                if let Some(at) =
+                    note.and_then(|ph| usize::try_from(ph.offset).ok()?.checked_add(at))
+                    && let Some(b) = img.get_mut(at)
+                {
+                    *b ^= xor;
+                }
+            }
+            Mutation::Truncate(n) => {
+                let n = n % (img.len() + 1);
+                img.truncate(n);
+            }
+        }
+    }
+
+    /// The images mutations start from, each with a RAM size it fits in.
+    fn bases() -> Vec<(Vec<u8>, u64)> {
+        let code: Vec<u8> = (0..64u8).collect();
+        let demo = crate::kernel::DEMO_KERNEL;
+        let demo_end = validate(demo, MAX_MEM_SIZE).expect("demo kernel").end;
+        vec![
+            (minimal_elf(KERNEL_MIN_GPA, &code, 0x1000), 4 << 20),
+            (minimal_elf(KERNEL_MIN_GPA + 0x3000, &code, 0x8000), 4 << 20),
+            (
+                minimal_elf_with_note(KERNEL_MIN_GPA, &code, 0x2000, None),
+                4 << 20,
+            ),
+            (
+                demo.to_vec(),
+                demo_end.next_multiple_of(1 << 20) + (1 << 20),
+            ),
+        ]
+    }
+
+    /// The first non-zero byte of `ram` in `[from, to)`.
+    fn first_nonzero(ram: &GuestMemoryMmap, from: u64, to: u64) -> Option<u64> {
+        let mut buf = vec![0u8; 64 << 10];
+        let zero = vec![0u8; 64 << 10];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(buf.len() as u64) as usize;
+            ram.read_slice(&mut buf[..n], GuestAddress(at)).unwrap();
+            // Fast path: slice equality of bytes is a `memcmp`.
+            if buf[..n] == zero[..n] {
+                at += n as u64;
+                continue;
+            }
+            if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+                return Some(at + i as u64);
+            }
+            at += n as u64;
+        }
+        None
+    }
+
+    #[test]
+    fn fuzz_mutated_elfs_load_only_inside_the_validated_extent() {
+        let bases = bases();
+        // One RAM per size, reused: after each case the extent a load wrote is zeroed again.
+        let rams: RefCell<HashMap<u64, GuestMemoryMmap>> = RefCell::default();
+        let accepted = Cell::new(0u64);
+        let mut runner = TestRunner::new(Config {
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let cases = runner.config().cases;
+        let strategy = (
+            0..bases.len(),
+            prop::collection::vec(mutation(), 1..8),
+            prop::sample::select(vec![0u64, 1 << 20]),
+        );
+        runner
+            .run(&strategy, |(base, mutations, extra_mem)| {
+                let (ref image, mem) = bases[base];
+                let mem = mem + extra_mem;
+                let mut img = image.clone();
+                for m in &mutations {
+                    apply(&mut img, m);
+                }
+                // Parsers that see the same bytes must not panic either.
+                let _ = crate::kernel_abi::KernelAbi::read(&img);
+                let _ = program_headers(&img);
+                let verdict = validate(&img, mem);
+                let mut rams = rams.borrow_mut();
+                let ram = rams.entry(mem).or_insert_with(|| {
+                    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem as usize)]).unwrap()
+                });
+                let loaded = load(ram, &img);
+                prop_assert_eq!(&loaded, &verdict, "load and validate disagree");
+                let (from, to) = match verdict {
+                    Ok(info) => {
+                        accepted.set(accepted.get() + 1);
+                        prop_assert!(info.start >= KERNEL_MIN_GPA, "{info:?}");
+                        prop_assert!(info.start < info.end && info.end <= mem, "{info:?}");
+                        prop_assert!((info.start..info.end).contains(&info.entry), "{info:?}");
+                        (info.start, info.end)
+                    }
+                    Err(_) => (0, 0),
+                };
+                let stray = first_nonzero(ram, 0, from).or_else(|| first_nonzero(ram, to, mem));
+                if from < to {
+                    let zero = vec![0u8; (to - from) as usize];
+                    ram.write_slice(&zero, GuestAddress(from)).unwrap();
+                }
+                match stray {
+                    Some(at) => Err(TestCaseError::fail(format!(
+                        "byte written at {at:#x}, outside the validated extent {from:#x}..{to:#x}"
+                    ))),
+                    None => Ok(()),
+                }
+            })
+            .unwrap();
+        eprintln!(
+            "loader fuzz: {cases} cases, {} accepted images",
+            accepted.get()
+        );
     }
 }

@@ -37,7 +37,10 @@
 //!    or already of the next lower level.
 //! 5. A leaf (L1, or L2 with PS = a 2 MiB page) maps memory entirely inside guest RAM, or pool
 //!    frames **read-only**: a writable mapping of a pool frame is refused. PS on L4 and L3
-//!    (1 GiB pages) is refused. A 2 MiB leaf's address is 2 MiB aligned.
+//!    (1 GiB pages) is refused. A 2 MiB leaf's address is 2 MiB aligned. Bit 7 is PS only in
+//!    L2..L4 entries: in an L1 entry it is [`PTE_PAT`], accepted like any memory-type bit.
+//!
+//! A root holds at most [`PIN_MAX`] pins; every reference count is bounded and never wraps.
 //!
 //! A refused entry is not applied; PV gets its error code, trapped drops it. The host never
 //! panics on guest input.
@@ -67,8 +70,15 @@ pub const PTE_PCD: u64 = 1 << 4;
 pub const PTE_ACCESSED: u64 = 1 << 5;
 /// Dirty (leaves).
 pub const PTE_DIRTY: u64 = 1 << 6;
-/// Page size (a 2 MiB leaf in an L2 entry); PAT in an L1 entry.
+/// Page size (PS) in an L2 entry: a 2 MiB leaf. Bit 7 means PS only in L2..L4 entries (and PS
+/// is refused in L3 and L4); in an L1 entry the same bit is [`PTE_PAT`].
 pub const PTE_HUGE: u64 = 1 << 7;
+/// PAT (page attribute table index bit) of a 4 KiB leaf (an L1 entry): the same bit as
+/// [`PTE_HUGE`], which it is not in L1. Allowed in leaves; it selects a memory type with PWT
+/// and PCD.
+pub const PTE_PAT: u64 = 1 << 7;
+/// PAT bit of a 2 MiB leaf (an L2 entry with PS); bits 13..=20 of such an entry are reserved.
+pub const PTE_PAT_HUGE: u64 = 1 << 12;
 /// Global.
 pub const PTE_GLOBAL: u64 = 1 << 8;
 /// Physical-address bits of an entry.
@@ -97,6 +107,11 @@ pub const UPDATE_DEFER_SYNC: u64 = 1 << 0;
 pub const PIN_L4: u64 = 1;
 /// `mmu_pin` `a0`: drop a pin taken with [`PIN_L4`].
 pub const UNPIN: u64 = 2;
+
+/// The most pins one root holds (its first [`PIN_L4`] included). A [`PIN_L4`] of a root that
+/// already has this many is refused with [`crate::Error::TooLarge`] and changes nothing: the
+/// host's count is bounded and never wraps.
+pub const PIN_MAX: u32 = 1 << 16;
 
 /// Frames in the page-table pool ([`PT_POOL_SIZE`] / [`PAGE_SIZE`] = 1024). Pool frame *i*
 /// is the page at [`pool_frame_gpa`]`(i)`.

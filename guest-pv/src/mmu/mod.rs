@@ -58,8 +58,8 @@ pub use batch::{Batch, Updater};
 use hypercall_abi::layout::PAGE_SIZE;
 pub use hypercall_abi::mmu::POOL_FRAMES;
 use hypercall_abi::mmu::{
-    Level, PTE_ACCESSED, PTE_ADDR_MASK, PTE_DIRTY, PTE_GLOBAL, PTE_PCD, PTE_PRESENT, PTE_PWT,
-    PTE_USER, PTE_WRITABLE, table_index,
+    Level, PTE_ACCESSED, PTE_ADDR_MASK, PTE_DIRTY, PTE_GLOBAL, PTE_PAT, PTE_PCD, PTE_PRESENT,
+    PTE_PWT, PTE_USER, PTE_WRITABLE, table_index,
 };
 pub use pool::PtFrameAllocator;
 pub use space::AddressSpace;
@@ -70,8 +70,9 @@ use crate::HypercallError;
 pub const TABLE_FLAGS: u64 = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED;
 /// Flags every leaf gets.
 pub const LEAF_FLAGS: u64 = PTE_PRESENT | PTE_USER | PTE_ACCESSED | PTE_DIRTY;
-/// The flags a caller may request for a leaf, on top of [`LEAF_FLAGS`].
-pub const LEAF_FLAGS_ALLOWED: u64 = PTE_WRITABLE | PTE_PWT | PTE_PCD | PTE_GLOBAL;
+/// The flags a caller may request for a leaf, on top of [`LEAF_FLAGS`]. Leaves are 4 KiB (L1)
+/// entries, where bit 7 is [`PTE_PAT`] (not PS): a memory-type bit like PWT and PCD.
+pub const LEAF_FLAGS_ALLOWED: u64 = PTE_WRITABLE | PTE_PWT | PTE_PCD | PTE_PAT | PTE_GLOBAL;
 
 /// Why a page-table operation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,7 +240,7 @@ pub const fn check_va(va: u64) -> Result<(), MmuError> {
 #[cfg(test)]
 mod tests {
     use hypercall_abi::layout::PT_POOL_GPA;
-    use hypercall_abi::mmu::{PTE_HUGE, PTE_RESERVED_MASK};
+    use hypercall_abi::mmu::{PTE_PAT_HUGE, PTE_RESERVED_MASK};
 
     use super::*;
 
@@ -268,16 +269,20 @@ mod tests {
             leaf_entry(0x000f_ffff_ffff_f000, LEAF_FLAGS_ALLOWED).unwrap(),
         ] {
             assert_eq!(e & PTE_RESERVED_MASK, 0);
-            assert_eq!(e & PTE_HUGE, 0);
         }
+        // A table entry never has bit 7 (PS there); a 4 KiB leaf may (PAT there).
+        assert_eq!(table_entry(u64::MAX) & PTE_PAT, 0);
+        assert_eq!(leaf_entry(0x30_0000, PTE_PAT), Ok(0x30_0000 | 0xe5));
         assert_eq!(
             leaf_entry(0x30_0800, 0),
             Err(MmuError::BadPa { pa: 0x30_0800 })
         );
         assert_eq!(leaf_entry(1 << 52, 0), Err(MmuError::BadPa { pa: 1 << 52 }));
         assert_eq!(
-            leaf_entry(0, PTE_HUGE),
-            Err(MmuError::BadFlags { flags: PTE_HUGE })
+            leaf_entry(0, PTE_PAT_HUGE),
+            Err(MmuError::BadFlags {
+                flags: PTE_PAT_HUGE
+            })
         );
         assert_eq!(
             leaf_entry(0, 1 << 63),

@@ -118,6 +118,9 @@ pub fn service(ctx: &mut Context<'_>, request: Request, stats: &mut ExitStats) -
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

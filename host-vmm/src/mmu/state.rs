@@ -18,8 +18,8 @@
 
 use hypercall_abi::layout::{PAGE_SIZE, PT_POOL_BOOT_FRAMES};
 use hypercall_abi::mmu::{
-    ENTRIES_PER_TABLE, Level, POOL_FRAMES, PTE_ADDR_MASK, PTE_HUGE, PTE_PRESENT, pool_frame_gpa,
-    pool_frame_index,
+    ENTRIES_PER_TABLE, Level, PIN_MAX, POOL_FRAMES, PTE_ADDR_MASK, PTE_HUGE, PTE_PRESENT,
+    pool_frame_gpa, pool_frame_index,
 };
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
@@ -98,7 +98,7 @@ impl Persist for PageTablePool {
                 ),
             ));
         }
-        let frames = validate(state, self.ram_size, &vmm_boot_tables())?;
+        let frames = validate(state, self.ram_size, vmm_boot_tables())?;
         // Everything checked: now replace the pool. Untyped frames are zero.
         let zero = vec![0u8; PAGE_SIZE as usize];
         for i in 0..POOL_FRAMES {
@@ -117,31 +117,35 @@ impl Persist for PageTablePool {
     }
 }
 
-/// The level and entries of each of the VMM's boot tables, as `crate::boot` installs them.
-fn vmm_boot_tables() -> Vec<(Level, Vec<u64>)> {
-    let Ok(mut scratch) = PageTablePool::new(0) else {
-        // Without the scratch mapping no boot entry is whitelisted: a state with boot tables
-        // is then refused, which is safe.
-        return Vec::new();
-    };
-    crate::boot::install_identity_map(&mut scratch);
-    (0..PT_POOL_BOOT_FRAMES as usize)
-        .map(|i| {
-            let entries = (0..ENTRIES_PER_TABLE)
-                .map(|n| {
-                    scratch
-                        .read_entry(pool_frame_gpa(i) + n as u64 * 8)
-                        .unwrap_or(0)
-                })
-                .collect();
-            (scratch.frames[i].level, entries)
-        })
-        .collect()
+/// The level and entries of each of the VMM's boot tables, as `crate::boot` installs them
+/// (computed once: they never change).
+pub(super) fn vmm_boot_tables() -> &'static [(Level, Vec<u64>)] {
+    static TABLES: std::sync::LazyLock<Vec<(Level, Vec<u64>)>> = std::sync::LazyLock::new(|| {
+        let Ok(mut scratch) = PageTablePool::new(0) else {
+            // Without the scratch mapping no boot entry is whitelisted: a state with boot
+            // tables is then refused, which is safe.
+            return Vec::new();
+        };
+        crate::boot::install_identity_map(&mut scratch);
+        (0..PT_POOL_BOOT_FRAMES as usize)
+            .map(|i| {
+                let entries = (0..ENTRIES_PER_TABLE)
+                    .map(|n| {
+                        scratch
+                            .read_entry(pool_frame_gpa(i) + n as u64 * 8)
+                            .unwrap_or(0)
+                    })
+                    .collect();
+                (scratch.frames[i].level, entries)
+            })
+            .collect()
+    });
+    &TABLES
 }
 
 /// Checks `state` against the pool invariants (`boot`: [`vmm_boot_tables`]); returns the
 /// frame table it describes.
-fn validate(
+pub(super) fn validate(
     state: &PageTablePoolState,
     ram_size: u64,
     boot: &[(Level, Vec<u64>)],
@@ -209,8 +213,8 @@ fn validate(
     }
     for (i, info) in frames.iter().enumerate().filter(|(_, f)| f.level != 0) {
         let consistent = if info.level == 4 {
-            // Roots have no parents; their count is their pins, at least one.
-            parents[i] == 0 && info.refs >= 1
+            // Roots have no parents; their count is their pins, 1..=PIN_MAX.
+            parents[i] == 0 && (1..=PIN_MAX).contains(&info.refs)
         } else {
             info.refs == parents[i]
         };
@@ -385,6 +389,13 @@ mod tests {
                 Box::new(move |s| {
                     let i = frame(s, 11);
                     s.frames[i].refs = 0;
+                }),
+            ),
+            (
+                "too many pins",
+                Box::new(move |s| {
+                    let i = frame(s, 10);
+                    s.frames[i].refs = PIN_MAX + 1;
                 }),
             ),
             (

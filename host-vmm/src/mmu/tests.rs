@@ -114,6 +114,94 @@ fn reserved_bits_misalignment_and_big_pages_are_refused() {
     assert_eq!(p.apply(0x1000, 0), Err(AbiError::BadAddress));
 }
 
+/// Issue 13, finding 4: bit 7 of an L1 entry is PAT, not PS. A 4 KiB leaf with PAT set (alone
+/// or with PWT/PCD, any 4 KiB-aligned address) is an ordinary leaf; bit 7 still means PS in
+/// L2 (and is refused in L3), where the PAT bit is 12.
+#[test]
+fn a_4k_leaf_with_pat_set_is_accepted() {
+    use hypercall_abi::mmu::{PTE_PAT, PTE_PAT_HUGE, PTE_PCD, PTE_PWT};
+    let mut p = rooted();
+    map_chain(&mut p, 0x80_0000_0000, 0x30_1000, P | W | PTE_PAT).unwrap();
+    assert_eq!(
+        p.read_entry(f(13)).unwrap(),
+        0x30_1000 | P | W | PTE_PAT | PTE_ACCESSED | PTE_DIRTY
+    );
+    p.apply(f(13) + 8, 0x30_3000 | P | PTE_PAT | PTE_PWT | PTE_PCD)
+        .unwrap();
+    // Read-only view of a pool frame with PAT: still a 4 KiB leaf, so still a pool frame.
+    p.apply(f(13) + 16, f(13) | P | PTE_PAT).unwrap();
+    assert_eq!(
+        p.apply(f(13) + 24, f(13) | P | W | PTE_PAT),
+        Err(AbiError::Denied)
+    );
+    // The last RAM page, PAT set: inside RAM, not a 2 MiB page running past its end.
+    p.apply(f(13) + 32, (RAM - PAGE_SIZE) | P | PTE_PAT)
+        .unwrap();
+    assert_eq!(p.frame(f(13)), Some(FrameInfo { level: 1, refs: 1 }));
+    check_invariants(&p);
+    p.check_invariants().unwrap();
+    // L2: bit 7 is PS; a 2 MiB leaf's PAT is bit 12, its bits 13..=20 stay reserved.
+    p.apply(f(12) + 8, 0x40_0000 | P | PTE_HUGE | PTE_PAT_HUGE)
+        .unwrap();
+    assert_eq!(
+        p.apply(f(12) + 16, 0x40_2000 | P | PTE_HUGE),
+        Err(AbiError::InvalidArgument)
+    );
+    assert_eq!(
+        p.apply(f(11) + 8, P | PTE_HUGE),
+        Err(AbiError::InvalidArgument)
+    );
+}
+
+/// Issue 13, finding 5: pins are bounded by `PIN_MAX`; one more is `TOO_LARGE` and changes
+/// nothing; unpinning works down again.
+#[test]
+fn pins_are_bounded_and_never_wrap() {
+    use hypercall_abi::mmu::PIN_MAX;
+    let mut p = rooted();
+    for _ in 1..PIN_MAX {
+        p.pin(f(10)).unwrap();
+    }
+    assert_eq!(
+        p.frame(f(10)),
+        Some(FrameInfo {
+            level: 4,
+            refs: PIN_MAX
+        })
+    );
+    p.defer_resync(true);
+    assert_eq!(p.pin(f(10)), Err(AbiError::TooLarge));
+    assert!(p.deferred, "a refused pin does not end a deferral");
+    assert_eq!(
+        p.frame(f(10)),
+        Some(FrameInfo {
+            level: 4,
+            refs: PIN_MAX
+        })
+    );
+    p.check_invariants().unwrap();
+    p.unpin(f(10)).unwrap();
+    p.pin(f(10)).unwrap();
+    for _ in 0..PIN_MAX {
+        p.unpin(f(10)).unwrap();
+    }
+    assert_eq!(p.frame(f(10)), Some(FrameInfo::default()));
+    assert_eq!(p.unpin(f(10)), Err(AbiError::TypeConflict));
+}
+
+/// A frame's reference count is checked before anything changes: at the (unreachable by
+/// guests) maximum, one more parent entry is refused, not wrapped.
+#[test]
+fn a_full_reference_count_refuses_new_parents() {
+    let mut p = rooted();
+    map_chain(&mut p, 0, 0x30_0000, P).unwrap();
+    p.frames[11].refs = u32::MAX;
+    let before = p.read_entry(f(10) + 16);
+    assert_eq!(p.apply(f(10) + 16, f(11) | P | W), Err(AbiError::TooLarge));
+    assert_eq!(p.read_entry(f(10) + 16), before);
+    assert_eq!(p.frames[11].refs, u32::MAX);
+}
+
 #[test]
 fn a_frame_is_used_at_one_level_only() {
     let mut p = rooted();
