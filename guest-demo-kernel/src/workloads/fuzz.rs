@@ -770,6 +770,8 @@ impl Fuzz {
                 Error::BadAddress,
                 Error::TypeConflict,
                 Error::Denied,
+                // More than PIN_MAX pins of one root (ABI §9).
+                Error::TooLarge,
             ],
             // A call of a later ABI version: none exists in v1.7.
             Some(_) => &[],
