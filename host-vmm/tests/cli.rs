@@ -503,3 +503,27 @@ fn bad_disk_images_are_one_clean_error() {
     let o = host_vmm(&["run", "--readonly"]);
     assert_eq!(o.status.code(), Some(2), "--readonly needs --disk");
 }
+
+/// Issue 13, finding 3, through the binary: a kernel whose PT_NOTE header is turned into a
+/// PT_LOAD with one file byte and `p_memsz = 0` (below the 2 MiB floor) gets one clear error
+/// and a failure status, no panic.
+#[test]
+fn a_segment_with_memsz_zero_is_refused_with_a_failure_status() {
+    let mut img = minimal_elf(0x20_0000, &[0xf4], 0x1000);
+    let ph = &mut img[64 + 56..64 + 112];
+    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
+    ph[16..24].copy_from_slice(&0x1000u64.to_le_bytes());
+    ph[24..32].copy_from_slice(&0x1000u64.to_le_bytes());
+    ph[32..40].copy_from_slice(&1u64.to_le_bytes());
+    ph[40..48].copy_from_slice(&0u64.to_le_bytes());
+    let path = std::env::temp_dir().join(format!("pvkit-memsz0-{}.elf", std::process::id()));
+    std::fs::write(&path, img).unwrap();
+    let out = host_vmm(&["run", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(out.status.code().is_some(), "killed by a signal: {stderr}");
+    assert!(stderr.contains("file size exceeds memory size"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
