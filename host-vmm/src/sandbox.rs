@@ -1,12 +1,15 @@
 //! Seccomp sandboxing of the host threads: after setup, every thread that serves a guest runs
 //! under an allowlist filter of the system calls its kind needs (built with `seccompiler`,
-//! installed with [`seccompiler::apply_filter`] on that thread only, never TSYNC).
+//! installed with [`seccompiler::apply_filter`] on that thread only, never TSYNC), and without
+//! capabilities: [`apply`] first empties the thread's capability sets (they are per thread, so
+//! the thread that built the VM keeps its own; `host-vmm/tests/seccomp.rs` checks the vCPU
+//! thread's `CapEff` and `CapPrm` are 0 even when host-vmm runs as root).
 //!
 //! # Which thread gets which filter
 //!
 //! | kind | where it is installed | allowed beyond the [common set](#common-set) |
 //! |---|---|---|
-//! | [`ThreadKind::Vcpu`] | the `pvkit-vcpu` thread [`crate::vm::Vm::run`] starts | `ioctl` with KVM_RUN, KVM_INTERRUPT, KVM_GET/SET_REGS, KVM_GET/SET_SREGS, KVM_SET_USER_MEMORY_REGION (pool resync) only; `openat` read-only (`/proc/self/pagemap`); `pread64` (pagemap), `getrusage`, `prctl` PR_GET/SET_TIMERSLACK, `madvise` (+ MADV_REMOVE, MADV_POPULATE_WRITE: zero hints), `clone` of threads only (`CLONE_THREAD`; `clone3` answers ENOSYS so the C library falls back to `clone`), `fcntl` F_DUPFD_CLOEXEC (eventfd copies), `eventfd2`; for the threads it starts (device workers, event device, prepare): their thread start before their own filter is in (`rseq`, `set_robust_list`, `prctl` PR_SET_NAME), installing that filter (`prctl` PR_SET_NO_NEW_PRIVS, `seccomp` SECCOMP_SET_MODE_FILTER), and their calls (the virtio row) |
+//! | [`ThreadKind::Vcpu`] | the `pvkit-vcpu` thread [`crate::vm::Vm::run`] starts | `ioctl` with KVM_RUN, KVM_INTERRUPT, KVM_GET/SET_REGS, KVM_GET/SET_SREGS, KVM_SET_USER_MEMORY_REGION (pool resync) only; `openat` read-only (`/proc/self/pagemap`); `pread64` (pagemap), `getrusage`, `prctl` PR_GET/SET_TIMERSLACK, `madvise` (+ MADV_REMOVE, MADV_POPULATE_WRITE: zero hints), `clone` of threads only (`CLONE_THREAD`; `clone3` answers ENOSYS so the C library falls back to `clone`), `fcntl` F_DUPFD_CLOEXEC (eventfd copies), `eventfd2`; for the threads it starts (device workers, event device, prepare): their thread start before their own filter is in (`rseq`, `set_robust_list`, `prctl` PR_SET_NAME), installing that filter (`prctl` PR_SET_NO_NEW_PRIVS, `seccomp` SECCOMP_SET_MODE_FILTER, `capset` dropping their capabilities), and their calls (the virtio row) |
 //! | [`ThreadKind::VirtioWorker`] | each virtio device thread, at its start | `read` (queue eventfd), `lseek`, `pread64`, `pwrite64`, `readv`, `writev`, `preadv`, `pwritev`, `fsync`, `fdatasync` (the disk image) |
 //! | [`ThreadKind::EventDevice`] | the `pvkit-event-dev` scheduler, at its start | nothing more (futex waits, clock, eventfd `write`) |
 //! | [`ThreadKind::Prepare`] | the `pvkit-prepare` thread, at its start | `madvise` MADV_POPULATE_WRITE |
@@ -150,6 +153,10 @@ pub fn apply(kind: ThreadKind, enabled: bool) -> Result<()> {
         source: std::io::Error::other(e),
     };
     let programs = programs(kind).map_err(|e| err("build", e))?;
+    drop_capabilities().map_err(|source| Error::Io {
+        what: format!("cannot drop the {} thread's capabilities", kind.name()),
+        source,
+    })?;
     install_handler();
     // Set first: a trap in the filter's own install path would otherwise be unnamed.
     KIND.with(|k| k.set(kind as u8));
@@ -157,6 +164,45 @@ pub fn apply(kind: ThreadKind, enabled: bool) -> Result<()> {
         seccompiler::apply_filter(p).map_err(|e| err("install", e))?;
     }
     Ok(())
+}
+
+/// Empties the calling thread's effective, permitted and inheritable capability sets
+/// (capabilities are per thread in Linux, so the thread that built the VM keeps its own). A
+/// thread that serves the guest needs none: everything it opens was opened before, and
+/// `/proc/self/pagemap` is open to any thread of the process. With an empty permitted set the
+/// thread can never regain one, whatever uid it runs as.
+fn drop_capabilities() -> std::io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset(2) with a version-3 header (pid 0: the calling thread) reads the header
+    // and two `Data` words from live, correctly laid out values; dropping capabilities is
+    // always permitted. The result is checked.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// [`apply`] on a thread with no error path: a failure is reported on stderr and the thread
@@ -330,6 +376,9 @@ pub fn rules(
             // thread start, under this filter): the signal mask is all blocked there, so a
             // refusal would kill the process without the report.
             r.extend(plain(&[libc::SYS_rseq, libc::SYS_set_robust_list]));
+            // ... and their capability drop (with nothing permitted left, `capset` can only
+            // keep the sets empty).
+            r.extend(plain(&[libc::SYS_capset]));
             let ioctls: Vec<u64> = VCPU_IOCTLS.iter().map(|&(_, n)| n).collect();
             r.push((libc::SYS_ioctl, one_of(1, &ioctls)?));
             r.push((
@@ -469,6 +518,9 @@ fn syscall_name(nr: i64) -> &'static str {
         libc::SYS_pwrite64 => "pwrite64",
         libc::SYS_getrusage => "getrusage",
         libc::SYS_tgkill => "tgkill",
+        libc::SYS_capset => "capset",
+        libc::SYS_setuid => "setuid",
+        libc::SYS_newfstatat => "newfstatat",
         _ => "see the syscall table",
     }
 }

@@ -139,3 +139,51 @@ fn runs_pass_with_the_sandbox_on_and_off() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `CapEff` and `CapPrm` of the thread named `name` in this process, if it exists.
+fn caps_of_thread(name: &str) -> Option<(u64, u64)> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+        let cap = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        };
+        return Some((cap("CapEff:")?, cap("CapPrm:")?));
+    }
+    None
+}
+
+#[test]
+fn the_vcpu_thread_runs_without_capabilities() {
+    require_kvm();
+    // A guest that spins without exits until its timeout.
+    let mut cfg = host_vmm::config::VmConfig::new(hypercall_abi::boot::Mode::Pv, "spin");
+    cfg.kernel = host_vmm::config::KernelImage {
+        name: "spin".into(),
+        bytes: host_vmm::loader::minimal_elf(0x20_0000, &[0xeb, 0xfe], 0x1000).into(),
+    };
+    cfg.timeout = Some(std::time::Duration::from_secs(2));
+    let vm = host_vmm::builder::build(&cfg, host_vmm::console::ConsoleSink::new(None)).unwrap();
+    let run = std::thread::spawn(move || vm.run());
+    let mut seen = None;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        seen = caps_of_thread("pvkit-vcpu");
+        if seen.is_some() {
+            break;
+        }
+    }
+    let report = run.join().unwrap().unwrap();
+    assert_eq!(report.exit_code, 124);
+    assert_eq!(
+        seen,
+        Some((0, 0)),
+        "the vCPU thread keeps capabilities (effective, permitted)"
+    );
+}
