@@ -231,3 +231,66 @@ fn pauses_do_not_wake_an_idle_guest() {
         reference.stats.by_hypercall.get("idle_yield")
     );
 }
+
+/// Saves a running VM mid-workload, then continues it in a second, freshly built VM of the
+/// same configuration (`Vm::restore`); both finish with the checksum of an uninterrupted run.
+#[test]
+fn a_saved_vm_continues_in_a_fresh_vm() {
+    require_kvm();
+    let cases: [(Mode, &str, &[&str]); 6] = [
+        (Mode::Pv, "null", &["ops=60000"]),
+        (Mode::Trapped, "null", &["ops=60000"]),
+        (Mode::Pv, "pagetable", &["updates=16384", "batch=8"]),
+        (Mode::Trapped, "pagetable", &["updates=4096"]),
+        (
+            Mode::Pv,
+            "idle",
+            &["strategy=pv", "intervals=10", "interval_us=10000"],
+        ),
+        (
+            Mode::Trapped,
+            "idle",
+            &["strategy=hlt", "intervals=10", "interval_us=10000"],
+        ),
+    ];
+    for (mode, workload, args) in cases {
+        let mut cfg = VmConfig::new(mode, workload);
+        cfg.args = args.iter().map(|s| s.to_string()).collect();
+        let reference = host_vmm::run(&cfg, ConsoleSink::new(None)).unwrap();
+        let want = checksum(&reference.console);
+        assert!(want.is_some(), "{workload}: no checksum");
+
+        let vm = build(&cfg, ConsoleSink::new(None)).unwrap();
+        let handle = vm.handle();
+        let run = std::thread::spawn(move || vm.run());
+        std::thread::sleep(Duration::from_millis(40));
+        handle.vcpu().pause(WAIT).unwrap();
+        let saved = handle.save().unwrap();
+        handle.vcpu().resume();
+        let original = run.join().unwrap().unwrap();
+        assert_eq!(
+            checksum(&original.console),
+            want,
+            "{workload}: the saved VM"
+        );
+
+        let mut copy = build(&cfg, ConsoleSink::new(None)).unwrap();
+        copy.restore(&saved).unwrap();
+        let continued = copy.run().unwrap();
+        assert_eq!(
+            continued.exit_code,
+            0,
+            "{workload}/{}: {}",
+            mode.name(),
+            String::from_utf8_lossy(&continued.console)
+        );
+        assert_eq!(
+            checksum(&continued.console),
+            want,
+            "{workload}/{}: the restored copy",
+            mode.name()
+        );
+        // The copy printed only what came after the save.
+        assert!(continued.console.len() < reference.console.len());
+    }
+}

@@ -180,7 +180,10 @@ pub fn create_vcpu(kvm: &Kvm, vm: &VmFd, checked: &Checked) -> Result<(Vcpu, Off
             name: checked.name.clone(),
             source,
         })?;
-    let vcpu = Vcpu::new(fd, kvm.check_extension(Cap::SyncRegs));
+    let mut vcpu = Vcpu::new(fd, kvm.check_extension(Cap::SyncRegs));
+    // Without KVM_CAP_XSAVE2 (0) the XSAVE area is the legacy 4 KiB.
+    let xsave_size = vm.check_extension_int(Cap::Xsave2);
+    vcpu.set_xsave_fits(xsave_size <= std::mem::size_of::<kvm_bindings::kvm_xsave>() as i32);
     Ok((vcpu, offer, tsc_khz))
 }
 

@@ -74,6 +74,9 @@ pub enum Error {
         /// Exits handled before it.
         exits: u64,
     },
+    /// This host or build cannot do what was asked (the message says what).
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// An I/O error on the host side (console output, JSON file).
     #[error("{what}: {source}")]
     Io {

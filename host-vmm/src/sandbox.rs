@@ -65,7 +65,10 @@ use std::sync::Once;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::Scope;
 
-use kvm_bindings::{kvm_interrupt, kvm_regs, kvm_sregs, kvm_userspace_memory_region};
+use kvm_bindings::{
+    kvm_debugregs, kvm_interrupt, kvm_msrs, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule,
@@ -270,7 +273,7 @@ const IOC_WRITE: u64 = 1;
 const IOC_READ: u64 = 2;
 
 /// The vCPU thread's ioctls (the fds are not checked; the request numbers are).
-pub const VCPU_IOCTLS: [(&str, u64); 7] = [
+pub const VCPU_IOCTLS: [(&str, u64); 12] = [
     ("KVM_RUN", kvm_ioc(0, 0x80, 0)),
     (
         "KVM_GET_REGS",
@@ -295,6 +298,27 @@ pub const VCPU_IOCTLS: [(&str, u64); 7] = [
     (
         "KVM_SET_USER_MEMORY_REGION",
         kvm_ioc(IOC_WRITE, 0x46, size_of::<kvm_userspace_memory_region>()),
+    ),
+    // Saving the vCPU's state while it is parked (`VcpuHandle::save_state`): reads only.
+    (
+        "KVM_GET_MSRS",
+        kvm_ioc(IOC_READ | IOC_WRITE, 0x88, size_of::<kvm_msrs>()),
+    ),
+    (
+        "KVM_GET_VCPU_EVENTS",
+        kvm_ioc(IOC_READ, 0x9f, size_of::<kvm_vcpu_events>()),
+    ),
+    (
+        "KVM_GET_DEBUGREGS",
+        kvm_ioc(IOC_READ, 0xa1, size_of::<kvm_debugregs>()),
+    ),
+    (
+        "KVM_GET_XSAVE",
+        kvm_ioc(IOC_READ, 0xa4, size_of::<kvm_xsave>()),
+    ),
+    (
+        "KVM_GET_XCRS",
+        kvm_ioc(IOC_READ, 0xa6, size_of::<kvm_xcrs>()),
     ),
 ];
 
@@ -603,5 +627,10 @@ mod tests {
         assert_eq!(n("KVM_SET_SREGS"), 0x4138_AE84);
         assert_eq!(n("KVM_INTERRUPT"), 0x4004_AE86);
         assert_eq!(n("KVM_SET_USER_MEMORY_REGION"), 0x4020_AE46);
+        assert_eq!(n("KVM_GET_MSRS"), 0xC008_AE88);
+        assert_eq!(n("KVM_GET_VCPU_EVENTS"), 0x8040_AE9F);
+        assert_eq!(n("KVM_GET_DEBUGREGS"), 0x8080_AEA1);
+        assert_eq!(n("KVM_GET_XSAVE"), 0x9000_AEA4);
+        assert_eq!(n("KVM_GET_XCRS"), 0x8188_AEA6);
     }
 }

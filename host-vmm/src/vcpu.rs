@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{
+    Msrs, kvm_debugregs, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
 use crate::error::{Error, Result};
@@ -36,7 +38,67 @@ pub struct Vcpu {
     /// KVM has entered at least once, so the run area holds the registers (with sync
     /// registers on). Before that, registers go through the ioctls.
     entered: bool,
+    /// The host's XSAVE state fits `kvm_xsave` ([`Vcpu::set_xsave_fits`]).
+    xsave_fits: bool,
+    /// Parked inside the handling of this exit ([`Vcpu::set_mid_exit`]).
+    mid_exit: Option<MidExit>,
     control: Arc<Control>,
+}
+
+/// The exit a vCPU parked inside of ([`Vcpu::set_mid_exit`]): what a copy restored from its
+/// state must finish before it runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum MidExit {
+    /// A hypercall with these registers (`rax`, then `rdi`, `rsi`, `rcx`, `r8`) whose wait was
+    /// cut short: the copy services it and writes its return registers.
+    Hypercall {
+        /// The call number.
+        nr: u64,
+        /// The argument registers.
+        args: [u64; 4],
+    },
+    /// `hlt`: the copy waits for the next timer tick or event, as the original does.
+    Halt,
+}
+
+/// The MSRs a vCPU state holds: the TSC, the SYSENTER and SYSCALL targets, the kernel GS base,
+/// TSC_AUX and PAT (EFER is in the special registers). pvkit VMs have no local APIC or
+/// kvmclock, so nothing else carries guest state.
+pub const SAVED_MSRS: [u32; 11] = [
+    0x10,        // IA32_TSC
+    0x174,       // IA32_SYSENTER_CS
+    0x175,       // IA32_SYSENTER_ESP
+    0x176,       // IA32_SYSENTER_EIP
+    0x277,       // IA32_PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+];
+
+/// A vCPU's architectural state as data ([`Vcpu::save_state`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    /// [`crate::state::STATE_VERSION`] of the writer.
+    pub version: u32,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Special registers (segments, control registers, EFER, descriptor tables).
+    pub sregs: kvm_sregs,
+    /// FPU, SSE and AVX state.
+    pub xsave: kvm_xsave,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// Pending exceptions, interrupts, NMIs and the interrupt shadow.
+    pub events: kvm_vcpu_events,
+    /// The MSRs of [`SAVED_MSRS`] that KVM reported.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// An exit the vCPU was parked inside of, which the copy must finish before it runs.
+    pub pending: Option<MidExit>,
 }
 
 impl Vcpu {
@@ -46,6 +108,8 @@ impl Vcpu {
             fd,
             sync_regs,
             entered: false,
+            xsave_fits: true,
+            mid_exit: None,
             control: Arc::default(),
         };
         if sync_regs {
@@ -121,14 +185,149 @@ impl Vcpu {
         self.fd.set_sregs(sregs).map_err(Error::kvm("set sregs"))
     }
 
+    /// Tells the vCPU it parks inside the handling of an exit (a hypercall or `hlt` whose wait a
+    /// pause cut short), or no longer. A state saved there records it ([`VcpuState::pending`]),
+    /// so the copy finishes the call or the halt the original goes on with.
+    pub fn set_mid_exit(&mut self, exit: Option<MidExit>) {
+        self.mid_exit = exit;
+    }
+
+    /// Says whether the host's XSAVE area fits `kvm_xsave` (4 KiB; no AMX-sized state), which
+    /// [`Vcpu::save_state`] and [`Vcpu::restore_state`] need.
+    pub fn set_xsave_fits(&mut self, fits: bool) {
+        self.xsave_fits = fits;
+    }
+
+    /// Lets KVM finish an exit's pending I/O (the data of a port or MMIO read goes into the
+    /// guest's registers on the next `KVM_RUN`) without running the guest: `KVM_RUN` with
+    /// `immediate_exit` set. Needed before the registers are read for a snapshot.
+    fn complete_pending_io(&mut self) -> Result<()> {
+        if !self.entered {
+            return Ok(());
+        }
+        self.fd.set_kvm_immediate_exit(1);
+        let r = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(source) => Err(Error::Kvm {
+                op: "complete pending I/O",
+                source,
+            }),
+        }
+    }
+
+    /// The vCPU's whole architectural state, at an exit boundary (the vCPU parked): general and
+    /// special registers, FPU/SSE/AVX state (XSAVE) and XCRs, debug registers, pending events
+    /// and the MSRs of [`SAVED_MSRS`] (the TSC among them).
+    pub fn save_state(&mut self) -> Result<VcpuState> {
+        if !self.xsave_fits {
+            return Err(Error::Unsupported(
+                "saving the vCPU: this host's XSAVE state is larger than KVM_GET_XSAVE's 4 KiB",
+            ));
+        }
+        // Let KVM finish the exit (port and MMIO reads, a hypercall's return registers, the
+        // skip past the exiting instruction), so the registers are those after it. Inside an
+        // exit (a hypercall or halt whose wait was cut short), what remains of it is recorded
+        // as `pending` for the copy to finish.
+        self.complete_pending_io()?;
+        let regs = self.fd.get_regs().map_err(Error::kvm("get regs"))?;
+        let mut msrs = Msrs::from_entries(
+            &SAVED_MSRS
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|_| Error::Unsupported("saving the vCPU: too many MSRs"))?;
+        let read = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(Error::kvm("get MSRs"))?;
+        Ok(VcpuState {
+            version: crate::state::STATE_VERSION,
+            regs,
+            sregs: self.sregs()?,
+            xsave: self.fd.get_xsave().map_err(Error::kvm("get XSAVE"))?,
+            xcrs: self.fd.get_xcrs().map_err(Error::kvm("get XCRs"))?,
+            debug_regs: self
+                .fd
+                .get_debug_regs()
+                .map_err(Error::kvm("get debug registers"))?,
+            events: self
+                .fd
+                .get_vcpu_events()
+                .map_err(Error::kvm("get vCPU events"))?,
+            msrs: msrs.as_slice()[..read].to_vec(),
+            pending: self.mid_exit,
+        })
+    }
+
+    /// Loads `state` into this vCPU (built, not yet run): the inverse of [`Vcpu::save_state`].
+    /// The guest then resumes at the saved instruction with the saved registers.
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
+        if state.version != crate::state::STATE_VERSION {
+            return Err(Error::Unsupported(
+                "restoring the vCPU: the state was written by another format version",
+            ));
+        }
+        if !self.xsave_fits {
+            return Err(Error::Unsupported(
+                "restoring the vCPU: this host's XSAVE state is larger than 4 KiB",
+            ));
+        }
+        if state.msrs.len() > SAVED_MSRS.len()
+            || state.msrs.iter().any(|m| !SAVED_MSRS.contains(&m.index))
+        {
+            return Err(Error::Unsupported(
+                "restoring the vCPU: the state holds MSRs this host-vmm does not restore",
+            ));
+        }
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(Error::kvm("set sregs"))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(Error::kvm("set regs"))?;
+        // SAFETY: `xsave_fits` says this host's XSAVE area is no larger than `kvm_xsave` (the
+        // builder asked KVM_CAP_XSAVE2), so KVM reads only inside the struct we pass.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(Error::kvm("set XSAVE"))?;
+        self.fd
+            .set_xcrs(&state.xcrs)
+            .map_err(Error::kvm("set XCRs"))?;
+        self.fd
+            .set_debug_regs(&state.debug_regs)
+            .map_err(Error::kvm("set debug registers"))?;
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(Error::kvm("set vCPU events"))?;
+        let msrs = Msrs::from_entries(&state.msrs)
+            .map_err(|_| Error::Unsupported("restoring the vCPU: too many MSRs"))?;
+        let written = self.fd.set_msrs(&msrs).map_err(Error::kvm("set MSRs"))?;
+        if written != state.msrs.len() {
+            return Err(Error::Unsupported(
+                "restoring the vCPU: KVM refused one of the saved MSRs",
+            ));
+        }
+        Ok(())
+    }
+
     /// The guest instruction pointer now (0 if KVM cannot say).
     pub fn rip(&mut self) -> u64 {
         self.regs().map(|r| r.rip).unwrap_or(0)
     }
 
-    /// Whether the guest had interrupts enabled at the last exit (`RFLAGS.IF`).
+    /// Whether the guest had interrupts enabled at the last exit (`RFLAGS.IF`; before the first
+    /// entry, from the registers).
     pub fn interrupts_enabled(&mut self) -> bool {
-        self.fd.get_kvm_run().if_flag != 0
+        if self.entered {
+            self.fd.get_kvm_run().if_flag != 0
+        } else {
+            self.fd.get_regs().is_ok_and(|r| r.rflags & (1 << 9) != 0)
+        }
     }
 
     /// Queues external interrupt `vector` for the next entry.
@@ -179,6 +378,7 @@ impl Vcpu {
             Request::SetRegs(r) => Reply::Done(self.set_regs(&r)),
             Request::Sregs => Reply::Sregs(self.sregs()),
             Request::SetSregs(s) => Reply::Done(self.set_sregs(&s)),
+            Request::SaveState => Reply::State(Box::new(self.save_state())),
             Request::Job(job) => Reply::Job(job(context)),
         }
     }
@@ -212,6 +412,7 @@ enum Request {
     SetRegs(kvm_regs),
     Sregs,
     SetSregs(kvm_sregs),
+    SaveState,
     Job(Job),
 }
 
@@ -222,6 +423,7 @@ impl std::fmt::Debug for Request {
             Request::SetRegs(_) => "SetRegs",
             Request::Sregs => "Sregs",
             Request::SetSregs(_) => "SetSregs",
+            Request::SaveState => "SaveState",
             Request::Job(_) => "Job",
         })
     }
@@ -232,6 +434,7 @@ enum Reply {
     Regs(Result<kvm_regs>),
     Sregs(Result<kvm_sregs>),
     Done(Result<()>),
+    State(Box<Result<VcpuState>>),
     Job(Box<dyn Any + Send>),
 }
 
@@ -351,6 +554,14 @@ impl VcpuHandle {
         match self.call(Request::SetSregs(*sregs))? {
             Reply::Done(r) => Ok(r?),
             _ => unreachable!("a SetSregs request gets a Done reply"),
+        }
+    }
+
+    /// The paused vCPU's whole state ([`Vcpu::save_state`]).
+    pub fn save_state(&self) -> std::result::Result<VcpuState, ControlError> {
+        match self.call(Request::SaveState)? {
+            Reply::State(r) => Ok((*r)?),
+            _ => unreachable!("a SaveState request gets a State reply"),
         }
     }
 

@@ -19,7 +19,7 @@ use crate::metrics::ExitStats;
 use crate::state::StateError;
 use crate::stop::{StopReason, Stopper};
 use crate::sync::lock;
-use crate::vcpu::{ControlError, Vcpu, VcpuHandle};
+use crate::vcpu::{ControlError, MidExit, Vcpu, VcpuHandle};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -67,6 +67,8 @@ pub struct Vm {
     timeout: Option<Duration>,
     kernel: ElfInfo,
     seccomp: bool,
+    /// An exit to finish before the first entry ([`Vm::restore`] of a state saved inside one).
+    pending: Option<MidExit>,
 }
 
 /// Controls a running [`Vm`] from another thread: pause it at an exit boundary, inspect it,
@@ -82,6 +84,27 @@ impl VmHandle {
         &self.vcpu
     }
 
+    /// The whole VM now, taken on the vCPU thread while it is parked (pause first): the
+    /// vCPU's state, the machine's state and a copy of guest RAM. A freshly built VM of the
+    /// same configuration continues from it ([`Vm::restore`]).
+    pub fn save(&self) -> std::result::Result<VmSnapshot, ControlError> {
+        let vcpu = self.vcpu.save_state()?;
+        let (machine, ram) = self.vcpu.with_parked(|machine: &mut Machine| {
+            machine.pause_devices();
+            let state = machine.save();
+            let mut ram = vec![0u8; machine.ram().size() as usize];
+            let read = vm_memory::Bytes::read_slice(
+                machine.ram().mem(),
+                &mut ram,
+                vm_memory::GuestAddress(0),
+            );
+            machine.resume_devices();
+            read.map(|()| (state, ram))
+                .map_err(|e| Error::GuestMemory(e.to_string()))
+        })??;
+        Ok(VmSnapshot { vcpu, machine, ram })
+    }
+
     /// The machine's state now ([`Machine::save`]), taken on the vCPU thread while it is
     /// parked: pause first ([`VcpuHandle::pause`]). The virtio windows are paused around the
     /// save, so every queue position is at a batch boundary and no device writes guest memory
@@ -93,6 +116,25 @@ impl VmHandle {
             machine.resume_devices();
             state
         })
+    }
+}
+
+/// A whole VM at one exit boundary ([`VmHandle::save`]): what [`Vm::restore`] needs to continue
+/// it in another VM of the same configuration.
+#[derive(Debug)]
+pub struct VmSnapshot {
+    /// The vCPU.
+    pub vcpu: crate::vcpu::VcpuState,
+    /// Devices and host-side state.
+    pub machine: MachineState,
+    /// Guest RAM, byte for byte.
+    pub ram: Vec<u8>,
+}
+
+fn restore_error(e: StateError) -> Error {
+    Error::Io {
+        what: "cannot restore the VM".into(),
+        source: std::io::Error::other(e),
     }
 }
 
@@ -125,6 +167,7 @@ impl Vm {
             timeout,
             kernel,
             seccomp: true,
+            pending: None,
         }
     }
 
@@ -172,6 +215,31 @@ impl Vm {
     /// Loads a saved machine state into this freshly built VM.
     pub fn restore_machine(&mut self, state: &MachineState) -> std::result::Result<(), StateError> {
         self.machine.restore(state)
+    }
+
+    /// Makes this freshly built VM (same configuration) continue where `saved` was taken: guest
+    /// RAM first (restored virtio devices read their rings at once), then the machine, then
+    /// the vCPU. Checks what it can before changing anything: the RAM size and the versions.
+    pub fn restore(&mut self, saved: &VmSnapshot) -> Result<()> {
+        let size = self.machine.ram().size();
+        if saved.ram.len() as u64 != size || saved.machine.ram.size != size {
+            return Err(Error::Unsupported(
+                "restoring a VM: the snapshot's RAM size differs from this VM's",
+            ));
+        }
+        crate::state::check_version(saved.machine.version).map_err(restore_error)?;
+        vm_memory::Bytes::write_slice(
+            self.machine.ram().mem(),
+            &saved.ram,
+            vm_memory::GuestAddress(0),
+        )
+        .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        self.machine
+            .restore(&saved.machine)
+            .map_err(restore_error)?;
+        self.vcpu.restore_state(&saved.vcpu)?;
+        self.pending = saved.vcpu.pending;
+        Ok(())
     }
 
     /// Runs the guest until it exits (or faults), or until it is stopped: by the configured
@@ -239,6 +307,23 @@ impl Vm {
 
     /// Enters the guest, routes each exit, until the guest exits or a stop is requested.
     fn run_loop(&mut self, observer: &mut dyn RunObserver) -> Result<End> {
+        // A restored VM first finishes the exit its original was parked inside of.
+        let first = match self.pending.take() {
+            Some(MidExit::Hypercall { nr, args }) => Some(self.hypercall_with(Regs { nr, args })?),
+            Some(MidExit::Halt) => Some(self.halt()?),
+            None => None,
+        };
+        match first {
+            Some(Step::Exit(code)) => return Ok(End::Exit(code)),
+            Some(Step::Fault(what)) => {
+                return Err(Error::GuestFault {
+                    what,
+                    rip: self.vcpu.rip(),
+                    exits: self.machine.stats().total,
+                });
+            }
+            _ => {}
+        }
         loop {
             // Before every entry: a stop requested while the guest ran kicked it out of
             // KVM_RUN (EINTR) or woke its idle wait, and ends the run here; a pause parks
@@ -291,6 +376,10 @@ impl Vm {
             nr: regs.rax,
             args: [regs.rdi, regs.rsi, regs.rcx, regs.r8],
         };
+        self.hypercall_with(call)
+    }
+
+    fn hypercall_with(&mut self, call: Regs) -> Result<Step> {
         let mut outcome = self.machine.hypercall(&call);
         loop {
             match outcome {
@@ -304,7 +393,12 @@ impl Vm {
                     return Ok(Step::Continue);
                 }
                 Outcome::Interrupted(request) => {
+                    self.vcpu.set_mid_exit(Some(MidExit::Hypercall {
+                        nr: call.nr,
+                        args: call.args,
+                    }));
                     self.pause_point();
+                    self.vcpu.set_mid_exit(None);
                     outcome = self.machine.resume_hypercall(request);
                 }
             }
@@ -325,7 +419,11 @@ impl Vm {
                 Halt::Interrupted if self.stop.requested().is_some() => {
                     return Ok(Step::Continue);
                 }
-                Halt::Interrupted => self.pause_point(),
+                Halt::Interrupted => {
+                    self.vcpu.set_mid_exit(Some(MidExit::Halt));
+                    self.pause_point();
+                    self.vcpu.set_mid_exit(None);
+                }
             }
         }
     }
