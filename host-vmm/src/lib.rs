@@ -37,6 +37,7 @@ pub mod mmu;
 pub mod prepare;
 pub mod rusage;
 pub mod sandbox;
+pub mod snapshot;
 pub mod state;
 pub mod stop;
 pub mod sync;

@@ -86,9 +86,33 @@ enum Command {
         /// Run the host threads without seccomp filters (for debugging; see the README).
         #[arg(long)]
         no_seccomp: bool,
+        /// Pause the guest this long after it started, save a snapshot to --snapshot-dir, and
+        /// let it run on (`host-vmm restore DIR` continues the saved VM).
+        #[arg(long, value_name = "DURATION", value_parser = timeout_arg, requires = "snapshot_dir")]
+        snapshot_after: Option<Duration>,
+        /// Where --snapshot-after writes the snapshot (state.json, memory.bin, kernel.elf).
+        #[arg(long, value_name = "DIR", requires = "snapshot_after")]
+        snapshot_dir: Option<PathBuf>,
         /// Workload arguments passed to the guest, e.g. `-- ops=1000`.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Continue a VM saved with `run --snapshot-after`: the guest resumes where it was saved.
+    ///
+    /// Exit status as for `run`. A corrupt, truncated or other-version snapshot is refused
+    /// before any guest code runs (status 125).
+    Restore {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Print exit statistics to stderr when the guest exits (or is stopped).
+        #[arg(long)]
+        stats: bool,
+        /// Stop the guest if it is still running this long after the restore; exit status 124.
+        #[arg(long, value_name = "DURATION", value_parser = timeout_arg)]
+        timeout: Option<Duration>,
+        /// Run the host threads without seccomp filters.
+        #[arg(long)]
+        no_seccomp: bool,
     },
     /// Run workloads in PV and trapped mode in one process and print them side by side.
     Compare(CompareArgs),
@@ -354,6 +378,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             virtio_console,
             kvm_device,
             no_seccomp,
+            snapshot_after,
+            snapshot_dir,
             args,
         } => {
             let cfg = VmConfig {
@@ -377,22 +403,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cfg.kernel.name
                 );
             }
+            let snapshot = snapshot_after
+                .zip(snapshot_dir)
+                .map(|(after, dir)| (after, dir, vm.handle(), cfg.clone()));
             // The marker window (`--stats`) is measured by the harness's observer.
+            let mut recorder = WindowRecorder::default();
+            let report = std::thread::scope(|s| {
+                let saver = snapshot.map(|(after, dir, handle, cfg)| {
+                    s.spawn(move || save_after(after, &dir, &handle, &cfg))
+                });
+                let report = {
+                    let _signals = StopOnSignals::install(vm.stopper(), cfg.seccomp)?;
+                    vm.run_observed(&mut recorder)?
+                };
+                if let Some(saver) = saver {
+                    saver
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("the snapshot thread panicked"))??;
+                }
+                anyhow::Ok(report)
+            })?;
+            finish(&report, stats, recorder.window().as_ref())
+        }
+        Command::Restore {
+            dir,
+            stats,
+            timeout,
+            no_seccomp,
+        } => {
+            let loaded = host_vmm::snapshot::read(&dir)?;
+            let mut cfg = loaded.config;
+            cfg.timeout = timeout;
+            cfg.seccomp = !no_seccomp;
+            let mut vm = builder::build(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
+            vm.restore(&loaded.saved)?;
             let mut recorder = WindowRecorder::default();
             let report = {
                 let _signals = StopOnSignals::install(vm.stopper(), cfg.seccomp)?;
                 vm.run_observed(&mut recorder)?
             };
-            if stats {
-                print_stats(&report, recorder.window().as_ref());
-            }
-            Ok(match report.stopped {
-                Some(reason) => {
-                    eprintln!("host-vmm: guest stopped: {reason}");
-                    ExitCode::from(reason.exit_status())
-                }
-                None => ExitCode::from(u8::try_from(report.exit_code).unwrap_or(255)),
-            })
+            finish(&report, stats, recorder.window().as_ref())
         }
         Command::Inspect {
             kernel,
@@ -483,6 +533,49 @@ fn sandbox_selftest(kind: &str, call: &str) -> anyhow::Result<ExitCode> {
         .map_err(|_| anyhow::anyhow!("the sandboxed thread panicked"))??;
     println!("allowed: returned {ret}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until `after` into the run, pauses the guest, writes a snapshot to `dir` and resumes
+/// it. A run that ends first leaves no snapshot (and says so).
+fn save_after(
+    after: Duration,
+    dir: &std::path::Path,
+    handle: &host_vmm::vm::VmHandle,
+    cfg: &VmConfig,
+) -> anyhow::Result<()> {
+    std::thread::sleep(after);
+    match handle.vcpu().pause(Duration::from_secs(10)) {
+        Ok(()) => {}
+        Err(host_vmm::vcpu::ControlError::Ended) => {
+            eprintln!("host-vmm: the guest ended before --snapshot-after; no snapshot written");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let saved = handle.save();
+    handle.vcpu().resume();
+    let mem = host_vmm::snapshot::write(dir, cfg, saved?)?;
+    eprintln!(
+        "host-vmm: snapshot written to {}: {} pages of memory written, {} all-zero pages elided",
+        dir.display(),
+        mem.pages_written,
+        mem.pages_elided_zero
+    );
+    Ok(())
+}
+
+/// `--stats` and the exit status of a finished run.
+fn finish(report: &RunReport, stats: bool, window: Option<&Window>) -> anyhow::Result<ExitCode> {
+    if stats {
+        print_stats(report, window);
+    }
+    Ok(match report.stopped {
+        Some(reason) => {
+            eprintln!("host-vmm: guest stopped: {reason}");
+            ExitCode::from(reason.exit_status())
+        }
+        None => ExitCode::from(u8::try_from(report.exit_code).unwrap_or(255)),
+    })
 }
 
 fn print_stats(report: &RunReport, window: Option<&Window>) {
