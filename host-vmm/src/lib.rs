@@ -17,6 +17,7 @@
 //! # Ok::<(), host_vmm::error::Error>(())
 //! ```
 
+pub mod api;
 pub mod boot;
 pub mod builder;
 pub mod bus;

@@ -93,6 +93,10 @@ enum Command {
         /// Where --snapshot-after writes the snapshot (state.json, memory.bin, kernel.elf).
         #[arg(long, value_name = "DIR", requires = "snapshot_after")]
         snapshot_dir: Option<PathBuf>,
+        /// Serve control requests (pause, resume, stats, snapshot) on a Unix socket at PATH
+        /// while the guest runs; see `host-vmm ctl`.
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
         /// Workload arguments passed to the guest, e.g. `-- ops=1000`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -113,6 +117,16 @@ enum Command {
         /// Run the host threads without seccomp filters.
         #[arg(long)]
         no_seccomp: bool,
+    },
+    /// Send one request to a running VM's API socket (`run --api-sock PATH`) and print the
+    /// JSON answer. Exit status 0 if the VM did it, 1 if it refused.
+    Ctl {
+        /// The socket.
+        sock: PathBuf,
+        /// pause, resume, stats, or snapshot (with DIR).
+        op: String,
+        /// The snapshot directory (for `snapshot`).
+        dir: Option<PathBuf>,
     },
     /// Run workloads in PV and trapped mode in one process and print them side by side.
     Compare(CompareArgs),
@@ -380,6 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_seccomp,
             snapshot_after,
             snapshot_dir,
+            api_sock,
             args,
         } => {
             let cfg = VmConfig {
@@ -403,6 +418,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cfg.kernel.name
                 );
             }
+            let api = api_sock
+                .map(|path| host_vmm::api::ApiServer::start(&path, vm.handle(), cfg.clone()))
+                .transpose()?;
             let snapshot = snapshot_after
                 .zip(snapshot_dir)
                 .map(|(after, dir)| (after, dir, vm.handle(), cfg.clone()));
@@ -423,7 +441,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 anyhow::Ok(report)
             })?;
+            if let Some(api) = api {
+                api.shutdown();
+            }
             finish(&report, stats, recorder.window().as_ref())
+        }
+        Command::Ctl { sock, op, dir } => {
+            let mut req = serde_json::json!({ "op": op });
+            if let Some(dir) = dir {
+                req["dir"] = serde_json::json!(dir);
+            }
+            let answer = host_vmm::api::request(&sock, &req)?;
+            println!("{answer}");
+            Ok(if answer["ok"] == serde_json::json!(true) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Restore {
             dir,
