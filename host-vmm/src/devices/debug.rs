@@ -31,7 +31,7 @@ impl NullDevice {
     /// A guest `out`.
     pub fn write(&mut self, data: &[u8]) {
         self.latch = le_u32(data);
-        self.writes += 1;
+        self.writes = self.writes.wrapping_add(1);
     }
 
     /// A guest `in`: the number of writes so far (low bytes, as wide as the access).

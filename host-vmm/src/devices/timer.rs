@@ -48,7 +48,7 @@ impl PeriodicTimer {
             due += period;
         }
         self.next_due = Some(due);
-        self.ticks += 1;
+        self.ticks = self.ticks.wrapping_add(1);
     }
 
     /// Ticks delivered.

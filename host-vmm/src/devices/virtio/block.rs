@@ -244,21 +244,21 @@ impl Disk {
     fn execute(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
         let descs = collect_chain(chain);
         let Some((status, body)) = descs.as_deref().and_then(<[Descriptor]>::split_last) else {
-            self.count(|s| s.unanswerable += 1);
+            self.count(|s| s.unanswerable = s.unanswerable.wrapping_add(1));
             return 0;
         };
         if !status.is_write_only() || status.len() == 0 || !mem.check_range(status.addr(), 1) {
-            self.count(|s| s.unanswerable += 1);
+            self.count(|s| s.unanswerable = s.unanswerable.wrapping_add(1));
             return 0;
         }
         let (code, written) = match self.run(body, mem) {
             Ok(n) => (VIRTIO_BLK_S_OK, n),
             Err(Failure::Unsupported) => {
-                self.count(|s| s.unsupported += 1);
+                self.count(|s| s.unsupported = s.unsupported.wrapping_add(1));
                 (VIRTIO_BLK_S_UNSUPP, 0)
             }
             Err(_) => {
-                self.count(|s| s.io_errors += 1);
+                self.count(|s| s.io_errors = s.io_errors.wrapping_add(1));
                 (VIRTIO_BLK_S_IOERR, 0)
             }
         };
@@ -288,8 +288,8 @@ impl Disk {
                 self.read_to_guest(data, offset, mem)
                     .map_err(|_| Failure::Io)?;
                 self.count(|s| {
-                    s.reads += 1;
-                    s.bytes_read += u64::from(len);
+                    s.reads = s.reads.wrapping_add(1);
+                    s.bytes_read = s.bytes_read.wrapping_add(u64::from(len));
                 });
                 Ok(len)
             }
@@ -305,8 +305,8 @@ impl Disk {
                     self.file.sync_data().map_err(|_| Failure::Io)?;
                 }
                 self.count(|s| {
-                    s.writes += 1;
-                    s.bytes_written += u64::from(len);
+                    s.writes = s.writes.wrapping_add(1);
+                    s.bytes_written = s.bytes_written.wrapping_add(u64::from(len));
                 });
                 Ok(0)
             }
@@ -314,7 +314,7 @@ impl Disk {
                 if !self.readonly {
                     self.file.sync_data().map_err(|_| Failure::Io)?;
                 }
-                self.count(|s| s.flushes += 1);
+                self.count(|s| s.flushes = s.flushes.wrapping_add(1));
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -323,7 +323,7 @@ impl Disk {
                     return Err(Failure::ShortBuffer);
                 }
                 write_to_segments(&self.id, data, mem).map_err(|_| Failure::BadAddress)?;
-                self.count(|s| s.get_ids += 1);
+                self.count(|s| s.get_ids = s.get_ids.wrapping_add(1));
                 Ok(ID_LEN as u32)
             }
             _ => Err(Failure::Unsupported),

@@ -116,8 +116,8 @@ impl Transmitter {
             Some(bytes) => {
                 self.sink.push(&bytes);
                 self.count(|s| {
-                    s.chains += 1;
-                    s.bytes += bytes.len() as u64;
+                    s.chains = s.chains.wrapping_add(1);
+                    s.bytes = s.bytes.wrapping_add(bytes.len() as u64);
                 });
             }
             None => self.count(|s| s.dropped_chains += 1),
