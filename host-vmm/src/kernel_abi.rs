@@ -176,17 +176,17 @@ impl KernelAbi {
 fn note_ranges(image: &[u8]) -> Vec<&[u8]> {
     let u16_at = |at: usize| {
         image
-            .get(at..at + 2)
+            .get(at..at.checked_add(2)?)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
     };
     let u32_at = |at: usize| {
         image
-            .get(at..at + 4)
+            .get(at..at.checked_add(4)?)
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
     };
     let u64_at = |at: usize| {
         image
-            .get(at..at + 8)
+            .get(at..at.checked_add(8)?)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
     };
     let range = |off: Option<u64>, len: Option<u64>| -> Option<&[u8]> {
@@ -214,8 +214,10 @@ fn note_ranges(image: &[u8]) -> Vec<&[u8]> {
             else {
                 break;
             };
-            if u32_at(at + 4) == Some(SHT_NOTE)
-                && let Some(r) = range(u64_at(at + 24), u64_at(at + 32))
+            // A hostile e_shoff may put `at` anywhere: every field offset is checked.
+            let field = |d: usize| at.checked_add(d);
+            if field(4).and_then(u32_at) == Some(SHT_NOTE)
+                && let Some(r) = range(field(24).and_then(u64_at), field(32).and_then(u64_at))
             {
                 out.push(r);
             }
