@@ -103,17 +103,16 @@ const ARENA_FRAMES: usize = 16;
 const CLASSES: usize = ALL_CALLS.len() + 1;
 const UNDEFINED: usize = ALL_CALLS.len();
 /// Statuses 0 (success) to 7 (`TYPE_CONFLICT`).
-const STATUSES: usize = 8;
-const STATUS_NAMES: [&str; STATUSES] = [
-    "ok",
-    "unknown_call",
-    "not_implemented",
-    "invalid_argument",
-    "bad_address",
-    "too_large",
-    "denied",
-    "type_conflict",
-];
+const STATUSES: usize = Error::TypeConflict.code() as usize + 1;
+
+/// The name of a documented status: `ok`, or the error's ABI name.
+fn status_name(status: usize) -> &'static str {
+    match Error::from_status(status as u64) {
+        Ok(()) => "ok",
+        Err(Some(e)) => e.name(),
+        Err(None) => "undocumented",
+    }
+}
 
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let calls = args.get_or("calls", DEFAULT_CALLS);
@@ -180,7 +179,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
             h.write_u64(n);
             totals[status] += n;
             if n != 0 {
-                let _ = write!(line, " {}={n}", STATUS_NAMES[status]);
+                let _ = write!(line, " {}={n}", status_name(status));
             }
         }
         kprintln!(
@@ -192,7 +191,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let mut outcome = Outcome::new(calls, h.finish());
     let _ = write!(outcome.fields, " seed={seed}");
     for (status, n) in totals.iter().enumerate() {
-        let _ = write!(outcome.fields, " {}={n}", STATUS_NAMES[status]);
+        let _ = write!(outcome.fields, " {}={n}", status_name(status));
     }
     outcome
 }

@@ -136,18 +136,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let nr = prop_oneof![
         6 => prop::sample::select(
-            [
-                Call::Null,
-                Call::Features,
-                Call::ConsoleWrite,
-                Call::Exit,
-                Call::ClockNs,
-                Call::IdleYield,
-                Call::ZeroHints,
-                Call::MmuUpdate,
-                Call::MmuPin,
-            ]
-            .map(|c| u64::from(c.raw()))
+            hypercall_abi::request::ALL_CALLS.map(|c| u64::from(c.raw()))
             .to_vec()
         ),
         1 => 0u64..32,
