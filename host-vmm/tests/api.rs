@@ -2,22 +2,14 @@
 //! snapshot, resume; malformed requests get an error answer and the server goes on; the
 //! snapshot taken through it restores to the same result.
 
+mod common;
+
+use common::{BIN, require_kvm};
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_host-vmm");
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("these tests boot real guests and need read-write /dev/kvm ({e})");
-    }
-}
 
 fn ctl(args: &[&str]) -> (Output, serde_json::Value) {
     let out = Command::new(BIN).arg("ctl").args(args).output().unwrap();

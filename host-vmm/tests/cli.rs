@@ -1,31 +1,16 @@
 //! The `host-vmm` command line as a user meets it: the two main commands work, and every bad
 //! input gives one readable error line and a non-zero status — never a panic or backtrace.
 
+mod common;
+
+use common::{BIN, host_vmm, require_kvm};
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use host_vmm::loader::minimal_elf;
-
-const BIN: &str = env!("CARGO_BIN_EXE_host-vmm");
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("these tests boot real guests and need read-write /dev/kvm ({e})");
-    }
-}
-
-fn host_vmm(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("spawn host-vmm")
-}
 
 /// Starts `host-vmm args` with its output piped.
 fn spawn(args: &[&str]) -> Child {

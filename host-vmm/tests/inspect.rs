@@ -1,21 +1,16 @@
 //! `host-vmm inspect` and `run --disable` as a user meets them: what a kernel is, whether it
 //! will boot, and one readable line when it will not.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::host_vmm;
+
+use std::process::Output;
 
 use host_vmm::loader::{minimal_elf, minimal_elf_with_note};
 use hypercall_abi::features;
 use hypercall_abi::note::AbiNote;
 use zerocopy::IntoBytes;
-
-const BIN: &str = env!("CARGO_BIN_EXE_host-vmm");
-
-fn host_vmm(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("spawn host-vmm")
-}
 
 fn temp_kernel(name: &str, bytes: &[u8]) -> String {
     let dir = std::env::temp_dir().join(format!("pvkit-inspect-{}", std::process::id()));

@@ -2,6 +2,10 @@
 //! other's memory, and one that spins, floods or faults neither stops the other nor changes its
 //! result.
 
+mod common;
+
+use common::{BIN, require_kvm};
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -14,18 +18,7 @@ use host_vmm::loader::minimal_elf;
 use host_vmm::stop::StopReason;
 use hypercall_abi::boot::Mode;
 
-const BIN: &str = env!("CARGO_BIN_EXE_host-vmm");
 const CODE_GPA: u64 = 0x20_0000;
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("these tests boot real guests and need read-write /dev/kvm ({e})");
-    }
-}
 
 /// Writes 0x5a5a5a5a at guest-physical 0x300000, then spins without exits.
 const WRITER: &[u8] = &[

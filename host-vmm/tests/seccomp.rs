@@ -2,18 +2,13 @@
 //! documented status and one clear line on stderr; allowed work goes on; and real runs (every
 //! thread kind) pass with the filters on.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::{host_vmm, require_kvm};
+
+use std::process::Output;
 
 use host_vmm::sandbox::VIOLATION_STATUS;
-
-const BIN: &str = env!("CARGO_BIN_EXE_host-vmm");
-
-fn host_vmm(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("spawn host-vmm")
-}
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -64,16 +59,6 @@ fn allowed_calls_go_on_under_every_filter() {
         let o = host_vmm(&["sandbox-selftest", "--kind", kind, "--call", "none"]);
         assert!(o.status.success(), "{kind}: {}", stderr(&o));
         assert_eq!(String::from_utf8_lossy(&o.stdout), "allowed: returned 3\n");
-    }
-}
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("these tests boot real guests and need read-write /dev/kvm ({e})");
     }
 }
 

@@ -3,27 +3,12 @@
 //! snapshot: two independent VMs), and damaged snapshots are refused before any guest code
 //! runs.
 
+mod common;
+
+use common::{host_vmm, require_kvm};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-const BIN: &str = env!("CARGO_BIN_EXE_host-vmm");
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("these tests boot real guests and need read-write /dev/kvm ({e})");
-    }
-}
-
-fn host_vmm(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("spawn host-vmm")
-}
+use std::process::Output;
 
 /// The workload, mode, ops and checksum of the run's result line (timings vary by run).
 fn result_line(o: &Output) -> String {
