@@ -26,6 +26,7 @@ pub mod config;
 pub mod console;
 pub mod cpuid;
 pub mod devices;
+pub mod dirty;
 pub mod error;
 pub mod hypercall;
 pub mod kernel;

@@ -1,19 +1,109 @@
-//! Guest RAM: one anonymous mapping from guest-physical 0, registered with KVM as slot 0.
+//! Guest RAM: one private mapping from guest-physical 0, registered with KVM as slot 0.
 //!
 //! Every access the VMM makes on behalf of the guest goes through [`GuestRam::checked_range`]
 //! or vm-memory's bounds-checked accessors: a guest-supplied address and length can never make
 //! the VMM touch memory outside guest RAM.
+//!
+//! A fresh VM's RAM is anonymous memory. A restored VM's RAM maps the snapshot's memory file
+//! privately ([`GuestRam::map_memory_file`]): pages are read from the file when first touched
+//! and copied when first written, so restoring does not read RAM it does not need. The pages
+//! the file holds data for are remembered ([`PageBits`]): such a page is not zero even when
+//! the host kernel has not brought it in yet.
+//!
+//! Writes the VMM itself makes (virtio devices, hypercall results) are tracked in
+//! vm-memory's dirty bitmap ([`RamView::take_host_dirty`]); the guest's own writes are KVM's
+//! dirty log ([`crate::dirty`]). Live migration needs both.
 
-use std::sync::OnceLock;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use hypercall_abi::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE, PAGE_SIZE};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::error::{Error, Result};
 use crate::prepare::{PrepareQueueState, PrepareStats, Preparer};
 use crate::state::{Persist, STATE_VERSION, StateError, check_version};
+
+/// Guest memory as the VMM accesses it: vm-memory's mmap backend with a dirty bitmap that
+/// records the VMM's own writes.
+pub type GuestMem = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// One bit per 4 KiB page of guest RAM, shared between threads.
+#[derive(Debug, Default)]
+pub struct PageBits {
+    words: Vec<AtomicU64>,
+    pages: u64,
+}
+
+impl PageBits {
+    /// All clear, for `pages` pages.
+    pub fn new(pages: u64) -> PageBits {
+        PageBits {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            pages,
+        }
+    }
+
+    /// From raw words (bit `i % 64` of word `i / 64` is page `i`); bits past `pages` are
+    /// ignored.
+    pub fn from_words(words: &[u64], pages: u64) -> PageBits {
+        let bits = PageBits::new(pages);
+        for (w, &v) in bits.words.iter().zip(words) {
+            w.store(v, Ordering::Relaxed);
+        }
+        if !pages.is_multiple_of(64)
+            && let Some(last) = bits.words.last()
+        {
+            last.fetch_and((1u64 << (pages % 64)) - 1, Ordering::Relaxed);
+        }
+        bits
+    }
+
+    /// Number of pages covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Whether page `i` is set (false past the end).
+    pub fn get(&self, i: u64) -> bool {
+        self.words
+            .get((i / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (i % 64)) != 0)
+    }
+
+    /// Sets page `i` (ignored past the end).
+    pub fn set(&self, i: u64) {
+        if i < self.pages {
+            self.words[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Clears pages `[first, first + count)` (clamped to the end).
+    pub fn clear_range(&self, first: u64, count: u64) {
+        let end = first.saturating_add(count).min(self.pages);
+        for i in first..end {
+            self.words[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether any page of `[first, first + count)` is set.
+    pub fn any_in(&self, first: u64, count: u64) -> bool {
+        let end = first.saturating_add(count).min(self.pages);
+        (first..end).any(|i| self.get(i))
+    }
+
+    /// Number of pages set.
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+}
 
 /// Parses a memory size such as `128M`, `1G`, `65536K` or a plain byte count, and checks it
 /// against the VMM's limits.
@@ -74,20 +164,47 @@ pub struct GuestRam {
     /// `None` inside if it could not start. Declared before `mem`: fields drop in order, and
     /// the thread must be joined before the mapping goes away.
     preparer: OnceLock<Option<Preparer>>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     size: u64,
+    /// Pages whose contents come from a memory file ([`GuestRam::map_memory_file`]) and may
+    /// not be in memory yet: not zero, whatever `/proc/self/pagemap` says.
+    file_backed: Arc<PageBits>,
+}
+
+/// What a page of guest RAM holds, as far as saving it is concerned ([`RamView::scan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageClass {
+    /// Data: must be saved.
+    Data,
+    /// Not backed by host memory: never written, or released by the guest (`zero_hints`
+    /// RELEASE). Reads as zero.
+    Unbacked,
+    /// Reported free by the guest (`zero_hints` FREE_LIST): its contents do not matter.
+    Free,
+    /// Backed, but all zero.
+    Zero,
+}
+
+/// A shareable view of guest RAM for threads other than the vCPU's (snapshots, migration):
+/// reads, page classification and the VMM's dirty pages. It keeps the mapping alive.
+#[derive(Debug, Clone)]
+pub struct RamView {
+    mem: GuestMem,
+    size: u64,
+    file_backed: Arc<PageBits>,
 }
 
 impl GuestRam {
     /// Allocates `size` bytes of zeroed guest RAM at guest-physical 0 (not yet visible to KVM).
     pub fn new(size: u64) -> Result<GuestRam> {
         check_mem_size(size)?;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), size as usize)])
             .map_err(|e| Error::GuestMemory(e.to_string()))?;
         let ram = GuestRam {
             preparer: OnceLock::new(),
             mem,
             size,
+            file_backed: Arc::new(PageBits::new(size / PAGE_SIZE)),
         };
         ram.advise_huge_pages();
         Ok(ram)
@@ -102,6 +219,17 @@ impl GuestRam {
             // RAM (one region from guest-physical 0). MADV_HUGEPAGE only changes how the kernel
             // may back it, not its contents or validity, and Rust holds no references into it.
             unsafe { libc::madvise(host.cast(), self.size as usize, libc::MADV_HUGEPAGE) };
+        }
+    }
+
+    /// The KVM memory slot of RAM (slot 0), as [`register`](Self::register) registers it.
+    pub fn slot(&self) -> kvm_userspace_memory_region {
+        kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: self.size,
+            userspace_addr: self.host_addr(0).map_or(0, |h| h as u64),
         }
     }
 
@@ -126,8 +254,64 @@ impl GuestRam {
     }
 
     /// The vm-memory view, for bounds-checked reads and writes.
-    pub fn mem(&self) -> &GuestMemoryMmap {
+    pub fn mem(&self) -> &GuestMem {
         &self.mem
+    }
+
+    /// A view other threads can keep ([`RamView`]).
+    pub fn view(&self) -> RamView {
+        RamView {
+            mem: self.mem.clone(),
+            size: self.size,
+            file_backed: self.file_backed.clone(),
+        }
+    }
+
+    /// Replaces all of RAM by a private mapping of `file` (exactly RAM-sized), whose pages
+    /// `data` holds data for (the others are holes and read as zero). Nothing is read now:
+    /// a page comes from the file when the guest or the VMM first touches it, and is copied
+    /// when first written; the file is never written. For a VM that has not run yet
+    /// (restore): whatever RAM held before is gone.
+    pub fn map_memory_file(&self, file: &std::fs::File, data: PageBits) -> Result<()> {
+        if data.pages() != self.size / PAGE_SIZE {
+            return Err(Error::GuestMemory(
+                "the memory file's page map does not cover RAM".into(),
+            ));
+        }
+        let host = self
+            .host_addr(0)
+            .ok_or_else(|| Error::GuestMemory("RAM is not mapped".into()))?;
+        // SAFETY: `[host, host + size)` is exactly our own mapping of guest RAM (one region from
+        // guest-physical 0); MAP_FIXED replaces it in place with a mapping of the same size,
+        // protection and address, so every pointer vm-memory and KVM hold stays valid (KVM's
+        // MMU notifier drops its old mappings). The file is open for reading and MAP_PRIVATE
+        // never writes it. Rust holds no references into guest RAM, and no vCPU or device
+        // runs yet.
+        let p = unsafe {
+            libc::mmap(
+                host.cast(),
+                self.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED || p != host.cast() {
+            return Err(Error::GuestMemory(format!(
+                "cannot map the memory file: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        for i in 0..data.pages() {
+            if data.get(i) {
+                self.file_backed.set(i);
+            } else {
+                // Never a page of a previous file: a hole of this one reads as zero.
+                self.file_backed.clear_range(i, 1);
+            }
+        }
+        Ok(())
     }
 
     /// RAM size in bytes.
@@ -139,43 +323,15 @@ impl GuestRam {
         self.mem.get_host_address(GuestAddress(gpa)).ok()
     }
 
-    /// Which of `count` frames from frame number `first` are known zero: not backed by host
-    /// memory, neither present nor swapped (from `/proc/self/pagemap`). Such a frame of our
-    /// private anonymous mapping reads as zero. The range must be inside RAM.
+    /// Which of `count` frames from frame number `first` are known zero
+    /// ([`RamView::known_zero`]).
     pub fn known_zero(&self, first: u64, count: u64) -> std::io::Result<Vec<bool>> {
-        use std::os::unix::fs::FileExt;
-        const PRESENT: u64 = 1 << 63;
-        const SWAPPED: u64 = 1 << 62;
-        let gpa = first * PAGE_SIZE;
-        if self.checked_range(gpa, count * PAGE_SIZE).is_none() {
-            return Err(std::io::Error::other("range outside guest RAM"));
-        }
-        let host = self
-            .host_addr(gpa)
-            .ok_or_else(|| std::io::Error::other("unmapped"))? as u64;
-        let mut raw = vec![0u8; count as usize * 8];
-        let pagemap = std::fs::File::open("/proc/self/pagemap")?;
-        pagemap.read_exact_at(&mut raw, host / PAGE_SIZE * 8)?;
-        Ok(raw
-            .chunks_exact(8)
-            .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) & (PRESENT | SWAPPED) == 0)
-            .collect())
+        self.view().known_zero(first, count)
     }
 
     /// Bytes of guest RAM currently backed by host memory.
     pub fn resident_bytes(&self) -> u64 {
-        let frames = self.size / PAGE_SIZE;
-        let mut resident = 0;
-        let mut f = 0;
-        while f < frames {
-            let n = (frames - f).min(1 << 16);
-            match self.known_zero(f, n) {
-                Ok(z) => resident += z.iter().filter(|&&zero| !zero).count() as u64,
-                Err(_) => return 0,
-            }
-            f += n;
-        }
-        resident * PAGE_SIZE
+        self.view().resident_bytes()
     }
 
     /// Discards the host backing of `[gpa, gpa + len)` (page-aligned, inside RAM): the memory
@@ -197,17 +353,42 @@ impl GuestRam {
             // Nothing of the range may be backed again after it is discarded.
             p.cancel(gpa, len);
         }
-        // SAFETY: `[host, host + len)` lies inside our own private anonymous mapping of guest RAM
-        // (checked above; RAM is one contiguous region). MADV_DONTNEED only drops its pages — the
-        // mapping stays valid and reads as zero — and Rust holds no references into guest RAM
-        // (all access goes through vm-memory's volatile accessors). KVM's MMU notifier drops its
-        // own mappings of those pages.
-        let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
-        if rc == 0 {
-            Ok(())
+        let (first, pages) = (gpa / PAGE_SIZE, len / PAGE_SIZE);
+        if self.file_backed.any_in(first, pages) {
+            // MADV_DONTNEED on a private file mapping would bring the file's contents back:
+            // map fresh anonymous memory over the range instead.
+            // SAFETY: `[host, host + len)` lies inside our own mapping of guest RAM (checked
+            // above); MAP_FIXED replaces exactly that range with zero-filled anonymous memory of
+            // the same protection, so all pointers into RAM stay valid, and Rust holds no
+            // references into guest RAM. KVM's MMU notifier drops its old mappings.
+            let p = unsafe {
+                libc::mmap(
+                    host.cast(),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            self.file_backed.clear_range(first, pages);
         } else {
-            Err(std::io::Error::last_os_error())
+            // SAFETY: `[host, host + len)` lies inside our own private anonymous mapping of guest
+            // RAM (checked above; RAM is one contiguous region). MADV_DONTNEED only drops its
+            // pages — the mapping stays valid and reads as zero — and Rust holds no references
+            // into guest RAM (all access goes through vm-memory's volatile accessors). KVM's MMU
+            // notifier drops its own mappings of those pages.
+            let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
         }
+        // The contents changed behind KVM's dirty log: a migration must send them again.
+        self.view().mark_host_dirty(gpa, len);
+        Ok(())
     }
 
     /// True if this host can back RAM ahead of use ([`prepare`](Self::prepare)).
@@ -280,6 +461,159 @@ impl GuestRam {
     pub fn checked_range(&self, gpa: u64, len: u64) -> Option<GuestAddress> {
         let end = gpa.checked_add(len)?;
         (end <= self.size).then_some(GuestAddress(gpa))
+    }
+}
+
+impl RamView {
+    /// RAM size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The vm-memory view.
+    pub fn mem(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// Which of `count` frames from frame number `first` are known zero: not backed by host
+    /// memory (neither present nor swapped, from `/proc/self/pagemap`) and not waiting in a
+    /// memory file. Such a frame reads as zero. The range must be inside RAM.
+    pub fn known_zero(&self, first: u64, count: u64) -> std::io::Result<Vec<bool>> {
+        use std::os::unix::fs::FileExt;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        let outside = || std::io::Error::other("range outside guest RAM");
+        let gpa = first.checked_mul(PAGE_SIZE).ok_or_else(outside)?;
+        let len = count.checked_mul(PAGE_SIZE).ok_or_else(outside)?;
+        if gpa.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(outside());
+        }
+        let host = self
+            .mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|_| std::io::Error::other("unmapped"))? as u64;
+        let mut raw = vec![0u8; count as usize * 8];
+        let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+        pagemap.read_exact_at(&mut raw, host / PAGE_SIZE * 8)?;
+        Ok(raw
+            .chunks_exact(8)
+            .enumerate()
+            .map(|(i, e)| {
+                u64::from_le_bytes(e.try_into().expect("8 bytes")) & (PRESENT | SWAPPED) == 0
+                    && !self.file_backed.get(first + i as u64)
+            })
+            .collect())
+    }
+
+    /// Bytes of guest RAM currently backed by host memory.
+    pub fn resident_bytes(&self) -> u64 {
+        let frames = self.size / PAGE_SIZE;
+        let mut resident = 0;
+        let mut f = 0;
+        while f < frames {
+            let n = (frames - f).min(1 << 16);
+            match self.known_zero(f, n) {
+                Ok(z) => resident += z.iter().filter(|&&zero| !zero).count() as u64,
+                Err(_) => return 0,
+            }
+            f += n;
+        }
+        resident * PAGE_SIZE
+    }
+
+    /// Records that the VMM changed `[gpa, gpa + len)` (clamped to RAM).
+    pub fn mark_host_dirty(&self, gpa: u64, len: u64) {
+        if let Some(bitmap) = self.dirty_bitmap() {
+            let end = gpa.saturating_add(len).min(self.size);
+            if gpa < end {
+                bitmap.set_addr_range(gpa as usize, (end - gpa) as usize);
+            }
+        }
+    }
+
+    /// The pages the VMM wrote (through vm-memory, or by discarding them) since the last call,
+    /// and forgets them.
+    pub fn take_host_dirty(&self) -> PageBits {
+        let pages = self.size / PAGE_SIZE;
+        match self.dirty_bitmap() {
+            Some(bitmap) => PageBits::from_words(&bitmap.get_and_reset(), pages),
+            None => PageBits::new(pages),
+        }
+    }
+
+    /// vm-memory's dirty bitmap of RAM's one region (offsets are guest-physical addresses).
+    fn dirty_bitmap(&self) -> Option<&AtomicBitmap> {
+        let region = self.mem.iter().next()?;
+        Some(vm_memory::MmapRegion::bitmap(region))
+    }
+
+    /// Classifies the pages of RAM (only those set in `only`, if given), in ascending order,
+    /// and hands each to `visit` with its class and, for [`PageClass::Data`], its contents.
+    /// Pages set in `free` (the guest said it does not care about them) are
+    /// [`PageClass::Free`] without being read; pages the host kernel does not back are
+    /// [`PageClass::Unbacked`]; the rest are read, and all-zero ones are [`PageClass::Zero`].
+    /// `visit` may stop the scan by returning an error.
+    pub fn scan<E: From<Error>>(
+        &self,
+        only: Option<&PageBits>,
+        free: &PageBits,
+        mut visit: impl FnMut(u64, PageClass, &[u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        const MAP_CHUNK: u64 = 1 << 15;
+        const READ_CHUNK: u64 = 512;
+        let pages = self.size / PAGE_SIZE;
+        let mut buf = vec![0u8; (READ_CHUNK * PAGE_SIZE) as usize];
+        let wanted = |i: u64| only.is_none_or(|o| o.get(i));
+        let mut first = 0;
+        while first < pages {
+            let n = (pages - first).min(MAP_CHUNK);
+            if !(first..first + n).any(wanted) {
+                first += n;
+                continue;
+            }
+            let zero = self.known_zero(first, n).map_err(|e| {
+                Error::GuestMemory(format!("cannot read which pages are backed: {e}"))
+            })?;
+            let mut sub = 0;
+            while sub < n {
+                let m = (n - sub).min(READ_CHUNK);
+                let page = |k: u64| first + sub + k;
+                let needs_read = (0..m).filter(|&k| wanted(page(k))).any(|k| {
+                    !free.get(page(k)) && !zero[(sub + k) as usize]
+                });
+                if needs_read {
+                    let len = (m * PAGE_SIZE) as usize;
+                    self.read(page(0) * PAGE_SIZE, &mut buf[..len])?;
+                }
+                for k in 0..m {
+                    let i = page(k);
+                    if !wanted(i) {
+                        continue;
+                    }
+                    let bytes = &buf[(k * PAGE_SIZE) as usize..((k + 1) * PAGE_SIZE) as usize];
+                    let class = if free.get(i) {
+                        PageClass::Free
+                    } else if zero[(sub + k) as usize] {
+                        PageClass::Unbacked
+                    } else if bytes.iter().all(|&b| b == 0) {
+                        PageClass::Zero
+                    } else {
+                        PageClass::Data
+                    };
+                    let data: &[u8] = if class == PageClass::Data { bytes } else { &[] };
+                    visit(i, class, data)?;
+                }
+                sub += m;
+            }
+            first += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes of RAM from `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        vm_memory::Bytes::read_slice(&self.mem, buf, GuestAddress(gpa))
+            .map_err(|e| Error::GuestMemory(e.to_string()))
     }
 }
 

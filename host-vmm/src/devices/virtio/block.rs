@@ -57,7 +57,8 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueState};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile};
+use vm_memory::{Bytes, GuestMemoryBackend, ReadVolatile, WriteVolatile};
+use crate::memory::GuestMem;
 
 use super::thread::{QueueHandler, Worker};
 use super::{Activation, Counters, DeviceError, Pass, VirtioDevice, read_config_bytes};
@@ -234,14 +235,14 @@ impl Disk {
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
     ) -> Result<Pass, DeviceError> {
         super::drain_queue(queue, mem, |chain| self.execute(chain, mem))
     }
 
     /// Runs one request; returns the used length (bytes written into guest buffers, status
     /// byte included).
-    fn execute(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+    fn execute(&mut self, chain: DescriptorChain<&GuestMem>, mem: &GuestMem) -> u32 {
         let descs = collect_chain(chain);
         let Some((status, body)) = descs.as_deref().and_then(<[Descriptor]>::split_last) else {
             self.count(|s| s.unanswerable = s.unanswerable.wrapping_add(1));
@@ -271,7 +272,7 @@ impl Disk {
 
     /// Runs a request given its header and data descriptors; returns the data bytes written
     /// into guest memory.
-    fn run(&mut self, body: &[Descriptor], mem: &GuestMemoryMmap) -> Result<u32, Failure> {
+    fn run(&mut self, body: &[Descriptor], mem: &GuestMem) -> Result<u32, Failure> {
         let (header, data) = body.split_first().ok_or(Failure::Malformed)?;
         if header.is_write_only() || header.len() < HEADER_LEN {
             return Err(Failure::Malformed);
@@ -348,7 +349,7 @@ impl Disk {
         &self,
         data: &[Descriptor],
         offset: u64,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
     ) -> io::Result<()> {
         let mut file = &self.file;
         file.seek(SeekFrom::Start(offset))?;
@@ -367,7 +368,7 @@ impl Disk {
         &self,
         data: &[Descriptor],
         offset: u64,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
     ) -> io::Result<()> {
         let mut file = &self.file;
         file.seek(SeekFrom::Start(offset))?;
@@ -397,7 +398,7 @@ impl Disk {
 /// The descriptors of a chain, or `None` if the chain is longer than a request can be or
 /// ends early (a descriptor that says "next" was the last one the iterator gave: a loop cut off
 /// by the ring-size bound, a `next` index outside the ring, an unreadable descriptor).
-fn collect_chain(chain: DescriptorChain<&GuestMemoryMmap>) -> Option<Vec<Descriptor>> {
+fn collect_chain(chain: DescriptorChain<&GuestMem>) -> Option<Vec<Descriptor>> {
     let mut descs = Vec::new();
     for d in chain {
         if descs.len() == MAX_DESCRIPTORS {
@@ -413,7 +414,7 @@ fn collect_chain(chain: DescriptorChain<&GuestMemoryMmap>) -> Option<Vec<Descrip
 
 /// Checks data descriptors: all in direction `writable`, inside guest RAM, at most
 /// [`MAX_DATA_LEN`] bytes together. Returns the total length.
-fn check_data(data: &[Descriptor], writable: bool, mem: &GuestMemoryMmap) -> Result<u32, Failure> {
+fn check_data(data: &[Descriptor], writable: bool, mem: &GuestMem) -> Result<u32, Failure> {
     let mut total = 0u32;
     for d in data {
         if d.is_write_only() != writable {
@@ -434,7 +435,7 @@ fn check_data(data: &[Descriptor], writable: bool, mem: &GuestMemoryMmap) -> Res
 fn write_to_segments(
     bytes: &[u8],
     data: &[Descriptor],
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
 ) -> vm_memory::GuestMemoryResult<()> {
     let mut rest = bytes;
     for d in data {
@@ -453,7 +454,7 @@ fn write_to_segments(
 struct BlockQueue {
     disk: Disk,
     queue: Queue,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
 }
 
 impl QueueHandler for BlockQueue {
@@ -718,13 +719,13 @@ pub(crate) mod tests {
     pub(crate) const STATUS: u64 = 0x9_0000;
     pub(crate) const BUF: u64 = 0x10_0000;
 
-    pub(crate) fn guest_memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+    pub(crate) fn guest_memory() -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
     }
 
     /// A minimal split-ring driver over test guest memory.
     pub(crate) struct Driver<'m> {
-        pub mem: &'m GuestMemoryMmap,
+        pub mem: &'m GuestMem,
         pub size: u16,
         pub desc: u64,
         pub avail: u64,
@@ -737,7 +738,7 @@ pub(crate) mod tests {
     pub(crate) const W: bool = true;
 
     impl<'m> Driver<'m> {
-        pub(crate) fn new(mem: &'m GuestMemoryMmap, base: u64, size: u16) -> Driver<'m> {
+        pub(crate) fn new(mem: &'m GuestMem, base: u64, size: u16) -> Driver<'m> {
             Driver {
                 mem,
                 size,
@@ -890,23 +891,23 @@ pub(crate) mod tests {
         self_feeding_queue(drv)
     }
 
-    pub(crate) fn header(mem: &GuestMemoryMmap, addr: u64, kind: u32, sector: u64) {
+    pub(crate) fn header(mem: &GuestMem, addr: u64, kind: u32, sector: u64) {
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&kind.to_le_bytes());
         h[8..16].copy_from_slice(&sector.to_le_bytes());
         mem.write_slice(&h, GuestAddress(addr)).unwrap();
     }
 
-    pub(crate) fn status(mem: &GuestMemoryMmap) -> u8 {
+    pub(crate) fn status(mem: &GuestMem) -> u8 {
         mem.read_obj(GuestAddress(STATUS)).unwrap()
     }
 
-    fn fill(mem: &GuestMemoryMmap, addr: u64, len: usize, byte: u8) {
+    fn fill(mem: &GuestMem, addr: u64, len: usize, byte: u8) {
         mem.write_slice(&vec![byte; len], GuestAddress(addr))
             .unwrap();
     }
 
-    fn guest_bytes(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+    fn guest_bytes(mem: &GuestMem, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0; len];
         mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
         v
@@ -914,7 +915,7 @@ pub(crate) mod tests {
 
     /// A 16-entry queue, a disk of `sectors` sectors, everything ready to submit.
     struct Bench<'m> {
-        mem: &'m GuestMemoryMmap,
+        mem: &'m GuestMem,
         drv: Driver<'m>,
         queue: Queue,
         disk: Disk,
@@ -922,7 +923,7 @@ pub(crate) mod tests {
     }
 
     impl<'m> Bench<'m> {
-        fn new(mem: &'m GuestMemoryMmap, sectors: u64, readonly: bool) -> Bench<'m> {
+        fn new(mem: &'m GuestMem, sectors: u64, readonly: bool) -> Bench<'m> {
             let image = TempImage::new(sectors, 0);
             let disk = Disk::open(&image.0, readonly).unwrap();
             let drv = Driver::new(mem, RING, 16);

@@ -36,7 +36,8 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueState};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes};
+use crate::memory::GuestMem;
 
 use super::thread::{QueueHandler, Worker};
 use super::{Activation, Counters, DeviceError, Pass, VirtioDevice, read_config_bytes};
@@ -102,7 +103,7 @@ impl Transmitter {
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
     ) -> Result<Pass, DeviceError> {
         super::drain_queue(queue, mem, |chain| {
             self.transmit(chain, mem);
@@ -111,7 +112,7 @@ impl Transmitter {
     }
 
     /// Copies one chain's bytes to the sink, or drops the chain if it is malformed.
-    fn transmit(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) {
+    fn transmit(&mut self, chain: DescriptorChain<&GuestMem>, mem: &GuestMem) {
         match read_chain(chain, mem) {
             Some(bytes) => {
                 self.sink.push(&bytes);
@@ -135,7 +136,7 @@ impl Transmitter {
 
 /// The bytes of a transmit chain, or `None` if it is malformed (see the module docs). Nothing
 /// is read from guest memory before the whole chain has been checked.
-fn read_chain(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Option<Vec<u8>> {
+fn read_chain(chain: DescriptorChain<&GuestMem>, mem: &GuestMem) -> Option<Vec<u8>> {
     let mut descs: Vec<Descriptor> = Vec::new();
     let mut total = 0u32;
     for d in chain {
@@ -170,7 +171,7 @@ fn read_chain(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -
 struct TransmitQueue {
     tx: Transmitter,
     queue: Queue,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
 }
 
 impl QueueHandler for TransmitQueue {
@@ -341,7 +342,7 @@ mod tests {
     use super::*;
     use crate::devices::event::EventQueue;
 
-    fn put(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) {
+    fn put(mem: &GuestMem, addr: u64, bytes: &[u8]) {
         mem.write_slice(bytes, GuestAddress(addr)).unwrap();
     }
 
@@ -350,11 +351,11 @@ mod tests {
         queue: Queue,
         tx: Transmitter,
         sink: ConsoleSink,
-        mem: &'m GuestMemoryMmap,
+        mem: &'m GuestMem,
     }
 
     impl<'m> Bench<'m> {
-        fn new(mem: &'m GuestMemoryMmap, event_idx: bool) -> Bench<'m> {
+        fn new(mem: &'m GuestMem, event_idx: bool) -> Bench<'m> {
             let drv = Driver::new(mem, RING, 16);
             let queue = drv.queue(event_idx);
             let sink = ConsoleSink::new(None);

@@ -46,7 +46,8 @@ use virtio_bindings::virtio_mmio::*;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestMem;
 
 use super::block::tests::{TempImage, pattern, within};
 use super::block::{BlockStats, Disk, SECTOR_SIZE};
@@ -78,8 +79,8 @@ const DATA: u64 = 0x1_0000;
 const SECTORS: u64 = 8;
 const TAIL: u64 = 100;
 
-fn guest_memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[
+fn guest_memory() -> GuestMem {
+    GuestMem::from_ranges(&[
         (GuestAddress(0), LOW_END as usize),
         (GuestAddress(HIGH), (HIGH_END - HIGH) as usize),
     ])
@@ -344,7 +345,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         )
 }
 
-fn write_desc(mem: &GuestMemoryMmap, at: u64, d: &Desc) {
+fn write_desc(mem: &GuestMem, at: u64, d: &Desc) {
     let raw = RawDescriptor::from(Descriptor::new(d.addr, d.len, d.flags, d.next));
     // Tables may reach past RAM: those descriptors are simply not there.
     let _ = mem.write_obj(raw, GuestAddress(at));
@@ -352,7 +353,7 @@ fn write_desc(mem: &GuestMemoryMmap, at: u64, d: &Desc) {
 
 /// Writes `s` into `mem` and returns the queue as the device would hold it, or `None` if
 /// virtio-queue itself refuses the layout (outside RAM, misaligned).
-fn ring_scenario(mem: &GuestMemoryMmap, s: &Scenario) -> Option<Queue> {
+fn ring_scenario(mem: &GuestMem, s: &Scenario) -> Option<Queue> {
     let mut q = Queue::new(256).ok()?;
     q.try_set_size(s.size).ok()?;
     q.try_set_desc_table_address(GuestAddress(s.desc)).ok()?;

@@ -42,7 +42,8 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress};
+use crate::memory::GuestMem;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Activation, ActiveQueue, DeviceError, Interrupt, VirtioDevice};
@@ -84,7 +85,7 @@ struct QueueConfig {
 #[derive(Debug)]
 pub struct MmioTransport<D> {
     device: D,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     interrupt: Arc<Interrupt>,
     notify: Vec<EventFd>,
     queues: Vec<QueueConfig>,
@@ -107,7 +108,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// one notification eventfd per queue.
     pub fn new(
         device: D,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<Interrupt>,
     ) -> crate::Result<MmioTransport<D>> {
         let n = device.queue_max_sizes().len();
@@ -978,7 +979,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn transport() -> (MmioTransport<Fake>, Arc<Mutex<Log>>) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let log = Arc::new(Mutex::new(Log::default()));
         let dev = Fake {
             log: log.clone(),

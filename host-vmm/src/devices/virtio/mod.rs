@@ -46,7 +46,7 @@
 //!
 //! The guest controls every byte of the rings and of each request. The host reads and writes
 //! guest memory only through vm-memory's bounds-checked, volatile accessors on the
-//! [`GuestMemoryMmap`] it was given, so no guest value can make it touch host memory outside
+//! [`GuestMem`] it was given, so no guest value can make it touch host memory outside
 //! guest RAM. Give devices the RAM view ([`crate::memory::GuestRam::mem`]) only: the
 //! page-table pool is a separate mapping, so device DMA can never write page tables behind the
 //! PTE validator. Malformed requests complete with an error status (or, when the request has
@@ -139,7 +139,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMem;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::state::{Persist, StateError};
@@ -233,7 +233,7 @@ pub struct ActiveQueue {
 #[derive(Debug)]
 pub struct Activation {
     /// Guest RAM (only RAM: never the page-table pool).
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     /// One entry per queue, in queue-index order.
     pub queues: Vec<ActiveQueue>,
     /// The features the driver accepted (a subset of [`VirtioDevice::features`]).
@@ -443,8 +443,8 @@ pub fn pass_budget(queue: &Queue) -> u16 {
 /// consuming it silently would let the available index run ahead of the used one for good).
 pub fn drain_queue(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+    mem: &GuestMem,
+    mut serve: impl FnMut(DescriptorChain<&GuestMem>) -> u32,
 ) -> Result<Pass, DeviceError> {
     let budget = pass_budget(queue);
     let mut served = 0u16;
