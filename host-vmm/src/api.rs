@@ -8,7 +8,7 @@
 //! | `{"op":"pause"}` | parks the vCPU at its next exit boundary | — |
 //! | `{"op":"resume"}` | lets it run again | — |
 //! | `{"op":"stats"}` | exit counts and console bytes so far (pauses for the read if running) | `"paused"`, `"exits"`, `"console_bytes"` |
-//! | `{"op":"snapshot","dir":"PATH"}` | saves the VM to `PATH` ([`crate::snapshot`]); pauses for it if running | `"pages_written"`, `"pages_elided_zero"` |
+//! | `{"op":"snapshot","dir":"PATH"}` | saves the VM to `PATH` ([`crate::snapshot`]); pauses for it if running | `"pages_written"`, `"pages_elided"` (`unbacked`, `free`, `zero`) |
 //!
 //! A malformed, oversized (more than [`REQUEST_MAX`] bytes) or unknown request, or one that
 //! fails, gets `{"ok": false, "error": "..."}`; the server carries on. A client that sends
@@ -151,12 +151,11 @@ fn answer(req: &Value, handle: &VmHandle, cfg: &VmConfig) -> Value {
         Some("snapshot") => match req.get("dir").and_then(Value::as_str) {
             None => Err("snapshot needs \"dir\": a directory path".into()),
             Some(dir) => paused_for(handle, || {
-                let saved = handle.save().map_err(|e| e.to_string())?;
-                crate::snapshot::write(Path::new(dir), cfg, saved)
+                crate::snapshot::write(Path::new(dir), cfg, handle)
                     .map(|m| {
                         json!({
                             "pages_written": m.pages_written,
-                            "pages_elided_zero": m.pages_elided_zero,
+                            "pages_elided": m.elided,
                         })
                     })
                     .map_err(|e| e.to_string())

@@ -24,7 +24,12 @@ use crate::error::{Error, Result};
 use crate::memory::PageBits;
 
 const KVMIO: u32 = 0xAE;
-ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION, KVMIO, 0x46, kvm_userspace_memory_region);
+ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION,
+    KVMIO,
+    0x46,
+    kvm_userspace_memory_region
+);
 ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 
 /// The dirty log of one memory slot.

@@ -9,9 +9,9 @@
 //! file bytes) is malformed and refused; an empty one (both sizes 0) loads nothing and is
 //! ignored.
 
+use crate::memory::GuestMem;
 use hypercall_abi::layout::{KERNEL_MIN_GPA, MAX_MEM_SIZE, MIN_MEM_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use crate::memory::GuestMem;
 
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;

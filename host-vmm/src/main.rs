@@ -466,11 +466,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_seccomp,
         } => {
             let loaded = host_vmm::snapshot::read(&dir)?;
-            let mut cfg = loaded.config;
+            let mut cfg = loaded.config.clone();
             cfg.timeout = timeout;
             cfg.seccomp = !no_seccomp;
             let mut vm = builder::build(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
-            vm.restore(&loaded.saved)?;
+            loaded.restore_into(&mut vm)?;
             let mut recorder = WindowRecorder::default();
             let report = {
                 let _signals = StopOnSignals::install(vm.stopper(), cfg.seccomp)?;
@@ -586,14 +586,17 @@ fn save_after(
         }
         Err(e) => return Err(e.into()),
     }
-    let saved = handle.save();
+    let written = host_vmm::snapshot::write(dir, cfg, handle);
     handle.vcpu().resume();
-    let mem = host_vmm::snapshot::write(dir, cfg, saved?)?;
+    let mem = written?;
     eprintln!(
-        "host-vmm: snapshot written to {}: {} pages of memory written, {} all-zero pages elided",
+        "host-vmm: snapshot written to {}: {} pages of memory written; elided: {} unbacked \
+         (never written or released), {} reported free, {} all-zero",
         dir.display(),
         mem.pages_written,
-        mem.pages_elided_zero
+        mem.elided.unbacked,
+        mem.elided.free,
+        mem.elided.zero,
     );
     Ok(())
 }

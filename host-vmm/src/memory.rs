@@ -578,9 +578,9 @@ impl RamView {
             while sub < n {
                 let m = (n - sub).min(READ_CHUNK);
                 let page = |k: u64| first + sub + k;
-                let needs_read = (0..m).filter(|&k| wanted(page(k))).any(|k| {
-                    !free.get(page(k)) && !zero[(sub + k) as usize]
-                });
+                let needs_read = (0..m)
+                    .filter(|&k| wanted(page(k)))
+                    .any(|k| !free.get(page(k)) && !zero[(sub + k) as usize]);
                 if needs_read {
                     let len = (m * PAGE_SIZE) as usize;
                     self.read(page(0) * PAGE_SIZE, &mut buf[..len])?;

@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use hypercall_abi::Regs;
 use kvm_ioctls::{Kvm, VmFd};
 
+use crate::dirty::DirtyLog;
 use crate::error::{Error, Result};
 use crate::hypercall::Outcome;
 use crate::kernel_abi::Offer;
 use crate::loader::ElfInfo;
 use crate::machine::{Halt, Machine, MachineState, Step};
+use crate::memory::{PageBits, RamView};
 use crate::metrics::ExitStats;
 use crate::state::StateError;
 use crate::stop::{StopReason, Stopper};
@@ -76,6 +78,7 @@ pub struct Vm {
 #[derive(Debug, Clone)]
 pub struct VmHandle {
     vcpu: VcpuHandle,
+    ram: RamView,
 }
 
 impl VmHandle {
@@ -84,24 +87,34 @@ impl VmHandle {
         &self.vcpu
     }
 
-    /// The whole VM now, taken on the vCPU thread while it is parked (pause first): the
-    /// vCPU's state, the machine's state and a copy of guest RAM. A freshly built VM of the
+    /// Guest RAM, for reading it from this thread.
+    pub fn ram(&self) -> &RamView {
+        &self.ram
+    }
+
+    /// Takes the vCPU's and the machine's state of the paused VM (pause first) and keeps its
+    /// devices paused, so that nothing but this thread touches guest RAM until the returned
+    /// [`Frozen`] is dropped (which restarts them). Read RAM through [`VmHandle::ram`] then.
+    pub fn freeze(&self) -> std::result::Result<Frozen<'_>, ControlError> {
+        let vcpu = self.vcpu.save_state()?;
+        let (machine, free) = self.vcpu.with_parked(|machine: &mut Machine| {
+            machine.pause_devices();
+            (machine.save(), machine.free_pages())
+        })?;
+        Ok(Frozen {
+            handle: self,
+            state: Some((vcpu, machine)),
+            free,
+        })
+    }
+
+    /// The whole VM now, with a copy of guest RAM (pause first). A freshly built VM of the
     /// same configuration continues from it ([`Vm::restore`]).
     pub fn save(&self) -> std::result::Result<VmSnapshot, ControlError> {
-        let vcpu = self.vcpu.save_state()?;
-        let (machine, ram) = self.vcpu.with_parked(|machine: &mut Machine| {
-            machine.pause_devices();
-            let state = machine.save();
-            let mut ram = vec![0u8; machine.ram().size() as usize];
-            let read = vm_memory::Bytes::read_slice(
-                machine.ram().mem(),
-                &mut ram,
-                vm_memory::GuestAddress(0),
-            );
-            machine.resume_devices();
-            read.map(|()| (state, ram))
-                .map_err(|e| Error::GuestMemory(e.to_string()))
-        })??;
+        let frozen = self.freeze()?;
+        let mut ram = vec![0u8; self.ram.size() as usize];
+        self.ram.read(0, &mut ram)?;
+        let (vcpu, machine) = frozen.into_state();
         Ok(VmSnapshot { vcpu, machine, ram })
     }
 
@@ -116,6 +129,52 @@ impl VmHandle {
             machine.resume_devices();
             state
         })
+    }
+}
+
+/// A paused VM's state with its devices held still ([`VmHandle::freeze`]); dropping it
+/// restarts the devices (the vCPU stays paused).
+#[derive(Debug)]
+pub struct Frozen<'a> {
+    handle: &'a VmHandle,
+    /// The vCPU and the machine (`None` only inside `into_state`).
+    state: Option<(crate::vcpu::VcpuState, MachineState)>,
+    /// The pages the guest reported free (their contents do not matter).
+    pub free: PageBits,
+}
+
+impl Frozen<'_> {
+    /// The vCPU's state.
+    pub fn vcpu(&self) -> &crate::vcpu::VcpuState {
+        &self
+            .state
+            .as_ref()
+            .expect("state taken only on the way out")
+            .0
+    }
+
+    /// The machine's state.
+    pub fn machine(&self) -> &MachineState {
+        &self
+            .state
+            .as_ref()
+            .expect("state taken only on the way out")
+            .1
+    }
+
+    /// The vCPU's and the machine's state; the devices restart.
+    pub fn into_state(mut self) -> (crate::vcpu::VcpuState, MachineState) {
+        self.state.take().expect("state taken only once")
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        // The vCPU is still parked (only a stop ends the park, and then nothing runs again).
+        let _ = self
+            .handle
+            .vcpu
+            .with_parked(|machine: &mut Machine| machine.resume_devices());
     }
 }
 
@@ -194,7 +253,14 @@ impl Vm {
     pub fn handle(&self) -> VmHandle {
         VmHandle {
             vcpu: self.vcpu_handle(),
+            ram: self.machine.ram().view(),
         }
+    }
+
+    /// KVM's dirty log of guest RAM ([`DirtyLog`]), off until started. Take it before
+    /// calling [`Vm::run`].
+    pub fn dirty_log(&self) -> Result<DirtyLog> {
+        DirtyLog::new(&self.vm_fd, self.machine.ram().slot())
     }
 
     /// Where the kernel was loaded.
@@ -222,23 +288,54 @@ impl Vm {
     /// the vCPU. Checks what it can before changing anything: the RAM size and the versions.
     pub fn restore(&mut self, saved: &VmSnapshot) -> Result<()> {
         let size = self.machine.ram().size();
-        if saved.ram.len() as u64 != size || saved.machine.ram.size != size {
+        if saved.ram.len() as u64 != size {
             return Err(Error::Unsupported(
                 "restoring a VM: the snapshot's RAM size differs from this VM's",
             ));
         }
-        crate::state::check_version(saved.machine.version).map_err(restore_error)?;
+        self.check_restorable(&saved.machine)?;
         vm_memory::Bytes::write_slice(
             self.machine.ram().mem(),
             &saved.ram,
             vm_memory::GuestAddress(0),
         )
         .map_err(|e| Error::GuestMemory(e.to_string()))?;
-        self.machine
-            .restore(&saved.machine)
-            .map_err(restore_error)?;
-        self.vcpu.restore_state(&saved.vcpu)?;
-        self.pending = saved.vcpu.pending;
+        self.restore_state(&saved.vcpu, &saved.machine)
+    }
+
+    /// As [`Vm::restore`], with guest RAM mapped from a memory file instead of copied
+    /// ([`GuestRam::map_memory_file`](crate::memory::GuestRam::map_memory_file)): `file` is
+    /// RAM-sized and holds data for the pages set in `data`.
+    pub fn restore_mapped(
+        &mut self,
+        file: &std::fs::File,
+        data: PageBits,
+        vcpu: &crate::vcpu::VcpuState,
+        machine: &MachineState,
+    ) -> Result<()> {
+        self.check_restorable(machine)?;
+        self.machine.ram().map_memory_file(file, data)?;
+        self.restore_state(vcpu, machine)
+    }
+
+    fn check_restorable(&self, machine: &MachineState) -> Result<()> {
+        if machine.ram.size != self.machine.ram().size() {
+            return Err(Error::Unsupported(
+                "restoring a VM: the snapshot's RAM size differs from this VM's",
+            ));
+        }
+        crate::state::check_version(machine.version).map_err(restore_error)
+    }
+
+    /// The machine, then the vCPU (RAM is in place).
+    fn restore_state(
+        &mut self,
+        vcpu: &crate::vcpu::VcpuState,
+        machine: &MachineState,
+    ) -> Result<()> {
+        self.machine.restore(machine).map_err(restore_error)?;
+        self.vcpu.restore_state(vcpu)?;
+        self.pending = vcpu.pending;
         Ok(())
     }
 

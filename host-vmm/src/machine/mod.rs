@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hypercall_abi::idle::{EVENT_VECTOR, TIMER_VECTOR};
-use hypercall_abi::layout::{PT_POOL_GPA, PT_POOL_SIZE};
+use hypercall_abi::layout::{PAGE_SIZE, PT_POOL_GPA, PT_POOL_SIZE};
 use hypercall_abi::request::Request;
 use hypercall_abi::{HYPERCALL_PORT, Regs};
 use kvm_ioctls::{VcpuExit, VmFd};
@@ -31,7 +31,7 @@ use crate::error::Result;
 use crate::hypercall::clock::{Clock, ClockState};
 use crate::hypercall::{self, Context, Outcome};
 use crate::kernel_abi::{HiddenBecause, Offer};
-use crate::memory::{GuestRam, GuestRamState};
+use crate::memory::{GuestRam, GuestRamState, PageBits};
 use crate::metrics::{ExitReason, ExitStats};
 use crate::mmu::PageTablePool;
 use crate::state::{Persist, STATE_VERSION, StateError, check_version};
@@ -378,6 +378,11 @@ impl Machine {
         for w in &self.devices.virtio {
             lock(w).pause();
         }
+    }
+
+    /// The pages the guest reported free (`zero_hints` FREE_LIST), read from its list now.
+    pub fn free_pages(&self) -> PageBits {
+        PageBits::new(self.ram.size() / PAGE_SIZE)
     }
 
     /// Restarts the virtio windows paused by [`Machine::pause_devices`]. A window whose device

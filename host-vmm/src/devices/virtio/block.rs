@@ -46,6 +46,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::path::Path;
 
+use crate::memory::GuestMem;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
@@ -58,7 +59,6 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::{Bytes, GuestMemoryBackend, ReadVolatile, WriteVolatile};
-use crate::memory::GuestMem;
 
 use super::thread::{QueueHandler, Worker};
 use super::{Activation, Counters, DeviceError, Pass, VirtioDevice, read_config_bytes};
@@ -345,12 +345,7 @@ impl Disk {
     }
 
     /// Reads the disk at `offset` into the data buffers, in order.
-    fn read_to_guest(
-        &self,
-        data: &[Descriptor],
-        offset: u64,
-        mem: &GuestMem,
-    ) -> io::Result<()> {
+    fn read_to_guest(&self, data: &[Descriptor], offset: u64, mem: &GuestMem) -> io::Result<()> {
         let mut file = &self.file;
         file.seek(SeekFrom::Start(offset))?;
         for d in data {
@@ -364,12 +359,7 @@ impl Disk {
     }
 
     /// Writes the data buffers, in order, to the disk at `offset`.
-    fn write_from_guest(
-        &self,
-        data: &[Descriptor],
-        offset: u64,
-        mem: &GuestMem,
-    ) -> io::Result<()> {
+    fn write_from_guest(&self, data: &[Descriptor], offset: u64, mem: &GuestMem) -> io::Result<()> {
         let mut file = &self.file;
         file.seek(SeekFrom::Start(offset))?;
         for d in data {

@@ -31,13 +31,13 @@
 //! one buffer of at most [`MAX_CHAIN_BYTES`], handed to the sink and freed; how much the sink
 //! keeps is the sink's bound, not this device's.
 
+use crate::memory::GuestMem;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueState};
-use vm_memory::{Bytes};
-use crate::memory::GuestMem;
+use vm_memory::Bytes;
 
 use super::thread::{QueueHandler, Worker};
 use super::{Activation, Counters, DeviceError, Pass, VirtioDevice, read_config_bytes};

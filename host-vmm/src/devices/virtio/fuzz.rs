@@ -34,6 +34,7 @@
 //! Each case runs on its own thread with a 10 s limit ([`within`]), so a hang fails the run
 //! instead of stalling it.
 
+use crate::memory::GuestMem;
 use proptest::prelude::*;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -47,7 +48,6 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use crate::memory::GuestMem;
 
 use super::block::tests::{TempImage, pattern, within};
 use super::block::{BlockStats, Disk, SECTOR_SIZE};

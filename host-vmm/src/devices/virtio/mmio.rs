@@ -32,6 +32,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::memory::GuestMem;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
@@ -42,8 +43,7 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress};
-use crate::memory::GuestMem;
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Activation, ActiveQueue, DeviceError, Interrupt, VirtioDevice};

@@ -137,9 +137,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
+use crate::memory::GuestMem;
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
-use crate::memory::GuestMem;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::state::{Persist, StateError};
