@@ -41,6 +41,8 @@ pub enum StopReason {
     Timeout(Duration),
     /// The process received this signal (e.g. `SIGINT`, `SIGTERM`).
     Signal(i32),
+    /// The VM was migrated: it runs on at the destination.
+    Migrated,
 }
 
 impl StopReason {
@@ -49,6 +51,7 @@ impl StopReason {
         match self {
             StopReason::Timeout(_) => TIMEOUT_EXIT_STATUS,
             StopReason::Signal(n) => (128 + n.clamp(0, 127)) as u8,
+            StopReason::Migrated => 0,
         }
     }
 }
@@ -62,6 +65,7 @@ impl fmt::Display for StopReason {
             StopReason::Signal(libc::SIGHUP) => f.write_str("SIGHUP"),
             StopReason::Signal(libc::SIGQUIT) => f.write_str("SIGQUIT"),
             StopReason::Signal(n) => write!(f, "signal {n}"),
+            StopReason::Migrated => f.write_str("migrated"),
         }
     }
 }

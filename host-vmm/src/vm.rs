@@ -105,6 +105,7 @@ impl VmHandle {
             handle: self,
             state: Some((vcpu, machine)),
             free,
+            resume_devices: true,
         })
     }
 
@@ -141,9 +142,16 @@ pub struct Frozen<'a> {
     state: Option<(crate::vcpu::VcpuState, MachineState)>,
     /// The pages the guest reported free (their contents do not matter).
     pub free: PageBits,
+    resume_devices: bool,
 }
 
 impl Frozen<'_> {
+    /// Drops the state and leaves the devices still: for a VM that must not go on (it was
+    /// migrated); stop it next.
+    pub fn keep_devices_paused(mut self) {
+        self.resume_devices = false;
+    }
+
     /// The vCPU's state.
     pub fn vcpu(&self) -> &crate::vcpu::VcpuState {
         &self
@@ -170,6 +178,9 @@ impl Frozen<'_> {
 
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
+        if !self.resume_devices {
+            return;
+        }
         // The vCPU is still parked (only a stop ends the park, and then nothing runs again).
         let _ = self
             .handle
@@ -316,6 +327,43 @@ impl Vm {
         self.check_restorable(machine)?;
         self.machine.ram().map_memory_file(file, data)?;
         self.restore_state(vcpu, machine)
+    }
+
+    /// As [`Vm::restore`], with guest RAM already filled in ([`Vm::write_ram`]).
+    pub fn restore_received(
+        &mut self,
+        vcpu: &crate::vcpu::VcpuState,
+        machine: &MachineState,
+    ) -> Result<()> {
+        self.check_restorable(machine)?;
+        self.restore_state(vcpu, machine)
+    }
+
+    /// Makes all of guest RAM zero again (and returns its memory to the host), for a VM that
+    /// has not run and will be filled from a migration stream.
+    pub fn clear_ram(&mut self) -> Result<()> {
+        let size = self.machine.ram().size();
+        self.zero_ram(0, size)
+    }
+
+    /// Makes `[gpa, gpa + len)` of guest RAM zero (page-aligned, inside RAM).
+    pub fn zero_ram(&mut self, gpa: u64, len: u64) -> Result<()> {
+        self.machine
+            .ram()
+            .discard(gpa, len)
+            .map_err(|e| Error::GuestMemory(format!("cannot zero {len:#x} bytes at {gpa:#x}: {e}")))
+    }
+
+    /// Writes `data` into guest RAM at `gpa` (inside RAM).
+    pub fn write_ram(&mut self, gpa: u64, data: &[u8]) -> Result<()> {
+        self.machine
+            .ram()
+            .checked_range(gpa, data.len() as u64)
+            .ok_or_else(|| {
+                Error::GuestMemory(format!("{:#x} bytes at {gpa:#x} leave RAM", data.len()))
+            })?;
+        vm_memory::Bytes::write_slice(self.machine.ram().mem(), data, vm_memory::GuestAddress(gpa))
+            .map_err(|e| Error::GuestMemory(e.to_string()))
     }
 
     fn check_restorable(&self, machine: &MachineState) -> Result<()> {
