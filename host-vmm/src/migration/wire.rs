@@ -650,7 +650,7 @@ impl<T> Counted<T> {
     }
 
     /// Bytes read or written so far.
-    pub fn bytes(&self) -> u64 {
+    pub fn byte_count(&self) -> u64 {
         self.bytes
     }
 
@@ -693,5 +693,511 @@ impl<T: Write> Write for Counted<T> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::migration::endpoint::{Conn, Endpoint};
+
+    fn page(fill: u8, n: usize) -> Vec<u8> {
+        (0..n * PAGE_SIZE)
+            .map(|i| fill.wrapping_add((i / 7) as u8))
+            .collect()
+    }
+
+    fn all_messages() -> Vec<Message> {
+        vec![
+            Message::hello(64 << 20),
+            Message::Config(br#"{"mode":"pv","mem":67108864}"#.to_vec()),
+            Message::Config(Vec::new()),
+            Message::Kernel(vec![0x7f; 300_000]),
+            Message::Pages {
+                first_page: 0,
+                data: page(1, 1),
+            },
+            Message::Pages {
+                first_page: 1000,
+                data: page(9, PAGES_MAX_PER_MESSAGE),
+            },
+            Message::Zeros {
+                first_page: 3,
+                count: 12345,
+            },
+            Message::RoundEnd { round: 7 },
+            Message::State(br#"{"vcpu":{}}"#.to_vec()),
+            Message::Done,
+            Message::Ack,
+            Message::Resumed,
+            Message::Error("destination out of memory ✗".into()),
+            Message::Error(String::new()),
+        ]
+    }
+
+    fn encode(m: &Message) -> Vec<u8> {
+        let mut v = Vec::new();
+        let n = write_message(&mut v, m).unwrap();
+        assert_eq!(n, v.len() as u64, "{}", m.name());
+        v
+    }
+
+    /// A frame with a correct CRC around any payload.
+    fn frame(t: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![t];
+        v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        v.extend_from_slice(payload);
+        let crc = crc32fast::hash(&v);
+        v.extend_from_slice(&crc.to_le_bytes());
+        v
+    }
+
+    /// Sends every message from a thread through `tx` and checks they arrive unchanged
+    /// through `rx`, with matching byte counts on both sides.
+    fn round_trip(tx: Conn, rx: Conn) {
+        let msgs = all_messages();
+        let sent = msgs.clone();
+        let writer = std::thread::spawn(move || {
+            let mut w = Counted::new(tx);
+            let mut total = 0;
+            for m in &sent {
+                total += write_message(&mut w, m).unwrap();
+            }
+            // The zero-copy path, from a borrowed slice.
+            let data = page(42, 3);
+            total += write_pages(&mut w, 77, &data).unwrap();
+            assert_eq!(total, w.byte_count());
+            total
+        });
+        let mut r = Counted::new(rx);
+        for m in &msgs {
+            assert_eq!(&read_message(&mut r).unwrap(), m);
+        }
+        assert_eq!(
+            read_message(&mut r).unwrap(),
+            Message::Pages {
+                first_page: 77,
+                data: page(42, 3)
+            }
+        );
+        assert_eq!(writer.join().unwrap(), r.byte_count());
+    }
+
+    #[test]
+    fn round_trip_unix_pair() {
+        let (a, b) = UnixStream::pair().unwrap();
+        round_trip(Conn::from_unix(a).unwrap(), Conn::from_unix(b).unwrap());
+    }
+
+    #[test]
+    fn round_trip_loopback_tcp() {
+        let ep = Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        let listener = ep.listen().unwrap();
+        let target = listener.endpoint().clone();
+        let client = std::thread::spawn(move || target.connect(Duration::from_secs(5)).unwrap());
+        let server = listener.accept(Some(Duration::from_secs(5))).unwrap();
+        round_trip(client.join().unwrap(), server);
+    }
+
+    #[test]
+    fn write_pages_is_write_message_pages() {
+        let data = page(5, 2);
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        write_pages(&mut a, 9, &data).unwrap();
+        write_message(
+            &mut b,
+            &Message::Pages {
+                first_page: 9,
+                data,
+            },
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 5 + 8 + 2 * PAGE_SIZE + 4);
+    }
+
+    #[test]
+    fn layout_is_as_documented() {
+        let v = encode(&Message::hello(0x1000));
+        assert_eq!(v[0], 1);
+        assert_eq!(&v[1..5], &20u32.to_le_bytes());
+        assert_eq!(&v[5..13], b"PVKITMIG");
+        assert_eq!(&v[13..17], &WIRE_VERSION.to_le_bytes());
+        assert_eq!(&v[17..25], &0x1000u64.to_le_bytes());
+        assert_eq!(&v[25..], &crc32fast::hash(&v[..25]).to_le_bytes());
+        assert_eq!(encode(&Message::Done), frame(8, &[]));
+    }
+
+    #[test]
+    fn truncated_stream_is_closed_at_every_offset() {
+        for m in [
+            Message::hello(1 << 20),
+            Message::Config(b"{}".to_vec()),
+            Message::Pages {
+                first_page: 2,
+                data: page(3, 1),
+            },
+            Message::Zeros {
+                first_page: 1,
+                count: 2,
+            },
+            Message::Ack,
+            Message::Error("no".into()),
+        ] {
+            let v = encode(&m);
+            for cut in 0..v.len() {
+                match read_message(&mut &v[..cut]) {
+                    Err(MigrationError::Closed { during }) => assert!(!during.is_empty()),
+                    other => panic!("{} cut at {cut}: {other:?}", m.name()),
+                }
+            }
+            assert_eq!(read_message(&mut &v[..]).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn flipped_bit_anywhere_is_refused() {
+        for m in [
+            Message::hello(1 << 20),
+            Message::Pages {
+                first_page: 2,
+                data: page(3, 1),
+            },
+            Message::Zeros {
+                first_page: 1,
+                count: 2,
+            },
+            Message::RoundEnd { round: 1 },
+            Message::State(b"{\"x\":1}".to_vec()),
+            Message::Resumed,
+        ] {
+            let v = encode(&m);
+            for bit in 0..v.len() * 8 {
+                let mut bad = v.clone();
+                bad[bit / 8] ^= 1 << (bit % 8);
+                let e = read_message(&mut &bad[..]).expect_err("a flipped bit was accepted");
+                if bit / 8 >= 5 {
+                    // Payload or CRC: the length is intact, so the CRC catches it.
+                    assert!(
+                        matches!(e, MigrationError::Checksum { .. }),
+                        "{} bit {bit}: {e}",
+                        m.name()
+                    );
+                } else {
+                    // Tag or length: another tag (CRC), an unknown tag or an oversized length
+                    // (corrupt), or a longer length than the stream has (closed).
+                    assert!(
+                        matches!(
+                            e,
+                            MigrationError::Checksum { .. }
+                                | MigrationError::Corrupt(_)
+                                | MigrationError::Closed { .. }
+                        ),
+                        "{} bit {bit}: {e}",
+                        m.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_magic_is_refused() {
+        let mut payload = b"PVKITMIX".to_vec();
+        payload.extend_from_slice(&WIRE_VERSION.to_le_bytes());
+        payload.extend_from_slice(&4096u64.to_le_bytes());
+        let e = read_message(&mut &frame(1, &payload)[..]).unwrap_err();
+        assert!(matches!(e, MigrationError::Corrupt(_)), "{e}");
+        assert!(e.to_string().contains("magic"), "{e}");
+    }
+
+    #[test]
+    fn wrong_version_is_refused_by_the_receiver() {
+        let v = encode(&Message::Hello {
+            version: 2,
+            ram_size: 1 << 20,
+        });
+        // The frame itself is fine (its layout is fixed for every version)...
+        assert!(read_message(&mut &v[..]).is_ok());
+        // ...but the destination refuses it.
+        let e = Receiver::new().read(&mut &v[..]).unwrap_err();
+        assert!(
+            matches!(e, MigrationError::Version { peer: 2, ours: 1 }),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "migration stream version 2, this host-vmm speaks 1"
+        );
+    }
+
+    #[test]
+    fn unknown_tags_are_refused() {
+        for t in [0u8, 12, 200, 255] {
+            let e = read_message(&mut &frame(t, b"abc")[..]).unwrap_err();
+            assert!(matches!(e, MigrationError::Corrupt(_)), "tag {t}: {e}");
+            assert!(e.to_string().contains("unknown message tag"), "{e}");
+        }
+    }
+
+    /// Yields its bytes, then fails the test if read again.
+    struct OnlyThis<'a>(&'a [u8]);
+
+    impl Read for OnlyThis<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            assert!(!self.0.is_empty(), "read past the header of an oversized frame");
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn oversized_lengths_are_refused_before_reading_the_payload() {
+        for t in 1..=11u8 {
+            for len in [max_len(t).unwrap() + 1, u32::MAX] {
+                let mut header = vec![t];
+                header.extend_from_slice(&len.to_le_bytes());
+                let e = read_message(&mut OnlyThis(&header)).unwrap_err();
+                assert!(
+                    matches!(&e, MigrationError::Corrupt(why) if why.contains("exceeds")),
+                    "tag {t} len {len}: {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_payloads_are_refused() {
+        let cases: Vec<Vec<u8>> = vec![
+            frame(1, &[0; 19]),                      // Hello too short
+            frame(4, &[0; 7]),                       // Pages without a page number
+            frame(4, &[0; 8]),                       // Pages with no page
+            frame(4, &[0; 8 + 100]),                 // Pages with a partial page
+            frame(5, &[0; 15]),                      // Zeros too short
+            frame(5, &[0; 16]),                      // Zeros of 0 pages
+            frame(6, &[0; 3]),                       // RoundEnd too short
+            frame(8, b"x"),                          // Done with a payload
+            frame(11, &[0xff, 0xfe]),                // Error not UTF-8
+        ];
+        for (i, v) in cases.iter().enumerate() {
+            let e = read_message(&mut &v[..]).unwrap_err();
+            assert!(matches!(e, MigrationError::Corrupt(_)), "case {i}: {e}");
+        }
+    }
+
+    #[test]
+    fn unsendable_messages_write_nothing() {
+        let mut v = Vec::new();
+        for data in [vec![], vec![0; 4095], vec![0; PAGE_SIZE * (PAGES_MAX_PER_MESSAGE + 1)]] {
+            let e = write_pages(&mut v, 0, &data).unwrap_err();
+            assert!(matches!(e, MigrationError::Unsendable(_)), "{e}");
+        }
+        for m in [
+            Message::Config(vec![0; CONFIG_MAX as usize + 1]),
+            Message::Error("x".repeat(ERROR_MAX as usize + 1)),
+            Message::Zeros {
+                first_page: 0,
+                count: 0,
+            },
+        ] {
+            let e = write_message(&mut v, &m).unwrap_err();
+            assert!(matches!(e, MigrationError::Unsendable(_)), "{e}");
+        }
+        assert!(v.is_empty());
+        // The maxima themselves are fine.
+        write_message(&mut v, &Message::Config(vec![b' '; CONFIG_MAX as usize])).unwrap();
+        assert_eq!(read_message(&mut &v[..]).unwrap().name(), "Config");
+    }
+
+    #[test]
+    fn receiver_checks_handshake_and_bounds() {
+        let ram = 16 * PAGE_SIZE as u64;
+        let mut stream = Vec::new();
+        for m in [
+            Message::hello(ram),
+            Message::Pages {
+                first_page: 14,
+                data: page(0, 2),
+            },
+            Message::Zeros {
+                first_page: 0,
+                count: 16,
+            },
+            Message::Done,
+        ] {
+            write_message(&mut stream, &m).unwrap();
+        }
+        let mut rx = Receiver::new();
+        let mut r = &stream[..];
+        assert_eq!(rx.read(&mut r).unwrap(), Message::hello(ram));
+        assert_eq!(rx.ram_size(), Some(ram));
+        for _ in 0..3 {
+            rx.read(&mut r).unwrap();
+        }
+
+        let beyond = [
+            Message::Pages {
+                first_page: 15,
+                data: page(0, 2),
+            },
+            Message::Pages {
+                first_page: u64::MAX,
+                data: page(0, 1),
+            },
+            Message::Zeros {
+                first_page: 16,
+                count: 1,
+            },
+            Message::Zeros {
+                first_page: 2,
+                count: u64::MAX - 1,
+            },
+            Message::Zeros {
+                first_page: u64::MAX,
+                count: u64::MAX,
+            },
+        ];
+        for m in beyond {
+            let mut rx = Receiver::new();
+            let mut v = encode(&Message::hello(ram));
+            v.extend(encode(&m));
+            let mut r = &v[..];
+            rx.read(&mut r).unwrap();
+            let e = rx.read(&mut r).unwrap_err();
+            assert!(matches!(e, MigrationError::BeyondRam { .. }), "{m:?}: {e}");
+            assert!(e.to_string().contains("outside the guest's"), "{e}");
+        }
+
+        // Pages before the Hello, a second Hello, and a RAM size of partial pages.
+        let e = Receiver::new()
+            .read(&mut &encode(&Message::Zeros {
+                first_page: 0,
+                count: 1,
+            })[..])
+            .unwrap_err();
+        assert!(matches!(e, MigrationError::Unexpected { .. }), "{e}");
+        let mut v = encode(&Message::hello(ram));
+        v.extend(encode(&Message::hello(ram)));
+        let (mut rx, mut r) = (Receiver::new(), &v[..]);
+        rx.read(&mut r).unwrap();
+        assert!(matches!(
+            rx.read(&mut r),
+            Err(MigrationError::Unexpected { .. })
+        ));
+        for bad_ram in [0, 4097] {
+            let e = Receiver::new()
+                .read(&mut &encode(&Message::hello(bad_ram))[..])
+                .unwrap_err();
+            assert!(matches!(e, MigrationError::Corrupt(_)), "{e}");
+        }
+    }
+
+    fn timed_pair(timeout: Duration) -> (Conn, Conn) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = (Conn::from_unix(a).unwrap(), Conn::from_unix(b).unwrap());
+        a.set_io_timeout(timeout).unwrap();
+        b.set_io_timeout(timeout).unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn silent_peer_is_a_stall_not_a_hang() {
+        let timeout = Duration::from_millis(200);
+        let (mut a, mut b) = timed_pair(timeout);
+        // Nothing at all.
+        let t0 = Instant::now();
+        let e = read_message(&mut a).unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        assert!(
+            matches!(&e, MigrationError::Stalled { waited: Some(w), .. } if *w == timeout),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "migration peer stalled: nothing for 0.2 s during reading a message header"
+        );
+        // Half a message.
+        let v = encode(&Message::Config(b"{\"a\":1}".to_vec()));
+        b.write_all(&v[..8]).unwrap();
+        let e = read_message(&mut a).unwrap_err();
+        assert!(matches!(e, MigrationError::Stalled { .. }), "{e}");
+        assert!(e.to_string().contains("Config"), "{e}");
+    }
+
+    #[test]
+    fn peer_that_stops_reading_is_a_stall() {
+        let timeout = Duration::from_millis(150);
+        let (mut a, _b) = timed_pair(timeout);
+        let data = page(1, PAGES_MAX_PER_MESSAGE);
+        let t0 = Instant::now();
+        let e = loop {
+            if let Err(e) = write_pages(&mut a, 0, &data) {
+                break e;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "writes never blocked");
+        };
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        // The kernel rounds socket timeouts to its clock tick.
+        assert!(
+            matches!(&e, MigrationError::Stalled { waited: Some(w), .. }
+                if w.abs_diff(timeout) < Duration::from_millis(20)),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("sending a Pages message"), "{e}");
+    }
+
+    #[test]
+    fn peer_that_closes_is_closed() {
+        let (mut a, b) = timed_pair(Duration::from_secs(5));
+        drop(b);
+        let e = read_message(&mut a).unwrap_err();
+        assert!(matches!(e, MigrationError::Closed { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "migration peer closed the connection during reading a message header"
+        );
+        let e = write_message(&mut a, &Message::Done).unwrap_err();
+        assert!(matches!(e, MigrationError::Closed { .. }), "{e}");
+
+        // Closed after half a message.
+        let (mut a, mut b) = timed_pair(Duration::from_secs(5));
+        let v = encode(&Message::State(vec![b'x'; 100]));
+        b.write_all(&v[..50]).unwrap();
+        drop(b);
+        let e = read_message(&mut a).unwrap_err();
+        assert!(matches!(e, MigrationError::Closed { .. }), "{e}");
+    }
+
+    #[test]
+    fn io_errors_are_classified() {
+        use io::ErrorKind as K;
+        for k in [K::WouldBlock, K::TimedOut] {
+            assert!(matches!(
+                MigrationError::from_io(k.into(), "x"),
+                MigrationError::Stalled { waited: None, .. }
+            ));
+        }
+        for k in [K::UnexpectedEof, K::BrokenPipe, K::ConnectionReset] {
+            assert!(matches!(
+                MigrationError::from_io(k.into(), "x"),
+                MigrationError::Closed { .. }
+            ));
+        }
+        let e = MigrationError::from_io(K::PermissionDenied.into(), "sending a Done message");
+        assert!(matches!(e, MigrationError::Io { .. }));
+        assert!(e.to_string().starts_with("migration I/O error during sending a Done message"));
+        assert_eq!(
+            MigrationError::from_io(K::TimedOut.into(), "x").to_string(),
+            "migration peer stalled: nothing for the I/O timeout during x"
+        );
+        let vm_err: crate::error::Error = MigrationError::Corrupt("why".into()).into();
+        assert!(vm_err.to_string().contains("migration stream corrupt: why"));
     }
 }
