@@ -119,13 +119,12 @@ impl Endpoint {
                 return Err(bad("write an IPv6 address in brackets: [::1]:PORT".into()));
             } else if host.is_empty() {
                 return Err(bad("empty host".into()));
-            } else if host.parse::<IpAddr>().is_err() {
-                // A host name other than localhost: refused without resolving it.
+            } else {
+                // A host name other than localhost (or a malformed address): refused without
+                // resolving it, as it is not a loopback address.
                 return Err(MigrationError::NotLoopback {
                     endpoint: whole.into(),
                 });
-            } else {
-                return Err(bad(format!("bad address {host:?}")));
             }
         };
         if !is_loopback(addr.ip()) {
@@ -138,7 +137,9 @@ impl Endpoint {
 
     /// Listens here. A Unix path that exists is refused unless it is a socket nobody listens
     /// on (a stale socket, which is removed); the socket file is removed when the
-    /// [`Listener`] drops. TCP port 0 picks a free port ([`Listener::endpoint`] tells which).
+    /// [`Listener`] drops. Whether an existing socket is live is found out by connecting to
+    /// it, so a live listener there sees one connection that closes without a byte. TCP port
+    /// 0 picks a free port ([`Listener::endpoint`] tells which).
     pub fn listen(&self) -> Result<Listener> {
         let io = |what: &str| {
             let what = format!("{what} {self}");
@@ -446,5 +447,207 @@ impl Endpoint {
             Endpoint::Unix(p) => Some(p),
             Endpoint::Tcp(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use super::*;
+
+    /// A fresh directory for this test's sockets, removed by the guard.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let p = std::env::temp_dir().join(format!("pvkit-mig-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tcp(ip: impl Into<IpAddr>, port: u16) -> Endpoint {
+        Endpoint::Tcp(SocketAddr::new(ip.into(), port))
+    }
+
+    #[test]
+    fn parses_good_endpoints() {
+        let v4 = Ipv4Addr::LOCALHOST;
+        for (s, want) in [
+            ("unix:/run/mig.sock", Endpoint::Unix("/run/mig.sock".into())),
+            ("unix:mig.sock", Endpoint::Unix("mig.sock".into())),
+            ("/tmp/x", Endpoint::Unix("/tmp/x".into())),
+            ("./x.sock", Endpoint::Unix("./x.sock".into())),
+            ("tcp:127.0.0.1:4000", tcp(v4, 4000)),
+            ("127.0.0.1:4000", tcp(v4, 4000)),
+            ("127.1.2.3:1", tcp(Ipv4Addr::new(127, 1, 2, 3), 1)),
+            ("localhost:4000", tcp(v4, 4000)),
+            ("tcp:LOCALHOST:0", tcp(v4, 0)),
+            ("tcp:[::1]:5", tcp(Ipv6Addr::LOCALHOST, 5)),
+            ("[::1]:5", tcp(Ipv6Addr::LOCALHOST, 5)),
+        ] {
+            let got = Endpoint::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            assert_eq!(got, want, "{s}");
+            // Display gives a string that parses back to the same endpoint.
+            assert_eq!(got.to_string().parse::<Endpoint>().unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn refuses_bad_endpoints() {
+        for s in [
+            "",
+            "unix:",
+            "mig.sock",
+            "tcp:127.0.0.1",
+            "127.0.0.1:99999",
+            "127.0.0.1:",
+            "tcp::4000",
+            "::1:4000",
+            "localhost:port",
+        ] {
+            match Endpoint::parse(s) {
+                Err(e @ MigrationError::BadEndpoint { .. }) => {
+                    assert!(e.to_string().contains("expected unix:PATH"), "{e}")
+                }
+                other => panic!("{s:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_non_loopback_tcp() {
+        for s in [
+            "tcp:10.0.0.1:4000",
+            "0.0.0.0:4000",
+            "192.168.1.2:22",
+            "example.com:4000",
+            "tcp:host:1",
+            "[::]:4000",
+            "tcp:[2001:db8::1]:4000",
+            "[::ffff:10.0.0.1]:4000",
+            "tcp:999.0.0.1:1",
+        ] {
+            match Endpoint::parse(s) {
+                Err(e @ MigrationError::NotLoopback { .. }) => {
+                    assert!(e.to_string().contains("unauthenticated"), "{e}")
+                }
+                other => panic!("{s:?}: {other:?}"),
+            }
+        }
+        assert!(Endpoint::parse("[::ffff:127.0.0.1]:4000").is_ok());
+    }
+
+    #[test]
+    fn unix_listener_removes_its_socket_and_refuses_other_files() {
+        let dir = TempDir::new("unix");
+        let path = dir.0.join("mig.sock");
+        let ep = Endpoint::Unix(path.clone());
+        {
+            let l = ep.listen().unwrap();
+            assert!(
+                std::fs::symlink_metadata(&path)
+                    .unwrap()
+                    .file_type()
+                    .is_socket()
+            );
+            let mut c = ep.connect(Duration::from_secs(1)).unwrap();
+            let mut s = l.accept(Some(Duration::from_secs(5))).unwrap();
+            c.write_all(b"hi").unwrap();
+            let mut buf = [0; 2];
+            s.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"hi");
+            // A second listener on a live socket is refused.
+            let e = ep.listen().unwrap_err();
+            assert!(
+                e.to_string().contains("another process is listening"),
+                "{e}"
+            );
+        }
+        assert!(!path.exists(), "the socket file outlived its listener");
+
+        // A stale socket (its listener gone without removing it) is replaced.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        drop(ep.listen().unwrap());
+        assert!(!path.exists());
+
+        // A regular file is refused and left alone.
+        std::fs::write(&path, b"precious").unwrap();
+        let e = ep.listen().unwrap_err();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn accept_times_out_without_a_peer() {
+        let dir = TempDir::new("accept");
+        let l = Endpoint::Unix(dir.0.join("s")).listen().unwrap();
+        let t0 = Instant::now();
+        let e = l.accept(Some(Duration::from_millis(150))).unwrap_err();
+        assert!(t0.elapsed() >= Duration::from_millis(150));
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        assert!(matches!(e, MigrationError::NoPeer { .. }), "{e}");
+        assert!(e.to_string().contains("within 0.15 s"), "{e}");
+    }
+
+    #[test]
+    fn tcp_listen_connect_and_clone() {
+        let l = tcp(Ipv4Addr::LOCALHOST, 0).listen().unwrap();
+        let Endpoint::Tcp(addr) = l.endpoint() else {
+            panic!()
+        };
+        assert_ne!(addr.port(), 0);
+        let mut c = l.endpoint().connect(Duration::from_secs(5)).unwrap();
+        let s = l.accept(None).unwrap();
+        let mut s2 = s.try_clone().unwrap();
+        c.write_all(b"ping").unwrap();
+        let mut buf = [0; 4];
+        s2.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        // The timeout set on one handle applies to its clone; a silent peer is an error.
+        s.set_io_timeout(Duration::from_millis(100)).unwrap();
+        let e = s2.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.get_ref().unwrap().downcast_ref::<IoTimeout>().is_some());
+        c.shutdown_write().unwrap();
+        s.set_io_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(s2.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn connect_failures_say_what_to_check() {
+        let dir = TempDir::new("connect");
+        let e = Endpoint::Unix(dir.0.join("nobody"))
+            .connect(Duration::from_millis(200))
+            .unwrap_err();
+        assert!(matches!(e, MigrationError::Io { .. }), "{e}");
+        assert!(e.to_string().contains("host-vmm receive --listen"), "{e}");
+        // A port nobody listens on (bound then released).
+        let port = {
+            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let e = tcp(Ipv4Addr::LOCALHOST, port)
+            .connect(Duration::from_millis(500))
+            .unwrap_err();
+        assert!(matches!(e, MigrationError::Io { .. }), "{e}");
+    }
+
+    #[test]
+    fn new_connections_have_a_timeout() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let c = Conn::from_unix(a).unwrap();
+        assert_eq!(c.timeout(false), Some(DEFAULT_IO_TIMEOUT));
+        assert_eq!(c.timeout(true), Some(DEFAULT_IO_TIMEOUT));
+        assert!(c.set_io_timeout(Duration::ZERO).is_err());
     }
 }

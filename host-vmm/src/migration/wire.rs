@@ -173,7 +173,11 @@ pub type Result<T> = std::result::Result<T, MigrationError>;
 
 fn wait_text(waited: &Option<Duration>) -> String {
     match waited {
-        Some(d) => format!("{} s", d.as_secs_f64()),
+        // Hundredths at most: the kernel rounds socket timeouts to its clock tick.
+        Some(d) => {
+            let s = format!("{:.2}", d.as_secs_f64());
+            format!("{} s", s.trim_end_matches('0').trim_end_matches('.'))
+        }
         None => "the I/O timeout".into(),
     }
 }
@@ -198,7 +202,7 @@ pub struct IoTimeout(pub Duration);
 
 impl std::fmt::Display for IoTimeout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "no progress for {} s", self.0.as_secs_f64())
+        write!(f, "no progress for {}", wait_text(&Some(self.0)))
     }
 }
 
@@ -950,7 +954,10 @@ mod tests {
 
     impl Read for OnlyThis<'_> {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            assert!(!self.0.is_empty(), "read past the header of an oversized frame");
+            assert!(
+                !self.0.is_empty(),
+                "read past the header of an oversized frame"
+            );
             let n = buf.len().min(self.0.len());
             buf[..n].copy_from_slice(&self.0[..n]);
             self.0 = &self.0[n..];
@@ -976,15 +983,15 @@ mod tests {
     #[test]
     fn malformed_payloads_are_refused() {
         let cases: Vec<Vec<u8>> = vec![
-            frame(1, &[0; 19]),                      // Hello too short
-            frame(4, &[0; 7]),                       // Pages without a page number
-            frame(4, &[0; 8]),                       // Pages with no page
-            frame(4, &[0; 8 + 100]),                 // Pages with a partial page
-            frame(5, &[0; 15]),                      // Zeros too short
-            frame(5, &[0; 16]),                      // Zeros of 0 pages
-            frame(6, &[0; 3]),                       // RoundEnd too short
-            frame(8, b"x"),                          // Done with a payload
-            frame(11, &[0xff, 0xfe]),                // Error not UTF-8
+            frame(1, &[0; 19]),       // Hello too short
+            frame(4, &[0; 7]),        // Pages without a page number
+            frame(4, &[0; 8]),        // Pages with no page
+            frame(4, &[0; 8 + 100]),  // Pages with a partial page
+            frame(5, &[0; 15]),       // Zeros too short
+            frame(5, &[0; 16]),       // Zeros of 0 pages
+            frame(6, &[0; 3]),        // RoundEnd too short
+            frame(8, b"x"),           // Done with a payload
+            frame(11, &[0xff, 0xfe]), // Error not UTF-8
         ];
         for (i, v) in cases.iter().enumerate() {
             let e = read_message(&mut &v[..]).unwrap_err();
@@ -995,7 +1002,11 @@ mod tests {
     #[test]
     fn unsendable_messages_write_nothing() {
         let mut v = Vec::new();
-        for data in [vec![], vec![0; 4095], vec![0; PAGE_SIZE * (PAGES_MAX_PER_MESSAGE + 1)]] {
+        for data in [
+            vec![],
+            vec![0; 4095],
+            vec![0; PAGE_SIZE * (PAGES_MAX_PER_MESSAGE + 1)],
+        ] {
             let e = write_pages(&mut v, 0, &data).unwrap_err();
             assert!(matches!(e, MigrationError::Unsendable(_)), "{e}");
         }
@@ -1077,10 +1088,12 @@ mod tests {
 
         // Pages before the Hello, a second Hello, and a RAM size of partial pages.
         let e = Receiver::new()
-            .read(&mut &encode(&Message::Zeros {
-                first_page: 0,
-                count: 1,
-            })[..])
+            .read(
+                &mut &encode(&Message::Zeros {
+                    first_page: 0,
+                    count: 1,
+                })[..],
+            )
             .unwrap_err();
         assert!(matches!(e, MigrationError::Unexpected { .. }), "{e}");
         let mut v = encode(&Message::hello(ram));
@@ -1116,7 +1129,8 @@ mod tests {
         let e = read_message(&mut a).unwrap_err();
         assert!(t0.elapsed() < Duration::from_secs(2));
         assert!(
-            matches!(&e, MigrationError::Stalled { waited: Some(w), .. } if *w == timeout),
+            matches!(&e, MigrationError::Stalled { waited: Some(w), .. }
+                if w.abs_diff(timeout) < Duration::from_millis(20)),
             "{e:?}"
         );
         assert_eq!(
@@ -1141,7 +1155,10 @@ mod tests {
             if let Err(e) = write_pages(&mut a, 0, &data) {
                 break e;
             }
-            assert!(t0.elapsed() < Duration::from_secs(5), "writes never blocked");
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "writes never blocked"
+            );
         };
         assert!(t0.elapsed() < Duration::from_secs(5));
         // The kernel rounds socket timeouts to its clock tick.
@@ -1192,7 +1209,10 @@ mod tests {
         }
         let e = MigrationError::from_io(K::PermissionDenied.into(), "sending a Done message");
         assert!(matches!(e, MigrationError::Io { .. }));
-        assert!(e.to_string().starts_with("migration I/O error during sending a Done message"));
+        assert!(
+            e.to_string()
+                .starts_with("migration I/O error during sending a Done message")
+        );
         assert_eq!(
             MigrationError::from_io(K::TimedOut.into(), "x").to_string(),
             "migration peer stalled: nothing for the I/O timeout during x"
