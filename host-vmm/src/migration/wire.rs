@@ -368,7 +368,10 @@ fn max_len(t: u8) -> Option<u32> {
 }
 
 fn check_pages(data_len: usize) -> std::result::Result<(), String> {
-    if data_len == 0 || data_len % PAGE_SIZE != 0 || data_len / PAGE_SIZE > PAGES_MAX_PER_MESSAGE {
+    if data_len == 0
+        || !data_len.is_multiple_of(PAGE_SIZE)
+        || data_len / PAGE_SIZE > PAGES_MAX_PER_MESSAGE
+    {
         return Err(format!(
             "Pages data of {data_len} bytes is not 1 to {PAGES_MAX_PER_MESSAGE} pages of \
              {PAGE_SIZE} bytes"
@@ -614,7 +617,7 @@ impl Receiver {
                         ours: WIRE_VERSION,
                     });
                 }
-                if *ram_size == 0 || *ram_size % PAGE_SIZE as u64 != 0 {
+                if *ram_size == 0 || !ram_size.is_multiple_of(PAGE_SIZE as u64) {
                     return Err(MigrationError::Corrupt(format!(
                         "Hello with a RAM size of {ram_size} bytes, not a positive number of \
                          {PAGE_SIZE}-byte pages"
