@@ -486,17 +486,24 @@ pub fn read_message(r: &mut impl Read) -> Result<Message> {
         )));
     }
     let len = len as usize;
-    // `len` is bounded by the tag's maximum (64 MiB at most). Large payloads grow as bytes
+    let during = || format!("reading a {len}-byte {name} message");
+    // A Pages payload's page number is read apart, so that the pages land at the start of
+    // their own Vec (no 2 MiB shift to drop the prefix).
+    let mut prefix = [0u8; 8];
+    let prefix_len = if t == tag::PAGES { len.min(8) } else { 0 };
+    read_exact(r, &mut prefix[..prefix_len], during)?;
+    let rest = len - prefix_len;
+    // `rest` is bounded by the tag's maximum (64 MiB at most). Large payloads grow as bytes
     // arrive rather than being allocated up front on a peer's word.
-    let mut payload = Vec::with_capacity(len.min(PAGES_PAYLOAD_MAX as usize));
+    let mut payload = Vec::with_capacity(rest.min(PAGES_PAYLOAD_MAX as usize));
     let got = r
         .by_ref()
-        .take(len as u64)
+        .take(rest as u64)
         .read_to_end(&mut payload)
-        .map_err(|e| MigrationError::from_io(e, format!("reading a {len}-byte {name} message")))?;
-    if got < len {
+        .map_err(|e| MigrationError::from_io(e, during()))?;
+    if got < rest {
         return Err(MigrationError::Closed {
-            during: format!("reading a {len}-byte {name} message (got {got} bytes)"),
+            during: format!("{} (got {} bytes)", during(), prefix_len + got),
         });
     }
     let mut sent = [0u8; 4];
@@ -506,6 +513,7 @@ pub fn read_message(r: &mut impl Read) -> Result<Message> {
     let sent = u32::from_le_bytes(sent);
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header);
+    crc.update(&prefix[..prefix_len]);
     crc.update(&payload);
     let computed = crc.finalize();
     if computed != sent {
@@ -513,6 +521,18 @@ pub fn read_message(r: &mut impl Read) -> Result<Message> {
             message: name,
             computed,
             sent,
+        });
+    }
+    if t == tag::PAGES {
+        if prefix_len < 8 {
+            return Err(MigrationError::Corrupt(format!(
+                "Pages payload of {len} bytes has no page number"
+            )));
+        }
+        check_pages(payload.len()).map_err(MigrationError::Corrupt)?;
+        return Ok(Message::Pages {
+            first_page: u64::from_le_bytes(prefix),
+            data: payload,
         });
     }
     decode(t, payload)
@@ -549,19 +569,6 @@ fn decode(t: u8, payload: Vec<u8>) -> Result<Message> {
         tag::CONFIG => Message::Config(payload),
         tag::KERNEL => Message::Kernel(payload),
         tag::STATE => Message::State(payload),
-        tag::PAGES => {
-            if payload.len() < 8 {
-                return Err(MigrationError::Corrupt(format!(
-                    "Pages payload of {} bytes has no page number",
-                    payload.len()
-                )));
-            }
-            check_pages(payload.len() - 8).map_err(MigrationError::Corrupt)?;
-            let first_page = u64_at(0);
-            let mut data = payload;
-            data.drain(..8);
-            Message::Pages { first_page, data }
-        }
         tag::ZEROS => {
             exact(16)?;
             let (first_page, count) = (u64_at(0), u64_at(8));
@@ -581,7 +588,9 @@ fn decode(t: u8, payload: Vec<u8>) -> Result<Message> {
             String::from_utf8(payload)
                 .map_err(|_| MigrationError::Corrupt("Error message that is not UTF-8".into()))?,
         ),
-        _ => unreachable!("max_len refused tag {t}"),
+        // Pages are decoded by `read_message` and unknown tags refused by `max_len`: this arm
+        // is not reached, and is an error rather than a panic all the same.
+        _ => return Err(MigrationError::Corrupt(format!("unknown message tag {t}"))),
     })
 }
 
