@@ -102,8 +102,8 @@ pub enum MigrationError {
     },
     /// Pages or zeros outside the guest's RAM.
     #[error(
-        "migration stream corrupt: {message} for pages {first_page}+{count} lie outside the \
-         guest's {ram_size} bytes of RAM"
+        "migration stream corrupt: a {message} message for {count} pages from page {first_page} \
+         reaches beyond the guest's {ram_size} bytes of RAM"
     )]
     BeyondRam {
         /// `Pages` or `Zeros`.
@@ -1095,7 +1095,7 @@ mod tests {
             rx.read(&mut r).unwrap();
             let e = rx.read(&mut r).unwrap_err();
             assert!(matches!(e, MigrationError::BeyondRam { .. }), "{m:?}: {e}");
-            assert!(e.to_string().contains("outside the guest's"), "{e}");
+            assert!(e.to_string().contains("beyond the guest's"), "{e}");
         }
 
         // Pages before the Hello, a second Hello, and a RAM size of partial pages.
