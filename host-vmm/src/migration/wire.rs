@@ -1232,4 +1232,72 @@ mod tests {
         let vm_err: crate::error::Error = MigrationError::Corrupt("why".into()).into();
         assert!(vm_err.to_string().contains("migration stream corrupt: why"));
     }
+
+    mod fuzz {
+        //! Hostile streams: valid frames with random flips, overwrites and cuts, and raw
+        //! garbage, fed to a [`Receiver`]. Cases: `PROPTEST_CASES` (proptest's default
+        //! without it).
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn message() -> impl Strategy<Value = Message> {
+            prop_oneof![
+                (any::<u32>(), any::<u64>())
+                    .prop_map(|(version, ram_size)| Message::Hello { version, ram_size }),
+                prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::Config),
+                prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::Kernel),
+                (0u64..40, 1usize..4, any::<u8>()).prop_map(|(first_page, n, fill)| {
+                    Message::Pages {
+                        first_page,
+                        data: page(fill, n),
+                    }
+                }),
+                (any::<u64>(), 1u64..u64::MAX)
+                    .prop_map(|(first_page, count)| Message::Zeros { first_page, count }),
+                any::<u32>().prop_map(|round| Message::RoundEnd { round }),
+                prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::State),
+                Just(Message::Done),
+                Just(Message::Ack),
+                Just(Message::Resumed),
+                ".{0,40}".prop_map(Message::Error),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_message_round_trips(m in message()) {
+                let v = encode(&m);
+                prop_assert_eq!(read_message(&mut &v[..]).unwrap(), m);
+            }
+
+            #[test]
+            fn hostile_streams_give_errors_not_panics(
+                msgs in prop::collection::vec(message(), 0..6),
+                flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+                cut in any::<prop::sample::Index>(),
+                garbage in prop::collection::vec(any::<u8>(), 0..64),
+            ) {
+                let ram = 32 * PAGE_SIZE as u64;
+                let mut v = encode(&Message::hello(ram));
+                for m in &msgs {
+                    v.extend(encode(m));
+                }
+                v.extend(&garbage);
+                for (at, xor) in flips {
+                    let i = at.index(v.len());
+                    v[i] ^= xor;
+                }
+                v.truncate(cut.index(v.len() + 1));
+                let mut rx = Receiver::new();
+                let mut r = &v[..];
+                // Every message the receiver accepts is within RAM; the stream ends in an
+                // error (at the latest when it runs out).
+                while let Ok(m) = rx.read(&mut r) {
+                    prop_assert!(m.check_bounds(ram).is_ok());
+                }
+            }
+        }
+    }
 }
