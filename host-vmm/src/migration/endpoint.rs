@@ -135,12 +135,23 @@ impl Endpoint {
         Ok(Endpoint::Tcp(addr))
     }
 
+    /// Refuses a non-loopback TCP endpoint built directly rather than by [`Endpoint::parse`].
+    fn check_loopback(&self) -> Result<()> {
+        match self {
+            Endpoint::Tcp(a) if !is_loopback(a.ip()) => Err(MigrationError::NotLoopback {
+                endpoint: self.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Listens here. A Unix path that exists is refused unless it is a socket nobody listens
     /// on (a stale socket, which is removed); the socket file is removed when the
     /// [`Listener`] drops. Whether an existing socket is live is found out by connecting to
     /// it, so a live listener there sees one connection that closes without a byte. TCP port
     /// 0 picks a free port ([`Listener::endpoint`] tells which).
     pub fn listen(&self) -> Result<Listener> {
+        self.check_loopback()?;
         let io = |what: &str| {
             let what = format!("{what} {self}");
             move |source| MigrationError::Io { what, source }
@@ -167,8 +178,12 @@ impl Endpoint {
                                 ),
                             });
                         }
-                        Err(_) => std::fs::remove_file(path)
-                            .map_err(io("cannot remove the stale socket"))?,
+                        // Nobody listens: a stale socket.
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                            std::fs::remove_file(path)
+                                .map_err(io("cannot remove the stale socket"))?
+                        }
+                        Err(e) => return Err(io("cannot check the existing socket")(e)),
                     }
                 }
                 let listener = UnixListener::bind(path).map_err(io("cannot listen on"))?;
@@ -194,6 +209,7 @@ impl Endpoint {
     /// Connects here, waiting at most `timeout` for TCP to connect (a Unix connect does not
     /// wait). The connection's I/O timeout is [`DEFAULT_IO_TIMEOUT`].
     pub fn connect(&self, timeout: Duration) -> Result<Conn> {
+        self.check_loopback()?;
         let fail = |source: io::Error| {
             if matches!(
                 source.kind(),
@@ -544,6 +560,16 @@ mod tests {
             }
         }
         assert!(Endpoint::parse("[::ffff:127.0.0.1]:4000").is_ok());
+        // Built directly, a non-loopback endpoint is refused all the same.
+        let outside = tcp(Ipv4Addr::UNSPECIFIED, 0);
+        assert!(matches!(
+            outside.listen(),
+            Err(MigrationError::NotLoopback { .. })
+        ));
+        assert!(matches!(
+            tcp(Ipv4Addr::new(10, 0, 0, 1), 1).connect(Duration::from_millis(100)),
+            Err(MigrationError::NotLoopback { .. })
+        ));
     }
 
     #[test]
