@@ -35,6 +35,7 @@ pub mod loader;
 pub mod machine;
 pub mod memory;
 pub mod metrics;
+pub mod migration;
 pub mod mmu;
 pub mod prepare;
 pub mod rusage;
