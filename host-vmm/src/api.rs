@@ -9,6 +9,7 @@
 //! | `{"op":"resume"}` | lets it run again | — |
 //! | `{"op":"stats"}` | exit counts and console bytes so far (pauses for the read if running) | `"paused"`, `"exits"`, `"console_bytes"` |
 //! | `{"op":"snapshot","dir":"PATH"}` | saves the VM to `PATH` ([`crate::snapshot`]); pauses for it if running | `"pages_written"`, `"pages_elided"` (`unbacked`, `free`, `zero`) |
+//! | `{"op":"migrate","to":"ADDR"}` (optional `"max_rounds"`, `"downtime_ms"`, `"io_timeout_ms"`, `"on_failure"`: `"resume"` or `"pause"`) | live-migrates the VM to a `host-vmm receive` at `ADDR` ([`crate::migration::engine`]); on success this VM's run ends | `"report"`: rounds, bytes, downtime |
 //!
 //! A malformed, oversized (more than [`REQUEST_MAX`] bytes) or unknown request, or one that
 //! fails, gets `{"ok": false, "error": "..."}`; the server carries on. A client that sends
@@ -26,9 +27,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::config::VmConfig;
 use crate::error::{Error, Result};
 use crate::machine::Machine;
+use crate::migration::endpoint::Endpoint;
+use crate::migration::engine::{MigrateOptions, OnFailure, Source};
 use crate::vm::VmHandle;
 
 /// The longest request line accepted.
@@ -48,8 +50,8 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Listens on `path` (refused if something exists there) and serves requests for the VM
-    /// behind `handle`, configured as `cfg`.
-    pub fn start(path: &Path, handle: VmHandle, cfg: VmConfig) -> Result<ApiServer> {
+    /// behind `source`.
+    pub fn start(path: &Path, source: Arc<Source>) -> Result<ApiServer> {
         let listener = UnixListener::bind(path).map_err(|source| Error::Io {
             what: format!("cannot listen on the API socket {}", path.display()),
             source,
@@ -58,7 +60,7 @@ impl ApiServer {
         let flag = done.clone();
         let thread = std::thread::Builder::new()
             .name("pvkit-api".into())
-            .spawn(move || serve(listener, &handle, &cfg, &flag))
+            .spawn(move || serve(listener, &source, &flag))
             .map_err(|source| Error::Io {
                 what: "cannot start the API thread".into(),
                 source,
@@ -94,7 +96,7 @@ impl Drop for ApiServer {
     }
 }
 
-fn serve(listener: UnixListener, handle: &VmHandle, cfg: &VmConfig, done: &AtomicBool) {
+fn serve(listener: UnixListener, source: &Source, done: &AtomicBool) {
     for conn in listener.incoming() {
         if done.load(Ordering::Acquire) {
             return;
@@ -103,7 +105,7 @@ fn serve(listener: UnixListener, handle: &VmHandle, cfg: &VmConfig, done: &Atomi
         let _ = conn.set_read_timeout(Some(CLIENT_TIMEOUT));
         let _ = conn.set_write_timeout(Some(CLIENT_TIMEOUT));
         let answer = match read_request(&conn) {
-            Ok(req) => answer(&req, handle, cfg),
+            Ok(req) => answer(&req, source),
             Err(why) => json!({"ok": false, "error": why}),
         };
         let _ = writeln!(conn, "{answer}");
@@ -122,7 +124,8 @@ fn read_request(conn: &UnixStream) -> std::result::Result<Value, String> {
     serde_json::from_str(line.trim()).map_err(|e| format!("malformed request: {e}"))
 }
 
-fn answer(req: &Value, handle: &VmHandle, cfg: &VmConfig) -> Value {
+fn answer(req: &Value, source: &Source) -> Value {
+    let (handle, cfg) = (source.handle(), source.config());
     let result = match req.get("op").and_then(Value::as_str) {
         Some("pause") => handle
             .vcpu()
@@ -162,8 +165,9 @@ fn answer(req: &Value, handle: &VmHandle, cfg: &VmConfig) -> Value {
             })
             .map(|(v, _)| v),
         },
+        Some("migrate") => migrate(req, source),
         Some(other) => Err(format!(
-            "unknown op {other:?} (known: pause, resume, stats, snapshot)"
+            "unknown op {other:?} (known: pause, resume, stats, snapshot, migrate)"
         )),
         None => Err("the request needs \"op\"".into()),
     };
@@ -174,6 +178,45 @@ fn answer(req: &Value, handle: &VmHandle, cfg: &VmConfig) -> Value {
         }
         Err(e) => json!({"ok": false, "error": e}),
     }
+}
+
+/// The `migrate` request: options from the request, the report as the answer.
+fn migrate(req: &Value, source: &Source) -> std::result::Result<Value, String> {
+    let to = req
+        .get("to")
+        .and_then(Value::as_str)
+        .ok_or("migrate needs \"to\": the destination's address")?;
+    let to = Endpoint::parse(to).map_err(|e| e.to_string())?;
+    let mut opts = MigrateOptions::default();
+    let number = |key: &str| -> std::result::Result<Option<u64>, String> {
+        match req.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| format!("\"{key}\" must be a non-negative integer")),
+        }
+    };
+    if let Some(n) = number("max_rounds")? {
+        opts.max_rounds = u32::try_from(n).map_err(|_| "\"max_rounds\" is too large")?;
+    }
+    if let Some(ms) = number("downtime_ms")? {
+        opts.downtime_target = Duration::from_millis(ms);
+    }
+    if let Some(ms) = number("io_timeout_ms")? {
+        if ms == 0 {
+            return Err("\"io_timeout_ms\" must be positive".into());
+        }
+        opts.io_timeout = Duration::from_millis(ms);
+    }
+    match req.get("on_failure").map(|v| v.as_str()) {
+        None => {}
+        Some(Some("resume")) => opts.on_failure = OnFailure::Resume,
+        Some(Some("pause")) => opts.on_failure = OnFailure::Pause,
+        Some(_) => return Err("\"on_failure\" must be \"resume\" or \"pause\"".into()),
+    }
+    let report = source.migrate(&to, &opts).map_err(|e| e.to_string())?;
+    Ok(json!({ "report": serde_json::to_value(&report).unwrap_or(Value::Null) }))
 }
 
 /// Runs `f` with the vCPU paused; pauses it first (and resumes it after) if it was running.

@@ -16,6 +16,7 @@ use host_vmm::console::ConsoleSink;
 use host_vmm::kernel_abi::{HiddenBecause, KernelAbi, Offer};
 use host_vmm::memory::parse_mem_size;
 use host_vmm::metrics::Window;
+use host_vmm::migration::engine::{MigrateOptions, OnFailure, Source};
 use host_vmm::sandbox::{self, ThreadKind};
 use host_vmm::stop::{self, StopReason, Stopper};
 use host_vmm::vm::RunReport;
@@ -93,13 +94,58 @@ enum Command {
         /// Where --snapshot-after writes the snapshot (state.json, memory.bin, kernel.elf).
         #[arg(long, value_name = "DIR", requires = "snapshot_after")]
         snapshot_dir: Option<PathBuf>,
-        /// Serve control requests (pause, resume, stats, snapshot) on a Unix socket at PATH
-        /// while the guest runs; see `host-vmm ctl`.
+        /// Serve control requests (pause, resume, stats, snapshot, migrate) on a Unix socket
+        /// at PATH while the guest runs; see `host-vmm ctl` and `host-vmm migrate`.
         #[arg(long, value_name = "PATH")]
         api_sock: Option<PathBuf>,
+        /// Live-migrate the guest this long after it started to --migrate-to (a `host-vmm
+        /// receive`); this run then ends with status 0 and the guest goes on there.
+        #[arg(long, value_name = "DURATION", value_parser = timeout_arg, requires = "migrate_to")]
+        migrate_after: Option<Duration>,
+        /// Where --migrate-after sends the guest: unix:PATH, a path, or a loopback HOST:PORT.
+        #[arg(long, value_name = "ADDR", requires = "migrate_after")]
+        migrate_to: Option<String>,
+        #[command(flatten)]
+        migrate: MigrateArgs,
         /// Workload arguments passed to the guest, e.g. `-- ops=1000`.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Ask a running VM (`run --api-sock PATH`) to live-migrate to a `host-vmm receive` at
+    /// ADDR, and print the migration's figures as JSON. Exit status 0 if it migrated; 1 if
+    /// it failed (the VM runs on, or stays paused with --on-failure pause).
+    Migrate {
+        /// The VM's API socket.
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
+        /// The destination: unix:PATH, a path, or a loopback HOST:PORT.
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+        #[command(flatten)]
+        migrate: MigrateArgs,
+    },
+    /// Wait for one live migration (`host-vmm migrate`, `run --migrate-after`) on ADDR, then
+    /// run the received guest to its end. Exit status as for `run`; 125 if the migration
+    /// fails (the guest never ran here).
+    Receive {
+        /// Where to listen: unix:PATH, a path, or a loopback HOST:PORT.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Give up if no source connects within this long (default: wait forever).
+        #[arg(long, value_name = "DURATION", value_parser = timeout_arg)]
+        accept_timeout: Option<Duration>,
+        /// A source silent this long mid-stream fails the migration.
+        #[arg(long, value_name = "DURATION", value_parser = timeout_arg, default_value = "10s")]
+        io_timeout: Duration,
+        /// Print exit statistics to stderr when the guest exits (or is stopped).
+        #[arg(long)]
+        stats: bool,
+        /// Stop the guest if it is still running this long after it resumed; exit status 124.
+        #[arg(long, value_name = "DURATION", value_parser = timeout_arg)]
+        timeout: Option<Duration>,
+        /// Run the host threads without seccomp filters.
+        #[arg(long)]
+        no_seccomp: bool,
     },
     /// Continue a VM saved with `run --snapshot-after`: the guest resumes where it was saved.
     ///
@@ -395,8 +441,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             snapshot_after,
             snapshot_dir,
             api_sock,
+            migrate_after,
+            migrate_to,
+            migrate,
             args,
         } => {
+            let migrate_opts = migrate.options();
             let cfg = VmConfig {
                 kernel: kernel_image(kernel)?,
                 mode: mode.into(),
@@ -418,9 +468,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cfg.kernel.name
                 );
             }
+            let source = if api_sock.is_some() || migrate_to.is_some() {
+                Some(std::sync::Arc::new(Source::new(&vm, cfg.clone())?))
+            } else {
+                None
+            };
             let api = api_sock
-                .map(|path| host_vmm::api::ApiServer::start(&path, vm.handle(), cfg.clone()))
+                .zip(source.clone())
+                .map(|(path, source)| host_vmm::api::ApiServer::start(&path, source))
                 .transpose()?;
+            let migration = migrate_after
+                .zip(migrate_to)
+                .zip(source.clone())
+                .map(|((after, to), source)| (after, to, source));
             let snapshot = snapshot_after
                 .zip(snapshot_dir)
                 .map(|(after, dir)| (after, dir, vm.handle(), cfg.clone()));
@@ -429,6 +489,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = std::thread::scope(|s| {
                 let saver = snapshot.map(|(after, dir, handle, cfg)| {
                     s.spawn(move || save_after(after, &dir, &handle, &cfg))
+                });
+                let migrator = migration.map(|(after, to, source)| {
+                    let opts = migrate_opts.clone();
+                    s.spawn(move || migrate_after_delay(after, &to, &source, &opts))
                 });
                 let report = {
                     let _signals = StopOnSignals::install(vm.stopper(), cfg.seccomp)?;
@@ -439,11 +503,74 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .join()
                         .map_err(|_| anyhow::anyhow!("the snapshot thread panicked"))??;
                 }
+                if let Some(migrator) = migrator {
+                    migrator
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("the migration thread panicked"))??;
+                }
                 anyhow::Ok(report)
             })?;
             if let Some(api) = api {
                 api.shutdown();
             }
+            finish(&report, stats, recorder.window().as_ref())
+        }
+        Command::Migrate {
+            api_sock,
+            to,
+            migrate,
+        } => {
+            host_vmm::migration::endpoint::Endpoint::parse(&to)?;
+            let o = migrate.options();
+            let req = serde_json::json!({
+                "op": "migrate",
+                "to": to,
+                "max_rounds": o.max_rounds,
+                "downtime_ms": o.downtime_target.as_millis() as u64,
+                "io_timeout_ms": o.io_timeout.as_millis() as u64,
+                "on_failure": o.on_failure,
+            });
+            let answer = host_vmm::api::request(&api_sock, &req)?;
+            println!("{answer}");
+            Ok(if answer["ok"] == serde_json::json!(true) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Receive {
+            listen,
+            accept_timeout,
+            io_timeout,
+            stats,
+            timeout,
+            no_seccomp,
+        } => {
+            let endpoint = host_vmm::migration::endpoint::Endpoint::parse(&listen)?;
+            let listener = endpoint.listen()?;
+            eprintln!("host-vmm: waiting for a migration on {}", listener.endpoint());
+            let received = host_vmm::migration::engine::receive(
+                &listener,
+                accept_timeout,
+                io_timeout,
+                ConsoleSink::new(Some(Box::new(std::io::stdout()))),
+                |cfg| {
+                    cfg.timeout = timeout;
+                    cfg.seccomp = !no_seccomp;
+                },
+            )?;
+            drop(listener);
+            eprintln!(
+                "host-vmm: received the VM: {} bytes in {} rounds; resuming it",
+                received.bytes, received.rounds
+            );
+            let seccomp = received.config.seccomp;
+            let vm = received.vm;
+            let mut recorder = WindowRecorder::default();
+            let report = {
+                let _signals = StopOnSignals::install(vm.stopper(), seccomp)?;
+                vm.run_observed(&mut recorder)?
+            };
             finish(&report, stats, recorder.window().as_ref())
         }
         Command::Ctl { sock, op, dir } => {
@@ -569,6 +696,33 @@ fn sandbox_selftest(kind: &str, call: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Waits until `after` into the run and migrates the VM to `to`. A run that ends first
+/// migrates nothing (and says so); a failed migration leaves the VM running and is an error.
+fn migrate_after_delay(
+    after: Duration,
+    to: &str,
+    source: &Source,
+    opts: &MigrateOptions,
+) -> anyhow::Result<()> {
+    let to = host_vmm::migration::endpoint::Endpoint::parse(to)?;
+    std::thread::sleep(after);
+    if source.handle().vcpu().is_ended() {
+        eprintln!("host-vmm: the guest ended before --migrate-after; nothing migrated");
+        return Ok(());
+    }
+    let report = source.migrate(&to, opts)?;
+    eprintln!(
+        "host-vmm: migrated to {to}: {} rounds, {} pages sent, {} bytes, downtime {:.3} ms, \
+         total {:.3} ms",
+        report.rounds.len() + 1,
+        report.pages_sent(),
+        report.bytes_sent,
+        report.downtime_ns as f64 / 1e6,
+        report.total_ns as f64 / 1e6,
+    );
+    Ok(())
+}
+
 /// Waits until `after` into the run, pauses the guest, writes a snapshot to `dir` and resumes
 /// it. A run that ends first leaves no snapshot (and says so).
 fn save_after(
@@ -631,6 +785,43 @@ fn print_stats(report: &RunReport, window: Option<&Window>) {
                 *ns as f64 / 1e6,
                 w.resident_bytes.get(i + 1).copied().unwrap_or(0) >> 20
             );
+        }
+    }
+}
+
+/// Live-migration options shared by `run --migrate-after` and `migrate`.
+#[derive(clap::Args, Debug, Clone)]
+struct MigrateArgs {
+    /// Pre-copy rounds after the first full copy, at most.
+    #[arg(long, default_value_t = 8)]
+    max_rounds: u32,
+    /// Stop pre-copying once what is left would take at most this long to send, in ms.
+    #[arg(long, value_name = "MS", default_value_t = 20)]
+    downtime_ms: u64,
+    /// A destination silent this long fails the migration.
+    #[arg(long, value_name = "DURATION", value_parser = timeout_arg, default_value = "10s")]
+    migrate_io_timeout: Duration,
+    /// What the VM does if the migration fails: resume (run on) or pause.
+    #[arg(long, value_enum, default_value_t = OnFailureArg::Resume)]
+    on_failure: OnFailureArg,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum OnFailureArg {
+    Resume,
+    Pause,
+}
+
+impl MigrateArgs {
+    fn options(&self) -> MigrateOptions {
+        MigrateOptions {
+            max_rounds: self.max_rounds,
+            downtime_target: Duration::from_millis(self.downtime_ms),
+            io_timeout: self.migrate_io_timeout,
+            on_failure: match self.on_failure {
+                OnFailureArg::Resume => OnFailure::Resume,
+                OnFailureArg::Pause => OnFailure::Pause,
+            },
         }
     }
 }

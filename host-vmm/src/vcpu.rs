@@ -520,6 +520,11 @@ impl VcpuHandle {
         self.control.changed.notify_all();
     }
 
+    /// Whether the run has ended.
+    pub fn is_ended(&self) -> bool {
+        self.stopper.phase() == RunPhase::Done
+    }
+
     /// Whether the vCPU is parked at an exit boundary now.
     pub fn is_paused(&self) -> bool {
         lock(&self.control.state).parked

@@ -347,7 +347,7 @@ fn send_on<W: Write>(
     expect_answer(answers, "the hello")?;
     write_message(out, &Message::Config(encode("configuration", &SavedConfig::of(cfg))?))
         .map_err(mig)?;
-    write_message(out, &Message::Kernel(cfg.kernel.bytes.clone())).map_err(mig)?;
+    write_message(out, &Message::Kernel(cfg.kernel.bytes.to_vec())).map_err(mig)?;
 
     let mut report = MigrationReport::default();
     let sent = PageBits::new(ram.size() / PAGE_SIZE);
@@ -537,4 +537,48 @@ fn receive_on(
         bytes: 0,
         rounds,
     })
+}
+
+/// A running VM that can be migrated: its handle, configuration, dirty log and stopper.
+/// Make one before [`Vm::run`]; [`Source::migrate`] may run on any thread while the VM runs.
+#[derive(Debug)]
+pub struct Source {
+    handle: VmHandle,
+    cfg: VmConfig,
+    dirty: std::sync::Mutex<DirtyLog>,
+    stopper: crate::stop::Stopper,
+}
+
+impl Source {
+    /// The migration side of `vm`, configured as `cfg`.
+    pub fn new(vm: &Vm, cfg: VmConfig) -> Result<Source> {
+        Ok(Source {
+            handle: vm.handle(),
+            cfg,
+            dirty: std::sync::Mutex::new(vm.dirty_log()?),
+            stopper: vm.stopper(),
+        })
+    }
+
+    /// The VM's handle.
+    pub fn handle(&self) -> &VmHandle {
+        &self.handle
+    }
+
+    /// The VM's configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    /// Migrates the VM to `to` ([`send`]); on success stops this copy of it (its run ends
+    /// with [`crate::stop::StopReason::Migrated`]). One migration at a time.
+    pub fn migrate(&self, to: &Endpoint, opts: &MigrateOptions) -> Result<MigrationReport> {
+        let mut dirty = self
+            .dirty
+            .try_lock()
+            .map_err(|_| Error::Unsupported("a migration of this VM is already running"))?;
+        let report = send(&self.handle, &mut dirty, &self.cfg, to, opts)?;
+        self.stopper.stop(crate::stop::StopReason::Migrated);
+        Ok(report)
+    }
 }

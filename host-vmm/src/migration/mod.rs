@@ -1,8 +1,10 @@
 //! Live migration transport: how `host-vmm migrate` (the source) and
 //! `host-vmm receive --listen ADDR` (the destination) talk to each other.
 //!
-//! This module knows nothing about VMs. It provides two layers:
+//! Three layers:
 //!
+//! - [`engine`]: the rounds — what the source sends when ([`engine::send`]) and how the
+//!   destination builds the VM from it ([`engine::receive`]).
 //! - [`endpoint`]: where the stream goes. An [`endpoint::Endpoint`] is parsed from
 //!   `unix:PATH`, `tcp:HOST:PORT`, a bare path containing `/`, or `HOST:PORT`; TCP is
 //!   **refused unless it is loopback** (127.0.0.0/8, `::1`, `localhost`) because the stream is
@@ -17,4 +19,5 @@
 //! The wire format and its guarantees are described in `docs/MIGRATION.md`.
 
 pub mod endpoint;
+pub mod engine;
 pub mod wire;
