@@ -27,6 +27,7 @@ pub mod console;
 pub mod cpuid;
 pub mod devices;
 pub mod error;
+pub mod free_report;
 pub mod hypercall;
 pub mod kernel;
 pub mod kernel_abi;
