@@ -48,7 +48,12 @@ fn pv_and_trapped_agree_and_only_pv_reports_free_frames() {
     assert_eq!(field(&trapped, "free_list"), 0);
     assert_eq!(field(&trapped, "released_bytes"), 0);
     assert_eq!(trapped.stats.event("free_list_registered"), 0);
-    assert_eq!(trapped.stats.reason(host_vmm::metrics::ExitReason::Hypercall), 0);
+    assert_eq!(
+        trapped
+            .stats
+            .reason(host_vmm::metrics::ExitReason::Hypercall),
+        0
+    );
 }
 
 #[test]
@@ -56,6 +61,10 @@ fn bad_arguments_are_usage_errors() {
     for args in [&["rounds=0"][..], &["mib=100000"][..]] {
         let r = boot(Mode::Pv, "freemem", args);
         assert_eq!(r.exit_code, 2, "{args:?}: {}", text(&r));
-        assert!(text(&r).contains("error: workload 'freemem'"), "{}", text(&r));
+        assert!(
+            text(&r).contains("error: workload 'freemem'"),
+            "{}",
+            text(&r)
+        );
     }
 }
