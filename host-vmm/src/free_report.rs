@@ -14,7 +14,7 @@
 //! RAM, start below the end of the kernel image (`protected_end`, the bound `RELEASE` uses), or
 //! overlap the list itself are skipped and counted ([`FreeRanges::invalid_entries`]); all
 //! arithmetic is checked and the list is at most
-//! [`RELEASE_MAX_RANGES`](hypercall_abi::zero::RELEASE_MAX_RANGES) entries.
+//! [`RELEASE_MAX_RANGES`] entries.
 
 use hypercall_abi::Error as AbiError;
 use hypercall_abi::layout::PAGE_SIZE;
