@@ -1,5 +1,6 @@
 //! The `zero_hints` hypercall ([`hypercall_abi::zero`]): which frames the host knows are zero
-//! ([`Pvkit::zero_query`]), and frames the guest gives back ([`Pvkit::zero_release`]).
+//! ([`Pvkit::zero_query`]), frames the guest gives back ([`Pvkit::zero_release`]), and the list
+//! of free frames the host may skip when it saves the VM ([`Pvkit::zero_free_list`], v1.8).
 //!
 //! [`crate::frames`] builds a frame allocator on top of both.
 
@@ -103,6 +104,51 @@ impl Pvkit {
         let ret = unsafe { raw_request(Request::ZeroHints(ZeroOp::Prepare { gpa, len })) };
         HypercallError::check(Call::ZeroHints, ret)
     }
+
+    /// Registers `list` as the guest's free list with one `zero_hints(FREE_LIST)` (ABI v1.8):
+    /// every entry with `len != 0` names frames whose contents the guest does not care about,
+    /// which the host may treat as zero when it saves or migrates the VM. The host reads the
+    /// array only while the vCPU is stopped, so the guest must take a frame out of it before
+    /// it hands the frame out again. Registering again replaces the registration; an empty
+    /// `list` unregisters (see [`zero_free_list_clear`](Self::zero_free_list_clear)).
+    ///
+    /// Fails with `too_large`, without a hypercall, for more than [`RELEASE_MAX_RANGES`]
+    /// entries; with `not_implemented` on a host without
+    /// [`features::FREE_REPORT`](hypercall_abi::features::FREE_REPORT).
+    ///
+    /// # Safety
+    /// - `list`'s virtual address must be its guest-physical address (pvkit's boot identity
+    ///   map): the host reads the array there, later, by address.
+    /// - Until the list is unregistered or replaced, the array must stay there, and every
+    ///   entry with `len != 0` at any instruction boundary must name only frames the caller
+    ///   owns and whose contents nothing relies on: a saved and restored VM may find them zero.
+    pub unsafe fn zero_free_list(&self, list: &[ZeroRange]) -> Result<u64, HypercallError> {
+        if list.len() as u64 > RELEASE_MAX_RANGES {
+            return Err(local_error(Error::TooLarge));
+        }
+        let (list_gpa, max_ranges) = if list.is_empty() {
+            (0, 0)
+        } else {
+            (list.as_ptr().expose_provenance() as u64, list.len() as u64)
+        };
+        // SAFETY: `self` proves a pvkit host. The host only records the address now; what it
+        // reads later is the caller's identity-mapped array, whose entries name only free
+        // frames (the caller's contract). Not `nomem`: the entries are stored before the call.
+        let ret = unsafe {
+            raw_request(Request::ZeroHints(ZeroOp::FreeList {
+                list_gpa,
+                max_ranges,
+            }))
+        };
+        HypercallError::check(Call::ZeroHints, ret)
+    }
+
+    /// Unregisters the free list (`zero_hints(FREE_LIST)` with `max_ranges = 0`): the host
+    /// saves every frame again.
+    pub fn zero_free_list_clear(&self) -> Result<u64, HypercallError> {
+        // SAFETY: `self` proves a pvkit host; unregistering makes the host read nothing.
+        unsafe { self.zero_free_list(&[]) }
+    }
 }
 
 /// An error detected before a hypercall is issued, reported as the host would.
@@ -136,5 +182,8 @@ mod tests {
         assert_eq!(e.error(), Some(Error::TooLarge));
         // SAFETY: an empty list issues no hypercall.
         assert_eq!(unsafe { pv.zero_release(&[]) }, Ok(0));
+        // SAFETY: rejected before any hypercall.
+        let e = unsafe { pv.zero_free_list(&ranges) }.unwrap_err();
+        assert_eq!(e.error(), Some(Error::TooLarge));
     }
 }

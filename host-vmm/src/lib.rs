@@ -28,6 +28,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod dirty;
 pub mod error;
+pub mod free_report;
 pub mod hypercall;
 pub mod kernel;
 pub mod kernel_abi;

@@ -32,7 +32,7 @@ fn inspect_describes_the_demo_kernel() {
     assert!(text.contains("entry: 0x200000"), "{text}");
     assert!(text.contains("LOAD") && text.contains("NOTE"), "{text}");
     assert!(
-        text.contains("pvkit note: built against ABI 1.7, requires none"),
+        text.contains("pvkit note: built against ABI 1.8, requires none"),
         "{text}"
     );
     assert!(text.contains("will boot: yes (--mode pv"), "{text}");
@@ -74,7 +74,7 @@ fn inspect_says_why_a_kernel_will_not_boot() {
     assert_eq!(o.status.code(), Some(1));
     assert!(out(&o).contains("requires pvkit features zero_hints, which --disable"));
     let o = host_vmm(&["inspect", &k]);
-    assert!(out(&o).contains("pvkit note: built against ABI 1.7, requires zero_hints"));
+    assert!(out(&o).contains("pvkit note: built against ABI 1.8, requires zero_hints"));
 
     let bare = temp_kernel(
         "bare",

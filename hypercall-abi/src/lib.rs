@@ -31,7 +31,7 @@ pub mod zero;
 /// version differs from the one it was built against.
 pub const ABI_VERSION_MAJOR: u16 = 1;
 /// ABI minor version: bumped when calls or features are added compatibly.
-pub const ABI_VERSION_MINOR: u16 = 7;
+pub const ABI_VERSION_MINOR: u16 = 8;
 
 /// The ABI version packed as `major << 16 | minor` (the format of CPUID leaf
 /// [`CPUID_LEAF_VERSION`] `eax` and of [`Call::Features`]' result).
@@ -94,6 +94,9 @@ pub mod features {
     /// `zero_hints(PREPARE)`: the host backs known-zero frames ahead of use, off the vCPU
     /// (since v1.6; a host whose kernel cannot populate memory without touching it clears it).
     pub const ZERO_PREPARE: u64 = 1 << 11;
+    /// `zero_hints(FREE_LIST)`: the guest registers a list of free frames the host may treat
+    /// as zero when it saves or migrates the VM (since v1.8).
+    pub const FREE_REPORT: u64 = 1 << 12;
     /// Everything a v1.0 host services.
     pub const V1_0: u64 = CONSOLE | EXIT | CLOCK | NULL;
     /// Everything a v1.1 host services.
@@ -107,10 +110,12 @@ pub mod features {
     /// Everything a v1.7 host services (v1.7 added no feature bit: it added the ELF note of
     /// [`crate::note`] and made feature bits binding, see [`crate::call_feature`]).
     pub const V1_7: u64 = V1_6;
+    /// Everything a v1.8 host services.
+    pub const V1_8: u64 = V1_7 | FREE_REPORT;
 
     /// Every defined feature bit with its stable name (lowercase, as `host-vmm --disable` and
     /// `host-vmm inspect` spell them), in bit order.
-    pub const NAMES: [(u64, &str); 9] = [
+    pub const NAMES: [(u64, &str); 10] = [
         (CONSOLE, "console"),
         (EXIT, "exit"),
         (CLOCK, "clock"),
@@ -120,6 +125,7 @@ pub mod features {
         (ZERO_HINTS, "zero_hints"),
         (MMU_UPDATE, "mmu_update"),
         (ZERO_PREPARE, "zero_prepare"),
+        (FREE_REPORT, "free_report"),
     ];
 
     /// The name of one feature bit; `None` for a reserved bit or a value that is not exactly
@@ -470,7 +476,7 @@ mod tests {
         );
         assert_eq!(features::Names(0).to_string(), "none");
         let all = features::NAMES.iter().fold(0, |a, (b, _)| a | b);
-        assert_eq!(all, features::V1_7);
+        assert_eq!(all, features::V1_8);
     }
 
     #[test]

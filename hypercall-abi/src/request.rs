@@ -16,6 +16,7 @@
 //! | [`Request::ZeroHints`] ([`ZeroOp::Query`]) | [`zero::QUERY`] | `bitmap_gpa` | `first_frame` | `count` |
 //! | [`Request::ZeroHints`] ([`ZeroOp::Release`]) | [`zero::RELEASE`] | `ranges_gpa` | `count` | |
 //! | [`Request::ZeroHints`] ([`ZeroOp::Prepare`]) | [`zero::PREPARE`] | `gpa` | `len` | |
+//! | [`Request::ZeroHints`] ([`ZeroOp::FreeList`]) | [`zero::FREE_LIST`] | `list_gpa` | `max_ranges` | |
 //! | [`Request::MmuUpdate`] | `batch_gpa` | `count` | flags ([`mmu::UPDATE_DEFER_SYNC`] = `defer_sync`) | |
 //! | [`Request::MmuPin`] | [`PinOp`] | `frame` | | |
 //!
@@ -109,6 +110,14 @@ pub enum ZeroOp {
         /// `a2`: length in bytes (page-aligned).
         len: u64,
     },
+    /// [`zero::FREE_LIST`] (v1.8): register the guest's list of free frames (`max_ranges` = 0
+    /// unregisters).
+    FreeList {
+        /// `a1`: guest-physical address of an array of [`zero::ZeroRange`] (16-byte aligned).
+        list_gpa: u64,
+        /// `a2`: number of entries (≤ [`zero::RELEASE_MAX_RANGES`]).
+        max_ranges: u64,
+    },
 }
 
 impl ZeroOp {
@@ -118,6 +127,7 @@ impl ZeroOp {
             ZeroOp::Query { .. } => zero::QUERY,
             ZeroOp::Release { .. } => zero::RELEASE,
             ZeroOp::Prepare { .. } => zero::PREPARE,
+            ZeroOp::FreeList { .. } => zero::FREE_LIST,
         }
     }
 }
@@ -191,6 +201,10 @@ impl Request {
                     } => [zero::QUERY, bitmap_gpa, first_frame, count],
                     ZeroOp::Release { ranges_gpa, count } => [zero::RELEASE, ranges_gpa, count, 0],
                     ZeroOp::Prepare { gpa, len } => [zero::PREPARE, gpa, len, 0],
+                    ZeroOp::FreeList {
+                        list_gpa,
+                        max_ranges,
+                    } => [zero::FREE_LIST, list_gpa, max_ranges, 0],
                 },
             ),
             Request::MmuUpdate {
@@ -259,6 +273,10 @@ impl Request {
                     count: a2,
                 },
                 zero::PREPARE => ZeroOp::Prepare { gpa: a1, len: a2 },
+                zero::FREE_LIST => ZeroOp::FreeList {
+                    list_gpa: a1,
+                    max_ranges: a2,
+                },
                 _ => return Err(Error::InvalidArgument),
             }),
             Call::MmuUpdate => {
@@ -362,6 +380,10 @@ mod tests {
                 gpa: v(rng),
                 len: v(rng),
             }),
+            Request::ZeroHints(ZeroOp::FreeList {
+                list_gpa: v(rng),
+                max_ranges: v(rng),
+            }),
             Request::MmuUpdate {
                 batch_gpa: v(rng),
                 count: v(rng),
@@ -429,7 +451,7 @@ mod tests {
             (Call::Exit, [1 << 32, 0, 0, 0]),
             (Call::Exit, [u64::MAX, 0, 0, 0]),
             (Call::ZeroHints, [0, 0, 0, 0]),
-            (Call::ZeroHints, [4, 0, 0, 0]),
+            (Call::ZeroHints, [5, 0, 0, 0]),
             (Call::ZeroHints, [99, 0, 0, 0]),
             (Call::MmuUpdate, [0, 0, 2, 0]),
             (Call::MmuUpdate, [0, 0, u64::MAX, 0]),

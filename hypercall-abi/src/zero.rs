@@ -28,6 +28,19 @@
 //!   queued (0 if the host's queue is full: the hint is dropped). A later [`RELEASE`] of a
 //!   prepared range cancels what is still queued of it.
 //!
+//! - [`FREE_LIST`] (guest → host, "free, don't save", v1.8, feature
+//!   [`FREE_REPORT`](crate::features::FREE_REPORT)): `a1` = GPA of an array of `a2` (≤
+//!   [`RELEASE_MAX_RANGES`]) [`ZeroRange`] entries, 16-byte aligned and inside RAM. Registers
+//!   the array; it is not read now. Every entry with `len != 0` names frames that are free: the
+//!   guest does not care about their contents, and the host may treat them as zero when it
+//!   saves or migrates the VM (a restored or migrated guest finds them zero). Entries with
+//!   `len == 0` are unused. The host reads the list only while the vCPU is stopped at an exit
+//!   boundary (snapshot) or between migration rounds, and skips invalid entries (not
+//!   page-aligned, outside RAM, below the kernel image's end); so the guest must take a frame
+//!   out of the list *before* it hands it out again, and every intermediate state of an entry
+//!   it edits must name only free frames. Registering again replaces the registration;
+//!   `a2 = 0` unregisters. Returns 0.
+//!
 //! The trapped twin is simply a guest that ignores this: it zeroes every frame it hands out
 //! and never reports frees.
 //!
@@ -42,6 +55,10 @@ pub const QUERY: u64 = 1;
 pub const RELEASE: u64 = 2;
 /// `zero_hints` `a0`: back known-zero frames ahead of use (v1.6).
 pub const PREPARE: u64 = 3;
+/// `zero_hints` `a0`: register the guest's free list (v1.8).
+pub const FREE_LIST: u64 = 4;
+/// The alignment of a [`FREE_LIST`] array (that of [`ZeroRange`]'s 16 bytes).
+pub const FREE_LIST_ALIGN: u64 = 16;
 /// The most frames one [`QUERY`] covers (a 4 KiB bitmap).
 pub const QUERY_MAX_FRAMES: u64 = 4096 * 8;
 /// The most ranges one [`RELEASE`] takes.

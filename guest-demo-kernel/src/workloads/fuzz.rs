@@ -64,7 +64,9 @@ use hypercall_abi::mmu::{
     UPDATE_DEFER_SYNC, in_pool, pool_frame_gpa,
 };
 use hypercall_abi::request::ALL_CALLS;
-use hypercall_abi::zero::{PREPARE, QUERY, QUERY_MAX_FRAMES, RELEASE, RELEASE_MAX_RANGES};
+use hypercall_abi::zero::{
+    FREE_LIST, PREPARE, QUERY, QUERY_MAX_FRAMES, RELEASE, RELEASE_MAX_RANGES,
+};
 use hypercall_abi::{CONSOLE_WRITE_MAX, Call, Error, Return, call_feature, features};
 
 use super::{Env, Outcome, Workload, free_ram_start};
@@ -741,7 +743,8 @@ impl Fuzz {
             Some(Call::ConsoleWrite) => &[Error::TooLarge, Error::BadAddress],
             Some(Call::Exit) => &[Error::InvalidArgument],
             Some(Call::ZeroHints)
-                if p.args[0] == PREPARE && self.features & features::ZERO_PREPARE == 0 =>
+                if (p.args[0] == PREPARE && self.features & features::ZERO_PREPARE == 0)
+                    || (p.args[0] == FREE_LIST && self.features & features::FREE_REPORT == 0) =>
             {
                 &[
                     Error::InvalidArgument,
@@ -808,6 +811,7 @@ impl Fuzz {
                 Call::ZeroHints => match p.args[0] {
                     QUERY => ret.value <= p.args[3],
                     PREPARE => ret.value == 0 || ret.value == p.args[2],
+                    FREE_LIST => ret.value == 0,
                     _ => true,
                 },
                 _ => false,

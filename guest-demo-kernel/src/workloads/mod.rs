@@ -5,6 +5,7 @@
 mod blk;
 mod console;
 mod cpl3;
+mod freemem;
 mod fuzz;
 mod hello;
 mod idle;
@@ -93,6 +94,7 @@ const WORKLOADS: &[Workload] = &[
     cpl3::WORKLOAD,
     idle::WORKLOAD,
     zero::WORKLOAD,
+    freemem::WORKLOAD,
     blk::WORKLOAD,
     vconsole::WORKLOAD,
     fuzz::WORKLOAD,

@@ -27,6 +27,8 @@ pub struct MockHost {
     pub(crate) releases: RefCell<Vec<Vec<ZeroRange>>>,
     /// `(gpa, len)` of each prepare.
     pub(crate) prepares: RefCell<Vec<(u64, u64)>>,
+    /// `(list address, entries)` of each free-list registration (`(0, 0)`: unregistered).
+    pub(crate) free_lists: RefCell<Vec<(u64, u64)>>,
 }
 
 impl MockHost {
@@ -82,6 +84,19 @@ impl MockHost {
             bytes += r.len;
         }
         Ok(bytes)
+    }
+
+    pub(crate) fn free_list(&self, list: &[ZeroRange]) -> Result<u64, HypercallError> {
+        let reg = if list.is_empty() {
+            (0, 0)
+        } else {
+            (list.as_ptr().addr() as u64, list.len() as u64)
+        };
+        self.free_lists.borrow_mut().push(reg);
+        if self.fail.get() {
+            return Err(MockHost::refused());
+        }
+        Ok(0)
     }
 
     pub(crate) fn prepare(&self, gpa: u64, len: u64) -> Result<u64, HypercallError> {

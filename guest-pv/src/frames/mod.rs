@@ -19,6 +19,13 @@
 //!   ([`Pvkit::zero_prepare`]), which known-zero frames it will hand out next — up to
 //!   [`PREPARE_AHEAD_FRAMES`] ahead, [`PREPARE_CHUNK_FRAMES`] per call — and the host backs them
 //!   on another core, so writing them does not stop the vCPU in host page faults.
+//!   On a host with [`features::FREE_REPORT`](hypercall_abi::features::FREE_REPORT) (ABI
+//!   v1.8) the release list is also registered as the guest's free list
+//!   (`zero_hints(FREE_LIST)`, [`Pvkit::zero_free_list`]) when the allocator is built: frames
+//!   waiting for release are free, and a snapshot or migration may skip them. The list keeps
+//!   the ABI's rules at every instruction: unused entries have `len` 0, and a pending frame
+//!   leaves the list before [`alloc`](Frames::alloc) hands it out. Dropping the allocator
+//!   unregisters the list.
 //! - [`Hints::None`], the trapped twin (an unmodified guest): every frame is zeroed on
 //!   allocation and frees are never reported.
 //!
@@ -293,6 +300,8 @@ pub struct Frames<'a> {
     bump: u64,
     /// Read ahead with `zero_hints(PREPARE)`.
     prepare: bool,
+    /// The release list is registered as the guest's free list (`zero_hints(FREE_LIST)`).
+    free_list: bool,
     /// Fresh frames `bump..bump_prepared` were prepared.
     bump_prepared: u64,
     /// Known-zero frames of the current query window.
@@ -306,6 +315,25 @@ pub struct Frames<'a> {
     stats: FrameStats,
     zero_ticks: u64,
     hint_error: Option<HypercallError>,
+}
+
+impl Drop for Frames<'_> {
+    /// Unregisters the free list: the buffers and the frames go back to the caller.
+    fn drop(&mut self) {
+        if !self.free_list {
+            return;
+        }
+        self.free_list = false;
+        // A refusal cannot be reported any more; the host then keeps reading a list whose
+        // frames the caller owns again, so the caller's contract asks it not to happen (it
+        // does not on pvkit: unregistering has no failure mode but a missing feature).
+        let _ = match self.hints {
+            Hints::Pv(pv) => pv.zero_free_list_clear(),
+            Hints::None => Ok(0),
+            #[cfg(test)]
+            Hints::Mock(host) => host.free_list(&[]),
+        };
+    }
 }
 
 impl fmt::Debug for Frames<'_> {
@@ -393,7 +421,7 @@ impl<'a> Frames<'a> {
         // mapped writable; `bitmap_at` is 8-aligned (page-aligned `meta` plus a multiple of 8).
         unsafe { allocated.write_bytes(0, frames.div_ceil(64) as usize) };
         let HintBuffers { bitmap, ranges } = buffers;
-        Ok(Frames {
+        let mut f = Frames {
             start,
             frames,
             hints,
@@ -411,6 +439,7 @@ impl<'a> Frames<'a> {
                 #[cfg(test)]
                 Hints::Mock(_) => true,
             },
+            free_list: false,
             bump_prepared: 0,
             window_known: 0,
             stack_unprepared: 0,
@@ -420,7 +449,46 @@ impl<'a> Frames<'a> {
             stats: FrameStats::default(),
             zero_ticks: 0,
             hint_error: None,
-        })
+        };
+        f.register_free_list();
+        Ok(f)
+    }
+
+    /// Registers the release list (all its slots, unused ones with `len` 0: `Pending::new`
+    /// cleared them) as the guest's free list, where the host offers
+    /// [`features::FREE_REPORT`](hypercall_abi::features::FREE_REPORT). A refusal is counted
+    /// like any hint error; the allocator works the same without.
+    fn register_free_list(&mut self) {
+        let slots = self.pending.slots();
+        let r = match self.hints {
+            Hints::Pv(pv) if pv.has(hypercall_abi::features::FREE_REPORT) => {
+                // SAFETY: the list is in the caller's identity-mapped `HintBuffers` (contract
+                // of `new`), borrowed for the allocator's life; it is unregistered in `drop`.
+                // Its used slots name only frames freed and not handed out again (`pop` takes
+                // them out first), which the allocator owns and nothing uses (contract of
+                // `free`), and `Pending` keeps every intermediate state to such frames.
+                unsafe { pv.zero_free_list(slots) }
+            }
+            Hints::Pv(_) | Hints::None => return,
+            #[cfg(test)]
+            Hints::Mock(host) => host.free_list(slots),
+        };
+        match r {
+            Ok(_) => self.free_list = true,
+            Err(e) => self.hint_failed(e),
+        }
+    }
+
+    /// True if the release list is registered as the guest's free list (a host with
+    /// [`features::FREE_REPORT`](hypercall_abi::features::FREE_REPORT)).
+    pub const fn free_list_registered(&self) -> bool {
+        self.free_list
+    }
+
+    /// The registered free list as the host reads it: every slot of the release list, those
+    /// past the pending ranges with `len` 0.
+    pub fn free_list(&self) -> &[ZeroRange] {
+        self.pending.slots()
     }
 
     /// Times zeroing on `tsc` ([`FrameStats::zero_ns`]).

@@ -1,5 +1,7 @@
 //! [`Pending`]: freed frames waiting to be released, coalesced into [`ZeroRange`]s.
 
+use core::sync::atomic::{Ordering, compiler_fence};
+
 use hypercall_abi::layout::PAGE_SIZE;
 use hypercall_abi::zero::ZeroRange;
 
@@ -10,6 +12,13 @@ use hypercall_abi::zero::ZeroRange;
 /// last range grows, so the most recently pushed frame is always at one end of the last range
 /// and [`undo`](Pending::undo) can take it back out — which is what the allocator does when it
 /// hands a still-pending frame out again (LIFO reuse).
+///
+/// The array doubles as the guest's registered free list (`zero_hints(FREE_LIST)`, ABI v1.8),
+/// which the host may read whenever the vCPU stops, between any two instructions. So:
+/// - every slot at index ≥ the count of ranges has `len == 0` (the host ignores it);
+/// - every slot is written field by field with volatile stores, in an order that makes each
+///   intermediate state name only frames that are free (a subset of the range before or after
+///   the change): growing writes `start` before `len`, shrinking writes `len` before `start`.
 #[derive(Debug)]
 pub(super) struct Pending<'a> {
     ranges: &'a mut [ZeroRange],
@@ -18,18 +27,29 @@ pub(super) struct Pending<'a> {
 }
 
 impl<'a> Pending<'a> {
-    /// An empty queue over `ranges` (its capacity).
+    /// An empty queue over `ranges` (its capacity); every slot is cleared.
     pub(super) fn new(ranges: &'a mut [ZeroRange]) -> Pending<'a> {
-        Pending {
+        let mut p = Pending {
             ranges,
             count: 0,
             bytes: 0,
+        };
+        for i in 0..p.ranges.len() {
+            p.set_len(i, 0);
+            p.set_start(i, 0);
         }
+        p
     }
 
     /// The queued ranges, in the order they were started.
     pub(super) fn ranges(&self) -> &[ZeroRange] {
         &self.ranges[..self.count]
+    }
+
+    /// Every slot, used or not (the registered free list): those past
+    /// [`ranges`](Self::ranges) have `len == 0`.
+    pub(super) fn slots(&self) -> &[ZeroRange] {
+        self.ranges
     }
 
     /// Bytes queued.
@@ -50,55 +70,82 @@ impl<'a> Pending<'a> {
     /// Queues the frame at `addr` (page-aligned). The caller must not push when
     /// [`is_full`](Self::is_full) (it releases first); a frame that fits nowhere is a bug.
     pub(super) fn push(&mut self, addr: u64) {
-        if let Some(last) = self.count.checked_sub(1).map(|i| &mut self.ranges[i]) {
+        if let Some(i) = self.count.checked_sub(1) {
+            let last = self.ranges[i];
             if last.start + last.len == addr {
-                last.len += PAGE_SIZE;
+                self.set_len(i, last.len + PAGE_SIZE);
                 self.bytes += PAGE_SIZE;
                 return;
             }
             if addr + PAGE_SIZE == last.start {
-                last.start = addr;
-                last.len += PAGE_SIZE;
+                // `[addr, addr + len)` between the stores: a subset of the grown range.
+                self.set_start(i, addr);
+                self.set_len(i, last.len + PAGE_SIZE);
                 self.bytes += PAGE_SIZE;
                 return;
             }
         }
         assert!(!self.is_full(), "release list full: release before pushing");
-        self.ranges[self.count] = ZeroRange {
-            start: addr,
-            len: PAGE_SIZE,
-        };
+        // The slot's `len` is 0 (unused), so `start` may be written first.
+        self.set_start(self.count, addr);
+        self.set_len(self.count, PAGE_SIZE);
         self.count += 1;
         self.bytes += PAGE_SIZE;
     }
 
     /// Takes back the frame at `addr`, which must be the most recently pushed one still queued.
+    /// When this returns, the slot no longer names the frame (the caller may hand it out).
     pub(super) fn undo(&mut self, addr: u64) {
         let i = self
             .count
             .checked_sub(1)
             .expect("undo with no frame queued");
-        let last = &mut self.ranges[i];
+        let last = self.ranges[i];
+        let len = last.len - PAGE_SIZE;
         if last.start == addr {
-            last.start += PAGE_SIZE;
+            // Shrink first: `[start, start + len)` between the stores names free frames only.
+            self.set_len(i, len);
+            if len != 0 {
+                self.set_start(i, last.start + PAGE_SIZE);
+            }
         } else {
             assert_eq!(
                 last.start + last.len - PAGE_SIZE,
                 addr,
                 "undo of a frame that is not the last one queued"
             );
+            self.set_len(i, len);
         }
-        last.len -= PAGE_SIZE;
-        if last.len == 0 {
+        if len == 0 {
             self.count = i;
         }
         self.bytes -= PAGE_SIZE;
     }
 
-    /// Forgets every queued range.
+    /// Forgets every queued range (their slots' `len` becomes 0).
     pub(super) fn clear(&mut self) {
+        for i in 0..self.count {
+            self.set_len(i, 0);
+        }
         self.count = 0;
         self.bytes = 0;
+    }
+
+    /// One volatile store of slot `i`'s `len` (the host may read the slot at any exit), then a
+    /// compiler fence, so that the caller's later accesses to frames are not moved before it.
+    fn set_len(&mut self, i: usize, len: u64) {
+        let slot = &mut self.ranges[i];
+        // SAFETY: a valid, exclusively borrowed, aligned `u64`.
+        unsafe { (&raw mut slot.len).write_volatile(len) };
+        compiler_fence(Ordering::SeqCst);
+    }
+
+    /// One volatile store of slot `i`'s `start`, as [`set_len`](Self::set_len).
+    fn set_start(&mut self, i: usize, start: u64) {
+        let slot = &mut self.ranges[i];
+        // SAFETY: a valid, exclusively borrowed, aligned `u64`.
+        unsafe { (&raw mut slot.start).write_volatile(start) };
+        compiler_fence(Ordering::SeqCst);
     }
 }
 
@@ -179,6 +226,38 @@ mod tests {
         p.undo(20 * F);
         assert!(p.is_empty());
         assert_eq!(p.bytes(), 0);
+    }
+
+    /// Every slot past the queued ranges has `len == 0`; the queued ones are exactly
+    /// [`Pending::ranges`].
+    fn assert_unused_slots_are_empty(p: &Pending<'_>) {
+        let n = p.ranges().len();
+        assert_eq!(&p.slots()[..n], p.ranges());
+        assert!(p.slots()[n..].iter().all(|r| r.len == 0), "{:?}", p.slots());
+        assert!(p.ranges().iter().all(|r| r.len != 0));
+    }
+
+    #[test]
+    fn slots_past_the_queue_are_unused_after_every_operation() {
+        let mut buf = [ZeroRange {
+            start: 0xdead_0000,
+            len: 0x5000,
+        }; 4];
+        let mut p = Pending::new(&mut buf);
+        assert_unused_slots_are_empty(&p);
+        for f in [10, 11, 30, 29, 50] {
+            p.push(f * F);
+            assert_unused_slots_are_empty(&p);
+        }
+        for f in [50, 29, 30] {
+            p.undo(f * F);
+            assert_unused_slots_are_empty(&p);
+        }
+        assert_eq!(p.ranges(), [r(10, 2)]);
+        p.push(70 * F);
+        p.clear();
+        assert_unused_slots_are_empty(&p);
+        assert!(p.slots().iter().all(|r| r.len == 0));
     }
 
     #[test]

@@ -361,11 +361,12 @@ fn refused_hints_degrade_to_zeroing() {
     }
     f.flush();
     let s = f.stats();
-    // One query and one release refused (600 frames stay under the release threshold until
-    // the flush); a refused query leaves nothing known zero, so nothing is prepared.
+    // The free-list registration, one query and one release refused (600 frames stay under
+    // the release threshold until the flush); a refused query leaves nothing known zero, so
+    // nothing is prepared.
     assert_eq!(
         (s.release_calls, s.released_bytes, s.hint_errors),
-        (1, 0, 2)
+        (1, 0, 3)
     );
     assert!(host.prepares.borrow().is_empty());
     assert_eq!(
@@ -554,4 +555,105 @@ fn read_ahead_can_be_turned_off_and_a_refusal_turns_it_off() {
         (1, 0, 1)
     );
     assert_eq!(s.zeroed_bytes, 0, "the other hints still work");
+}
+
+/// The free-list rules of ABI v1.8 at this moment: slots past the pending ranges are unused
+/// (`len` 0), and every frame a used slot names is free (not handed out).
+fn assert_free_list_invariant(f: &Frames<'_>) {
+    let list = f.free_list();
+    let n = f.pending.ranges().len();
+    assert_eq!(&list[..n], f.pending.ranges());
+    assert!(
+        list[n..].iter().all(|r| r.len == 0),
+        "an unused slot has len != 0"
+    );
+    let mut listed = 0;
+    for r in &list[..n] {
+        assert!(r.len != 0 && r.len % PAGE_SIZE == 0 && r.start % PAGE_SIZE == 0);
+        for addr in (r.start..r.start + r.len).step_by(PAGE_SIZE as usize) {
+            let i = f.index_of(addr).expect("a frame of the allocator");
+            assert!(
+                !f.is_allocated(i),
+                "frame {addr:#x} is in use but listed free"
+            );
+            listed += PAGE_SIZE;
+        }
+    }
+    assert_eq!(listed, f.pending_bytes());
+}
+
+#[test]
+fn the_release_list_is_registered_as_the_free_list_and_unregistered_on_drop() {
+    let region = Region::for_frames(16);
+    let mut b = Box::new(HintBuffers::new());
+    // Garbage left in the buffers by an earlier user is cleared before registering.
+    b.ranges.fill(ZeroRange {
+        start: 0x1000,
+        len: 0x1000,
+    });
+    let list_addr = b.ranges.as_ptr().addr() as u64;
+    let host = MockHost::leak();
+    {
+        let f = frames(&region, Hints::Mock(host), &mut b);
+        assert!(f.free_list_registered());
+        assert_eq!(*host.free_lists.borrow(), [(list_addr, RELEASE_MAX_RANGES)]);
+        assert_free_list_invariant(&f);
+        assert!(f.free_list().iter().all(|r| r.len == 0));
+    }
+    assert_eq!(
+        *host.free_lists.borrow(),
+        [(list_addr, RELEASE_MAX_RANGES), (0, 0)],
+        "dropping the allocator unregisters"
+    );
+    // The trapped twin registers nothing; a refusal is a hint error, nothing else.
+    let f = frames(&region, Hints::None, &mut b);
+    assert!(!f.free_list_registered());
+    drop(f);
+    let failing = MockHost::leak();
+    failing.fail.set(true);
+    let mut f = frames(&region, Hints::Mock(failing), &mut b);
+    assert!(!f.free_list_registered());
+    assert_eq!(f.stats().hint_errors, 1);
+    assert!(f.alloc().is_ok());
+}
+
+#[test]
+fn the_free_list_names_only_free_frames_after_every_operation() {
+    let n = 3 * RELEASE_MAX_RANGES;
+    let region = Region::for_frames(n);
+    let mut b = Box::new(HintBuffers::new());
+    let host = MockHost::leak();
+    let mut f = frames(&region, Hints::Mock(host), &mut b);
+    f.set_release_threshold(64 * PAGE_SIZE);
+    let mut held: Vec<u64> = Vec::new();
+    // A deterministic mix of allocations and frees (xorshift), with frees from the middle of
+    // the held set (non-adjacent ranges) and LIFO reuse of pending frames.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for step in 0..20_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let want_alloc = held.is_empty() || (x % 100 < 55 && (held.len() as u64) < n);
+        if want_alloc {
+            let a = f.alloc().unwrap();
+            assert!(is_zero(a));
+            write(a, step);
+            held.push(a);
+        } else {
+            let k = (x >> 8) as usize % held.len();
+            let a = if x & 1 == 0 {
+                held.swap_remove(k)
+            } else {
+                held.pop().unwrap()
+            };
+            free(&mut f, a);
+        }
+        assert_free_list_invariant(&f);
+        if step % 5000 == 4999 {
+            f.flush();
+            assert_free_list_invariant(&f);
+            assert!(f.free_list().iter().all(|r| r.len == 0));
+        }
+    }
+    assert!(host.releases.borrow().len() > 1, "the queue was released");
 }

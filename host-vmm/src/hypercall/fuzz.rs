@@ -24,6 +24,7 @@ use zerocopy::IntoBytes;
 use super::{Context, Outcome, clock, dispatch, host_features};
 use crate::console::ConsoleSink;
 use crate::devices::event::EventQueue;
+use crate::free_report::FreeReport;
 use crate::memory::GuestRam;
 use crate::metrics::ExitStats;
 use crate::mmu::PageTablePool;
@@ -269,6 +270,7 @@ fn fuzz_hypercall_dispatch_over_real_memory() {
             let mut pool = pool.borrow_mut();
             pool.restore(&booted).unwrap();
             let mut stats = ExitStats::default();
+            let mut free_report = FreeReport::new(PROTECTED_END);
             let mut ctx = Context {
                 ram: &ram,
                 console: &console,
@@ -276,6 +278,7 @@ fn fuzz_hypercall_dispatch_over_real_memory() {
                 pool: &mut pool,
                 events: &mut events,
                 protected_end: PROTECTED_END,
+                free_report: &mut free_report,
                 features: host_features(1),
             };
             for op in &ops {

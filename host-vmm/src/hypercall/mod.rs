@@ -17,12 +17,13 @@ use hypercall_abi::{Call, Error as AbiError, Regs, Return, features};
 
 use crate::console::ConsoleSink;
 use crate::devices::event::EventQueue;
+use crate::free_report::FreeReport;
 use crate::memory::GuestRam;
 use crate::metrics::ExitStats;
 use crate::mmu::PageTablePool;
 
 /// Everything this VMM implements. What a VM advertises ([`host_features`]) can be less.
-pub const HOST_FEATURES: u64 = features::V1_7;
+pub const HOST_FEATURES: u64 = features::V1_8;
 
 /// What a VM advertises in CPUID and by `features`: [`HOST_FEATURES`] without `TSC_KHZ` when
 /// the TSC rate is unknown (`tsc_khz` = 0) and without `ZERO_PREPARE` when the host kernel
@@ -53,6 +54,8 @@ pub struct Context<'a> {
     pub events: &'a mut EventQueue,
     /// RAM below this (boot structures, stack, kernel image) cannot be released.
     pub protected_end: u64,
+    /// The guest's free-list registration (`zero_hints(FREE_LIST)`).
+    pub free_report: &'a mut FreeReport,
     /// The feature bits this VM advertises ([`host_features`]).
     pub features: u64,
 }
@@ -105,7 +108,7 @@ pub fn service(ctx: &mut Context<'_>, request: Request, stats: &mut ExitStats) -
                 None => return Outcome::Interrupted(request),
             }
         }
-        Request::ZeroHints(op) => zero::zero_hints(ctx.ram, ctx.protected_end, op, stats),
+        Request::ZeroHints(op) => zero::zero_hints(ctx, op, stats),
         Request::MmuUpdate {
             batch_gpa,
             count,
@@ -130,6 +133,7 @@ mod tests {
         let clock = clock::Clock::new();
         let mut pool = PageTablePool::new(16 << 20).unwrap();
         let mut events = EventQueue::default();
+        let mut free_report = FreeReport::new(0x40_0000);
         let mut ctx = Context {
             ram: &ram,
             console: &console,
@@ -137,6 +141,7 @@ mod tests {
             pool: &mut pool,
             events: &mut events,
             protected_end: 0x40_0000,
+            free_report: &mut free_report,
             features: host_features(1),
         };
         f(&mut ctx)

@@ -1,20 +1,24 @@
 //! `zero_hints`: QUERY reports which guest frames are known zero (not backed by host memory);
 //! RELEASE discards frames the guest freed, returning the memory to the host; PREPARE (v1.6)
 //! backs known-zero frames the guest is about to use on the preparing thread
-//! ([`crate::prepare`]). All guest addresses are bounds-checked; RELEASE checks every range
+//! ([`crate::prepare`]); FREE_LIST (v1.8) registers the guest's list of free frames
+//! ([`crate::free_report`]). All guest addresses are bounds-checked; RELEASE checks every range
 //! before releasing any.
 
 use hypercall_abi::layout::PAGE_SIZE;
 use hypercall_abi::request::ZeroOp;
 use hypercall_abi::zero::{QUERY_MAX_FRAMES, RELEASE_MAX_RANGES, ZeroRange};
-use hypercall_abi::{Error as AbiError, Return};
+use hypercall_abi::{Error as AbiError, Return, features};
 use vm_memory::Bytes;
 
+use crate::free_report::FreeReport;
+use crate::hypercall::Context;
 use crate::memory::GuestRam;
 use crate::metrics::ExitStats;
 
 /// Runs the decoded operation (`Request::ZeroHints`).
-pub fn zero_hints(ram: &GuestRam, protected_end: u64, op: ZeroOp, stats: &mut ExitStats) -> Return {
+pub fn zero_hints(ctx: &mut Context<'_>, op: ZeroOp, stats: &mut ExitStats) -> Return {
+    let (ram, protected_end) = (ctx.ram, ctx.protected_end);
     match op {
         ZeroOp::Query {
             bitmap_gpa,
@@ -25,7 +29,44 @@ pub fn zero_hints(ram: &GuestRam, protected_end: u64, op: ZeroOp, stats: &mut Ex
             release(ram, protected_end, ranges_gpa, count, stats)
         }
         ZeroOp::Prepare { gpa, len } => prepare(ram, protected_end, gpa, len, stats),
+        ZeroOp::FreeList {
+            list_gpa,
+            max_ranges,
+        } => free_list(
+            ram,
+            ctx.free_report,
+            ctx.features,
+            list_gpa,
+            max_ranges,
+            stats,
+        ),
         _ => Return::err(AbiError::InvalidArgument),
+    }
+}
+
+/// Registers (or, with `max_ranges` 0, unregisters) the guest's free list: `NOT_IMPLEMENTED`
+/// without [`features::FREE_REPORT`], then [`FreeReport::register`]'s checks. Returns 0.
+pub fn free_list(
+    ram: &GuestRam,
+    report: &mut FreeReport,
+    vm_features: u64,
+    list_gpa: u64,
+    max_ranges: u64,
+    stats: &mut ExitStats,
+) -> Return {
+    if vm_features & features::FREE_REPORT == 0 {
+        return Return::err(AbiError::NotImplemented);
+    }
+    match report.register(ram, list_gpa, max_ranges) {
+        Ok(()) => {
+            stats.record_event(if max_ranges == 0 {
+                "free_list_unregistered"
+            } else {
+                "free_list_registered"
+            });
+            Return::ok(0)
+        }
+        Err(e) => Return::err(e),
     }
 }
 
@@ -324,6 +365,41 @@ mod tests {
                 .all(|&z| z),
             "released memory stays released"
         );
+    }
+
+    #[test]
+    fn free_list_registers_only_with_the_feature() {
+        let ram = GuestRam::new(MEM).unwrap();
+        let mut s = ExitStats::default();
+        let mut report = FreeReport::new(PROTECTED);
+        let all = features::V1_8;
+        assert_eq!(
+            free_list(
+                &ram,
+                &mut report,
+                all & !features::FREE_REPORT,
+                0x50_0000,
+                4,
+                &mut s
+            ),
+            Return::err(AbiError::NotImplemented)
+        );
+        assert_eq!(report.registration(), None);
+        assert_eq!(
+            free_list(&ram, &mut report, all, 0x50_0008, 4, &mut s),
+            Return::err(AbiError::InvalidArgument)
+        );
+        assert_eq!(
+            free_list(&ram, &mut report, all, 0x50_0000, 4, &mut s),
+            Return::ok(0)
+        );
+        assert_eq!(report.registration(), Some((0x50_0000, 4)));
+        assert_eq!(s.event("free_list_registered"), 1);
+        assert_eq!(
+            free_list(&ram, &mut report, all, 0, 0, &mut s),
+            Return::ok(0)
+        );
+        assert_eq!(report.registration(), None);
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::devices::serial::{Uart, UartState};
 use crate::devices::timer::{PeriodicTimer, TimerState};
 use crate::devices::virtio::{MmioDeviceState, StatefulWindow};
 use crate::error::Result;
+use crate::free_report::{FreeRanges, FreeReport, FreeReportState};
 use crate::hypercall::clock::{Clock, ClockState};
 use crate::hypercall::{self, Context, Outcome};
 use crate::kernel_abi::{HiddenBecause, Offer};
@@ -133,6 +134,8 @@ pub struct Machine {
     offer: Offer,
     /// RAM below this (boot structures, stack, kernel image) cannot be released.
     protected_end: u64,
+    /// The guest's free-list registration (`zero_hints(FREE_LIST)`, v1.8).
+    free_report: FreeReport,
 }
 
 impl Machine {
@@ -158,6 +161,7 @@ impl Machine {
             stats: ExitStats::default(),
             offer: parts.offer,
             protected_end: parts.protected_end,
+            free_report: FreeReport::new(parts.protected_end),
         })
     }
 
@@ -184,6 +188,12 @@ impl Machine {
     /// The devices.
     pub fn devices(&self) -> &Devices {
         &self.devices
+    }
+
+    /// The frames the guest reports free now (`zero_hints(FREE_LIST)`, validated; see
+    /// [`FreeReport::ranges`]). Call it with the vCPU stopped at an exit boundary.
+    pub fn free_ranges(&self) -> FreeRanges {
+        self.free_report.ranges(&self.ram)
     }
 
     /// Routes one exit (see the module docs) and counts it.
@@ -318,6 +328,7 @@ impl Machine {
             pool: &mut pool,
             events: &mut self.events,
             protected_end: self.protected_end,
+            free_report: &mut self.free_report,
             features: self.offer.features(),
         };
         f(&mut ctx, &mut self.stats)
@@ -413,6 +424,7 @@ impl Machine {
                 .iter()
                 .map(|w| lock(w).save_state())
                 .collect(),
+            free_report: self.free_report.save(),
         }
     }
 
@@ -454,6 +466,7 @@ impl Machine {
         for (window, saved) in self.devices.virtio.iter().zip(&state.virtio) {
             lock(window).restore_state(saved)?;
         }
+        self.free_report.restore(&state.free_report)?;
         Ok(())
     }
 }
@@ -482,6 +495,9 @@ pub struct MachineState {
     pub event_device: EventDeviceState,
     /// The virtio device windows, window `n` at index `n`.
     pub virtio: Vec<MmioDeviceState>,
+    /// The guest's free-list registration (v1.8; absent in older states: unregistered).
+    #[serde(default)]
+    pub free_report: FreeReportState,
 }
 
 #[cfg(test)]

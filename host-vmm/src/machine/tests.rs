@@ -317,3 +317,74 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn the_free_list_is_registered_by_hypercall_read_on_demand_and_saved() {
+    use hypercall_abi::zero::{FREE_LIST, ZeroRange};
+    use vm_memory::{Bytes, GuestAddress};
+    use zerocopy::IntoBytes;
+
+    let list = 0x50_0000;
+    let entries = [
+        ZeroRange {
+            start: 0x80_0000,
+            len: 0x2000,
+        },
+        ZeroRange::default(),
+        ZeroRange {
+            start: 0x10_0000, // below protected_end: skipped
+            len: 0x1000,
+        },
+    ];
+    let mut m = pv();
+    m.ram()
+        .mem()
+        .write_slice(entries.as_bytes(), GuestAddress(list))
+        .unwrap();
+    assert!(m.free_ranges().is_empty(), "nothing registered yet");
+    let call = |m: &mut Machine, a1: u64, a2: u64| {
+        m.hypercall(&Regs {
+            nr: u64::from(hypercall_abi::Call::ZeroHints.raw()),
+            args: [FREE_LIST, a1, a2, 0],
+        })
+    };
+    assert_eq!(call(&mut m, list, 4), Outcome::Return(Return::ok(0)));
+    let got = m.free_ranges();
+    assert_eq!(got.ranges, [(0x80_0000, 0x2000)]);
+    assert_eq!(got.invalid_entries, 1);
+    // The guest edits its list without an exit: the next read sees it.
+    m.ram()
+        .mem()
+        .write_obj(0x3000u64, GuestAddress(list + 8))
+        .unwrap();
+    assert_eq!(m.free_ranges().bytes, 0x3000);
+
+    // Saved and restored with the machine; a state without it (older) loads unregistered.
+    let saved = m.save();
+    assert_eq!(saved.free_report.max_ranges, 4);
+    let mut fresh = pv();
+    fresh
+        .ram()
+        .mem()
+        .write_slice(entries.as_bytes(), GuestAddress(list))
+        .unwrap();
+    fresh.restore(&saved).unwrap();
+    assert_eq!(fresh.free_ranges().ranges, [(0x80_0000, 0x2000)]);
+    let mut json = serde_json::to_value(&saved).unwrap();
+    json.as_object_mut().unwrap().remove("free_report");
+    let old: MachineState = serde_json::from_value(json).unwrap();
+    fresh.restore(&old).unwrap();
+    assert!(fresh.free_ranges().is_empty());
+
+    // Without FREE_REPORT the call is not serviced.
+    let mut off = machine(Offer::Pv(
+        hypercall::host_features(1) & !features::FREE_REPORT,
+    ));
+    assert_eq!(
+        call(&mut off, list, 4),
+        Outcome::Return(Return::err(hypercall_abi::Error::NotImplemented))
+    );
+    // Unregistering.
+    assert_eq!(call(&mut m, 0, 0), Outcome::Return(Return::ok(0)));
+    assert!(m.free_ranges().is_empty());
+}
