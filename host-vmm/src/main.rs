@@ -548,7 +548,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let endpoint = host_vmm::migration::endpoint::Endpoint::parse(&listen)?;
             let listener = endpoint.listen()?;
-            eprintln!("host-vmm: waiting for a migration on {}", listener.endpoint());
+            eprintln!(
+                "host-vmm: waiting for a migration on {}",
+                listener.endpoint()
+            );
             let received = host_vmm::migration::engine::receive(
                 &listener,
                 accept_timeout,

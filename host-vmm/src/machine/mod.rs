@@ -391,9 +391,15 @@ impl Machine {
         }
     }
 
-    /// The pages the guest reported free (`zero_hints` FREE_LIST), read from its list now.
+    /// The pages the guest reports free now ([`Machine::free_ranges`]), one bit per page.
     pub fn free_pages(&self) -> PageBits {
-        PageBits::new(self.ram.size() / PAGE_SIZE)
+        let bits = PageBits::new(self.ram.size() / PAGE_SIZE);
+        for &(gpa, len) in &self.free_ranges().ranges {
+            for page in gpa / PAGE_SIZE..(gpa + len) / PAGE_SIZE {
+                bits.set(page);
+            }
+        }
+        bits
     }
 
     /// Restarts the virtio windows paused by [`Machine::pause_devices`]. A window whose device

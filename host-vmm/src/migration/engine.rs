@@ -188,7 +188,8 @@ impl<'a, W: Write> RoundWriter<'a, W> {
             PageClass::Data => {
                 let next = self.run_first + self.run.len() as u64 / PAGE_SIZE;
                 if !self.run.is_empty()
-                    && (next != page || self.run.len() >= PAGES_MAX_PER_MESSAGE * PAGE_SIZE as usize)
+                    && (next != page
+                        || self.run.len() >= PAGES_MAX_PER_MESSAGE * PAGE_SIZE as usize)
                 {
                     self.flush_run()?;
                 }
@@ -239,7 +240,9 @@ impl<'a, W: Write> RoundWriter<'a, W> {
         self.flush_run()?;
         self.flush_zeros()?;
         write_message(self.out, &Message::RoundEnd { round: number }).map_err(mig)?;
-        self.out.flush().map_err(|e| mig(MigrationError::from_io(e, "a round")))?;
+        self.out
+            .flush()
+            .map_err(|e| mig(MigrationError::from_io(e, "a round")))?;
         self.round.bytes = self.out.byte_count() - bytes_before;
         self.round.ns = started.elapsed().as_nanos() as u64;
         Ok(self.round)
@@ -258,7 +261,9 @@ fn send_round<W: Write>(
     let started = Instant::now();
     let before = out.byte_count();
     let mut writer = RoundWriter::new(out, sent);
-    ram.scan::<Error>(only, free, |page, class, data| writer.page(page, class, data))?;
+    ram.scan::<Error>(only, free, |page, class, data| {
+        writer.page(page, class, data)
+    })?;
     writer.finish(number, started, before)
 }
 
@@ -340,13 +345,17 @@ fn send_on<W: Write>(
     let started = Instant::now();
     let ram = handle.ram();
     let flush = |out: &mut Counted<W>, during: &str| {
-        out.flush().map_err(|e| mig(MigrationError::from_io(e, during)))
+        out.flush()
+            .map_err(|e| mig(MigrationError::from_io(e, during)))
     };
     write_message(out, &Message::hello(ram.size())).map_err(mig)?;
     flush(out, "the hello")?;
     expect_answer(answers, "the hello")?;
-    write_message(out, &Message::Config(encode("configuration", &SavedConfig::of(cfg))?))
-        .map_err(mig)?;
+    write_message(
+        out,
+        &Message::Config(encode("configuration", &SavedConfig::of(cfg))?),
+    )
+    .map_err(mig)?;
     write_message(out, &Message::Kernel(cfg.kernel.bytes.to_vec())).map_err(mig)?;
 
     let mut report = MigrationReport::default();
@@ -354,7 +363,9 @@ fn send_on<W: Write>(
     dirty.start()?;
     ram.take_host_dirty();
     let free = free_now(handle)?;
-    report.rounds.push(send_round(out, ram, None, &free, &sent, 0)?);
+    report
+        .rounds
+        .push(send_round(out, ram, None, &free, &sent, 0)?);
 
     // Bytes per second so far, to judge when the rest fits the downtime target.
     let rate = |report: &MigrationReport| {
