@@ -295,6 +295,7 @@ impl CompareArgs {
             mem_size: self.mem,
             kvm_device: self.kvm_device,
             kernel: kernel_image(self.kernel)?,
+            binary: std::env::current_exe().ok(),
         })
     }
 }
@@ -774,6 +775,10 @@ fn finish(report: &RunReport, stats: bool, window: Option<&Window>) -> anyhow::R
 
 fn print_stats(report: &RunReport, window: Option<&Window>) {
     eprintln!("{}", report.stats.summary());
+    eprintln!(
+        "first guest entry at CLOCK_MONOTONIC {} ns",
+        report.first_entry_mono_ns
+    );
     if let Some(w) = window {
         eprintln!(
             "measured window: {:.3} ms wall, {:.3} ms vCPU thread CPU\n{}",

@@ -23,3 +23,15 @@ pub fn thread_faults() -> u64 {
     unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
     (ru.ru_minflt + ru.ru_majflt) as u64
 }
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: comparable between processes of one host (a parent
+/// timing a child's progress).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is always supported on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -39,6 +39,9 @@ pub struct RunReport {
     pub wall_ns: u64,
     /// Writes the trapped null device saw.
     pub null_writes: u64,
+    /// `CLOCK_MONOTONIC` ([`crate::rusage::monotonic_ns`]) when the guest was first entered
+    /// (0 if it never was): for a restored VM, when its next instruction ran.
+    pub first_entry_mono_ns: u64,
 }
 
 /// Watches a run from the vCPU thread. [`Vm::run_observed`] calls it for every marker the
@@ -71,6 +74,8 @@ pub struct Vm {
     seccomp: bool,
     /// An exit to finish before the first entry ([`Vm::restore`] of a state saved inside one).
     pending: Option<MidExit>,
+    /// `CLOCK_MONOTONIC` at the first `KVM_RUN` (0 before it).
+    first_entry_mono_ns: u64,
 }
 
 /// Controls a running [`Vm`] from another thread: pause it at an exit boundary, inspect it,
@@ -238,6 +243,7 @@ impl Vm {
             kernel,
             seccomp: true,
             pending: None,
+            first_entry_mono_ns: 0,
         }
     }
 
@@ -447,6 +453,7 @@ impl Vm {
             console: self.machine.console().captured(),
             wall_ns: start.elapsed().as_nanos() as u64,
             null_writes,
+            first_entry_mono_ns: self.first_entry_mono_ns,
         })
     }
 
@@ -476,6 +483,9 @@ impl Vm {
             self.pause_point();
             if let Some(reason) = self.stop.requested() {
                 return Ok(End::Stopped(reason));
+            }
+            if self.first_entry_mono_ns == 0 {
+                self.first_entry_mono_ns = crate::rusage::monotonic_ns();
             }
             let exit = self.vcpu.run()?;
             let step = self.machine.handle_exit(exit);

@@ -12,7 +12,8 @@
 //! 2. free 3 of every 4 frames (`i % 4 != 3`), in ascending order: runs of 3 frames, so each
 //!    is a range of its own; PV releases the list whenever its 256 ranges are in use, and the
 //!    rest stays in the registered free list. Prints `freemem: allocated N frames, freed M,
-//!    kept K` (and, PV, the bytes released and still pending);
+//!    kept K` (and, PV, the bytes released and still pending), then writes a checkpoint
+//!    marker (`compare --workload snapshot|migrate` saves or migrates the VM there);
 //! 3. `rounds` times: fold every word of the kept frames into the checksum, then wait about
 //!    1 ms (PV with `idle_yield`: parked in the host; otherwise `hlt` with the trapped timer
 //!    at 1 kHz; without a TSC rate the wait is skipped).
@@ -41,7 +42,9 @@ use hypercall_abi::layout::PAGE_SIZE;
 use super::{Env, Outcome, Workload, free_ram_start};
 use crate::exit_code;
 use crate::out::kprintln;
-use crate::platform::{at_cpl3, marker_begin, marker_end, timer_start, timer_stop};
+use crate::platform::{
+    at_cpl3, marker_begin, marker_checkpoint, marker_end, timer_start, timer_stop,
+};
 
 pub const WORKLOAD: Workload = Workload {
     name: "freemem",
@@ -190,6 +193,8 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
             "not registered"
         }
     );
+    // The frees are done: a host that saves or migrates the VM "after the frees" does it here.
+    marker_checkpoint();
     // 3. The rounds: fold at CPL 3, wait at CPL 0.
     let start = frames.start();
     let mut h = Fnv1a::new();

@@ -38,6 +38,14 @@ pub enum CompareError {
         /// Why.
         reason: StopReason,
     },
+    /// A snapshot, restore or migration run went wrong (beyond the VMM's own errors).
+    #[error("{run}: {why}")]
+    Lifecycle {
+        /// The run, e.g. `migrate/pv`.
+        run: String,
+        /// What went wrong.
+        why: String,
+    },
     /// The guest did not write both markers, so nothing was measured.
     #[error("{run}: no measured window (the guest did not write the begin and end markers)")]
     NoWindow {

@@ -9,11 +9,14 @@
 //!   and the host's own read).
 //! - [`result`]: the guest's `PVKIT-RESULT` line; [`record`]: one [`Record`] per run, checked
 //!   ([`CompareError`] says what failed) and the fidelity check across modes.
+//! - [`lifecycle`]: `snapshot` and `migrate`: the same workload saved and restored, or
+//!   live-migrated, PV against trapped.
 //! - [`report`]: the table, its ratios and JSON.
 
 pub mod blk;
 pub mod error;
 pub mod floor;
+pub mod lifecycle;
 pub mod record;
 pub mod report;
 pub mod result;

@@ -35,6 +35,17 @@ pub fn run(
         false => None,
     };
     for w in &opts.workloads {
+        match w.as_str() {
+            "snapshot" => {
+                records.extend(super::lifecycle::snapshot_rows(opts, &mut progress)?);
+                continue;
+            }
+            "migrate" => {
+                records.extend(super::lifecycle::migrate_rows(opts, &mut progress)?);
+                continue;
+            }
+            _ => {}
+        }
         if w == "zero" {
             warm_host_memory(mem_for(w, opts));
         }

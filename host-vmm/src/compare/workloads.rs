@@ -9,7 +9,16 @@ use hypercall_abi::layout::MAX_MEM_SIZE;
 use crate::config::{self, KernelImage};
 
 /// Workloads `compare` knows, in the order it runs them.
-pub const WORKLOADS: &[&str] = &["null", "console", "pagetable", "idle", "zero", "blk"];
+pub const WORKLOADS: &[&str] = &[
+    "null",
+    "console",
+    "pagetable",
+    "idle",
+    "zero",
+    "blk",
+    "snapshot",
+    "migrate",
+];
 /// Default number of null calls.
 pub const DEFAULT_NULL_OPS: u64 = 100_000;
 /// Default rounds of the `null` runs and their floors (the median is reported).
@@ -70,6 +79,9 @@ pub struct CompareOptions {
     pub kvm_device: PathBuf,
     /// Kernel to run.
     pub kernel: KernelImage,
+    /// The `host-vmm` binary, for what is timed as a whole process (`snapshot`: restores and
+    /// cold boots); `None` outside the binary, where those workloads fail and say why.
+    pub binary: Option<PathBuf>,
 }
 
 impl Default for CompareOptions {
@@ -91,6 +103,7 @@ impl Default for CompareOptions {
             mem_size: 128 << 20,
             kvm_device: config::DEFAULT_KVM_DEVICE.into(),
             kernel: KernelImage::embedded(),
+            binary: None,
         }
     }
 }

@@ -10,7 +10,8 @@
 //! host does not back (never written, or released by the guest), pages the PV guest reported
 //! free, and all-zero pages are never sent as data: a page the destination may hold data for
 //! (sent before) is sent as [`Message::Zeros`] instead when it became unbacked or zero; a free
-//! page is skipped (its contents do not matter). Rounds stop when what is left would go out
+//! page is skipped (its contents do not matter). A dirty page whose contents hash (128-bit
+//! xxh3) to what was sent of it before is not sent again. Rounds stop when what is left would go out
 //! within the downtime target at the bandwidth measured so far, or after `max_rounds`. Then
 //! the source pauses the vCPU, holds its devices still, sends the last dirty pages and all
 //! state, and waits for the destination to say it resumed.
@@ -86,6 +87,10 @@ pub struct Round {
     pub pages_sent: u64,
     /// Pages sent as zero (the destination held data for them).
     pub pages_zeroed: u64,
+    /// Dirty pages not sent again because their contents are what was sent before (same
+    /// 128-bit hash): KVM reports a page the guest only read as dirty when it had to map
+    /// it again (e.g. after the host split a huge page around a released range).
+    pub pages_unchanged: u64,
     /// Pages not sent, by reason.
     pub elided: Elided,
     /// Bytes on the wire in this round.
@@ -164,6 +169,8 @@ struct RoundWriter<'a, W: Write> {
     out: &'a mut Counted<W>,
     /// Pages the destination may hold data for.
     sent: &'a PageBits,
+    /// The hash of what was sent of each page in `sent`.
+    hashes: &'a mut [u128],
     run: Vec<u8>,
     run_first: u64,
     zeros: Option<(u64, u64)>,
@@ -171,10 +178,15 @@ struct RoundWriter<'a, W: Write> {
 }
 
 impl<'a, W: Write> RoundWriter<'a, W> {
-    fn new(out: &'a mut Counted<W>, sent: &'a PageBits) -> RoundWriter<'a, W> {
+    fn new(
+        out: &'a mut Counted<W>,
+        sent: &'a PageBits,
+        hashes: &'a mut [u128],
+    ) -> RoundWriter<'a, W> {
         RoundWriter {
             out,
             sent,
+            hashes,
             run: Vec::with_capacity(PAGES_MAX_PER_MESSAGE * PAGE_SIZE as usize),
             run_first: 0,
             zeros: None,
@@ -186,6 +198,12 @@ impl<'a, W: Write> RoundWriter<'a, W> {
         self.round.pages_considered += 1;
         match class {
             PageClass::Data => {
+                let hash = xxhash_rust::xxh3::xxh3_128(data);
+                if self.sent.get(page) && self.hashes[page as usize] == hash {
+                    self.round.pages_unchanged += 1;
+                    return Ok(());
+                }
+                self.hashes[page as usize] = hash;
                 let next = self.run_first + self.run.len() as u64 / PAGE_SIZE;
                 if !self.run.is_empty()
                     && (next != page
@@ -256,11 +274,12 @@ fn send_round<W: Write>(
     only: Option<&PageBits>,
     free: &PageBits,
     sent: &PageBits,
+    hashes: &mut [u128],
     number: u32,
 ) -> Result<Round> {
     let started = Instant::now();
     let before = out.byte_count();
-    let mut writer = RoundWriter::new(out, sent);
+    let mut writer = RoundWriter::new(out, sent, hashes);
     ram.scan::<Error>(only, free, |page, class, data| {
         writer.page(page, class, data)
     })?;
@@ -360,12 +379,13 @@ fn send_on<W: Write>(
 
     let mut report = MigrationReport::default();
     let sent = PageBits::new(ram.size() / PAGE_SIZE);
+    let mut hashes = vec![0u128; (ram.size() / PAGE_SIZE) as usize];
     dirty.start()?;
     ram.take_host_dirty();
     let free = free_now(handle)?;
     report
         .rounds
-        .push(send_round(out, ram, None, &free, &sent, 0)?);
+        .push(send_round(out, ram, None, &free, &sent, &mut hashes, 0)?);
 
     // Bytes per second so far, to judge when the rest fits the downtime target.
     let rate = |report: &MigrationReport| {
@@ -393,9 +413,15 @@ fn send_on<W: Write>(
             break;
         }
         let free = free_now(handle)?;
-        report
-            .rounds
-            .push(send_round(out, ram, Some(&changed), &free, &sent, number)?);
+        report.rounds.push(send_round(
+            out,
+            ram,
+            Some(&changed),
+            &free,
+            &sent,
+            &mut hashes,
+            number,
+        )?);
     }
 
     // Stop and copy.
@@ -413,7 +439,15 @@ fn send_on<W: Write>(
     })?;
     let changed = take_dirty(dirty, ram)?;
     let number = report.rounds.len() as u32;
-    report.last = send_round(out, ram, Some(&changed), &frozen.free, &sent, number)?;
+    report.last = send_round(
+        out,
+        ram,
+        Some(&changed),
+        &frozen.free,
+        &sent,
+        &mut hashes,
+        number,
+    )?;
     let state = encode(
         "VM state",
         &WireStateRef {
