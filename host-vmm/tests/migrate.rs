@@ -698,6 +698,29 @@ fn migrate_through_the_api_socket() {
     let a = api(&sock, b"{\"op\":\"stats\"}\n");
     assert_eq!(a["ok"], true, "{a}");
     assert_eq!(a["paused"], false, "{a}");
+    // A migration that fails mid-stream (the destination reads a little and hangs up), then
+    // one to nobody: errors, and the VM runs on; the next migration starts afresh.
+    let p = dir.join("drop.sock");
+    let fake = fake_dest(&p, |mut c| {
+        let mut hello = [0u8; 29];
+        c.read_exact(&mut hello).unwrap();
+        c.write_all(&frame(9, &[])).unwrap();
+        let mut buf = vec![0u8; 256 << 10];
+        let _ = c.read_exact(&mut buf);
+    });
+    let req = format!("{{\"op\":\"migrate\",\"to\":\"unix:{}\"}}\n", p.display());
+    let a = api(&sock, req.as_bytes());
+    assert_eq!(a["ok"], false, "{a}");
+    fake.join().unwrap();
+    let req = format!(
+        "{{\"op\":\"migrate\",\"to\":\"{}\"}}\n",
+        unix_addr(&dir, "nobody.sock")
+    );
+    let a = api(&sock, req.as_bytes());
+    assert_eq!(a["ok"], false, "{a}");
+    assert!(a["error"].as_str().unwrap().contains("nobody.sock"), "{a}");
+    let a = api(&sock, b"{\"op\":\"stats\"}\n");
+    assert_eq!(a["paused"], false, "{a}");
 
     let addr = unix_addr(&dir, "dest.sock");
     let dest = receiver(&addr);
