@@ -549,6 +549,61 @@ fn cut_before_done(mut src: UnixStream, to: &std::path::Path) {
     let _ = answers.join();
 }
 
+/// A fake destination that takes the whole stream (answering the hello) and hangs up at
+/// `Done` without answering: the source fails in its stop-and-copy, with the vCPU paused
+/// and the devices held still.
+fn swallow_until_done(mut c: UnixStream) {
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    loop {
+        let mut head = [0u8; 5];
+        if c.read_exact(&mut head).is_err() || head[0] == 8 {
+            return;
+        }
+        let len = u32::from_le_bytes(head[1..5].try_into().unwrap()) as usize;
+        let mut rest = vec![0u8; len + 4];
+        if c.read_exact(&mut rest).is_err() {
+            return;
+        }
+        if head[0] == 1 {
+            c.write_all(&frame(9, &[])).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_failure_in_the_stop_and_copy_leaves_the_source_running() {
+    require_kvm();
+    let dir = scratch("late");
+    let disk = dir.join("disk.img");
+    let data: Vec<u8> = (0..32u32 << 20).map(|i| (i ^ (i >> 9)) as u8).collect();
+    std::fs::write(&disk, data).unwrap();
+    let cases: [(&str, Vec<&str>); 2] = [
+        ("freemem", FREEMEM.to_vec()),
+        (
+            "blk",
+            vec![
+                "--workload",
+                "blk",
+                "--disk",
+                disk.to_str().unwrap(),
+                "--",
+                "pattern=rand-read",
+                "mib=32",
+            ],
+        ),
+    ];
+    for (name, args) in cases {
+        let want = plain(&args);
+        let p = dir.join(format!("{name}.sock"));
+        let fake = fake_dest(&p, swallow_until_done);
+        let addr = format!("unix:{}", p.display());
+        let o = source(&["--migrate-after", "250ms", "--migrate-to", &addr], &args).wait();
+        fake.join().unwrap();
+        ran_on(&o, &want, name, &["closed the connection"]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A frame of the wire format (docs/MIGRATION.md).
 fn frame(tag: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = vec![tag];
