@@ -638,6 +638,11 @@ fn refused(o: Output, what: &str) {
 
 /// Sends `bytes` to a fresh receiver (then closes), returns its end.
 fn feed(dir: &std::path::Path, name: &str, bytes: &[u8]) -> Output {
+    feed_answered(dir, name, bytes).0
+}
+
+/// [`feed`], and what the receiver answered on the connection.
+fn feed_answered(dir: &std::path::Path, name: &str, bytes: &[u8]) -> (Output, Vec<u8>) {
     let p = dir.join(format!("{name}.sock"));
     let dest = receiver(&format!("unix:{}", p.display()));
     let mut c = UnixStream::connect(&p).unwrap();
@@ -646,7 +651,7 @@ fn feed(dir: &std::path::Path, name: &str, bytes: &[u8]) -> Output {
     let _ = c.shutdown(std::net::Shutdown::Write);
     let mut answer = Vec::new();
     let _ = c.read_to_end(&mut answer);
-    dest.wait()
+    (dest.wait(), answer)
 }
 
 #[test]
@@ -665,8 +670,11 @@ fn a_bad_stream_is_refused_before_the_guest_runs() {
         .collect();
     let o = feed(&dir, "random", &random);
     refused(o, "random bytes");
-    let o = feed(&dir, "version", &hello(2, 128 << 20));
+    let (o, answer) = feed_answered(&dir, "version", &hello(2, 128 << 20));
     assert!(text(&o.stderr).contains("version 2"), "{}", text(&o.stderr));
+    // The source is told why: an Error message saying the same.
+    assert_eq!(answer.first(), Some(&11), "{answer:?}");
+    assert!(text(&answer).contains("version 2"), "{}", text(&answer));
     refused(o, "other version");
     let mut bad_crc = hello(1, 128 << 20);
     let n = bad_crc.len();
@@ -681,6 +689,34 @@ fn a_bad_stream_is_refused_before_the_guest_runs() {
     // A RAM size of no whole pages.
     refused(feed(&dir, "ram", &hello(1, 4097)), "odd RAM size");
     refused(feed(&dir, "empty", b""), "empty stream");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_guest_that_ends_first_is_not_migrated() {
+    require_kvm();
+    let dir = scratch("early");
+    let args = ["--workload", "null", "--", "ops=1000"];
+    let want = plain(&args);
+    let addr = unix_addr(&dir, "never.sock");
+    // The run ends with the guest, not after the delay.
+    let t0 = Instant::now();
+    let o = source(&["--migrate-after", "30s", "--migrate-to", &addr], &args).wait();
+    ran_on(&o, &want, "ended first", &["nothing migrated"]);
+    let snap = dir.join("snap");
+    let o = source(
+        &[
+            "--snapshot-after",
+            "30s",
+            "--snapshot-dir",
+            snap.to_str().unwrap(),
+        ],
+        &args,
+    )
+    .wait();
+    ran_on(&o, &want, "ended first", &["no snapshot written"]);
+    assert!(!snap.join("state.json").exists());
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
