@@ -255,6 +255,9 @@ fn migrate_once(addr: &str, after: &str, run_args: &[&str], want: &str) -> Strin
     );
     assert!(de.contains("received the VM"), "{de}");
     assert_eq!(result(&d), want, "{run_args:?} {addr}: dest: {de}");
+    if let Some(path) = addr.strip_prefix("unix:") {
+        assert!(!std::path::Path::new(path).exists(), "{path} left behind");
+    }
     se
 }
 
@@ -717,6 +720,55 @@ fn a_guest_that_ends_first_is_not_migrated() {
     ran_on(&o, &want, "ended first", &["no snapshot written"]);
     assert!(!snap.join("state.json").exists());
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn receive_stops_a_migrated_guest_at_its_timeout() {
+    require_kvm();
+    let dir = scratch("timeout");
+    let addr = unix_addr(&dir, "t.sock");
+    let mut dest = Proc::spawn(&[
+        "receive",
+        "--listen",
+        &addr,
+        "--accept-timeout",
+        "30s",
+        "--timeout",
+        "300ms",
+    ]);
+    dest.wait_stderr("waiting for a migration");
+    let args = ["--workload", "null", "--", "ops=3000000"];
+    let src = source(&["--migrate-after", "200ms", "--migrate-to", &addr], &args);
+    let s = src.wait();
+    assert_eq!(s.status.code(), Some(0), "{}", text(&s.stderr));
+    let d = dest.wait();
+    let de = text(&d.stderr);
+    assert_eq!(d.status.code(), Some(124), "{de}");
+    assert!(de.contains("timeout"), "{de}");
+    assert_eq!(result(&d), "none");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn receive_refuses_bad_listen_addresses() {
+    let dir = scratch("listen");
+    let file = dir.join("plain-file");
+    std::fs::write(&file, b"not a socket").unwrap();
+    let file_addr = format!("unix:{}", file.display());
+    for addr in [
+        "tcp:0.0.0.0:4000",
+        "tcp:10.0.0.1:4000",
+        "example.com:4000",
+        &file_addr,
+    ] {
+        let o = Proc::spawn(&["receive", "--listen", addr, "--accept-timeout", "2s"]).wait();
+        let se = text(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{addr}: {se}");
+        assert!(se.starts_with("host-vmm: error:"), "{addr}: {se}");
+        assert_eq!(se.lines().count(), 1, "{addr}: {se}");
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a socket");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
