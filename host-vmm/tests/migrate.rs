@@ -695,6 +695,35 @@ fn a_bad_stream_is_refused_before_the_guest_runs() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Known bug (see `pv_freemem_snapshots_restore_concurrently` in tests/snapshot.rs): the
+/// guest's TSC is not restored exactly on the destination, it runs ahead of `clock_ns` by
+/// the downtime, and each PV wait parks that much longer: ~1 s of `freemem` takes ~7 s.
+#[test]
+#[ignore = "a migrated PV guest's TSC runs ahead of clock_ns by the downtime: waits park longer"]
+fn a_migrated_pv_guest_waits_no_longer_than_before() {
+    require_kvm();
+    let dir = scratch("slow");
+    let addr = unix_addr(&dir, "s.sock");
+    let t0 = Instant::now();
+    plain(&FREEMEM);
+    let plain_time = t0.elapsed();
+    let dest = receiver(&addr);
+    let src = source(
+        &["--migrate-after", "300ms", "--migrate-to", &addr],
+        &FREEMEM,
+    );
+    let t0 = Instant::now();
+    assert_eq!(src.wait().status.code(), Some(0));
+    let d = dest.wait();
+    assert_eq!(d.status.code(), Some(0));
+    assert!(
+        t0.elapsed() < plain_time * 3,
+        "migrated run took {:?}, a plain run {plain_time:?}",
+        t0.elapsed()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_guest_that_ends_first_is_not_migrated() {
     require_kvm();

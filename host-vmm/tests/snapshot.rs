@@ -241,12 +241,14 @@ fn trapped_freemem_snapshots_restore_concurrently() {
     freemem_snapshot_and_restores("trapped");
 }
 
-/// Known bug (not in this test's files): after `restore`, the guest's TSC runs ahead of the
-/// host's `clock_ns` clock by about the time between the save and the restore (the TSC is
-/// not set back to the saved value exactly, while `Clock` resumes from the saved ns).
-/// `PvIdle::idle_until` maps TSC deadlines to `clock_ns` once and does not remap on a
-/// `Capped` wake, so every 1 ms wait of `freemem` parks for that whole gap (1 s caps), and
-/// the restored run does not finish. Migration is not affected (its gap is the downtime).
+/// Known bug (not in this test's files): after `restore` the guest's TSC is not the saved
+/// one but runs ahead of it by the wall time since the save (measured: the IA32_TSC that
+/// `Vcpu::restore_state` writes with KVM_SET_MSRS reads back as saved + ~55 s for a
+/// snapshot saved 55 s earlier), while the host's `clock_ns` `Clock` resumes from its saved
+/// ns. `PvIdle::idle_until` maps TSC deadlines to `clock_ns` once and does not remap on a
+/// `Capped` wake, so every 1 ms wait of `freemem` parks for that whole gap (in 1 s caps): the
+/// restored run does not finish. Live migration has the same skew (by the downtime): a
+/// migrated PV `freemem` takes seconds instead of ~1 s on the destination.
 #[test]
 #[ignore = "restored PV freemem waits park for the save-to-restore gap (TSC vs clock_ns)"]
 fn pv_freemem_snapshots_restore_concurrently() {
