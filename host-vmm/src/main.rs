@@ -700,8 +700,25 @@ fn sandbox_selftest(kind: &str, call: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Sleeps for `after`, or less if the guest ends first (then returns true): a short guest's
+/// run must not linger until a long `--migrate-after` / `--snapshot-after`.
+fn sleep_unless_ended(after: Duration, handle: &host_vmm::vm::VmHandle) -> bool {
+    let until = std::time::Instant::now() + after;
+    loop {
+        if handle.vcpu().is_ended() {
+            return true;
+        }
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(10)));
+    }
+}
+
 /// Waits until `after` into the run and migrates the VM to `to`. A run that ends first
-/// migrates nothing (and says so); a failed migration leaves the VM running and is an error.
+/// migrates nothing (and says so); a failed migration leaves the VM running (or paused, by
+/// option) and is reported on stderr, not an error: the run ends with the guest's status.
 fn migrate_after_delay(
     after: Duration,
     to: &str,
@@ -709,12 +726,19 @@ fn migrate_after_delay(
     opts: &MigrateOptions,
 ) -> anyhow::Result<()> {
     let to = host_vmm::migration::endpoint::Endpoint::parse(to)?;
-    std::thread::sleep(after);
-    if source.handle().vcpu().is_ended() {
+    if sleep_unless_ended(after, source.handle()) {
         eprintln!("host-vmm: the guest ended before --migrate-after; nothing migrated");
         return Ok(());
     }
-    let report = source.migrate(&to, opts)?;
+    let report = match source.migrate(&to, opts) {
+        Ok(report) => report,
+        Err(e) => {
+            // The guest runs on here (or stays paused, by option) and this run ends with its
+            // exit status, as if no migration had been asked for; say why it failed.
+            eprintln!("host-vmm: migration to {to} failed, the guest runs on here: {e}");
+            return Ok(());
+        }
+    };
     eprintln!(
         "host-vmm: migrated to {to}: {} rounds, {} pages sent, {} bytes, downtime {:.3} ms, \
          total {:.3} ms",
@@ -735,7 +759,10 @@ fn save_after(
     handle: &host_vmm::vm::VmHandle,
     cfg: &VmConfig,
 ) -> anyhow::Result<()> {
-    std::thread::sleep(after);
+    if sleep_unless_ended(after, handle) {
+        eprintln!("host-vmm: the guest ended before --snapshot-after; no snapshot written");
+        return Ok(());
+    }
     match handle.vcpu().pause(Duration::from_secs(10)) {
         Ok(()) => {}
         Err(host_vmm::vcpu::ControlError::Ended) => {

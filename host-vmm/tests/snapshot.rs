@@ -174,3 +174,87 @@ fn damaged_snapshots_are_refused_before_the_guest_runs() {
     refused(&dir.join("nonexistent"), "no snapshot");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `freemem` at 64 MiB: its rounds run well past the snapshot point.
+const FREEMEM: [&str; 6] = ["--mem", "64M", "--workload", "freemem", "--", "rounds=400"];
+
+/// Spawns `restore DIR` (output piped; give it a generous timeout so it never hangs).
+fn spawn_restore(dir: &Path) -> std::process::Child {
+    std::process::Command::new(common::BIN)
+        .args(["restore", "--timeout", "60s", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn host-vmm restore")
+}
+
+/// Snapshots `freemem` in `mode` and restores it three times: twice at once (two independent
+/// VMs, each mapping memory.bin privately), then alone; each time with the uninterrupted
+/// result.
+fn freemem_snapshot_and_restores(mode: &str) {
+    let mut run_args = vec!["--mode", mode];
+    run_args.extend_from_slice(&FREEMEM);
+    let mut plain = vec!["run"];
+    plain.extend_from_slice(&run_args);
+    let want = result_line(&host_vmm(&plain));
+    let dir = scratch(&format!("freemem-{mode}"));
+    let original = snapshot(&dir, "300ms", &run_args);
+    assert_eq!(result_line(&original), want, "{mode}: the saved run");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+    let free = state["memory"]["elided"]["free"].as_u64().unwrap();
+    if mode == "pv" {
+        assert!(free > 0, "{mode}: {}", state["memory"]);
+    } else {
+        assert_eq!(free, 0, "{mode}: {}", state["memory"]);
+    }
+    let children = [spawn_restore(&dir), spawn_restore(&dir)];
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(result_line(&out), want, "{mode}: a concurrent restore");
+    }
+    // The snapshot is unchanged by the runs restored from it: once more, alone.
+    let again = host_vmm(&["restore", dir.to_str().unwrap()]);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        result_line(&again),
+        want,
+        "{mode}: restored after the others"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn trapped_freemem_snapshots_restore_concurrently() {
+    require_kvm();
+    freemem_snapshot_and_restores("trapped");
+}
+
+/// Known bug (not in this test's files): after `restore` the guest's TSC is not the saved
+/// one but runs ahead of it by the wall time since the save (measured: the IA32_TSC that
+/// `Vcpu::restore_state` writes with KVM_SET_MSRS reads back as saved + ~55 s for a
+/// snapshot saved 55 s earlier), while the host's `clock_ns` `Clock` resumes from its saved
+/// ns. `PvIdle::idle_until` maps TSC deadlines to `clock_ns` once and does not remap on a
+/// `Capped` wake, so every 1 ms wait of `freemem` parks for that whole gap (in 1 s caps): the
+/// restored run does not finish. Live migration has the same skew (by the downtime): a
+/// migrated PV `freemem` takes seconds instead of ~1 s on the destination.
+#[test]
+#[ignore = "restored PV freemem waits park for the save-to-restore gap (TSC vs clock_ns)"]
+fn pv_freemem_snapshots_restore_concurrently() {
+    require_kvm();
+    freemem_snapshot_and_restores("pv");
+}
+
+// Not tested: a snapshot of a restored VM. `host-vmm restore` has neither `--api-sock` nor
+// `--snapshot-after`, so a restored VM cannot be saved again through the binary.

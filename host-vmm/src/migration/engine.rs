@@ -322,16 +322,27 @@ pub fn send(
     to: &Endpoint,
     opts: &MigrateOptions,
 ) -> Result<MigrationReport> {
-    let conn = to.connect(opts.io_timeout).map_err(mig)?;
-    conn.set_io_timeout(opts.io_timeout).map_err(mig)?;
-    let mut answers = conn.try_clone().map_err(mig)?;
-    let mut out = Counted::new(std::io::BufWriter::with_capacity(1 << 20, conn));
-    let result = send_on(handle, dirty, cfg, &mut out, &mut answers, opts);
-    let _ = dirty.stop();
+    let connected = to.connect(opts.io_timeout).and_then(|conn| {
+        conn.set_io_timeout(opts.io_timeout)?;
+        let answers = conn.try_clone()?;
+        Ok((conn, answers))
+    });
+    let result = match connected {
+        Ok((conn, mut answers)) => {
+            let mut out = Counted::new(std::io::BufWriter::with_capacity(1 << 20, conn));
+            let result = send_on(handle, dirty, cfg, &mut out, &mut answers, opts);
+            let _ = dirty.stop();
+            if result.is_err() {
+                // Tell the destination, if it still listens, that nothing more comes.
+                let _ = write_message(&mut out, &Message::Error("the source gave up".into()));
+                let _ = out.flush();
+            }
+            result
+        }
+        // Not connected: a failure like any other (`--on-failure pause` pauses the VM too).
+        Err(e) => Err(mig(e)),
+    };
     if result.is_err() {
-        // Tell the destination, if it still listens, that nothing more comes.
-        let _ = write_message(&mut out, &Message::Error("the source gave up".into()));
-        let _ = out.flush();
         let vcpu = handle.vcpu();
         if opts.on_failure == OnFailure::Pause {
             let _ = vcpu.pause(Duration::from_secs(5));
