@@ -24,6 +24,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
+
 use crate::error::{Error, Result};
 use crate::stop::{KICK_INTERVAL, RunPhase, Stopper};
 use crate::sync::{lock, wait_timeout};
@@ -77,6 +80,19 @@ pub const SAVED_MSRS: [u32; 11] = [
     0xc000_0102, // KERNEL_GS_BASE
     0xc000_0103, // TSC_AUX
 ];
+
+ioctl_iow_nr!(
+    KVM_HAS_DEVICE_ATTR,
+    0xAE,
+    0xe3,
+    kvm_bindings::kvm_device_attr
+);
+ioctl_iow_nr!(
+    KVM_SET_DEVICE_ATTR,
+    0xAE,
+    0xe1,
+    kvm_bindings::kvm_device_attr
+);
 
 /// A vCPU's architectural state as data ([`Vcpu::save_state`]).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -268,7 +284,11 @@ impl Vcpu {
 
     /// Loads `state` into this vCPU (built, not yet run): the inverse of [`Vcpu::save_state`].
     /// The guest then resumes at the saved instruction with the saved registers.
-    pub fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
+    ///
+    /// Returns how many ns the guest's TSC reads ahead of the saved value (0 where KVM sets
+    /// it exactly): the caller moves the guest's other clocks by as much, so that they keep
+    /// their relation to the TSC.
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<u64> {
         if state.version != crate::state::STATE_VERSION {
             return Err(Error::Unsupported(
                 "restoring the vCPU: the state was written by another format version",
@@ -311,6 +331,67 @@ impl Vcpu {
             return Err(Error::Unsupported(
                 "restoring the vCPU: KVM refused one of the saved MSRs",
             ));
+        }
+        match state.msrs.iter().find(|m| m.index == SAVED_MSRS[0]) {
+            Some(tsc) => {
+                self.set_guest_tsc(tsc.data)?;
+                Ok(self.guest_tsc_ns_ahead(tsc.data))
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// How far, in ns, the guest's TSC now reads ahead of `value` (0 if it cannot say). Some
+    /// KVM hosts ignore TSC writes and offsets (the guest's TSC is the host's): there a
+    /// restored guest's TSC includes the time the VM spent saved.
+    fn guest_tsc_ns_ahead(&self, value: u64) -> u64 {
+        let mut msrs = match Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: SAVED_MSRS[0],
+            ..Default::default()
+        }]) {
+            Ok(m) => m,
+            Err(_) => return 0,
+        };
+        let khz = self.fd.get_tsc_khz().unwrap_or(0);
+        match self.fd.get_msrs(&mut msrs) {
+            Ok(1) if khz > 0 => {
+                let ahead = msrs.as_slice()[0].data.saturating_sub(value);
+                u64::try_from(u128::from(ahead) * 1_000_000 / u128::from(khz)).unwrap_or(u64::MAX)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Makes the guest's TSC read `value` now, so that it goes on from where it was saved:
+    /// the time the VM spent saved (or migrating) is invisible to it, as it is to the host's
+    /// guest clock. A host-side write of IA32_TSC is not enough: KVM takes a value near what
+    /// it expects for a new vCPU as an attempt to synchronise vCPUs and keeps its own offset.
+    /// Where KVM offers `KVM_VCPU_TSC_OFFSET` (Linux 5.16) the offset is set directly;
+    /// elsewhere the MSR write stands.
+    fn set_guest_tsc(&self, value: u64) -> Result<()> {
+        let mut offset: u64 = 0;
+        let mut attr = kvm_bindings::kvm_device_attr {
+            flags: 0,
+            group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+            attr: u64::from(kvm_bindings::KVM_VCPU_TSC_OFFSET),
+            addr: &mut offset as *mut u64 as u64,
+        };
+        // SAFETY: KVM_HAS_DEVICE_ATTR on our vCPU fd reads `attr` only (not `addr`).
+        if unsafe { ioctl_with_ref(&self.fd, KVM_HAS_DEVICE_ATTR(), &attr) } != 0 {
+            return Ok(());
+        }
+        // SAFETY: RDTSC only reads the time-stamp counter, which every x86-64 CPU has.
+        let host_tsc = unsafe { core::arch::x86_64::_rdtsc() };
+        // Guest TSC = host TSC + offset (the VM runs at the host's TSC rate: no scaling is set).
+        offset = value.wrapping_sub(host_tsc);
+        attr.addr = &offset as *const u64 as u64;
+        // SAFETY: KVM_SET_DEVICE_ATTR on our vCPU fd reads `attr` and the u64 at `attr.addr`,
+        // which is `offset`, alive for the call.
+        if unsafe { ioctl_with_ref(&self.fd, KVM_SET_DEVICE_ATTR(), &attr) } != 0 {
+            return Err(Error::Io {
+                what: "cannot set the guest's TSC offset".into(),
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     }

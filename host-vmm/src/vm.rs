@@ -388,7 +388,9 @@ impl Vm {
         machine: &MachineState,
     ) -> Result<()> {
         self.machine.restore(machine).map_err(restore_error)?;
-        self.vcpu.restore_state(vcpu)?;
+        let tsc_ahead_ns = self.vcpu.restore_state(vcpu)?;
+        // Where KVM could not put the TSC back, the guest's clock moves on with it.
+        self.machine.advance_clock(tsc_ahead_ns);
         self.pending = vcpu.pending;
         Ok(())
     }

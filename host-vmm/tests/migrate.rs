@@ -293,7 +293,7 @@ fn a_migrated_guest_finishes_like_an_uninterrupted_run() {
     require_kvm();
     let dir = scratch("ok");
     let disk = dir.join("disk.img");
-    let data: Vec<u8> = (0..32u32 << 20)
+    let data: Vec<u8> = (0..64u32 << 20)
         .map(|i| (i.wrapping_mul(7) ^ (i >> 12)) as u8)
         .collect();
     std::fs::write(&disk, data).unwrap();
@@ -313,7 +313,8 @@ fn a_migrated_guest_finishes_like_an_uninterrupted_run() {
             ],
         ),
         (
-            "250ms",
+            // Long enough (about 1 s) that a debug build's migration ends before the guest.
+            "100ms",
             vec![
                 "--workload",
                 "blk",
@@ -321,7 +322,7 @@ fn a_migrated_guest_finishes_like_an_uninterrupted_run() {
                 &disk,
                 "--",
                 "pattern=rand-read",
-                "mib=32",
+                "mib=64",
             ],
         ),
     ];
@@ -578,7 +579,7 @@ fn a_failure_in_the_stop_and_copy_leaves_the_source_running() {
     require_kvm();
     let dir = scratch("late");
     let disk = dir.join("disk.img");
-    let data: Vec<u8> = (0..32u32 << 20).map(|i| (i ^ (i >> 9)) as u8).collect();
+    let data: Vec<u8> = (0..64u32 << 20).map(|i| (i ^ (i >> 9)) as u8).collect();
     std::fs::write(&disk, data).unwrap();
     let cases: [(&str, Vec<&str>); 2] = [
         ("freemem", FREEMEM.to_vec()),
@@ -591,7 +592,7 @@ fn a_failure_in_the_stop_and_copy_leaves_the_source_running() {
                 disk.to_str().unwrap(),
                 "--",
                 "pattern=rand-read",
-                "mib=32",
+                "mib=64",
             ],
         ),
     ];
@@ -600,7 +601,8 @@ fn a_failure_in_the_stop_and_copy_leaves_the_source_running() {
         let p = dir.join(format!("{name}.sock"));
         let fake = fake_dest(&p, swallow_until_done);
         let addr = format!("unix:{}", p.display());
-        let o = source(&["--migrate-after", "250ms", "--migrate-to", &addr], &args).wait();
+        let after = if name == "blk" { "100ms" } else { "250ms" };
+        let o = source(&["--migrate-after", after, "--migrate-to", &addr], &args).wait();
         fake.join().unwrap();
         ran_on(&o, &want, name, &["closed the connection"]);
     }
@@ -699,7 +701,6 @@ fn a_bad_stream_is_refused_before_the_guest_runs() {
 /// guest's TSC is not restored exactly on the destination, it runs ahead of `clock_ns` by
 /// the downtime, and each PV wait parks that much longer: ~1 s of `freemem` takes ~7 s.
 #[test]
-#[ignore = "a migrated PV guest's TSC runs ahead of clock_ns by the downtime: waits park longer"]
 fn a_migrated_pv_guest_waits_no_longer_than_before() {
     require_kvm();
     let dir = scratch("slow");

@@ -250,7 +250,6 @@ fn trapped_freemem_snapshots_restore_concurrently() {
 /// restored run does not finish. Live migration has the same skew (by the downtime): a
 /// migrated PV `freemem` takes seconds instead of ~1 s on the destination.
 #[test]
-#[ignore = "restored PV freemem waits park for the save-to-restore gap (TSC vs clock_ns)"]
 fn pv_freemem_snapshots_restore_concurrently() {
     require_kvm();
     freemem_snapshot_and_restores("pv");

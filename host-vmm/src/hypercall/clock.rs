@@ -18,6 +18,13 @@ impl Clock {
         }
     }
 
+    /// Moves the clock `ns` forward (at most back to the host's own clock origin).
+    pub fn advance(&mut self, ns: u64) {
+        if let Some(origin) = self.origin.checked_sub(Duration::from_nanos(ns)) {
+            self.origin = origin;
+        }
+    }
+
     /// Nanoseconds since creation (monotonic).
     pub fn now_ns(&self) -> u64 {
         u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)

@@ -391,6 +391,12 @@ impl Machine {
         }
     }
 
+    /// Moves the guest's clock (`clock_ns`) `ns` forward: a restored vCPU whose TSC KVM could
+    /// not put back reads that far ahead, and the two clocks must keep their relation.
+    pub fn advance_clock(&mut self, ns: u64) {
+        self.clock.advance(ns);
+    }
+
     /// The pages the guest reports free now ([`Machine::free_ranges`]), one bit per page.
     pub fn free_pages(&self) -> PageBits {
         let bits = PageBits::new(self.ram.size() / PAGE_SIZE);
