@@ -254,8 +254,9 @@ fn compare_prints_a_table_and_writes_json() {
     // Two floor references (raw exit loops), two modes of null and console, and the
     // pagetable sweep (two PV batch sizes) plus its trapped run, the three idle strategies, and
     // zero: PV, PV without read-ahead, PV without releasing, trapped; then blk: three patterns
-    // × (pv, pv-poll, trapped) and the host's own read.
-    assert_eq!(recs.len(), 26);
+    // × (pv, pv-poll, trapped) and the host's own read; snapshot (PV, trapped) and two restore
+    // sizes; migrate (PV, trapped) and an idle PV migration.
+    assert_eq!(recs.len(), 33);
     let modes: Vec<_> = recs
         .iter()
         .map(|r| {
@@ -294,9 +295,32 @@ fn compare_prints_a_table_and_writes_json() {
             "blk/pv",
             "blk/pv-poll",
             "blk/trapped",
-            "blk/host"
+            "blk/host",
+            "snapshot/pv",
+            "snapshot/trapped",
+            "restore/pv 128M",
+            "restore/pv 1024M",
+            "migrate/pv",
+            "migrate/trapped",
+            "migrate-idle/pv",
         ]
     );
+    // Saved or migrated mid-workload, the guest finishes as it does uninterrupted, in both
+    // modes; the PV guest's freed memory is neither written nor sent.
+    let n = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k}: {r}"));
+    assert_eq!(recs[26]["checksum"], recs[27]["checksum"]);
+    assert_eq!(recs[30]["checksum"], recs[31]["checksum"]);
+    assert_eq!(recs[26]["checksum"], recs[30]["checksum"]);
+    assert!(n(&recs[26], "bytes_written") * 10 <= n(&recs[27], "bytes_written") * 3);
+    assert!(n(&recs[30], "bytes_sent") * 10 <= n(&recs[31], "bytes_sent") * 3);
+    assert!(n(&recs[26], "pages_elided_free") > 0);
+    assert_eq!(n(&recs[27], "pages_elided_free"), 0);
+    for r in &recs[26..30] {
+        assert!(n(r, "restore_ns") > 0 && n(r, "cold_boot_ns") > 0, "{r}");
+    }
+    for r in &recs[30..33] {
+        assert!(n(r, "rounds") >= 2 && n(r, "downtime_ns") > 0, "{r}");
+    }
     for r in &recs[16..25] {
         assert!(r["mib_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
@@ -361,6 +385,11 @@ fn compare_prints_a_table_and_writes_json() {
             (Some("idle"), Some("spin"))
                 | (Some("zero"), Some("trapped"))
                 | (Some("blk"), Some("pv-poll") | Some("host"))
+                // Saving, restoring and migrating are counted in bytes and time, not exits.
+                | (
+                    Some("snapshot" | "restore" | "migrate" | "migrate-idle"),
+                    Some(_)
+                )
         );
         let exits = r["exits"]["total"].as_u64().unwrap();
         if exitless {

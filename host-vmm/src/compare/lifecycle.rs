@@ -425,10 +425,11 @@ fn migrate_once(
     })
 }
 
-fn migration_extra(report: &MigrationReport) -> BTreeMap<String, u64> {
+fn migration_extra(report: &MigrationReport, mem: u64) -> BTreeMap<String, u64> {
     let elided = report.elided();
     BTreeMap::from([
         ("bytes_sent".to_string(), report.bytes_sent),
+        ("mem_bytes".into(), mem),
         ("pages_sent".into(), report.pages_sent()),
         ("pages_elided_unbacked".into(), elided.unbacked),
         ("pages_elided_free".into(), elided.free),
@@ -438,6 +439,7 @@ fn migration_extra(report: &MigrationReport) -> BTreeMap<String, u64> {
         ("state_bytes".into(), report.state_bytes),
         ("downtime_ns".into(), report.downtime_ns),
         ("total_ns".into(), report.total_ns),
+        ("pages_unchanged".into(), report.pages_unchanged()),
     ])
 }
 
@@ -468,7 +470,7 @@ pub fn migrate_rows(
             mode.name(),
             report.total_ns,
             Some(migrated),
-            migration_extra(&report),
+            migration_extra(&report, cfg.mem_size),
         ));
     }
     let run = "migrate-idle/pv";
@@ -490,7 +492,7 @@ pub fn migrate_rows(
         "pv",
         report.total_ns,
         Some(migrated),
-        migration_extra(&report),
+        migration_extra(&report, cfg.mem_size),
     ));
     Ok(records)
 }

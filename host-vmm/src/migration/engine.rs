@@ -128,6 +128,15 @@ impl MigrationReport {
         e
     }
 
+    /// Dirty pages not sent again because they had not changed, over all rounds.
+    pub fn pages_unchanged(&self) -> u64 {
+        self.rounds
+            .iter()
+            .chain(std::iter::once(&self.last))
+            .map(|r| r.pages_unchanged)
+            .sum()
+    }
+
     /// Pages sent with data over all rounds.
     pub fn pages_sent(&self) -> u64 {
         self.rounds
