@@ -43,10 +43,33 @@ use crate::{cpuid, memory};
 
 /// Builds a VM from `cfg`; guest console output goes to `console`.
 pub fn build(cfg: &VmConfig, console: ConsoleSink) -> Result<Vm> {
+    build_for(cfg, console, Start::Boot)
+}
+
+/// Builds a VM from `cfg` to load a saved state into (a snapshot's, a migration's): as
+/// [`build`], but guest RAM and the page-table pool are left empty — the kernel is checked,
+/// not copied, and no boot structures are written — since the saved state replaces them.
+pub fn build_to_restore(cfg: &VmConfig, console: ConsoleSink) -> Result<Vm> {
+    build_for(cfg, console, Start::Restore)
+}
+
+/// How a built VM will start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// At the kernel's entry point.
+    Boot,
+    /// From a saved state.
+    Restore,
+}
+
+fn build_for(cfg: &VmConfig, console: ConsoleSink, start: Start) -> Result<Vm> {
     let checked = check_config(cfg)?;
     let kvm = open_kvm(&cfg.kvm_device)?;
     let (vm_fd, ram, mut pool) = create_vm(&kvm, cfg.mem_size)?;
-    let kernel = load_kernel(&ram, cfg)?;
+    let kernel = match start {
+        Start::Boot => load_kernel(&ram, cfg)?,
+        Start::Restore => checked.kernel,
+    };
     let (vcpu, offer, tsc_khz) = create_vcpu(&kvm, &vm_fd, &checked)?;
     let events = EventQueue::default();
     let mut devices = attach_pio_devices(&console, &events)?;
@@ -59,19 +82,19 @@ pub fn build(cfg: &VmConfig, console: ConsoleSink) -> Result<Vm> {
         checked.disk,
         cfg.virtio_console,
     )?;
-    configure_boot(
-        BootSetup {
-            kvm: &kvm,
-            vcpu: &vcpu,
-            ram: &ram,
-            pool: &mut pool,
-            kernel: &kernel,
-            offer,
-            tsc_khz,
-        },
-        cfg,
-        &devices.windows,
-    )?;
+    let setup = BootSetup {
+        kvm: &kvm,
+        vcpu: &vcpu,
+        ram: &ram,
+        pool: &mut pool,
+        kernel: &kernel,
+        offer,
+        tsc_khz,
+    };
+    match start {
+        Start::Boot => configure_boot(setup, cfg, &devices.windows)?,
+        Start::Restore => configure_cpuid(&setup)?,
+    }
     let stopper = Stopper::new(events.interrupter())?;
     let machine = assemble_machine(MachineParts {
         ram,
@@ -95,6 +118,8 @@ pub struct Checked {
     pub name: String,
     /// The opened disk image, if any.
     pub disk: Option<Disk>,
+    /// Where the kernel would load (checked, not loaded).
+    pub kernel: ElfInfo,
     /// The run's mode and `--disable` bits.
     pub mode: hypercall_abi::boot::Mode,
     /// Feature bits to clear.
@@ -104,10 +129,11 @@ pub struct Checked {
 /// Step 1: checks the memory size, the kernel image and its ABI note, and opens the disk.
 pub fn check_config(cfg: &VmConfig) -> Result<Checked> {
     memory::check_mem_size(cfg.mem_size)?;
-    loader::validate(&cfg.kernel.bytes, cfg.mem_size).map_err(|source| Error::Elf {
-        name: cfg.kernel.name.clone(),
-        source,
-    })?;
+    let kernel =
+        loader::validate(&cfg.kernel.bytes, cfg.mem_size).map_err(|source| Error::Elf {
+            name: cfg.kernel.name.clone(),
+            source,
+        })?;
     let abi = KernelAbi::read(&cfg.kernel.bytes);
     // Everything but the TSC rate is known without KVM: refuse early what cannot boot.
     abi.offer(cfg.mode, hypercall::host_features(1), cfg.disable)
@@ -120,6 +146,7 @@ pub fn check_config(cfg: &VmConfig) -> Result<Checked> {
         None => None,
     };
     Ok(Checked {
+        kernel,
         abi,
         name: cfg.kernel.name.clone(),
         disk,
@@ -306,15 +333,22 @@ pub fn configure_boot(s: BootSetup<'_>, cfg: &VmConfig, windows: &[(u64, u32)]) 
         devices: windows,
     };
     boot::write_boot_structures(s.ram, s.pool, s.kernel, &req)?;
+    configure_cpuid(&s)?;
     let fd = s.vcpu.fd();
-    fd.set_cpuid2(&cpuid::guest_cpuid(s.kvm, s.offer, s.tsc_khz)?)
-        .map_err(Error::kvm("set CPUID"))?;
     let mut sregs = fd.get_sregs().map_err(Error::kvm("get sregs"))?;
     boot::long_mode_sregs(&mut sregs);
     fd.set_sregs(&sregs).map_err(Error::kvm("set sregs"))?;
     fd.set_regs(&boot::initial_regs(s.kernel.entry))
         .map_err(Error::kvm("set regs"))?;
     Ok(())
+}
+
+/// The vCPU's CPUID (all a VM built to restore needs of step 6: the rest is saved state).
+pub fn configure_cpuid(s: &BootSetup<'_>) -> Result<()> {
+    s.vcpu
+        .fd()
+        .set_cpuid2(&cpuid::guest_cpuid(s.kvm, s.offer, s.tsc_khz)?)
+        .map_err(Error::kvm("set CPUID"))
 }
 
 fn bus_error(e: crate::bus::BusError) -> Error {

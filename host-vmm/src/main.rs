@@ -600,7 +600,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut cfg = loaded.config.clone();
             cfg.timeout = timeout;
             cfg.seccomp = !no_seccomp;
-            let mut vm = builder::build(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
+            let mut vm = builder::build_to_restore(
+                &cfg,
+                ConsoleSink::new(Some(Box::new(std::io::stdout()))),
+            )?;
             loaded.restore_into(&mut vm)?;
             let mut recorder = WindowRecorder::default();
             let report = {

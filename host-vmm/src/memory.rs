@@ -63,6 +63,14 @@ impl PageBits {
         bits
     }
 
+    /// Makes these bits those of `other` (which must cover as many pages).
+    pub fn copy_from(&self, other: &PageBits) {
+        debug_assert_eq!(self.pages, other.pages);
+        for (w, o) in self.words.iter().zip(&other.words) {
+            w.store(o.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
     /// Number of pages covered.
     pub fn pages(&self) -> u64 {
         self.pages
@@ -303,14 +311,8 @@ impl GuestRam {
                 std::io::Error::last_os_error()
             )));
         }
-        for i in 0..data.pages() {
-            if data.get(i) {
-                self.file_backed.set(i);
-            } else {
-                // Never a page of a previous file: a hole of this one reads as zero.
-                self.file_backed.clear_range(i, 1);
-            }
-        }
+        // Exactly the file's data pages (a hole reads as zero, whatever was mapped before).
+        self.file_backed.copy_from(&data);
         Ok(())
     }
 

@@ -345,13 +345,6 @@ impl Vm {
         self.restore_state(vcpu, machine)
     }
 
-    /// Makes all of guest RAM zero again (and returns its memory to the host), for a VM that
-    /// has not run and will be filled from a migration stream.
-    pub fn clear_ram(&mut self) -> Result<()> {
-        let size = self.machine.ram().size();
-        self.zero_ram(0, size)
-    }
-
     /// Makes `[gpa, gpa + len)` of guest RAM zero (page-aligned, inside RAM).
     pub fn zero_ram(&mut self, gpa: u64, len: u64) -> Result<()> {
         self.machine

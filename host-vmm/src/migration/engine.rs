@@ -572,9 +572,8 @@ fn receive_on(
         .to_config(kernel)
         .map_err(|e| mig(MigrationError::Corrupt(format!("configuration: {e}"))))?;
     adjust(&mut config);
-    let mut vm = crate::builder::build(&config, console)?;
-    // RAM starts all zero: the source sends only pages with data.
-    vm.clear_ram()?;
+    // RAM starts all zero (nothing is loaded into it): the source sends only pages with data.
+    let mut vm = crate::builder::build_to_restore(&config, console)?;
     let mut rounds = 0;
     let state = loop {
         match next(&mut rx)? {

@@ -99,9 +99,11 @@ impl Persist for PageTablePool {
             ));
         }
         let frames = validate(state, self.ram_size, vmm_boot_tables())?;
-        // Everything checked: now replace the pool. Untyped frames are zero.
+        // Everything checked: now replace the pool. Untyped frames are zero (a frame is zeroed
+        // when it stops being a table), so only the tables there now need clearing: a fresh
+        // pool's untouched frames are never faulted in.
         let zero = vec![0u8; PAGE_SIZE as usize];
-        for i in 0..POOL_FRAMES {
+        for i in (0..POOL_FRAMES).filter(|&i| self.frames[i].level != 0) {
             let _ = self.mem.write_slice(&zero, GuestAddress(pool_frame_gpa(i)));
         }
         for f in &state.frames {
