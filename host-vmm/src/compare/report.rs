@@ -213,6 +213,87 @@ pub fn render_table(records: &[Record]) -> String {
     s
 }
 
+/// The summary lines of `snapshot`, `restore`, `migrate` and `migrate-idle`.
+fn lifecycle_lines(records: &[Record]) -> String {
+    let find = |w: &str, m: &str| records.iter().find(|x| x.workload == w && x.mode == m);
+    let g = |r: &Record, k: &str| r.extra.get(k).copied().unwrap_or(0);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let pct = |a: u64, b: u64| 100.0 * a as f64 / b.max(1) as f64;
+    let elided = |r: &Record| {
+        format!(
+            "unbacked {} / free {} / zero {}",
+            g(r, "pages_elided_unbacked"),
+            g(r, "pages_elided_free"),
+            g(r, "pages_elided_zero")
+        )
+    };
+    let mut s = String::new();
+    if let (Some(pv), Some(tr)) = (find("snapshot", "pv"), find("snapshot", "trapped")) {
+        s += &format!(
+            "snapshot: written pv {:.1} MiB vs trapped {:.1} MiB ({:.1}% of trapped); pages \
+             elided pv {} , trapped {}; save {:.1} / {:.1} ms; restore to the next guest \
+             instruction (whole process) {:.1} / {:.1} ms vs cold boot {:.1} / {:.1} ms\n",
+            mib(g(pv, "bytes_written")),
+            mib(g(tr, "bytes_written")),
+            pct(g(pv, "bytes_written"), g(tr, "bytes_written")),
+            elided(pv),
+            elided(tr),
+            ms(g(pv, "save_ns")),
+            ms(g(tr, "save_ns")),
+            ms(g(pv, "restore_ns")),
+            ms(g(tr, "restore_ns")),
+            ms(g(pv, "cold_boot_ns")),
+            ms(g(tr, "cold_boot_ns")),
+        );
+    }
+    let restores: Vec<&Record> = records.iter().filter(|r| r.workload == "restore").collect();
+    if let Some(first) = restores.first() {
+        let parts: Vec<String> = restores
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} MiB {:.1} ms ({:.2}x the smallest, {:.2} of its cold boot {:.1} ms)",
+                    g(r, "mem_bytes") >> 20,
+                    ms(g(r, "restore_ns")),
+                    g(r, "restore_ns") as f64 / g(first, "restore_ns").max(1) as f64,
+                    g(r, "restore_ns") as f64 / g(r, "cold_boot_ns").max(1) as f64,
+                    ms(g(r, "cold_boot_ns")),
+                )
+            })
+            .collect();
+        s += &format!("restore (idle PV guest): {}\n", parts.join("; "));
+    }
+    if let (Some(pv), Some(tr)) = (find("migrate", "pv"), find("migrate", "trapped")) {
+        s += &format!(
+            "migrate: sent pv {:.1} MiB vs trapped {:.1} MiB ({:.1}% of trapped); pages elided \
+             pv {}, trapped {}; rounds {} / {}; downtime {:.1} / {:.1} ms; total {:.1} / {:.1} \
+             ms\n",
+            mib(g(pv, "bytes_sent")),
+            mib(g(tr, "bytes_sent")),
+            pct(g(pv, "bytes_sent"), g(tr, "bytes_sent")),
+            elided(pv),
+            elided(tr),
+            g(pv, "rounds"),
+            g(tr, "rounds"),
+            ms(g(pv, "downtime_ns")),
+            ms(g(tr, "downtime_ns")),
+            ms(g(pv, "total_ns")),
+            ms(g(tr, "total_ns")),
+        );
+    }
+    if let Some(idle) = find("migrate-idle", "pv") {
+        s += &format!(
+            "migrate-idle: idle {} MiB PV guest: downtime {:.1} ms, {} rounds, {:.2} MiB sent\n",
+            g(idle, "mem_bytes").max(128 << 20) >> 20,
+            ms(g(idle, "downtime_ns")),
+            g(idle, "rounds"),
+            mib(g(idle, "bytes_sent")),
+        );
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,85 +403,4 @@ mod tests {
         assert_eq!(a[0]["checksum"], serde_json::Value::Null);
         assert!(a[0].get("batch").is_none(), "skipped when None");
     }
-}
-
-/// The summary lines of `snapshot`, `restore`, `migrate` and `migrate-idle`.
-fn lifecycle_lines(records: &[Record]) -> String {
-    let find = |w: &str, m: &str| records.iter().find(|x| x.workload == w && x.mode == m);
-    let g = |r: &Record, k: &str| r.extra.get(k).copied().unwrap_or(0);
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    let ms = |ns: u64| ns as f64 / 1e6;
-    let pct = |a: u64, b: u64| 100.0 * a as f64 / b.max(1) as f64;
-    let elided = |r: &Record| {
-        format!(
-            "unbacked {} / free {} / zero {}",
-            g(r, "pages_elided_unbacked"),
-            g(r, "pages_elided_free"),
-            g(r, "pages_elided_zero")
-        )
-    };
-    let mut s = String::new();
-    if let (Some(pv), Some(tr)) = (find("snapshot", "pv"), find("snapshot", "trapped")) {
-        s += &format!(
-            "snapshot: written pv {:.1} MiB vs trapped {:.1} MiB ({:.1}% of trapped); pages \
-             elided pv {} , trapped {}; save {:.1} / {:.1} ms; restore to the next guest \
-             instruction (whole process) {:.1} / {:.1} ms vs cold boot {:.1} / {:.1} ms\n",
-            mib(g(pv, "bytes_written")),
-            mib(g(tr, "bytes_written")),
-            pct(g(pv, "bytes_written"), g(tr, "bytes_written")),
-            elided(pv),
-            elided(tr),
-            ms(g(pv, "save_ns")),
-            ms(g(tr, "save_ns")),
-            ms(g(pv, "restore_ns")),
-            ms(g(tr, "restore_ns")),
-            ms(g(pv, "cold_boot_ns")),
-            ms(g(tr, "cold_boot_ns")),
-        );
-    }
-    let restores: Vec<&Record> = records.iter().filter(|r| r.workload == "restore").collect();
-    if let Some(first) = restores.first() {
-        let parts: Vec<String> = restores
-            .iter()
-            .map(|r| {
-                format!(
-                    "{} MiB {:.1} ms ({:.2}x the smallest, {:.2} of its cold boot {:.1} ms)",
-                    g(r, "mem_bytes") >> 20,
-                    ms(g(r, "restore_ns")),
-                    g(r, "restore_ns") as f64 / g(first, "restore_ns").max(1) as f64,
-                    g(r, "restore_ns") as f64 / g(r, "cold_boot_ns").max(1) as f64,
-                    ms(g(r, "cold_boot_ns")),
-                )
-            })
-            .collect();
-        s += &format!("restore (idle PV guest): {}\n", parts.join("; "));
-    }
-    if let (Some(pv), Some(tr)) = (find("migrate", "pv"), find("migrate", "trapped")) {
-        s += &format!(
-            "migrate: sent pv {:.1} MiB vs trapped {:.1} MiB ({:.1}% of trapped); pages elided \
-             pv {}, trapped {}; rounds {} / {}; downtime {:.1} / {:.1} ms; total {:.1} / {:.1} \
-             ms\n",
-            mib(g(pv, "bytes_sent")),
-            mib(g(tr, "bytes_sent")),
-            pct(g(pv, "bytes_sent"), g(tr, "bytes_sent")),
-            elided(pv),
-            elided(tr),
-            g(pv, "rounds"),
-            g(tr, "rounds"),
-            ms(g(pv, "downtime_ns")),
-            ms(g(tr, "downtime_ns")),
-            ms(g(pv, "total_ns")),
-            ms(g(tr, "total_ns")),
-        );
-    }
-    if let Some(idle) = find("migrate-idle", "pv") {
-        s += &format!(
-            "migrate-idle: idle {} MiB PV guest: downtime {:.1} ms, {} rounds, {:.2} MiB sent\n",
-            g(idle, "mem_bytes").max(128 << 20) >> 20,
-            ms(g(idle, "downtime_ns")),
-            g(idle, "rounds"),
-            mib(g(idle, "bytes_sent")),
-        );
-    }
-    s
 }
