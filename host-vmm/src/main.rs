@@ -55,14 +55,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ModeArg::Pv)]
         mode: ModeArg,
         /// Clear these pvkit feature bits in PV mode, comma-separated (console, exit, clock,
-        /// null, tsc_khz, idle_yield, zero_hints, mmu_update, zero_prepare): the guest uses
+        /// null, tsc_khz, idle_yield, zero_hints, mmu_update, zero_prepare, free_report): the guest uses
         /// their trapped twins.
         #[arg(long, value_name = "FEATURE[,...]", value_delimiter = ',', value_parser = feature_bit)]
         disable: Vec<u64>,
         /// Guest RAM, e.g. 128M, 1G (16 MiB .. 3068 MiB, below the page-table pool).
         #[arg(long, default_value = "128M", value_parser = mem_size)]
         mem: u64,
-        /// Workload for the demo kernel: hello, null, console, pagetable, idle, zero, blk, vconsole, cpl3, fuzz, panic.
+        /// Workload for the demo kernel: hello, null, console, pagetable, idle, zero, freemem, blk, vconsole, cpl3, fuzz, panic.
         #[arg(long, default_value = "hello")]
         workload: String,
         /// Print exit statistics to stderr when the guest exits (or is stopped).
