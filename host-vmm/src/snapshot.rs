@@ -13,7 +13,8 @@
 //!   (never written, or released by the guest), pages the PV guest reported free, and
 //!   all-zero pages. `memory.crc32` is the CRC-32 of each written page's number (u64,
 //!   little-endian) followed by its 4096 bytes, in ascending order.
-//! - `kernel.elf`: the kernel image, so a restore needs nothing outside the directory.
+//! - `kernel.elf`: the kernel image, so a restore needs nothing outside the directory (its
+//!   CRC-32 is `kernel_crc32` in `state.json`).
 //!
 //! Restoring maps `memory.bin` privately as guest RAM: nothing of RAM is copied, a page is
 //! read when first touched. Checking the file reads only its data (`SEEK_DATA`/`SEEK_HOLE`),
@@ -125,6 +126,8 @@ pub struct SnapshotFile {
     pub machine: MachineState,
     /// The memory file.
     pub memory: MemoryFile,
+    /// CRC-32 of `kernel.elf`.
+    pub kernel_crc32: u32,
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -176,6 +179,7 @@ pub fn write(dir: &Path, cfg: &VmConfig, handle: &VmHandle) -> Result<MemoryFile
         vcpu,
         machine,
         memory: memory.clone(),
+        kernel_crc32: crc32fast::hash(&cfg.kernel.bytes),
     };
     let encode = |file: &SnapshotFile| {
         serde_json::to_vec(file).map_err(|e| Error::Io {
@@ -354,6 +358,9 @@ pub fn read(dir: &Path) -> Result<Loaded> {
     }
     let kernel_path = dir.join("kernel.elf");
     let kernel = KernelImage::from_file(&kernel_path)?;
+    if crc32fast::hash(&kernel.bytes) != file.kernel_crc32 {
+        return Err(bad(dir, "kernel.elf does not match its checksum"));
+    }
     let config = file.config.to_config(kernel).map_err(|e| bad(dir, e))?;
 
     let mem_path = dir.join("memory.bin");

@@ -167,6 +167,15 @@ fn damaged_snapshots_are_refused_before_the_guest_runs() {
     std::fs::remove_file(dir.join("memory.bin")).unwrap();
     refused(&dir, "missing memory");
 
+    // A changed kernel image.
+    let kernel = std::fs::read(dir.join("kernel.elf")).unwrap();
+    let mut changed = kernel.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 0x40;
+    std::fs::write(dir.join("kernel.elf"), &changed).unwrap();
+    refused(&dir, "changed kernel");
+    std::fs::write(dir.join("kernel.elf"), &kernel).unwrap();
+
     // Put back, it restores.
     std::fs::write(dir.join("memory.bin"), &memory).unwrap();
     let ok = host_vmm(&["restore", dir.to_str().unwrap()]);
@@ -257,3 +266,46 @@ fn pv_freemem_snapshots_restore_concurrently() {
 
 // Not tested: a snapshot of a restored VM. `host-vmm restore` has neither `--api-sock` nor
 // `--snapshot-after`, so a restored VM cannot be saved again through the binary.
+
+#[test]
+fn a_guest_saved_during_virtio_blk_io_finishes_its_io_after_restore() {
+    require_kvm();
+    let dir = scratch("blk");
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    let data: Vec<u8> = (0..32u32 << 20)
+        .map(|i| (i.wrapping_mul(13) ^ (i >> 10)) as u8)
+        .collect();
+    std::fs::write(&disk, data).unwrap();
+    let disk = disk.to_str().unwrap().to_string();
+    for mode in ["pv", "trapped"] {
+        let snap = dir.join(format!("snap-{mode}"));
+        let args = [
+            "--mode",
+            mode,
+            "--disk",
+            &disk,
+            "--workload",
+            "blk",
+            "--",
+            "pattern=rand-read",
+            "mib=32",
+        ];
+        let mut plain = vec!["run"];
+        plain.extend_from_slice(&args);
+        let want = result_line(&host_vmm(&plain));
+        // Saved while requests are in flight: the queues' positions and the guest's buffers
+        // are part of the snapshot, and the restored device serves what is still pending.
+        let original = snapshot(&snap, "100ms", &args);
+        assert_eq!(result_line(&original), want, "{mode}: the saved run");
+        let restored = host_vmm(&["restore", snap.to_str().unwrap()]);
+        assert_eq!(
+            restored.status.code(),
+            Some(0),
+            "{mode}: {}",
+            String::from_utf8_lossy(&restored.stderr)
+        );
+        assert_eq!(result_line(&restored), want, "{mode}: the restored run");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
