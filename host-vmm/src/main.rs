@@ -146,6 +146,10 @@ enum Command {
         /// Run the host threads without seccomp filters.
         #[arg(long)]
         no_seccomp: bool,
+        /// Serve control requests (pause, resume, stats, snapshot, migrate) on a Unix socket
+        /// at PATH while the received guest runs (it can be migrated on from here).
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
     },
     /// Continue a VM saved with `run --snapshot-after`: the guest resumes where it was saved.
     ///
@@ -163,6 +167,10 @@ enum Command {
         /// Run the host threads without seccomp filters.
         #[arg(long)]
         no_seccomp: bool,
+        /// Serve control requests (pause, resume, stats, snapshot, migrate) on a Unix socket
+        /// at PATH while the restored guest runs.
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
     },
     /// Send one request to a running VM's API socket (`run --api-sock PATH`) and print the
     /// JSON answer. Exit status 0 if the VM did it, 1 if it refused.
@@ -546,6 +554,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stats,
             timeout,
             no_seccomp,
+            api_sock,
         } => {
             let endpoint = host_vmm::migration::endpoint::Endpoint::parse(&listen)?;
             let listener = endpoint.listen()?;
@@ -570,11 +579,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             let seccomp = received.config.seccomp;
             let vm = received.vm;
+            let api = serve_api(api_sock, &vm, &received.config)?;
             let mut recorder = WindowRecorder::default();
             let report = {
                 let _signals = StopOnSignals::install(vm.stopper(), seccomp)?;
                 vm.run_observed(&mut recorder)?
             };
+            if let Some(api) = api {
+                api.shutdown();
+            }
             finish(&report, stats, recorder.window().as_ref())
         }
         Command::Ctl { sock, op, dir } => {
@@ -595,6 +608,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stats,
             timeout,
             no_seccomp,
+            api_sock,
         } => {
             let loaded = host_vmm::snapshot::read(&dir)?;
             let mut cfg = loaded.config.clone();
@@ -605,11 +619,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ConsoleSink::new(Some(Box::new(std::io::stdout()))),
             )?;
             loaded.restore_into(&mut vm)?;
+            let api = serve_api(api_sock, &vm, &cfg)?;
             let mut recorder = WindowRecorder::default();
             let report = {
                 let _signals = StopOnSignals::install(vm.stopper(), cfg.seccomp)?;
                 vm.run_observed(&mut recorder)?
             };
+            if let Some(api) = api {
+                api.shutdown();
+            }
             finish(&report, stats, recorder.window().as_ref())
         }
         Command::Inspect {
@@ -717,6 +735,17 @@ fn sleep_unless_ended(after: Duration, handle: &host_vmm::vm::VmHandle) -> bool 
         }
         std::thread::sleep(left.min(Duration::from_millis(10)));
     }
+}
+
+/// The API socket at `path`, if asked for, serving `vm` (configured as `cfg`).
+fn serve_api(
+    path: Option<PathBuf>,
+    vm: &host_vmm::vm::Vm,
+    cfg: &VmConfig,
+) -> anyhow::Result<Option<host_vmm::api::ApiServer>> {
+    let Some(path) = path else { return Ok(None) };
+    let source = std::sync::Arc::new(Source::new(vm, cfg.clone())?);
+    Ok(Some(host_vmm::api::ApiServer::start(&path, source)?))
 }
 
 /// Waits until `after` into the run and migrates the VM to `to`. A run that ends first

@@ -960,3 +960,58 @@ fn on_failure_pause_keeps_the_vm_paused_until_resumed() {
     ran_on(&o, &want, "pause", &["nobody.sock"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A migrated VM can be migrated on, and saved: run → B (`receive --api-sock`) → C, then
+/// the checksum of an uninterrupted run; B's API socket also snapshots it on the way.
+#[test]
+fn a_received_vm_migrates_on_and_snapshots() {
+    require_kvm();
+    let dir = scratch("chain");
+    let args = FREEMEM;
+    let want = plain(&args);
+    let b_sock = dir.join("b-api.sock");
+    let b_addr = unix_addr(&dir, "b.sock");
+    let c_addr = unix_addr(&dir, "c.sock");
+    let mut b = Proc::spawn(&[
+        "receive",
+        "--listen",
+        &b_addr,
+        "--accept-timeout",
+        "30s",
+        "--timeout",
+        "50s",
+        "--api-sock",
+        b_sock.to_str().unwrap(),
+    ]);
+    b.wait_stderr("waiting for a migration");
+    let c = receiver(&c_addr);
+    let a = source(
+        &["--migrate-after", "100ms", "--migrate-to", &b_addr],
+        &args,
+    );
+    wait_socket(&b_sock);
+    let snap = dir.join("snap");
+    let req = format!("{{\"op\":\"snapshot\",\"dir\":\"{}\"}}\n", snap.display());
+    let answer = api(&b_sock, req.as_bytes());
+    assert_eq!(answer["ok"], true, "{answer}");
+    let req = format!("{{\"op\":\"migrate\",\"to\":\"{c_addr}\"}}\n");
+    let answer = api(&b_sock, req.as_bytes());
+    assert_eq!(answer["ok"], true, "{answer}");
+    let a = a.wait();
+    assert_eq!(a.status.code(), Some(0), "{}", text(&a.stderr));
+    let b = b.wait();
+    assert_eq!(b.status.code(), Some(0), "{}", text(&b.stderr));
+    assert!(
+        text(&b.stderr).contains("guest stopped: migrated"),
+        "{}",
+        text(&b.stderr)
+    );
+    let c = c.wait();
+    assert_eq!(c.status.code(), Some(0), "{}", text(&c.stderr));
+    assert_eq!(result(&c), want);
+    // The snapshot taken on B restores to the same end.
+    let r = common::host_vmm(&["restore", snap.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(0), "{}", text(&r.stderr));
+    assert_eq!(result(&r), want);
+    let _ = std::fs::remove_dir_all(&dir);
+}
