@@ -580,12 +580,23 @@ impl RamView {
             while sub < n {
                 let m = (n - sub).min(READ_CHUNK);
                 let page = |k: u64| first + sub + k;
-                let needs_read = (0..m)
-                    .filter(|&k| wanted(page(k)))
-                    .any(|k| !free.get(page(k)) && !zero[(sub + k) as usize]);
-                if needs_read {
-                    let len = (m * PAGE_SIZE) as usize;
-                    self.read(page(0) * PAGE_SIZE, &mut buf[..len])?;
+                // Read only the pages that may hold data, in runs: touching an unbacked page
+                // would fault the host's zero page in (slow on a nested host, and the page
+                // would then look backed to `known_zero`).
+                let needs_read =
+                    |k: u64| wanted(page(k)) && !free.get(page(k)) && !zero[(sub + k) as usize];
+                let mut k = 0;
+                while k < m {
+                    if !needs_read(k) {
+                        k += 1;
+                        continue;
+                    }
+                    let start = k;
+                    while k < m && needs_read(k) {
+                        k += 1;
+                    }
+                    let (from, to) = ((start * PAGE_SIZE) as usize, (k * PAGE_SIZE) as usize);
+                    self.read(page(start) * PAGE_SIZE, &mut buf[from..to])?;
                 }
                 for k in 0..m {
                     let i = page(k);
