@@ -798,4 +798,147 @@ mod tests {
         assert!(ram.checked_range(16 << 20, 0).is_some());
         assert!(ram.checked_range(16 << 20, 1).is_none());
     }
+
+    #[test]
+    fn page_bits_set_clear_count_and_mask_their_tail() {
+        let b = PageBits::from_words(&[u64::MAX, u64::MAX], 70);
+        assert_eq!(b.count(), 70, "bits past the last page are dropped");
+        assert!(b.get(69) && !b.get(70) && !b.get(1 << 40));
+        b.clear_range(10, 5);
+        assert_eq!(b.count(), 65);
+        assert!(!b.any_in(10, 5) && b.any_in(9, 2));
+        b.set(1 << 40); // past the end: ignored
+        let c = PageBits::new(70);
+        c.copy_from(&b);
+        assert_eq!(c.count(), 65);
+    }
+
+    fn classes(view: &RamView, only: Option<&PageBits>, free: &PageBits) -> Vec<(u64, PageClass)> {
+        let mut out = Vec::new();
+        view.scan::<Error>(only, free, |i, class, data| {
+            assert_eq!(data.len(), if class == PageClass::Data { 4096 } else { 0 });
+            out.push((i, class));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn scan_tells_data_from_unbacked_free_and_zero_pages() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let view = ram.view();
+        let pages = (16 << 20) / PAGE_SIZE;
+        let none = PageBits::new(pages);
+        assert!(
+            classes(&view, None, &none)
+                .iter()
+                .all(|&(_, c)| c == PageClass::Unbacked)
+        );
+        // Pages in different 2 MiB regions (a write may back a whole huge page).
+        let (data, zero, freed, untouched) = (5, 600, 1200, 1800);
+        ram.mem()
+            .write_obj(0xabu8, GuestAddress(data * PAGE_SIZE))
+            .unwrap();
+        ram.mem()
+            .write_obj(0u64, GuestAddress(zero * PAGE_SIZE))
+            .unwrap();
+        ram.mem()
+            .write_obj(0xcdu8, GuestAddress(freed * PAGE_SIZE))
+            .unwrap();
+        let free = PageBits::new(pages);
+        free.set(freed);
+        let all = classes(&view, None, &free);
+        assert_eq!(all.len() as u64, pages);
+        let class = |i: u64| all[i as usize].1;
+        assert_eq!(class(data), PageClass::Data);
+        assert_eq!(class(zero), PageClass::Zero);
+        assert_eq!(class(freed), PageClass::Free);
+        assert_eq!(class(untouched), PageClass::Unbacked);
+        // Scanning read no unbacked page: still unbacked.
+        assert_eq!(
+            classes(&view, None, &free)[untouched as usize].1,
+            PageClass::Unbacked
+        );
+        // Only the pages asked for, in order.
+        let only = PageBits::new(pages);
+        only.set(zero);
+        only.set(data);
+        assert_eq!(
+            classes(&view, Some(&only), &free),
+            [(data, PageClass::Data), (zero, PageClass::Zero)]
+        );
+    }
+
+    #[test]
+    fn the_vmms_writes_and_discards_are_dirty() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let view = ram.view();
+        view.take_host_dirty();
+        ram.mem()
+            .write_obj(1u32, GuestAddress(3 * PAGE_SIZE + 8))
+            .unwrap();
+        ram.discard(8 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        let dirty = view.take_host_dirty();
+        assert_eq!(dirty.count(), 3);
+        assert!(dirty.get(3) && dirty.get(8) && dirty.get(9));
+        assert_eq!(view.take_host_dirty().count(), 0, "taking clears");
+    }
+
+    #[test]
+    fn a_mapped_memory_file_is_read_lazily_never_written_and_not_known_zero() {
+        use std::io::Write;
+        use vm_memory::Bytes;
+        let size = 16u64 << 20;
+        let path = std::env::temp_dir().join(format!("pvkit-memfile-{}", std::process::id()));
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        let page = vec![0x5au8; PAGE_SIZE as usize];
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(4 * PAGE_SIZE)).unwrap();
+        f.write_all(&page).unwrap();
+        drop(f);
+        let file = std::fs::File::open(&path).unwrap();
+        let ram = GuestRam::new(size).unwrap();
+        ram.mem()
+            .write_obj(0x77u8, GuestAddress(6 * PAGE_SIZE))
+            .unwrap();
+        let data = PageBits::new(size / PAGE_SIZE);
+        data.set(4);
+        ram.map_memory_file(&file, data).unwrap();
+        // Not touched yet, yet not known zero: it comes from the file.
+        let z = ram.known_zero(0, 8).unwrap();
+        assert_eq!(z, [true, true, true, true, false, true, true, true]);
+        assert_eq!(
+            ram.mem()
+                .read_obj::<u8>(GuestAddress(4 * PAGE_SIZE))
+                .unwrap(),
+            0x5a
+        );
+        assert_eq!(
+            ram.mem()
+                .read_obj::<u8>(GuestAddress(6 * PAGE_SIZE))
+                .unwrap(),
+            0,
+            "what RAM held before the mapping is gone"
+        );
+        // Written privately: the file keeps its contents.
+        ram.mem()
+            .write_obj(0x11u8, GuestAddress(4 * PAGE_SIZE))
+            .unwrap();
+        // Discarded: known zero again, and zero (not the file's contents).
+        ram.discard(4 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert!(ram.known_zero(4, 1).unwrap()[0]);
+        assert_eq!(
+            ram.mem()
+                .read_obj::<u8>(GuestAddress(4 * PAGE_SIZE))
+                .unwrap(),
+            0
+        );
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(on_disk[(4 * PAGE_SIZE) as usize], 0x5a);
+        let _ = std::fs::remove_file(&path);
+    }
 }
