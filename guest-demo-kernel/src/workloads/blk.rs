@@ -64,7 +64,6 @@ use hypercall_abi::virtio::DEVICE_ID_BLOCK;
 
 use super::{Env, Outcome, Workload, free_ram_start};
 use crate::exit_code;
-use crate::out::kprintln;
 use crate::platform::{Platform, at_cpl3, marker_begin, marker_end};
 
 pub const WORKLOAD: Workload = Workload {
@@ -274,10 +273,10 @@ struct Report {
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let cfg = match config(env.platform, args) {
         Ok(cfg) => cfg,
-        Err(why) => usage(env, format_args!("{why}")),
+        Err(why) => WORKLOAD.usage(env, format_args!("{why}")),
     };
     let Some(dev) = virtio::find(env.boot_info, DEVICE_ID_BLOCK) else {
-        usage(
+        WORKLOAD.usage(
             env,
             format_args!("no virtio block device (run with --disk PATH)"),
         );
@@ -299,7 +298,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     .next_multiple_of(PAGE_SIZE);
     let base = match free_ram_start(env.boot_info, dma_len + buf_len) {
         Ok(base) => base,
-        Err(max) => usage(
+        Err(max) => WORKLOAD.usage(
             env,
             format_args!(
                 "mib={} does not fit in free RAM: the buffer and DMA pages need {} bytes, the \
@@ -359,12 +358,6 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         }
     }
     outcome
-}
-
-/// Reports an argument error and exits with [`exit_code::USAGE`] (at CPL 0 or CPL 3).
-fn usage(env: &mut Env, msg: fmt::Arguments<'_>) -> ! {
-    kprintln!(env.console, "error: workload '{}': {msg}", WORKLOAD.name);
-    env.exit(exit_code::USAGE)
 }
 
 /// The lowercase name of a request status (`ok`, `ioerr`, `unsupp`, `notready`, `other`).
@@ -511,7 +504,7 @@ impl Job {
                 Pattern::WriteRoProbe => "size_kib",
                 _ => "mib",
             };
-            usage(
+            WORKLOAD.usage(
                 env,
                 format_args!(
                     "{what}={} does not fit the disk ({} bytes needed, the disk has {capacity})",

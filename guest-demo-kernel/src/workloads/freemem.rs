@@ -28,11 +28,10 @@
 //!
 //! The memory work runs at CPL 3 (`at_cpl3`, native on pvkit's KVM), the waits at CPL 0.
 
-use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::fmt::Write;
 
 use crate::args::Args;
-use guest_pv::frames::{Frames, HintBuffers, Hints, MAX_FRAMES};
+use guest_pv::frames::{Frames, Hints, MAX_FRAMES};
 use guest_pv::idle::{self, PvIdle};
 use guest_pv::tsc::Tsc;
 use guest_pv::{Fnv1a, Platform};
@@ -40,7 +39,6 @@ use hypercall_abi::features;
 use hypercall_abi::layout::PAGE_SIZE;
 
 use super::{Env, Outcome, Workload, free_ram_start};
-use crate::exit_code;
 use crate::out::kprintln;
 use crate::platform::{
     at_cpl3, marker_begin, marker_checkpoint, marker_end, timer_start, timer_stop,
@@ -128,7 +126,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let mib = args.get_or("mib", 0);
     let rounds = args.get_or("rounds", DEFAULT_ROUNDS);
     if rounds == 0 || rounds > MAX_ROUNDS {
-        usage(env, format_args!("rounds={rounds} (want 1..={MAX_ROUNDS})"));
+        WORKLOAD.usage(env, format_args!("rounds={rounds} (want 1..={MAX_ROUNDS})"));
     }
     // The largest usable region above the kernel (`free_ram_start` reports its size when asked
     // for more than any region holds).
@@ -142,14 +140,14 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     } else {
         match mib.checked_mul(FRAMES_PER_MIB) {
             Some(n) if n <= MAX_FRAMES && Frames::region_bytes(n) <= largest => n,
-            _ => usage(
+            _ => WORKLOAD.usage(
                 env,
                 format_args!("mib={mib} does not fit in the largest free region ({largest} bytes)"),
             ),
         }
     };
     if n < 4 {
-        usage(
+        WORKLOAD.usage(
             env,
             format_args!("{largest} bytes of free RAM hold no 4 frames"),
         );
@@ -169,7 +167,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     // SAFETY: the range is free RAM above the kernel (`free_ram_start`), identity-mapped,
     // user-accessible and used by nothing else (one workload per boot); the hint buffers are a
     // kernel static (identity-mapped) handed out once.
-    let frames = unsafe { Frames::new(base, region_len, hints, hint_buffers()) };
+    let frames = unsafe { Frames::new(base, region_len, hints, super::hint_buffers()) };
     let mut frames = match frames {
         Ok(f) => f,
         Err(e) => panic!("freemem: allocator: {e}"),
@@ -284,24 +282,4 @@ fn fold(start: u64, n: u64) -> u64 {
         assert_eq!(first, pattern(i, 0), "kept frame {i} changed");
     }
     acc
-}
-
-/// Reports an argument error and exits with [`exit_code::USAGE`].
-fn usage(env: &mut Env, msg: fmt::Arguments<'_>) -> ! {
-    kprintln!(env.console, "error: workload '{}': {msg}", WORKLOAD.name);
-    env.exit(exit_code::USAGE)
-}
-
-/// The query bitmap and release list, handed out once per boot (one workload runs per boot).
-fn hint_buffers() -> &'static mut HintBuffers {
-    static mut HINT_BUFFERS: HintBuffers = HintBuffers::new();
-    static TAKEN: AtomicBool = AtomicBool::new(false);
-    assert!(
-        !TAKEN.swap(true, Ordering::Relaxed),
-        "hint buffers handed out twice"
-    );
-    let buffers = &raw mut HINT_BUFFERS;
-    // SAFETY: `TAKEN` makes this the only reference to the static for the rest of the
-    // kernel's life; it is initialised.
-    unsafe { &mut *buffers }
 }

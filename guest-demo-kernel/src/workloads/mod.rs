@@ -101,6 +101,31 @@ const WORKLOADS: &[Workload] = &[
     panic::WORKLOAD,
 ];
 
+impl Workload {
+    /// Reports an argument error of this workload and exits with [`exit_code::USAGE`] (at
+    /// CPL 0 or CPL 3).
+    pub fn usage(&self, env: &mut Env, msg: fmt::Arguments<'_>) -> ! {
+        crate::out::kprintln!(env.console, "error: workload '{}': {msg}", self.name);
+        env.exit(exit_code::USAGE)
+    }
+}
+
+/// The allocator's query bitmap and release list (`guest_pv::frames`), handed out once per
+/// boot: one workload runs per boot.
+pub fn hint_buffers() -> &'static mut guest_pv::frames::HintBuffers {
+    use core::sync::atomic::{AtomicBool, Ordering};
+    static mut HINT_BUFFERS: guest_pv::frames::HintBuffers = guest_pv::frames::HintBuffers::new();
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    assert!(
+        !TAKEN.swap(true, Ordering::Relaxed),
+        "hint buffers handed out twice"
+    );
+    let buffers = &raw mut HINT_BUFFERS;
+    // SAFETY: `TAKEN` makes this the only reference to the static for the rest of the
+    // kernel's life; it is initialised.
+    unsafe { &mut *buffers }
+}
+
 /// The workload called `name`.
 pub fn find(name: &[u8]) -> Option<&'static Workload> {
     WORKLOADS.iter().find(|w| w.name.as_bytes() == name)

@@ -46,8 +46,6 @@ use hypercall_abi::mmu::{
 };
 
 use super::{Env, Outcome, Workload, free_ram_start};
-use crate::exit_code;
-use crate::out::kprintln;
 use crate::platform::{at_cpl3, marker_begin, marker_end};
 
 pub const WORKLOAD: Workload = Workload {
@@ -97,13 +95,13 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let updates = args.get_or("updates", DEFAULT_UPDATES);
     let batch = args.get_or("batch", DEFAULT_BATCH);
     if updates == 0 || !updates.is_multiple_of(4) {
-        usage(
+        WORKLOAD.usage(
             env,
             format_args!("updates={updates} (want a positive multiple of 4)"),
         );
     }
     if !(1..=MMU_UPDATE_MAX).contains(&batch) {
-        usage(
+        WORKLOAD.usage(
             env,
             format_args!("batch={batch} (want 1..={MMU_UPDATE_MAX})"),
         );
@@ -111,10 +109,10 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let root = match args.get_str("root").unwrap_or("boot") {
         "boot" => Root::Boot,
         "new" => Root::New,
-        other => usage(env, format_args!("root={other} (want boot or new)")),
+        other => WORKLOAD.usage(env, format_args!("root={other} (want boot or new)")),
     };
     if root == Root::New && env.platform.feature(features::MMU_UPDATE).is_none() {
-        usage(
+        WORKLOAD.usage(
             env,
             format_args!(
                 "root=new needs a pvkit host offering mmu_update (a new root must be pinned with \
@@ -124,11 +122,11 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     }
     let pages = updates / 4;
     let Some(bytes) = pages.checked_mul(PAGE_SIZE) else {
-        usage(env, format_args!("updates={updates} is too large"));
+        WORKLOAD.usage(env, format_args!("updates={updates} is too large"));
     };
     let base = match free_ram_start(env.boot_info, bytes) {
         Ok(base) => base,
-        Err(max) => usage(
+        Err(max) => WORKLOAD.usage(
             env,
             format_args!(
                 "updates={updates} needs {bytes} bytes of free RAM for {pages} pages (max {max})"
@@ -138,7 +136,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let pool = PtFrameAllocator::from_boot_info(env.boot_info);
     let tables = tables_needed(pages) + u64::from(root == Root::New);
     if tables > pool.free_frames() as u64 {
-        usage(
+        WORKLOAD.usage(
             env,
             format_args!(
                 "updates={updates} needs {tables} page-table frames, the pool has {} free",
@@ -158,12 +156,6 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     };
     let checksum = at_cpl3(|| job.run());
     Outcome::new(updates, checksum)
-}
-
-/// Reports an argument error and exits with [`exit_code::USAGE`].
-fn usage(env: &mut Env, msg: fmt::Arguments<'_>) -> ! {
-    kprintln!(env.console, "error: workload '{}': {msg}", WORKLOAD.name);
-    env.exit(exit_code::USAGE)
 }
 
 /// Tables to map `pages` pages from [`BASE_VA`]: L1 tables, L2 tables and one L3 table.

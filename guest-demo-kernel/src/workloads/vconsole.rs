@@ -23,8 +23,6 @@ use hypercall_abi::layout::PAGE_SIZE;
 use hypercall_abi::virtio::DEVICE_ID_CONSOLE;
 
 use super::{Env, Outcome, Workload, free_ram_start};
-use crate::exit_code;
-use crate::out::kprintln;
 use crate::platform::{marker_begin, marker_end};
 
 pub const WORKLOAD: Workload = Workload {
@@ -47,15 +45,10 @@ const fn pattern(j: u64) -> u8 {
     }
 }
 
-fn usage(env: &mut Env, msg: core::fmt::Arguments<'_>) -> ! {
-    kprintln!(env.console, "error: workload '{}': {msg}", WORKLOAD.name);
-    env.exit(exit_code::USAGE)
-}
-
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let bytes = args.get_or("bytes", DEFAULT_BYTES);
     let Some(dev) = virtio::find(env.boot_info, DEVICE_ID_CONSOLE) else {
-        usage(
+        WORKLOAD.usage(
             env,
             format_args!("no virtio console (run with --virtio-console)"),
         );
@@ -67,7 +60,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         .and_then(|total| free_ram_start(env.boot_info, total))
     {
         Ok(base) => base,
-        Err(max) => usage(
+        Err(max) => WORKLOAD.usage(
             env,
             format_args!(
                 "bytes={bytes} does not fit in free RAM (with {dma_len} bytes of DMA pages; the \

@@ -33,8 +33,7 @@
 //! `release_calls`, `query_calls`, `prepare_calls`, `prepared_bytes` (read-ahead, `prepare=1`
 //! on a host with `ZERO_PREPARE`). A `zero_hints` call the host refuses panics (exit 101).
 
-use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::fmt::Write;
 
 use crate::args::Args;
 use guest_pv::Fnv1a;
@@ -44,8 +43,6 @@ use hypercall_abi::features;
 use hypercall_abi::layout::PAGE_SIZE;
 
 use super::{Env, Outcome, Workload, free_ram_start};
-use crate::exit_code;
-use crate::out::kprintln;
 use crate::platform::{at_cpl3, marker_begin, marker_checkpoint, marker_end};
 
 pub const WORKLOAD: Workload = Workload {
@@ -129,21 +126,21 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let check = args.get_or("check", 0);
     let release = args.get_or("release", 1);
     if release > 1 {
-        usage(env, format_args!("release={release} (want 0 or 1)"));
+        WORKLOAD.usage(env, format_args!("release={release} (want 0 or 1)"));
     }
     let prepare = args.get_or("prepare", 1);
     if prepare > 1 {
-        usage(env, format_args!("prepare={prepare} (want 0 or 1)"));
+        WORKLOAD.usage(env, format_args!("prepare={prepare} (want 0 or 1)"));
     }
     if mib == 0 {
-        usage(env, format_args!("mib=0 (want at least 1)"));
+        WORKLOAD.usage(env, format_args!("mib=0 (want at least 1)"));
     }
     if check > 1 {
-        usage(env, format_args!("check={check} (want 0 or 1)"));
+        WORKLOAD.usage(env, format_args!("check={check} (want 0 or 1)"));
     }
     let frames = match mib.checked_mul(FRAMES_PER_MIB) {
         Some(n) if n <= MAX_FRAMES => n,
-        _ => usage(env, format_args!("mib={mib} is too large")),
+        _ => WORKLOAD.usage(env, format_args!("mib={mib} is too large")),
     };
     let region_len = Frames::region_bytes(frames);
     let list_len = (frames * 8).next_multiple_of(PAGE_SIZE);
@@ -153,7 +150,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     // releases then cover whole huge pages, which the host can really free.
     let base = match free_ram_start(env.boot_info, region_len + list_len + HUGE_PAGE) {
         Ok(base) => base.next_multiple_of(HUGE_PAGE),
-        Err(max) => usage(
+        Err(max) => WORKLOAD.usage(
             env,
             format_args!(
                 "mib={mib} does not fit in free RAM: it needs {} bytes (frames, allocator \
@@ -169,7 +166,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     };
     let job = Job {
         hints,
-        buffers: hint_buffers(),
+        buffers: super::hint_buffers(),
         tsc: Tsc::from_cpuid(),
         check: check == 1,
         release: release == 1,
@@ -203,26 +200,6 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         s.prepared_bytes
     );
     outcome
-}
-
-/// Reports an argument error and exits with [`exit_code::USAGE`].
-fn usage(env: &mut Env, msg: fmt::Arguments<'_>) -> ! {
-    kprintln!(env.console, "error: workload '{}': {msg}", WORKLOAD.name);
-    env.exit(exit_code::USAGE)
-}
-
-/// The query bitmap and release list, handed out once per boot (one workload runs per boot).
-fn hint_buffers() -> &'static mut HintBuffers {
-    static mut HINT_BUFFERS: HintBuffers = HintBuffers::new();
-    static TAKEN: AtomicBool = AtomicBool::new(false);
-    assert!(
-        !TAKEN.swap(true, Ordering::Relaxed),
-        "hint buffers handed out twice"
-    );
-    let buffers = &raw mut HINT_BUFFERS;
-    // SAFETY: `TAKEN` makes this the only reference to the static for the rest of the
-    // kernel's life; it is initialised.
-    unsafe { &mut *buffers }
 }
 
 impl Job {
