@@ -9,7 +9,6 @@
 //! file bytes) is malformed and refused; an empty one (both sizes 0) loads nothing and is
 //! ignored.
 
-use crate::memory::GuestMem;
 use hypercall_abi::layout::{KERNEL_MIN_GPA, MAX_MEM_SIZE, MIN_MEM_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -328,7 +327,7 @@ fn parse(image: &[u8], mem_size: u64) -> Result<(ElfInfo, Vec<Segment>), ElfErro
 /// Copies the file bytes of exactly the segments [`validate`] accepted, each to its `p_paddr`;
 /// nothing is written outside [`ElfInfo::start`]..[`ElfInfo::end`]. The rest of each segment
 /// (its BSS) is left as it is: guest RAM starts zeroed.
-pub fn load(ram: &GuestMem, image: &[u8]) -> Result<ElfInfo, ElfError> {
+pub fn load<M: GuestMemoryBackend>(ram: &M, image: &[u8]) -> Result<ElfInfo, ElfError> {
     let (info, segments) = parse(image, ram.last_addr().0 + 1)?;
     for s in segments {
         ram.write_slice(&image[s.offset..s.offset + s.filesz], GuestAddress(s.paddr))
@@ -761,6 +760,7 @@ mod fuzz {
 
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    use vm_memory::GuestMemoryMmap;
 
     use super::*;
 
@@ -906,7 +906,7 @@ mod fuzz {
     }
 
     /// The first non-zero byte of `ram` in `[from, to)`.
-    fn first_nonzero(ram: &GuestMem, from: u64, to: u64) -> Option<u64> {
+    fn first_nonzero(ram: &GuestMemoryMmap, from: u64, to: u64) -> Option<u64> {
         let mut buf = vec![0u8; 64 << 10];
         let zero = vec![0u8; 64 << 10];
         let mut at = from;
@@ -930,7 +930,7 @@ mod fuzz {
     fn fuzz_mutated_elfs_load_only_inside_the_validated_extent() {
         let bases = bases();
         // One RAM per size, reused: after each case the extent a load wrote is zeroed again.
-        let rams: RefCell<HashMap<u64, GuestMem>> = RefCell::default();
+        let rams: RefCell<HashMap<u64, GuestMemoryMmap>> = RefCell::default();
         let accepted = Cell::new(0u64);
         let mut runner = TestRunner::new(Config {
             failure_persistence: None,
@@ -956,7 +956,7 @@ mod fuzz {
                 let verdict = validate(&img, mem);
                 let mut rams = rams.borrow_mut();
                 let ram = rams.entry(mem).or_insert_with(|| {
-                    GuestMem::from_ranges(&[(GuestAddress(0), mem as usize)]).unwrap()
+                    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem as usize)]).unwrap()
                 });
                 let loaded = load(ram, &img);
                 prop_assert_eq!(&loaded, &verdict, "load and validate disagree");
