@@ -28,6 +28,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod dirty;
 pub mod error;
+pub mod fleet;
 pub mod free_report;
 pub mod hypercall;
 pub mod kernel;

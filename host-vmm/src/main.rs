@@ -111,6 +111,32 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Boot N independent VMs of the same kernel at once, each on its own vCPU thread, and
+    /// report each VM's result and what they cost the host together (CPU, resident memory).
+    /// Exit status 0 if every VM's guest exited with 0, 1 if any failed (the others still run
+    /// to their end).
+    Fleet {
+        /// ELF64 kernel (default: the embedded demo kernel).
+        kernel: Option<PathBuf>,
+        /// How many VMs (1..=256).
+        #[arg(long, default_value_t = 4)]
+        vms: usize,
+        /// pv or trapped.
+        #[arg(long, value_enum, default_value_t = ModeArg::Pv)]
+        mode: ModeArg,
+        /// Guest RAM of each VM.
+        #[arg(long, default_value = "128M", value_parser = mem_size)]
+        mem: u64,
+        /// Workload for the demo kernel.
+        #[arg(long, default_value = "idle")]
+        workload: String,
+        /// Stop every VM still running this long after it started.
+        #[arg(long, value_name = "DURATION", value_parser = timeout_arg)]
+        timeout: Option<Duration>,
+        /// Workload arguments passed to every guest.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Ask a running VM (`run --api-sock PATH`) to live-migrate to a `host-vmm receive` at
     /// ADDR, and print the migration's figures as JSON. Exit status 0 if it migrated; 1 if
     /// it failed (the VM runs on, or stays paused with --on-failure pause).
@@ -523,6 +549,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 api.shutdown();
             }
             finish(&report, stats, recorder.window().as_ref())
+        }
+        Command::Fleet {
+            kernel,
+            vms,
+            mode,
+            mem,
+            workload,
+            timeout,
+            args,
+        } => {
+            let mut cfg = VmConfig::new(mode.into(), &workload);
+            cfg.kernel = kernel_image(kernel)?;
+            cfg.mem_size = mem;
+            cfg.args = args;
+            cfg.timeout = timeout;
+            let report = host_vmm::fleet::run(&cfg, vms).map_err(anyhow::Error::msg)?;
+            for m in &report.members {
+                match (m.failure(), m.result()) {
+                    (None, Some(r)) => println!("vm {:>3}: {}", m.index, r.line()),
+                    (None, None) => println!("vm {:>3}: exited 0, no result line", m.index),
+                    (Some(why), _) => println!("vm {:>3}: FAILED: {why}", m.index),
+                }
+            }
+            println!(
+                "fleet: {} of {} VMs ok; {:.1} ms wall, host CPU {:.1} ms ({:.2} cores), host RSS \
+                 median {} MiB, max {} MiB",
+                report.ok_count(),
+                report.members.len(),
+                report.wall_ns as f64 / 1e6,
+                report.cpu_ns as f64 / 1e6,
+                report.cores(),
+                report.rss_median_bytes >> 20,
+                report.rss_max_bytes >> 20
+            );
+            Ok(if report.ok_count() == report.members.len() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Migrate {
             api_sock,

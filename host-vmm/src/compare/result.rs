@@ -12,6 +12,15 @@ pub struct GuestResult {
 }
 
 impl GuestResult {
+    /// The fields as `key=value` words, space-separated (the line without its prefix).
+    pub fn line(&self) -> String {
+        self.fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Finds the last result line in console output (words without `=` are skipped).
     pub fn parse(console: &[u8]) -> Option<GuestResult> {
         let text = String::from_utf8_lossy(console);
