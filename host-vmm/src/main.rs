@@ -292,6 +292,14 @@ struct CompareArgs {
     #[arg(long, default_value_t = compare::DEFAULT_BLK_DEPTH,
           value_parser = clap::value_parser!(u64).range(1..=5))]
     blk_depth: u64,
+    /// Fleet sizes of the `density` workload, comma-separated (each 1..=256).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_values_t = compare::density::DENSITY_SIZES.iter().map(|&n| n as u16),
+        value_parser = clap::value_parser!(u16).range(1..=256)
+    )]
+    density_sizes: Vec<u16>,
     /// Guest RAM per VM.
     #[arg(long, default_value = "128M", value_parser = mem_size)]
     mem: u64,
@@ -330,6 +338,7 @@ impl CompareArgs {
             kvm_device: self.kvm_device,
             kernel: kernel_image(self.kernel)?,
             binary: std::env::current_exe().ok(),
+            density_sizes: self.density_sizes.into_iter().map(usize::from).collect(),
         })
     }
 }

@@ -239,6 +239,8 @@ fn compare_prints_a_table_and_writes_json() {
         "16",
         "--blk-mib",
         "2",
+        "--density-sizes",
+        "1,2",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -255,8 +257,9 @@ fn compare_prints_a_table_and_writes_json() {
     // pagetable sweep (two PV batch sizes) plus its trapped run, the three idle strategies, and
     // zero: PV, PV without read-ahead, PV without releasing, trapped; then blk: three patterns
     // × (pv, pv-poll, trapped) and the host's own read; snapshot (PV, trapped) and two restore
-    // sizes; migrate (PV, trapped) and an idle PV migration.
-    assert_eq!(recs.len(), 33);
+    // sizes; migrate (PV, trapped) and an idle PV migration; density: fleets of 1 and 2 VMs
+    // idling with pv, hlt and spin.
+    assert_eq!(recs.len(), 39);
     let modes: Vec<_> = recs
         .iter()
         .map(|r| {
@@ -303,8 +306,18 @@ fn compare_prints_a_table_and_writes_json() {
             "migrate/pv",
             "migrate/trapped",
             "migrate-idle/pv",
+            "density/pv n=1",
+            "density/hlt n=1",
+            "density/spin n=1",
+            "density/pv n=2",
+            "density/hlt n=2",
+            "density/spin n=2",
         ]
     );
+    for r in &recs[33..39] {
+        assert!(r["window_millicores"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["checksum"], recs[33]["checksum"], "{r}");
+    }
     // Saved or migrated mid-workload, the guest finishes as it does uninterrupted, in both
     // modes; the PV guest's freed memory is neither written nor sent.
     let n = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k}: {r}"));
@@ -387,7 +400,7 @@ fn compare_prints_a_table_and_writes_json() {
                 | (Some("blk"), Some("pv-poll") | Some("host"))
                 // Saving, restoring and migrating are counted in bytes and time, not exits.
                 | (
-                    Some("snapshot" | "restore" | "migrate" | "migrate-idle"),
+                    Some("snapshot" | "restore" | "migrate" | "migrate-idle" | "density"),
                     Some(_)
                 )
         );

@@ -11,9 +11,11 @@
 //!   ([`CompareError`] says what failed) and the fidelity check across modes.
 //! - [`lifecycle`]: `snapshot` and `migrate`: the same workload saved and restored, or
 //!   live-migrated, PV against trapped.
+//! - [`density`]: many idle VMs at once ([`crate::fleet`]), PV against trapped.
 //! - [`report`]: the table, its ratios and JSON.
 
 pub mod blk;
+pub mod density;
 pub mod error;
 pub mod floor;
 pub mod lifecycle;

@@ -195,6 +195,7 @@ pub fn render_table(records: &[Record]) -> String {
         );
     }
     s += &lifecycle_lines(records);
+    s += &density_lines(records);
     for p in ratios(records) {
         let same = if p.same_checksum {
             "same checksum"
@@ -291,6 +292,40 @@ fn lifecycle_lines(records: &[Record]) -> String {
             mib(g(idle, "bytes_sent")),
         );
     }
+    s
+}
+
+/// The summary lines of `density`: cost per fleet size and the largest fleet under one core.
+fn density_lines(records: &[Record]) -> String {
+    let rows: Vec<&Record> = records.iter().filter(|r| r.workload == "density").collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let g = |r: &Record, k: &str| r.extra.get(k).copied().unwrap_or(0);
+    let mut s = String::new();
+    for r in &rows {
+        s += &format!(
+            "density {:<10}: vCPUs {:.3} cores (process {:.3}), RSS {} MiB, wake latency p50 {} \
+             µs p99 {} µs\n",
+            r.mode,
+            g(r, "window_millicores") as f64 / 1000.0,
+            g(r, "process_millicores") as f64 / 1000.0,
+            g(r, "rss_median_bytes") >> 20,
+            g(r, "latency_ns_p50") / 1000,
+            g(r, "latency_ns_p99") / 1000,
+        );
+    }
+    let largest: Vec<String> = super::density::largest_under_one_core(records)
+        .into_iter()
+        .map(|(mode, best)| match best {
+            Some((n, mc)) => format!("{mode} {n} ({:.3} cores)", mc as f64 / 1000.0),
+            None => format!("{mode} none"),
+        })
+        .collect();
+    s += &format!(
+        "density: the largest measured fleet under one core of vCPU time: {}\n",
+        largest.join(", ")
+    );
     s
 }
 

@@ -44,6 +44,10 @@ pub fn run(
                 records.extend(super::lifecycle::migrate_rows(opts, &mut progress)?);
                 continue;
             }
+            "density" => {
+                records.extend(super::density::density_rows(opts, &mut progress)?);
+                continue;
+            }
             _ => {}
         }
         if w == "zero" {

@@ -18,6 +18,7 @@ pub const WORKLOADS: &[&str] = &[
     "blk",
     "snapshot",
     "migrate",
+    "density",
 ];
 /// Default number of null calls.
 pub const DEFAULT_NULL_OPS: u64 = 100_000;
@@ -79,6 +80,8 @@ pub struct CompareOptions {
     pub kvm_device: PathBuf,
     /// Kernel to run.
     pub kernel: KernelImage,
+    /// `density`: fleet sizes.
+    pub density_sizes: Vec<usize>,
     /// The `host-vmm` binary, for what is timed as a whole process (`snapshot`: restores and
     /// cold boots); `None` outside the binary, where those workloads fail and say why.
     pub binary: Option<PathBuf>,
@@ -104,6 +107,7 @@ impl Default for CompareOptions {
             kvm_device: config::DEFAULT_KVM_DEVICE.into(),
             kernel: KernelImage::embedded(),
             binary: None,
+            density_sizes: super::density::DENSITY_SIZES.to_vec(),
         }
     }
 }
