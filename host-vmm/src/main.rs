@@ -247,6 +247,10 @@ struct CompareArgs {
     /// Also write the records as a JSON array to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Also write a report to DIR: the JSON, a Markdown summary, SVG charts and an
+    /// index.html that shows them.
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
     /// Number of calls of the `null` workload.
     #[arg(long, default_value_t = compare::DEFAULT_NULL_OPS)]
     null_ops: u64,
@@ -724,8 +728,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 sandbox::disable_process_wide();
             }
             let json = args.json.clone();
+            let report_dir = args.report.clone();
             let opts = args.options()?;
-            let records = compare::run(&opts, |w, m| eprintln!("running {w} ({m})..."))?;
+            // A spinner on a terminal; plain progress lines otherwise (logs, pipes, tests).
+            let spinner = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+                let bar = indicatif::ProgressBar::new_spinner();
+                bar.enable_steady_tick(Duration::from_millis(120));
+                bar
+            });
+            let mut done = 0u32;
+            let records = compare::run(&opts, |w, m| {
+                done += 1;
+                match &spinner {
+                    Some(bar) => bar.set_message(format!("run {done}: {w} ({m})")),
+                    None => eprintln!("running {w} ({m})..."),
+                }
+            });
+            if let Some(bar) = spinner {
+                bar.finish_and_clear();
+            }
+            let records = records?;
             print!("{}", compare::render_table(&records));
             std::io::stdout().flush().ok();
             if let Some(path) = json {
@@ -733,6 +755,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::fs::write(&path, text)
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 eprintln!("wrote {} records to {}", records.len(), path.display());
+            }
+            if let Some(dir) = report_dir {
+                let files = compare::site::write_report(&dir, &records)?;
+                eprintln!(
+                    "wrote the report to {} ({})",
+                    dir.join("index.html").display(),
+                    files.join(", ")
+                );
             }
             let failures = compare::fidelity_failures(&records);
             if failures.is_empty() {

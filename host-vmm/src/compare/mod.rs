@@ -12,7 +12,8 @@
 //! - [`lifecycle`]: `snapshot` and `migrate`: the same workload saved and restored, or
 //!   live-migrated, PV against trapped.
 //! - [`density`]: many idle VMs at once ([`crate::fleet`]), PV against trapped.
-//! - [`report`]: the table, its ratios and JSON.
+//! - [`report`]: the table, its ratios and JSON; [`site`]: the report directory (JSON,
+//!   Markdown, SVG charts, `index.html`).
 
 pub mod blk;
 pub mod density;
@@ -23,6 +24,7 @@ pub mod record;
 pub mod report;
 pub mod result;
 mod run;
+pub mod site;
 pub mod window;
 pub mod workloads;
 
