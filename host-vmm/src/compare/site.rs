@@ -139,6 +139,9 @@ fn index_html(table: &str, charts: &[(&str, &str)]) -> String {
 
 type Svg = Result<Option<String>, String>;
 
+/// A named, coloured series: bar values, or (x, y) points.
+type Series<'a, T> = (&'a str, RGBColor, Vec<T>);
+
 /// Draws `f` on an SVG of [`SIZE`] and returns its text.
 fn draw(
     f: impl FnOnce(&DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> Result<(), String>,
@@ -156,7 +159,7 @@ fn draw(
 /// Horizontal bars: one group per label, one bar per series, on a linear or log axis.
 fn bars(
     labels: &[String],
-    series: &[(&str, RGBColor, Vec<f64>)],
+    series: &[Series<'_, f64>],
     x_desc: &str,
     log: bool,
     mark_one: bool,
@@ -265,7 +268,7 @@ fn legend<'a, 'b: 'a, X: Ranged<ValueType = f64>>(
         SVGBackend<'b>,
         Cartesian2d<X, plotters::coord::types::RangedCoordi32>,
     >,
-    series: &[(&str, RGBColor, Vec<f64>)],
+    series: &[Series<'_, f64>],
 ) -> Result<(), String> {
     if series.len() < 2 {
         return Ok(());
@@ -416,19 +419,18 @@ fn density(records: &[Record], latency: bool) -> Svg {
         };
         (n, y)
     };
-    let lines: Vec<(&str, RGBColor, Vec<(f64, f64)>)> =
-        [("pv", PV), ("hlt", TRAPPED), ("spin", SPIN)]
-            .into_iter()
-            .map(|(mode, color)| {
-                let pts = rows
-                    .iter()
-                    .filter(|r| r.mode.starts_with(&format!("{mode} ")))
-                    .map(|r| point(r))
-                    .collect();
-                (mode, color, pts)
-            })
-            .filter(|(_, _, pts): &(_, _, Vec<(f64, f64)>)| !pts.is_empty())
-            .collect();
+    let lines: Vec<Series<'_, (f64, f64)>> = [("pv", PV), ("hlt", TRAPPED), ("spin", SPIN)]
+        .into_iter()
+        .map(|(mode, color)| {
+            let pts = rows
+                .iter()
+                .filter(|r| r.mode.starts_with(&format!("{mode} ")))
+                .map(|r| point(r))
+                .collect();
+            (mode, color, pts)
+        })
+        .filter(|(_, _, pts)| !pts.is_empty())
+        .collect();
     let max_n = lines
         .iter()
         .flat_map(|l| l.2.iter().map(|p| p.0))
