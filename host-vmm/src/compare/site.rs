@@ -422,7 +422,7 @@ fn density(records: &[Record], latency: bool) -> Svg {
     let lines: Vec<Series<'_, (f64, f64)>> = [("pv", PV), ("hlt", TRAPPED), ("spin", SPIN)]
         .into_iter()
         .map(|(mode, color)| {
-            let pts = rows
+            let pts: Vec<(f64, f64)> = rows
                 .iter()
                 .filter(|r| r.mode.starts_with(&format!("{mode} ")))
                 .map(|r| point(r))
