@@ -29,6 +29,7 @@ pub mod devices;
 pub mod dirty;
 pub mod error;
 pub mod free_report;
+pub mod gdb;
 pub mod hypercall;
 pub mod kernel;
 pub mod kernel_abi;
