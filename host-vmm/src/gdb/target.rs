@@ -134,6 +134,8 @@ struct HwSlot {
     /// `None`: an instruction breakpoint.
     watch: Option<WatchKind>,
     len: u64,
+    /// A software breakpoint (`break`) served by a debug register.
+    soft: bool,
 }
 
 /// gdbstub's view of the vCPU (see the module docs).
@@ -142,7 +144,8 @@ pub struct GdbTarget {
     vcpu: VcpuHandle,
     events: Receiver<GuestEvent>,
     config: Arc<Mutex<DebugConfig>>,
-    /// Software breakpoints: virtual address -> (physical address, the byte under the `int3`).
+    /// Software breakpoints patched with `int3` (once the four debug registers are taken):
+    /// virtual address -> (physical address, the byte under the `int3`).
     sw: BTreeMap<u64, (u64, u8)>,
     hw: [Option<HwSlot>; 4],
     /// Memory addresses are guest-physical (`monitor phys on`).
@@ -209,16 +212,23 @@ impl GdbTarget {
             dr7 |= (1 << (2 * i)) | (rw << (16 + 4 * i)) | (len << (18 + 4 * i));
         }
         regs[7] = dr7;
-        let mut c = lock(&self.config);
-        c.generation += 1;
-        c.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
+        let mut control = KVM_GUESTDBG_ENABLE;
+        if !self.sw.is_empty() {
+            control |= KVM_GUESTDBG_USE_SW_BP;
+        }
         if dr7 != 0 {
-            c.control |= KVM_GUESTDBG_USE_HW_BP;
+            control |= KVM_GUESTDBG_USE_HW_BP;
         }
         if step {
-            c.control |= KVM_GUESTDBG_SINGLESTEP;
+            control |= KVM_GUESTDBG_SINGLESTEP;
         }
-        c.debugreg = regs;
+        let mut c = lock(&self.config);
+        // Unchanged settings are not set again (each KVM_SET_GUEST_DEBUG costs an ioctl).
+        if c.control != control || c.debugreg != regs {
+            c.generation += 1;
+            c.control = control;
+            c.debugreg = regs;
+        }
     }
 
     fn go(&mut self, step: bool) {
@@ -271,6 +281,7 @@ impl GdbTarget {
                     && let Some(slot) = self.hw[i]
                 {
                     return match slot.watch {
+                        None if slot.soft => SingleThreadStopReason::SwBreak(()),
                         None => SingleThreadStopReason::HwBreak(()),
                         Some(kind) => SingleThreadStopReason::Watch {
                             tid: (),
@@ -295,6 +306,9 @@ impl GdbTarget {
         }
         match self.events.recv_timeout(wait) {
             Ok(ev) => {
+                if std::env::var_os("PVKIT_GDB_TRACE").is_some() {
+                    eprintln!("host-vmm: gdb: {ev:?}");
+                }
                 if matches!(ev, GuestEvent::Stopped(_)) {
                     let _ = self.vcpu.wait_paused(INTERRUPT_TIMEOUT);
                 }
@@ -324,9 +338,9 @@ impl GdbTarget {
         }
     }
 
-    fn hw_remove(&mut self, addr: u64, watch: Option<WatchKind>) -> bool {
+    fn hw_remove(&mut self, addr: u64, watch: Option<WatchKind>, soft: bool) -> bool {
         for s in &mut self.hw {
-            if s.is_some_and(|s| s.addr == addr && s.watch == watch) {
+            if s.is_some_and(|s| s.addr == addr && s.watch == watch && s.soft == soft) {
                 *s = None;
                 return true;
             }
@@ -481,7 +495,22 @@ impl Breakpoints for GdbTarget {
 
 impl SwBreakpoint for GdbTarget {
     fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        if self.sw.contains_key(&addr) {
+        if self.sw.contains_key(&addr)
+            || self
+                .hw
+                .iter()
+                .any(|s| s.is_some_and(|s| s.soft && s.addr == addr))
+        {
+            return Ok(true);
+        }
+        // A debug register first: it changes no guest memory, and some KVM hosts (nested ones)
+        // fail to emulate an intercepted `int3` (KVM_EXIT_INTERNAL_ERROR).
+        if self.hw_add(HwSlot {
+            addr,
+            watch: None,
+            len: 1,
+            soft: true,
+        }) {
             return Ok(true);
         }
         let paging = self.paging()?;
@@ -503,6 +532,9 @@ impl SwBreakpoint for GdbTarget {
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        if self.hw_remove(addr, None, true) {
+            return Ok(true);
+        }
         let Some((pa, orig)) = self.sw.remove(&addr) else {
             return Ok(false);
         };
@@ -520,11 +552,12 @@ impl HwBreakpoint for GdbTarget {
             addr,
             watch: None,
             len: 1,
+            soft: false,
         }))
     }
 
     fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        Ok(self.hw_remove(addr, None))
+        Ok(self.hw_remove(addr, None, false))
     }
 }
 
@@ -538,6 +571,7 @@ impl HwWatchpoint for GdbTarget {
             addr,
             watch: Some(kind),
             len,
+            soft: false,
         }))
     }
 
@@ -547,7 +581,7 @@ impl HwWatchpoint for GdbTarget {
         _len: u64,
         kind: WatchKind,
     ) -> TargetResult<bool, Self> {
-        Ok(self.hw_remove(addr, Some(kind)))
+        Ok(self.hw_remove(addr, Some(kind), false))
     }
 }
 
