@@ -144,15 +144,6 @@ impl Vcpu {
     pub fn run(&mut self) -> Result<VcpuExit<'_>> {
         // KVM stores the sync registers on every return from KVM_RUN, interrupted or not.
         self.entered = true;
-        let r = self.fd.run();
-        if matches!(r, Ok(VcpuExit::InternalError)) {
-            drop(r);
-            let run = self.fd.get_kvm_run();
-            // SAFETY: debug
-            let i = unsafe { run.__bindgen_anon_1.internal };
-            eprintln!("DBG internal suberror {} ndata {} data {:x?}", i.suberror, i.ndata, &i.data[..4]);
-            return Ok(VcpuExit::InternalError);
-        }
         match self.fd.run() {
             Ok(exit) => Ok(exit),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(VcpuExit::Intr),

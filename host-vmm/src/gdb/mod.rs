@@ -108,13 +108,7 @@ impl VcpuLink {
     /// Applies changed debug settings (`KVM_SET_GUEST_DEBUG`) before the next entry.
     pub(crate) fn before_entry(&mut self, vcpu: &Vcpu) -> Result<()> {
         let config = *lock(&self.config);
-        if std::env::var_os("PVKIT_GDB_TRACE").is_some() {
-            eprintln!("DBG entry rip {:#x}", vcpu.fd().get_regs().map(|r| r.rip).unwrap_or(0));
-        }
         if config.generation != self.applied {
-            if std::env::var_os("PVKIT_GDB_TRACE").is_some() {
-                eprintln!("DBG events {:?} regs rflags {:#x}", vcpu.fd().get_vcpu_events(), vcpu.fd().get_regs().map(|r| r.rflags).unwrap_or(0));
-            }
             vcpu.set_guest_debug(&config.to_kvm())?;
             self.applied = config.generation;
         }

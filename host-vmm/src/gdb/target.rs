@@ -306,9 +306,6 @@ impl GdbTarget {
         }
         match self.events.recv_timeout(wait) {
             Ok(ev) => {
-                if std::env::var_os("PVKIT_GDB_TRACE").is_some() {
-                    eprintln!("host-vmm: gdb: {ev:?}");
-                }
                 if matches!(ev, GuestEvent::Stopped(_)) {
                     let _ = self.vcpu.wait_paused(INTERRUPT_TIMEOUT);
                 }
