@@ -335,6 +335,42 @@ impl GdbTarget {
         }
     }
 
+    /// Adds a `hbreak` or watchpoint: these need a debug register, so a software breakpoint
+    /// holding one moves to an `int3` patch if none is free.
+    fn hw_add_explicit(&mut self, slot: HwSlot) -> TargetResult<bool, Self> {
+        if self.hw.iter().all(|s| s.is_some())
+            && let Some(i) = self.hw.iter().position(|s| s.is_some_and(|s| s.soft))
+            && let Some(soft) = self.hw[i]
+        {
+            self.hw[i] = None;
+            if !self.patch_int3(soft.addr)? {
+                self.hw[i] = Some(soft);
+                return Ok(false);
+            }
+        }
+        Ok(self.hw_add(slot))
+    }
+
+    /// Patches an `int3` at `addr`; false if it is not mapped to RAM.
+    fn patch_int3(&mut self, addr: u64) -> TargetResult<bool, Self> {
+        let paging = self.paging()?;
+        let patched = self
+            .vcpu
+            .with_parked(move |m: &mut Machine| {
+                let pa = to_phys(m, paging, addr)?;
+                let mut orig = [0u8];
+                (m.debug_read(pa, &mut orig) && m.debug_write(pa, &[INT3])).then_some((pa, orig[0]))
+            })
+            .map_err(control_error)?;
+        match patched {
+            Some(p) => {
+                self.sw.insert(addr, p);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     fn hw_remove(&mut self, addr: u64, watch: Option<WatchKind>, soft: bool) -> bool {
         for s in &mut self.hw {
             if s.is_some_and(|s| s.addr == addr && s.watch == watch && s.soft == soft) {
@@ -510,22 +546,7 @@ impl SwBreakpoint for GdbTarget {
         }) {
             return Ok(true);
         }
-        let paging = self.paging()?;
-        let patched = self
-            .vcpu
-            .with_parked(move |m: &mut Machine| {
-                let pa = to_phys(m, paging, addr)?;
-                let mut orig = [0u8];
-                (m.debug_read(pa, &mut orig) && m.debug_write(pa, &[INT3])).then_some((pa, orig[0]))
-            })
-            .map_err(control_error)?;
-        match patched {
-            Some(p) => {
-                self.sw.insert(addr, p);
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        self.patch_int3(addr)
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
@@ -545,12 +566,12 @@ impl SwBreakpoint for GdbTarget {
 
 impl HwBreakpoint for GdbTarget {
     fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        Ok(self.hw_add(HwSlot {
+        self.hw_add_explicit(HwSlot {
             addr,
             watch: None,
             len: 1,
             soft: false,
-        }))
+        })
     }
 
     fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
@@ -564,12 +585,12 @@ impl HwWatchpoint for GdbTarget {
         if !matches!(len, 1 | 2 | 4 | 8) || !addr.is_multiple_of(len) {
             return Ok(false);
         }
-        Ok(self.hw_add(HwSlot {
+        self.hw_add_explicit(HwSlot {
             addr,
             watch: Some(kind),
             len,
             soft: false,
-        }))
+        })
     }
 
     fn remove_hw_watchpoint(
