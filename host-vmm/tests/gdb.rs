@@ -46,9 +46,10 @@ struct Vm {
     stderr: mpsc::Receiver<String>,
 }
 
-fn start_vm(kernel: &Path, mode: &str, gdb_addr: &str) -> Vm {
+fn start_vm(kernel: &Path, mode: &str, gdb_addr: &str, extra: &[&str]) -> Vm {
     let mut child = Command::new(BIN)
         .args(["run", kernel.to_str().unwrap(), "--mode", mode, "--gdb", gdb_addr])
+        .args(extra)
         .args(["--timeout", "60s"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -152,7 +153,7 @@ fn debug_session(mode: &str, gdb_addr: &str) {
     require_kvm();
     require_gdb();
     let (dir, kernel) = scratch(&format!("{mode}-session"));
-    let vm = start_vm(&kernel, mode, gdb_addr);
+    let vm = start_vm(&kernel, mode, gdb_addr, &[]);
     let out = gdb(
         &kernel,
         &vm.addr,
@@ -225,10 +226,10 @@ fn packet(body: &str) -> Vec<u8> {
     format!("${body}#{sum:02x}").into_bytes()
 }
 
-fn raw_client(mode: &str, talk: impl FnOnce(&mut TcpStream)) {
+fn raw_client(mode: &str, workload: &str, talk: impl FnOnce(&mut TcpStream)) {
     require_kvm();
-    let (dir, kernel) = scratch(&format!("{mode}-raw"));
-    let vm = start_vm(&kernel, mode, "127.0.0.1:0");
+    let (dir, kernel) = scratch(&format!("{mode}-raw-{workload}"));
+    let vm = start_vm(&kernel, mode, "127.0.0.1:0", &["--workload", workload]);
     let mut s = TcpStream::connect(&vm.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     talk(&mut s);
@@ -251,7 +252,7 @@ fn read_some(s: &mut TcpStream) -> String {
 
 #[test]
 fn malformed_packets_leave_the_vm_running() {
-    raw_client("pv", |s| {
+    raw_client("pv", "hello", |s| {
         // A bad checksum, an unknown packet, a packet with junk in it, raw junk.
         s.write_all(b"$g#00").unwrap();
         s.write_all(&packet("qNoSuchThing")).unwrap();
@@ -263,7 +264,7 @@ fn malformed_packets_leave_the_vm_running() {
 
 #[test]
 fn a_client_that_disconnects_mid_session_leaves_the_vm_running() {
-    raw_client("trapped", |s| {
+    raw_client("trapped", "hello", |s| {
         s.write_all(&packet("?")).unwrap();
         let reply = read_some(s);
         assert!(reply.contains('$'), "a stop reply: {reply:?}");
@@ -272,5 +273,45 @@ fn a_client_that_disconnects_mid_session_leaves_the_vm_running() {
         let _ = read_some(s);
         // Asks to continue, then hangs up while the guest runs.
         s.write_all(&packet("vCont;c")).unwrap();
+    });
+}
+
+/// Reads until a whole packet (`$…#xx`) has arrived; returns everything read.
+fn read_packet(s: &mut TcpStream) -> String {
+    let mut got = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        got.push_str(&read_some(s));
+        if let Some(start) = got.find('$')
+            && got[start..].find('#').is_some_and(|h| got.len() >= start + h + 3)
+        {
+            break;
+        }
+    }
+    got
+}
+
+#[test]
+fn ctrl_c_stops_a_running_guest_and_detach_lets_it_finish() {
+    raw_client("pv", "idle", |s| {
+        s.write_all(&packet("?")).unwrap();
+        assert!(read_packet(s).contains('$'));
+        s.write_all(b"+").unwrap();
+        s.write_all(&packet("vCont;c")).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        // Ctrl-C: the interrupt byte.
+        s.write_all(&[0x03]).unwrap();
+        let reply = read_packet(s);
+        assert!(
+            reply.contains("$T02") || reply.contains("$S02"),
+            "stopped with SIGINT: {reply:?}"
+        );
+        s.write_all(b"+").unwrap();
+        s.write_all(&packet("g")).unwrap();
+        let regs = read_packet(s);
+        assert!(regs.len() > 100, "registers of the stopped guest: {regs:?}");
+        s.write_all(b"+").unwrap();
+        s.write_all(&packet("D")).unwrap();
+        let _ = read_packet(s);
     });
 }
