@@ -466,8 +466,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 timeout,
                 seccomp: !no_seccomp,
             };
-            let mut vm =
-                builder::build(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
+            let mut vm = builder::build(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
             let gdb = gdb
                 .map(|addr| host_vmm::gdb::GdbServer::start(&addr, &mut vm))
                 .transpose()?;
@@ -477,8 +476,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     server.endpoint(),
                     match server.endpoint() {
                         host_vmm::migration::endpoint::Endpoint::Tcp(a) => a.to_string(),
-                        host_vmm::migration::endpoint::Endpoint::Unix(p) =>
-                            p.display().to_string(),
+                        host_vmm::migration::endpoint::Endpoint::Unix(p) => p.display().to_string(),
                     }
                 );
             }

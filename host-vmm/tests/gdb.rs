@@ -48,7 +48,14 @@ struct Vm {
 
 fn start_vm(kernel: &Path, mode: &str, gdb_addr: &str, extra: &[&str]) -> Vm {
     let mut child = Command::new(BIN)
-        .args(["run", kernel.to_str().unwrap(), "--mode", mode, "--gdb", gdb_addr])
+        .args([
+            "run",
+            kernel.to_str().unwrap(),
+            "--mode",
+            mode,
+            "--gdb",
+            gdb_addr,
+        ])
         .args(extra)
         .args(["--timeout", "60s"])
         .stdout(Stdio::piped())
@@ -179,21 +186,40 @@ fn debug_session(mode: &str, gdb_addr: &str) {
     );
     let (status, stdout, stderr) = finish(vm);
     let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
-    assert!(out.contains("_start"), "stops at the entry point first\n{all}");
+    assert!(
+        out.contains("_start"),
+        "stops at the entry point first\n{all}"
+    );
     assert!(out.contains("Breakpoint 1, kmain"), "{all}");
-    assert!(out.contains("in start ()"), "bt shows kmain's caller\n{all}");
+    assert!(
+        out.contains("in start ()"),
+        "bt shows kmain's caller\n{all}"
+    );
     let rips = rip_values(&out);
     assert!(rips.len() >= 3, "{all}");
-    assert_eq!(rips[0], 0x200000, "parked at _start before the first instruction\n{all}");
-    assert_ne!(rips[2], rips[1], "stepi moved the instruction pointer\n{all}");
+    assert_eq!(
+        rips[0], 0x200000,
+        "parked at _start before the first instruction\n{all}"
+    );
+    assert_ne!(
+        rips[2], rips[1],
+        "stepi moved the instruction pointer\n{all}"
+    );
     assert!(
-        out.lines().any(|l| l.starts_with("0x") && l.contains(":\t0x")),
+        out.lines()
+            .any(|l| l.starts_with("0x") && l.contains(":\t0x")),
         "x/2gx read the stack\n{all}"
     );
-    assert!(out.contains("L4 entry at"), "monitor pte walked the tables\n{all}");
+    assert!(
+        out.contains("L4 entry at"),
+        "monitor pte walked the tables\n{all}"
+    );
     assert!(out.contains("-> physical 0x"), "{all}");
     assert!(out.contains("cr3 0x"), "{all}");
-    assert!(out.contains("Breakpoint 2, "), "stopped where kmain returns\n{all}");
+    assert!(
+        out.contains("Breakpoint 2, "),
+        "stopped where kmain returns\n{all}"
+    );
     assert!(out.contains("rax            0x2a"), "{all}");
     assert!(
         out.contains("exited with code 052"),
@@ -266,11 +292,12 @@ fn malformed_packets_leave_the_vm_running() {
 fn a_client_that_disconnects_mid_session_leaves_the_vm_running() {
     raw_client("trapped", "hello", |s| {
         s.write_all(&packet("?")).unwrap();
-        let reply = read_some(s);
+        let reply = read_packet(s);
         assert!(reply.contains('$'), "a stop reply: {reply:?}");
         s.write_all(b"+").unwrap();
         s.write_all(&packet("g")).unwrap();
-        let _ = read_some(s);
+        let _ = read_packet(s);
+        s.write_all(b"+").unwrap();
         // Asks to continue, then hangs up while the guest runs.
         s.write_all(&packet("vCont;c")).unwrap();
     });
@@ -283,7 +310,9 @@ fn read_packet(s: &mut TcpStream) -> String {
     while Instant::now() < deadline {
         got.push_str(&read_some(s));
         if let Some(start) = got.find('$')
-            && got[start..].find('#').is_some_and(|h| got.len() >= start + h + 3)
+            && got[start..]
+                .find('#')
+                .is_some_and(|h| got.len() >= start + h + 3)
         {
             break;
         }
@@ -314,4 +343,36 @@ fn ctrl_c_stops_a_running_guest_and_detach_lets_it_finish() {
         s.write_all(&packet("D")).unwrap();
         let _ = read_packet(s);
     });
+}
+
+/// A fault (here `hlt` with interrupts off, reached by moving RIP into `halt_forever`) stops in
+/// gdb with the faulting RIP and a backtrace instead of ending the VM; continuing ends the run
+/// with the fault.
+#[test]
+fn a_guest_fault_stops_in_the_debugger() {
+    require_kvm();
+    require_gdb();
+    let (dir, kernel) = scratch("fault");
+    let vm = start_vm(&kernel, "trapped", "127.0.0.1:0", &[]);
+    let out = gdb(
+        &kernel,
+        &vm.addr,
+        &[
+            "break kmain",
+            "continue",
+            "set $pc = halt_forever",
+            "continue",
+            "bt 2",
+            "info registers rip",
+            "continue",
+        ],
+    );
+    let (status, stdout, stderr) = finish(vm);
+    let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    assert!(out.contains("Program received signal SIGSEGV"), "{all}");
+    assert!(out.contains("halt_forever"), "bt at the fault\n{all}");
+    assert!(out.contains("terminated with signal SIGSEGV"), "{all}");
+    assert!(stderr.contains("interrupts disabled"), "{all}");
+    assert_ne!(status.code(), Some(0), "{all}");
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -253,8 +253,7 @@ impl GdbServer {
     /// then closes it and joins the thread.
     pub fn finish(mut self, grace: Duration) {
         let deadline = Instant::now() + grace;
-        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline
-        {
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.shutdown.store(true, Ordering::Release);
@@ -328,8 +327,12 @@ impl Session {
                 self.stopper
                     .stop(crate::stop::StopReason::Signal(libc::SIGKILL));
             }
+            Ok(gdbstub::stub::DisconnectReason::Disconnect) => {
+                eprintln!("host-vmm: gdb detached; the guest runs on");
+                target.detach();
+            }
             Ok(reason) => {
-                eprintln!("host-vmm: gdb detached ({reason:?}); the guest runs on");
+                eprintln!("host-vmm: gdb session over: the run ended ({reason:?})");
                 target.detach();
             }
             Err(e) => {

@@ -580,7 +580,12 @@ impl HwBreakpoint for GdbTarget {
 }
 
 impl HwWatchpoint for GdbTarget {
-    fn add_hw_watchpoint(&mut self, addr: u64, len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
+    fn add_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        len: u64,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
         // x86 watches 1, 2, 4 or 8 aligned bytes.
         if !matches!(len, 1 | 2 | 4 | 8) || !addr.is_multiple_of(len) {
             return Ok(false);
