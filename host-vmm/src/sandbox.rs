@@ -57,7 +57,10 @@
 //! creates memory) and may build more after this one; the run itself moves to a dedicated
 //! `pvkit-vcpu` thread, which ends with the run. A filter is permanent for its thread, so this
 //! keeps library users' threads usable. Threads started before the run (a device worker
-//! started by a state restore on the building thread) are not filtered.
+//! started by a state restore on the building thread) are not filtered. Neither is the
+//! `pvkit-gdb` thread of `host-vmm run --gdb` ([`crate::gdb`]), like the API thread: it serves
+//! one socket; what it does to the guest (registers, memory, `KVM_SET_GUEST_DEBUG`) runs on the
+//! filtered vCPU thread.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -634,6 +637,7 @@ mod tests {
         assert_eq!(n("KVM_INTERRUPT"), 0x4004_AE86);
         assert_eq!(n("KVM_SET_USER_MEMORY_REGION"), 0x4020_AE46);
         assert_eq!(n("KVM_GET_MSRS"), 0xC008_AE88);
+        assert_eq!(n("KVM_SET_GUEST_DEBUG"), 0x4048_AE9B);
         assert_eq!(n("KVM_GET_VCPU_EVENTS"), 0x8040_AE9F);
         assert_eq!(n("KVM_GET_DEBUGREGS"), 0x8080_AEA1);
         assert_eq!(n("KVM_GET_XSAVE"), 0x9000_AEA4);
