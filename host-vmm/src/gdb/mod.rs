@@ -101,7 +101,9 @@ pub struct VcpuLink {
     config: Arc<Mutex<DebugConfig>>,
     applied: u64,
     vcpu: VcpuHandle,
-    fault: Option<String>,
+    /// The fault the debugger stopped at (the gdb thread may take it back: see
+    /// [`GdbTarget`]'s `int3` handling).
+    fault: Arc<Mutex<Option<String>>>,
 }
 
 impl VcpuLink {
@@ -123,13 +125,13 @@ impl VcpuLink {
 
     /// A fault: stops in the debugger; the resume ends the run ([`VcpuLink::take_fault`]).
     pub(crate) fn fault(&mut self, what: String) {
-        self.fault = Some(what.clone());
+        *lock(&self.fault) = Some(what.clone());
         self.stopped(StopEvent::Fault(what));
     }
 
     /// The fault the debugger stopped at, once it resumed the guest (the run ends with it).
     pub(crate) fn take_fault(&mut self) -> Option<String> {
-        let what = self.fault.take()?;
+        let what = lock(&self.fault).take()?;
         let _ = self.events.send(GuestEvent::Faulted(what.clone()));
         Some(what)
     }
@@ -212,13 +214,14 @@ impl GdbServer {
         .map_err(io_error("cannot use the gdb socket".into()))?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let config = Arc::new(Mutex::new(DebugConfig::default()));
+        let fault = Arc::new(Mutex::new(None));
         let vcpu = vm.vcpu_handle();
         vm.attach_debugger(VcpuLink {
             events: tx,
             config: config.clone(),
             applied: 0,
             vcpu: vcpu.clone(),
-            fault: None,
+            fault: fault.clone(),
         });
         // Parks before the first instruction, until gdb continues or steps.
         vcpu.request_pause();
@@ -229,6 +232,7 @@ impl GdbServer {
             stopper: vm.stopper(),
             events: rx,
             config,
+            fault,
             shutdown: shutdown.clone(),
             conn: conn.clone(),
         };
@@ -272,6 +276,7 @@ struct Session {
     stopper: Stopper,
     events: Receiver<GuestEvent>,
     config: Arc<Mutex<DebugConfig>>,
+    fault: Arc<Mutex<Option<String>>>,
     shutdown: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<Shutdown>>>,
 }
@@ -313,7 +318,7 @@ impl Session {
         };
         drop(listener);
         eprintln!("host-vmm: gdb attached");
-        let mut target = GdbTarget::new(self.vcpu.clone(), self.events, self.config);
+        let mut target = GdbTarget::new(self.vcpu.clone(), self.events, self.config, self.fault);
         if let Err(e) = self.vcpu.wait_paused(ATTACH_TIMEOUT) {
             eprintln!("host-vmm: gdb: the vCPU did not stop for the debugger: {e}");
             target.detach();

@@ -153,6 +153,8 @@ pub struct GdbTarget {
     stepping: bool,
     /// The run's end, seen while looking for stale stops.
     ended: Option<GuestEvent>,
+    /// The fault the vCPU stopped at ([`super::VcpuLink::fault`]).
+    fault: Arc<Mutex<Option<String>>>,
 }
 
 fn control_error(e: ControlError) -> TargetError<String> {
@@ -167,11 +169,13 @@ impl GdbTarget {
         vcpu: VcpuHandle,
         events: Receiver<GuestEvent>,
         config: Arc<Mutex<DebugConfig>>,
+        fault: Arc<Mutex<Option<String>>>,
     ) -> GdbTarget {
         GdbTarget {
             vcpu,
             events,
             config,
+            fault,
             sw: BTreeMap::new(),
             hw: [None; 4],
             phys: false,
@@ -269,6 +273,18 @@ impl GdbTarget {
         match ev {
             GuestEvent::Exited(code) => SingleThreadStopReason::Exited(code as u8),
             GuestEvent::Faulted(_) => SingleThreadStopReason::Terminated(Signal::SIGSEGV),
+            GuestEvent::Stopped(StopEvent::Fault(what))
+                if what.contains("KVM_EXIT_INTERNAL_ERROR")
+                    && self
+                        .vcpu
+                        .regs()
+                        .is_ok_and(|r| self.sw.contains_key(&r.rip)) =>
+            {
+                // Some KVM hosts (nested ones) fail to emulate an intercepted `int3` instead of
+                // reporting it: at one of ours, it is that breakpoint, and the guest can go on.
+                lock(&self.fault).take();
+                SingleThreadStopReason::SwBreak(())
+            }
             GuestEvent::Stopped(StopEvent::Fault(what)) => {
                 eprintln!("host-vmm: gdb: guest fault: {what} (continuing ends the run)");
                 SingleThreadStopReason::Signal(Signal::SIGSEGV)
