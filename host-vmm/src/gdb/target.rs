@@ -275,10 +275,7 @@ impl GdbTarget {
             GuestEvent::Faulted(_) => SingleThreadStopReason::Terminated(Signal::SIGSEGV),
             GuestEvent::Stopped(StopEvent::Fault(what))
                 if what.contains("KVM_EXIT_INTERNAL_ERROR")
-                    && self
-                        .vcpu
-                        .regs()
-                        .is_ok_and(|r| self.sw.contains_key(&r.rip)) =>
+                    && self.vcpu.regs().is_ok_and(|r| self.sw.contains_key(&r.rip)) =>
             {
                 // Some KVM hosts (nested ones) fail to emulate an intercepted `int3` instead of
                 // reporting it: at one of ours, it is that breakpoint, and the guest can go on.
@@ -778,5 +775,50 @@ impl BlockingEventLoop for EventLoop {
             Err(ControlError::Ended) => Ok(target.poll_stop(Duration::from_millis(100))),
             Err(e) => Err(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::translate;
+
+    const PG: u64 = 1 << 31;
+
+    fn tables(entries: &[(u64, u64)]) -> impl Fn(u64) -> Option<u64> {
+        let m: HashMap<u64, u64> = entries.iter().copied().collect();
+        move |a| Some(m.get(&a).copied().unwrap_or(0))
+    }
+
+    #[test]
+    fn paging_off_is_identity() {
+        assert_eq!(translate(0, 0, 0x1234, |_| None).0, Some(0x1234));
+    }
+
+    #[test]
+    fn walks_4k_2m_and_1g_pages_and_reports_holes() {
+        // PML4 at 0x1000 -> PDPT 0x2000; PDPT[0] -> PD 0x3000; PDPT[1] 1 GiB page at 1 GiB;
+        // PD[1] 2 MiB page at 0x40_0000; PD[2] -> PT 0x4000; PT[3] 4 KiB page at 0x9000.
+        let read = tables(&[
+            (0x1000, 0x2000 | 3),
+            (0x2000, 0x3000 | 3),
+            (0x2008, 0x4000_0000 | 0x83),
+            (0x3008, 0x40_0000 | 0x83),
+            (0x3010, 0x4000 | 3),
+            (0x4018, 0x9000 | 3),
+        ]);
+        assert_eq!(translate(PG, 0x1000, 0x40_3003, &read).0, Some(0x9003));
+        assert_eq!(translate(PG, 0x1000, 0x20_1234, &read).0, Some(0x40_1234));
+        assert_eq!(
+            translate(PG, 0x1000, 0x4012_3456, &read).0,
+            Some(0x4012_3456)
+        );
+        let (pa, walked) = translate(PG, 0x1000, 0x40_4000, &read);
+        assert_eq!(pa, None, "PT[4] is not present");
+        assert_eq!(walked.len(), 4);
+        assert_eq!(walked[0], (0x1000, 0x2003));
+        // Unreadable table memory is a hole too.
+        assert_eq!(translate(PG, 0x1000, 0, |_| None).0, None);
     }
 }
