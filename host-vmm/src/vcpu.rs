@@ -225,7 +225,7 @@ impl Vcpu {
     /// Lets KVM finish an exit's pending I/O (the data of a port or MMIO read goes into the
     /// guest's registers on the next `KVM_RUN`) without running the guest: `KVM_RUN` with
     /// `immediate_exit` set. Needed before the registers are read for a snapshot.
-    fn complete_pending_io(&mut self) -> Result<()> {
+    pub(crate) fn complete_pending_io(&mut self) -> Result<()> {
         if !self.entered {
             return Ok(());
         }

@@ -503,6 +503,8 @@ impl Vm {
                 self.first_entry_mono_ns = crate::rusage::monotonic_ns();
             }
             let exit = self.vcpu.run()?;
+            // A kick ran no guest instruction (for a debugger's single-step).
+            let kicked = matches!(exit, kvm_ioctls::VcpuExit::Intr);
             let step = self.machine.handle_exit(exit);
             let step = match step {
                 Step::Hypercall => self.hypercall()?,
@@ -511,7 +513,14 @@ impl Vm {
             };
             self.machine.resync_pool(&self.vm_fd)?;
             match step {
-                Step::Continue | Step::Hypercall | Step::Halt => {}
+                Step::Continue | Step::Hypercall | Step::Halt => {
+                    if let Some(debugger) = &mut self.debugger
+                        && !kicked
+                        && debugger.stepping()
+                    {
+                        debugger.stepped_over_exit(&mut self.vcpu)?;
+                    }
+                }
                 Step::Exit(code) => {
                     if let Some(debugger) = &self.debugger {
                         debugger.exited(code);

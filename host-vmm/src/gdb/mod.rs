@@ -117,6 +117,25 @@ impl VcpuLink {
         Ok(())
     }
 
+    /// Whether gdb asked for a single-step.
+    pub(crate) fn stepping(&self) -> bool {
+        lock(&self.config).control & kvm_bindings::KVM_GUESTDBG_SINGLESTEP != 0
+    }
+
+    /// A single-step over an instruction that exited to the host (`in`, `out`, MMIO, `hlt`):
+    /// KVM reports no debug exit for it and would run the next instruction too, so the step
+    /// ends here, once KVM has finished the exit without running the guest.
+    pub(crate) fn stepped_over_exit(&mut self, vcpu: &mut Vcpu) -> Result<()> {
+        vcpu.complete_pending_io()?;
+        let pc = vcpu.rip();
+        self.stopped(StopEvent::Debug(DebugExit {
+            exception: 1,
+            pc,
+            dr6: DR6_BS,
+        }));
+        Ok(())
+    }
+
     /// Parks at the next pause point and tells the debugger why.
     pub(crate) fn stopped(&mut self, event: StopEvent) {
         self.vcpu.request_pause();
@@ -348,6 +367,9 @@ impl Session {
         lock(&self.conn).take();
     }
 }
+
+/// DR6.BS: the debug exception was a single-step.
+const DR6_BS: u64 = 1 << 14;
 
 /// How long a write to gdb may block before the session is ended.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
