@@ -159,7 +159,12 @@ fn rip_values(out: &str) -> Vec<u64> {
 fn debug_session(mode: &str, gdb_addr: &str) {
     require_kvm();
     require_gdb();
-    let (dir, kernel) = scratch(&format!("{mode}-session"));
+    let transport = if gdb_addr.starts_with("unix:") {
+        "unix"
+    } else {
+        "tcp"
+    };
+    let (dir, kernel) = scratch(&format!("{mode}-{transport}-session"));
     let vm = start_vm(&kernel, mode, gdb_addr, &[]);
     let out = gdb(
         &kernel,
