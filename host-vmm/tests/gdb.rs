@@ -381,3 +381,58 @@ fn a_guest_fault_stops_in_the_debugger() {
     assert_ne!(status.code(), Some(0), "{all}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Breaks in a hypercall wrapper (`console_write`, PV mode), single-steps to its `out`, steps
+/// over it: the step ends at the very next instruction with the hypercall's status in `rax`.
+#[test]
+fn stepping_over_a_hypercall_stops_at_the_next_instruction() {
+    require_kvm();
+    require_gdb();
+    let (dir, kernel) = scratch("hypercall-step");
+    let vm = start_vm(&kernel, "pv", "127.0.0.1:0", &["--workload", "console"]);
+    let script = dir.join("step.gdb");
+    std::fs::write(
+        &script,
+        "set language c
+break console_write
+continue
+delete
+set $n = 0
+while (*(unsigned char *)$pc != 0xef && $n < 200)
+  stepi
+  set $n = $n + 1
+end
+printf \"OUT at %#lx\\n\", $pc
+stepi
+printf \"AFTER at %#lx rax=%#lx\\n\", $pc, $rax
+continue
+",
+    )
+    .unwrap();
+    let out = gdb(
+        &kernel,
+        &vm.addr,
+        &["source ".to_string() + script.to_str().unwrap()]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let (status, stdout, stderr) = finish(vm);
+    let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    let addr = |tag: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+            .unwrap_or_else(|| panic!("no {tag:?} line\n{all}"))
+    };
+    // `out dx, eax` is one byte (0xef).
+    assert_eq!(addr("AFTER at "), addr("OUT at ") + 1, "{all}");
+    assert!(
+        out.contains("rax=0\n"),
+        "the hypercall returned 0 (ok)\n{all}"
+    );
+    assert!(out.contains("exited normally"), "{all}");
+    assert_eq!(status.code(), Some(0), "{all}");
+    let _ = std::fs::remove_dir_all(dir);
+}
