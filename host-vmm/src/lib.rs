@@ -30,6 +30,7 @@ pub mod dirty;
 pub mod error;
 pub mod fleet;
 pub mod free_report;
+pub mod gdb;
 pub mod hypercall;
 pub mod kernel;
 pub mod kernel_abi;

@@ -105,6 +105,10 @@ enum Command {
         /// Where --migrate-after sends the guest: unix:PATH, a path, or a loopback HOST:PORT.
         #[arg(long, value_name = "ADDR", requires = "migrate_after")]
         migrate_to: Option<String>,
+        /// Wait for gdb on ADDR (a loopback HOST:PORT, tcp:HOST:PORT, unix:PATH or a path)
+        /// before the first guest instruction: `target remote ADDR` (see docs/GUIDE.md).
+        #[arg(long, value_name = "ADDR")]
+        gdb: Option<String>,
         #[command(flatten)]
         migrate: MigrateArgs,
         /// Workload arguments passed to the guest, e.g. `-- ops=1000`.
@@ -491,6 +495,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             api_sock,
             migrate_after,
             migrate_to,
+            gdb,
             migrate,
             args,
         } => {
@@ -508,7 +513,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 timeout,
                 seccomp: !no_seccomp,
             };
-            let vm = builder::build(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
+            let mut vm = builder::build(&cfg, ConsoleSink::new(Some(Box::new(std::io::stdout()))))?;
+            let gdb = gdb
+                .map(|addr| host_vmm::gdb::GdbServer::start(&addr, &mut vm))
+                .transpose()?;
+            if let Some(server) = &gdb {
+                eprintln!(
+                    "host-vmm: waiting for gdb on {} (target remote {})",
+                    server.endpoint(),
+                    match server.endpoint() {
+                        host_vmm::migration::endpoint::Endpoint::Tcp(a) => a.to_string(),
+                        host_vmm::migration::endpoint::Endpoint::Unix(p) => p.display().to_string(),
+                    }
+                );
+            }
             if vm.offer() == Offer::Hidden(HiddenBecause::NoNote) && cfg.mode == Mode::Pv {
                 eprintln!(
                     "host-vmm: note: {} has no pvkit ABI note; booting it as an unmodified \
@@ -557,7 +575,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .map_err(|_| anyhow::anyhow!("the migration thread panicked"))??;
                 }
                 anyhow::Ok(report)
-            })?;
+            });
+            // gdb hears how the run ended (exit code or fault) before the session closes.
+            if let Some(gdb) = gdb {
+                gdb.finish(std::time::Duration::from_secs(2));
+            }
+            let report = report?;
             if let Some(api) = api {
                 api.shutdown();
             }

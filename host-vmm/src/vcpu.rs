@@ -201,6 +201,14 @@ impl Vcpu {
         self.fd.set_sregs(sregs).map_err(Error::kvm("set sregs"))
     }
 
+    /// Sets KVM's guest debugging (`KVM_SET_GUEST_DEBUG`): breakpoints, debug registers and
+    /// single-step, for the gdb stub ([`crate::gdb`]). Call it between two exits.
+    pub fn set_guest_debug(&self, debug: &kvm_bindings::kvm_guest_debug) -> Result<()> {
+        self.fd
+            .set_guest_debug(debug)
+            .map_err(Error::kvm("set guest debug"))
+    }
+
     /// Tells the vCPU it parks inside the handling of an exit (a hypercall or `hlt` whose wait a
     /// pause cut short), or no longer. A state saved there records it ([`VcpuState::pending`]),
     /// so the copy finishes the call or the halt the original goes on with.
@@ -217,7 +225,7 @@ impl Vcpu {
     /// Lets KVM finish an exit's pending I/O (the data of a port or MMIO read goes into the
     /// guest's registers on the next `KVM_RUN`) without running the guest: `KVM_RUN` with
     /// `immediate_exit` set. Needed before the registers are read for a snapshot.
-    fn complete_pending_io(&mut self) -> Result<()> {
+    pub(crate) fn complete_pending_io(&mut self) -> Result<()> {
         if !self.entered {
             return Ok(());
         }

@@ -76,6 +76,8 @@ pub struct Vm {
     pending: Option<MidExit>,
     /// `CLOCK_MONOTONIC` at the first `KVM_RUN` (0 before it).
     first_entry_mono_ns: u64,
+    /// The gdb stub's end of the run loop, when one is attached ([`Vm::attach_debugger`]).
+    debugger: Option<crate::gdb::VcpuLink>,
 }
 
 /// Controls a running [`Vm`] from another thread: pause it at an exit boundary, inspect it,
@@ -244,7 +246,14 @@ impl Vm {
             seccomp: true,
             pending: None,
             first_entry_mono_ns: 0,
+            debugger: None,
         }
+    }
+
+    /// Lets a gdb stub control the run ([`crate::gdb::GdbServer::start`] calls it): debug exits
+    /// and faults then stop in the debugger, and the guest's end is reported to it.
+    pub(crate) fn attach_debugger(&mut self, link: crate::gdb::VcpuLink) {
+        self.debugger = Some(link);
     }
 
     /// Whether [`Vm::run`] sandboxes its threads ([`crate::config::VmConfig::seccomp`]).
@@ -479,10 +488,23 @@ impl Vm {
             if let Some(reason) = self.stop.requested() {
                 return Ok(End::Stopped(reason));
             }
+            if let Some(debugger) = &mut self.debugger {
+                // Resumed after a fault the debugger stopped at: the run ends with it.
+                if let Some(what) = debugger.take_fault() {
+                    return Err(Error::GuestFault {
+                        what,
+                        rip: self.vcpu.rip(),
+                        exits: self.machine.stats().total,
+                    });
+                }
+                debugger.before_entry(&self.vcpu)?;
+            }
             if self.first_entry_mono_ns == 0 {
                 self.first_entry_mono_ns = crate::rusage::monotonic_ns();
             }
             let exit = self.vcpu.run()?;
+            // A kick ran no guest instruction (for a debugger's single-step).
+            let kicked = matches!(exit, kvm_ioctls::VcpuExit::Intr);
             let step = self.machine.handle_exit(exit);
             let step = match step {
                 Step::Hypercall => self.hypercall()?,
@@ -491,9 +513,33 @@ impl Vm {
             };
             self.machine.resync_pool(&self.vm_fd)?;
             match step {
-                Step::Continue | Step::Hypercall | Step::Halt => {}
-                Step::Exit(code) => return Ok(End::Exit(code)),
+                Step::Continue | Step::Hypercall | Step::Halt => {
+                    if let Some(debugger) = &mut self.debugger
+                        && !kicked
+                        && debugger.stepping()
+                    {
+                        debugger.stepped_over_exit(&mut self.vcpu)?;
+                    }
+                }
+                Step::Exit(code) => {
+                    if let Some(debugger) = &self.debugger {
+                        debugger.exited(code);
+                    }
+                    return Ok(End::Exit(code));
+                }
                 Step::Marker(value) => observer.marker(value, &self.machine),
+                // Stops in the debugger (parks at the next pause point); without one, a
+                // debug exit (none is asked for) is ignored.
+                Step::Debug(exit) => {
+                    if let Some(debugger) = &mut self.debugger {
+                        debugger.stopped(crate::gdb::StopEvent::Debug(exit));
+                    }
+                }
+                Step::Fault(what) if self.debugger.is_some() => {
+                    if let Some(debugger) = &mut self.debugger {
+                        debugger.fault(what);
+                    }
+                }
                 Step::Fault(what) => {
                     return Err(Error::GuestFault {
                         what,

@@ -57,6 +57,19 @@ pub enum Step {
     Marker(u32),
     /// The guest cannot go on (the message says why).
     Fault(String),
+    /// `KVM_EXIT_DEBUG`: a breakpoint, watchpoint or single-step set by the gdb stub.
+    Debug(DebugExit),
+}
+
+/// What a `KVM_EXIT_DEBUG` reports ([`Step::Debug`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebugExit {
+    /// The exception: 1 (#DB: single-step, hardware breakpoint or watchpoint) or 3 (#BP, `int3`).
+    pub exception: u32,
+    /// The guest's RIP.
+    pub pc: u64,
+    /// DR6 (which debug register fired; bit 14 = single-step).
+    pub dr6: u64,
 }
 
 /// What `hlt` resolves to.
@@ -163,6 +176,24 @@ impl Machine {
             protected_end: parts.protected_end,
             free_report: FreeReport::new(parts.protected_end),
         })
+    }
+
+    /// Reads guest-physical memory for a debugger: RAM or the page-table pool. False if the
+    /// range is in neither.
+    pub fn debug_read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        if let Some(at) = self.ram.checked_range(gpa, buf.len() as u64) {
+            return vm_memory::Bytes::read_slice(self.ram.mem(), buf, at).is_ok();
+        }
+        lock(&self.pool).read_bytes(gpa, buf)
+    }
+
+    /// Writes guest RAM for a debugger (a breakpoint, `set var`). The page-table pool is not
+    /// written: its tables change only through the validator. False outside RAM.
+    pub fn debug_write(&mut self, gpa: u64, data: &[u8]) -> bool {
+        let Some(at) = self.ram.checked_range(gpa, data.len() as u64) else {
+            return false;
+        };
+        vm_memory::Bytes::write_slice(self.ram.mem(), data, at).is_ok()
     }
 
     /// The exit statistics so far.
@@ -272,6 +303,14 @@ impl Machine {
             VcpuExit::Hlt => {
                 stats.record(ExitReason::Hlt);
                 Step::Halt
+            }
+            VcpuExit::Debug(arch) => {
+                stats.record(ExitReason::Other);
+                Step::Debug(DebugExit {
+                    exception: arch.exception,
+                    pc: arch.pc,
+                    dr6: arch.dr6,
+                })
             }
             VcpuExit::Shutdown => {
                 stats.record(ExitReason::Other);

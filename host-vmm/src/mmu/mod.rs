@@ -159,6 +159,12 @@ impl PageTablePool {
         self.mem.read_obj(GuestAddress(gpa)).ok()
     }
 
+    /// Reads `buf.len()` bytes of the pool at `gpa` (a debugger's view of the tables); false if
+    /// the range leaves the pool.
+    pub fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        pool_covers(gpa, buf.len() as u64) && self.mem.read_slice(buf, GuestAddress(gpa)).is_ok()
+    }
+
     fn write_entry(&self, gpa: u64, value: u64) {
         // Only called with addresses validated by `frame_index` and 8-byte alignment, so the
         // write is in bounds; vm-memory checks again.

@@ -1,0 +1,824 @@
+//! gdbstub's `Target` for one pvkit vCPU: registers through the [`VcpuHandle`], memory through
+//! jobs on the parked vCPU thread ([`Machine::debug_read`], [`Machine::debug_write`]).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use gdbstub::common::Signal;
+use gdbstub::conn::{Connection, ConnectionExt};
+use gdbstub::outputln;
+use gdbstub::stub::SingleThreadStopReason;
+use gdbstub::stub::run_blocking::{BlockingEventLoop, Event, WaitForStopReasonError};
+use gdbstub::target::ext::base::BaseOps;
+use gdbstub::target::ext::base::singlethread::{
+    SingleThreadBase, SingleThreadResume, SingleThreadResumeOps, SingleThreadSingleStep,
+    SingleThreadSingleStepOps,
+};
+use gdbstub::target::ext::breakpoints::{
+    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps,
+    SwBreakpoint, SwBreakpointOps, WatchKind,
+};
+use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps};
+use gdbstub::target::{Target, TargetError, TargetResult};
+use gdbstub_arch::x86::X86_64_SSE;
+use gdbstub_arch::x86::reg::X86_64CoreRegs;
+use kvm_bindings::{
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
+};
+
+use super::{DebugConfig, GuestEvent, StopEvent};
+use crate::machine::Machine;
+use crate::sync::lock;
+use crate::vcpu::{ControlError, VcpuHandle};
+
+const PAGE: u64 = 4096;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+const INT3: u8 = 0xcc;
+/// How long an interrupt (Ctrl-C) waits for the vCPU to stop.
+const INTERRUPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The guest's paging registers, for [`translate`].
+#[derive(Debug, Clone, Copy)]
+pub struct Paging {
+    cr0: u64,
+    cr3: u64,
+}
+
+/// Translates guest-virtual `va` to guest-physical with the guest's page tables (4-level, 4 KiB,
+/// 2 MiB and 1 GiB pages; identity with paging off), reading 8-byte entries with `read`.
+/// Returns the physical address and the entries walked (each with its address).
+pub fn translate(
+    cr0: u64,
+    cr3: u64,
+    va: u64,
+    read: impl Fn(u64) -> Option<u64>,
+) -> (Option<u64>, Vec<(u64, u64)>) {
+    let mut walked = Vec::new();
+    if cr0 & (1 << 31) == 0 {
+        return (Some(va), walked);
+    }
+    let mut table = cr3 & ADDR_MASK;
+    for (level, shift) in [(4u32, 39u32), (3, 30), (2, 21), (1, 12)] {
+        let at = table + ((va >> shift) & 0x1ff) * 8;
+        let Some(entry) = read(at) else {
+            return (None, walked);
+        };
+        walked.push((at, entry));
+        if entry & 1 == 0 {
+            return (None, walked);
+        }
+        if (level == 3 || level == 2) && entry & (1 << 7) != 0 {
+            let size = 1u64 << shift;
+            return (
+                Some((entry & ADDR_MASK & !(size - 1)) + (va & (size - 1))),
+                walked,
+            );
+        }
+        table = entry & ADDR_MASK;
+    }
+    (Some(table + (va & (PAGE - 1))), walked)
+}
+
+fn read_u64(m: &Machine, gpa: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    m.debug_read(gpa, &mut b).then(|| u64::from_le_bytes(b))
+}
+
+fn to_phys(m: &Machine, paging: Option<Paging>, va: u64) -> Option<u64> {
+    match paging {
+        None => Some(va),
+        Some(p) => translate(p.cr0, p.cr3, va, |a| read_u64(m, a)).0,
+    }
+}
+
+/// Reads `buf` at `addr` page by page; returns how many bytes it read.
+fn read_mem(m: &Machine, paging: Option<Paging>, addr: u64, buf: &mut [u8]) -> usize {
+    let mut done = 0;
+    while done < buf.len() {
+        let va = addr.wrapping_add(done as u64);
+        let chunk = ((PAGE - (va & (PAGE - 1))) as usize).min(buf.len() - done);
+        let Some(pa) = to_phys(m, paging, va) else {
+            break;
+        };
+        if !m.debug_read(pa, &mut buf[done..done + chunk]) {
+            break;
+        }
+        done += chunk;
+    }
+    done
+}
+
+/// Writes `data` at `addr` page by page; false if any page is unmapped or outside RAM.
+fn write_mem(m: &mut Machine, paging: Option<Paging>, addr: u64, data: &[u8]) -> bool {
+    let mut done = 0;
+    while done < data.len() {
+        let va = addr.wrapping_add(done as u64);
+        let chunk = ((PAGE - (va & (PAGE - 1))) as usize).min(data.len() - done);
+        let Some(pa) = to_phys(m, paging, va) else {
+            return false;
+        };
+        if !m.debug_write(pa, &data[done..done + chunk]) {
+            return false;
+        }
+        done += chunk;
+    }
+    true
+}
+
+/// One of the four debug-register slots.
+#[derive(Debug, Clone, Copy)]
+struct HwSlot {
+    addr: u64,
+    /// `None`: an instruction breakpoint.
+    watch: Option<WatchKind>,
+    len: u64,
+    /// A software breakpoint (`break`) served by a debug register.
+    soft: bool,
+}
+
+/// gdbstub's view of the vCPU (see the module docs).
+#[derive(Debug)]
+pub struct GdbTarget {
+    vcpu: VcpuHandle,
+    events: Receiver<GuestEvent>,
+    config: Arc<Mutex<DebugConfig>>,
+    /// Software breakpoints patched with `int3` (once the four debug registers are taken):
+    /// virtual address -> (physical address, the byte under the `int3`).
+    sw: BTreeMap<u64, (u64, u8)>,
+    hw: [Option<HwSlot>; 4],
+    /// Memory addresses are guest-physical (`monitor phys on`).
+    phys: bool,
+    stepping: bool,
+    /// The run's end, seen while looking for stale stops.
+    ended: Option<GuestEvent>,
+    /// The fault the vCPU stopped at ([`super::VcpuLink::fault`]).
+    fault: Arc<Mutex<Option<String>>>,
+}
+
+fn control_error(e: ControlError) -> TargetError<String> {
+    match e {
+        ControlError::Ended => TargetError::Fatal("the VM has ended".into()),
+        other => TargetError::Fatal(other.to_string()),
+    }
+}
+
+impl GdbTarget {
+    pub(super) fn new(
+        vcpu: VcpuHandle,
+        events: Receiver<GuestEvent>,
+        config: Arc<Mutex<DebugConfig>>,
+        fault: Arc<Mutex<Option<String>>>,
+    ) -> GdbTarget {
+        GdbTarget {
+            vcpu,
+            events,
+            config,
+            fault,
+            sw: BTreeMap::new(),
+            hw: [None; 4],
+            phys: false,
+            stepping: false,
+            ended: None,
+        }
+    }
+
+    fn paging(&self) -> Result<Option<Paging>, TargetError<String>> {
+        if self.phys {
+            return Ok(None);
+        }
+        let s = self.vcpu.sregs().map_err(control_error)?;
+        Ok(Some(Paging {
+            cr0: s.cr0,
+            cr3: s.cr3,
+        }))
+    }
+
+    /// Sets what the vCPU applies before its next entry.
+    fn apply(&self, step: bool) {
+        let mut dr7 = 0u64;
+        let mut regs = [0u64; 8];
+        for (i, slot) in self.hw.iter().enumerate() {
+            let Some(slot) = slot else { continue };
+            regs[i] = slot.addr;
+            let rw = match slot.watch {
+                None => 0b00,
+                Some(WatchKind::Write) => 0b01,
+                Some(_) => 0b11,
+            };
+            let len = match (slot.watch, slot.len) {
+                (None, _) | (_, 1) => 0b00,
+                (_, 2) => 0b01,
+                (_, 8) => 0b10,
+                _ => 0b11,
+            };
+            dr7 |= (1 << (2 * i)) | (rw << (16 + 4 * i)) | (len << (18 + 4 * i));
+        }
+        regs[7] = dr7;
+        let mut control = KVM_GUESTDBG_ENABLE;
+        if !self.sw.is_empty() {
+            control |= KVM_GUESTDBG_USE_SW_BP;
+        }
+        if dr7 != 0 {
+            control |= KVM_GUESTDBG_USE_HW_BP;
+        }
+        if step {
+            control |= KVM_GUESTDBG_SINGLESTEP;
+        }
+        let mut c = lock(&self.config);
+        // Unchanged settings are not set again (each KVM_SET_GUEST_DEBUG costs an ioctl).
+        if c.control != control || c.debugreg != regs {
+            c.generation += 1;
+            c.control = control;
+            c.debugreg = regs;
+        }
+    }
+
+    fn go(&mut self, step: bool) {
+        self.stepping = step;
+        self.apply(step);
+        // Stops reported before an interrupt took over are stale now; an end never is.
+        while let Ok(ev) = self.events.try_recv() {
+            if !matches!(ev, GuestEvent::Stopped(_)) {
+                self.ended = Some(ev);
+            }
+        }
+        self.vcpu.resume();
+    }
+
+    /// Ends the session: removes the breakpoints, switches guest debugging off and lets the
+    /// guest run on.
+    pub(super) fn detach(&mut self) {
+        if self.vcpu.is_paused() {
+            let patches: Vec<(u64, u8)> = self.sw.values().copied().collect();
+            let _ = self.vcpu.with_parked(move |m: &mut Machine| {
+                for (pa, orig) in patches {
+                    m.debug_write(pa, &[orig]);
+                }
+            });
+        }
+        self.sw.clear();
+        self.hw = [None; 4];
+        {
+            let mut c = lock(&self.config);
+            c.generation += 1;
+            c.control = 0;
+            c.debugreg = [0; 8];
+        }
+        self.vcpu.resume();
+    }
+
+    fn stop_reason(&self, ev: GuestEvent) -> SingleThreadStopReason<u64> {
+        match ev {
+            GuestEvent::Exited(code) => SingleThreadStopReason::Exited(code as u8),
+            GuestEvent::Faulted(_) => SingleThreadStopReason::Terminated(Signal::SIGSEGV),
+            GuestEvent::Stopped(StopEvent::Fault(what))
+                if what.contains("KVM_EXIT_INTERNAL_ERROR")
+                    && self.vcpu.regs().is_ok_and(|r| self.sw.contains_key(&r.rip)) =>
+            {
+                // Some KVM hosts (nested ones) fail to emulate an intercepted `int3` instead of
+                // reporting it: at one of ours, it is that breakpoint, and the guest can go on.
+                lock(&self.fault).take();
+                SingleThreadStopReason::SwBreak(())
+            }
+            GuestEvent::Stopped(StopEvent::Fault(what)) => {
+                eprintln!("host-vmm: gdb: guest fault: {what} (continuing ends the run)");
+                SingleThreadStopReason::Signal(Signal::SIGSEGV)
+            }
+            GuestEvent::Stopped(StopEvent::Debug(d)) => {
+                if d.exception == 3 {
+                    return SingleThreadStopReason::SwBreak(());
+                }
+                if let Some(i) = (0..4).find(|i| d.dr6 & (1 << i) != 0)
+                    && let Some(slot) = self.hw[i]
+                {
+                    return match slot.watch {
+                        None if slot.soft => SingleThreadStopReason::SwBreak(()),
+                        None => SingleThreadStopReason::HwBreak(()),
+                        Some(kind) => SingleThreadStopReason::Watch {
+                            tid: (),
+                            kind,
+                            addr: slot.addr,
+                        },
+                    };
+                }
+                if self.stepping {
+                    SingleThreadStopReason::DoneStep
+                } else {
+                    SingleThreadStopReason::Signal(Signal::SIGTRAP)
+                }
+            }
+        }
+    }
+
+    /// The stop the run loop reported, once the vCPU is parked (or the run's end).
+    fn poll_stop(&mut self, wait: Duration) -> Option<SingleThreadStopReason<u64>> {
+        if let Some(ev) = self.ended.take() {
+            return Some(self.stop_reason(ev));
+        }
+        match self.events.recv_timeout(wait) {
+            Ok(ev) => {
+                if matches!(ev, GuestEvent::Stopped(_)) {
+                    let _ = self.vcpu.wait_paused(INTERRUPT_TIMEOUT);
+                }
+                Some(self.stop_reason(ev))
+            }
+            Err(RecvTimeoutError::Timeout) if self.vcpu.is_ended() => {
+                // Ended without an exit or fault of the guest (a KVM error, a stop).
+                match self.events.try_recv() {
+                    Ok(ev) => Some(self.stop_reason(ev)),
+                    Err(_) => Some(SingleThreadStopReason::Terminated(Signal::SIGKILL)),
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                Some(SingleThreadStopReason::Terminated(Signal::SIGKILL))
+            }
+        }
+    }
+
+    fn hw_add(&mut self, slot: HwSlot) -> bool {
+        match self.hw.iter_mut().find(|s| s.is_none()) {
+            Some(free) => {
+                *free = Some(slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds a `hbreak` or watchpoint: these need a debug register, so a software breakpoint
+    /// holding one moves to an `int3` patch if none is free.
+    fn hw_add_explicit(&mut self, slot: HwSlot) -> TargetResult<bool, Self> {
+        if self.hw.iter().all(|s| s.is_some())
+            && let Some(i) = self.hw.iter().position(|s| s.is_some_and(|s| s.soft))
+            && let Some(soft) = self.hw[i]
+        {
+            self.hw[i] = None;
+            if !self.patch_int3(soft.addr)? {
+                self.hw[i] = Some(soft);
+                return Ok(false);
+            }
+        }
+        Ok(self.hw_add(slot))
+    }
+
+    /// Patches an `int3` at `addr`; false if it is not mapped to RAM.
+    fn patch_int3(&mut self, addr: u64) -> TargetResult<bool, Self> {
+        let paging = self.paging()?;
+        let patched = self
+            .vcpu
+            .with_parked(move |m: &mut Machine| {
+                let pa = to_phys(m, paging, addr)?;
+                let mut orig = [0u8];
+                (m.debug_read(pa, &mut orig) && m.debug_write(pa, &[INT3])).then_some((pa, orig[0]))
+            })
+            .map_err(control_error)?;
+        match patched {
+            Some(p) => {
+                self.sw.insert(addr, p);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn hw_remove(&mut self, addr: u64, watch: Option<WatchKind>, soft: bool) -> bool {
+        for s in &mut self.hw {
+            if s.is_some_and(|s| s.addr == addr && s.watch == watch && s.soft == soft) {
+                *s = None;
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl Target for GdbTarget {
+    type Arch = X86_64_SSE;
+    type Error = String;
+
+    fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
+        BaseOps::SingleThread(self)
+    }
+
+    fn support_breakpoints(&mut self) -> Option<BreakpointsOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
+        Some(self)
+    }
+
+    // int3 patches are written by the stub itself.
+    fn guard_rail_implicit_sw_breakpoints(&self) -> bool {
+        true
+    }
+}
+
+impl SingleThreadBase for GdbTarget {
+    fn read_registers(&mut self, regs: &mut X86_64CoreRegs) -> TargetResult<(), Self> {
+        let r = self.vcpu.regs().map_err(control_error)?;
+        let s = self.vcpu.sregs().map_err(control_error)?;
+        regs.regs = [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ];
+        regs.eflags = r.rflags as u32;
+        regs.rip = r.rip;
+        regs.segments.cs = u32::from(s.cs.selector);
+        regs.segments.ss = u32::from(s.ss.selector);
+        regs.segments.ds = u32::from(s.ds.selector);
+        regs.segments.es = u32::from(s.es.selector);
+        regs.segments.fs = u32::from(s.fs.selector);
+        regs.segments.gs = u32::from(s.gs.selector);
+        Ok(())
+    }
+
+    fn write_registers(&mut self, regs: &X86_64CoreRegs) -> TargetResult<(), Self> {
+        let mut r = self.vcpu.regs().map_err(control_error)?;
+        let g = regs.regs;
+        (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp) =
+            (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]);
+        (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
+            (g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
+        r.rflags = (r.rflags & !0xffff_ffff) | u64::from(regs.eflags);
+        r.rip = regs.rip;
+        self.vcpu.set_regs(&r).map_err(control_error)?;
+        // Segment selectors: only a changed one is written (its cached descriptor stays).
+        let mut s = self.vcpu.sregs().map_err(control_error)?;
+        let seg = &regs.segments;
+        let mut changed = false;
+        for (sreg, want) in [
+            (&mut s.cs, seg.cs),
+            (&mut s.ss, seg.ss),
+            (&mut s.ds, seg.ds),
+            (&mut s.es, seg.es),
+            (&mut s.fs, seg.fs),
+            (&mut s.gs, seg.gs),
+        ] {
+            if u32::from(sreg.selector) != want {
+                sreg.selector = want as u16;
+                changed = true;
+            }
+        }
+        if changed {
+            self.vcpu.set_sregs(&s).map_err(control_error)?;
+        }
+        Ok(())
+    }
+
+    fn read_addrs(&mut self, start_addr: u64, data: &mut [u8]) -> TargetResult<usize, Self> {
+        let paging = self.paging()?;
+        let len = data.len();
+        let out = self
+            .vcpu
+            .with_parked(move |m: &mut Machine| {
+                let mut buf = vec![0u8; len];
+                let n = read_mem(m, paging, start_addr, &mut buf);
+                buf.truncate(n);
+                buf
+            })
+            .map_err(control_error)?;
+        if out.is_empty() && len > 0 {
+            return Err(TargetError::Errno(14));
+        }
+        data[..out.len()].copy_from_slice(&out);
+        Ok(out.len())
+    }
+
+    fn write_addrs(&mut self, start_addr: u64, data: &[u8]) -> TargetResult<(), Self> {
+        let paging = self.paging()?;
+        let data = data.to_vec();
+        let ok = self
+            .vcpu
+            .with_parked(move |m: &mut Machine| write_mem(m, paging, start_addr, &data))
+            .map_err(control_error)?;
+        if ok {
+            Ok(())
+        } else {
+            Err(TargetError::Errno(14))
+        }
+    }
+
+    fn support_resume(&mut self) -> Option<SingleThreadResumeOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl SingleThreadResume for GdbTarget {
+    fn resume(&mut self, _signal: Option<Signal>) -> Result<(), Self::Error> {
+        self.go(false);
+        Ok(())
+    }
+
+    fn support_single_step(&mut self) -> Option<SingleThreadSingleStepOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl SingleThreadSingleStep for GdbTarget {
+    fn step(&mut self, _signal: Option<Signal>) -> Result<(), Self::Error> {
+        self.go(true);
+        Ok(())
+    }
+}
+
+impl Breakpoints for GdbTarget {
+    fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl SwBreakpoint for GdbTarget {
+    fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        if self.sw.contains_key(&addr)
+            || self
+                .hw
+                .iter()
+                .any(|s| s.is_some_and(|s| s.soft && s.addr == addr))
+        {
+            return Ok(true);
+        }
+        // A debug register first: it changes no guest memory, and some KVM hosts (nested ones)
+        // fail to emulate an intercepted `int3` (KVM_EXIT_INTERNAL_ERROR).
+        if self.hw_add(HwSlot {
+            addr,
+            watch: None,
+            len: 1,
+            soft: true,
+        }) {
+            return Ok(true);
+        }
+        self.patch_int3(addr)
+    }
+
+    fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        if self.hw_remove(addr, None, true) {
+            return Ok(true);
+        }
+        let Some((pa, orig)) = self.sw.remove(&addr) else {
+            return Ok(false);
+        };
+        let ok = self
+            .vcpu
+            .with_parked(move |m: &mut Machine| m.debug_write(pa, &[orig]))
+            .map_err(control_error)?;
+        Ok(ok)
+    }
+}
+
+impl HwBreakpoint for GdbTarget {
+    fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        self.hw_add_explicit(HwSlot {
+            addr,
+            watch: None,
+            len: 1,
+            soft: false,
+        })
+    }
+
+    fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        Ok(self.hw_remove(addr, None, false))
+    }
+}
+
+impl HwWatchpoint for GdbTarget {
+    fn add_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        len: u64,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
+        // x86 watches 1, 2, 4 or 8 aligned bytes.
+        if !matches!(len, 1 | 2 | 4 | 8) || !addr.is_multiple_of(len) {
+            return Ok(false);
+        }
+        self.hw_add_explicit(HwSlot {
+            addr,
+            watch: Some(kind),
+            len,
+            soft: false,
+        })
+    }
+
+    fn remove_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        _len: u64,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
+        Ok(self.hw_remove(addr, Some(kind), false))
+    }
+}
+
+const MONITOR_HELP: &str = "pvkit monitor commands:
+  sregs                 control registers (CR0, CR2, CR3, CR4, EFER), segments, GDT, IDT
+  set cr0|cr3|cr4|efer VALUE   write a control register
+  pte VADDR             walk the guest's page tables for VADDR (tables in RAM or the pool)
+  phys on|off           memory addresses are guest-physical (on) or guest-virtual (off)";
+
+fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+impl MonitorCmd for GdbTarget {
+    fn handle_monitor_cmd(&mut self, cmd: &[u8], mut out: ConsoleOutput<'_>) -> Result<(), String> {
+        let cmd = String::from_utf8_lossy(cmd);
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        match words.as_slice() {
+            ["sregs"] => match self.vcpu.sregs() {
+                Ok(s) => {
+                    outputln!(
+                        out,
+                        "cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+                        s.cr0,
+                        s.cr2,
+                        s.cr3,
+                        s.cr4,
+                        s.efer
+                    );
+                    for (name, seg) in [
+                        ("cs", s.cs),
+                        ("ss", s.ss),
+                        ("ds", s.ds),
+                        ("es", s.es),
+                        ("fs", s.fs),
+                        ("gs", s.gs),
+                        ("tr", s.tr),
+                    ] {
+                        outputln!(
+                            out,
+                            "{name} selector {:#x} base {:#x} limit {:#x} dpl {} l {}",
+                            seg.selector,
+                            seg.base,
+                            seg.limit,
+                            seg.dpl,
+                            seg.l
+                        );
+                    }
+                    outputln!(
+                        out,
+                        "gdt {:#x}/{:#x} idt {:#x}/{:#x}",
+                        s.gdt.base,
+                        s.gdt.limit,
+                        s.idt.base,
+                        s.idt.limit
+                    );
+                }
+                Err(e) => outputln!(out, "error: {e}"),
+            },
+            ["set", reg, value] => {
+                let Some(value) = parse_u64(value) else {
+                    outputln!(out, "error: bad value {value}");
+                    return Ok(());
+                };
+                let r = self.vcpu.sregs().and_then(|mut s| {
+                    match *reg {
+                        "cr0" => s.cr0 = value,
+                        "cr3" => s.cr3 = value,
+                        "cr4" => s.cr4 = value,
+                        "efer" => s.efer = value,
+                        _ => return Ok(false),
+                    }
+                    self.vcpu.set_sregs(&s).map(|()| true)
+                });
+                match r {
+                    Ok(true) => outputln!(out, "{reg} = {value:#x}"),
+                    Ok(false) => outputln!(out, "error: unknown register {reg}"),
+                    Err(e) => outputln!(out, "error: {e}"),
+                }
+            }
+            ["pte", va] => {
+                let Some(va) = parse_u64(va) else {
+                    outputln!(out, "error: bad address {va}");
+                    return Ok(());
+                };
+                let walk = self.vcpu.sregs().and_then(|s| {
+                    self.vcpu.with_parked(move |m: &mut Machine| {
+                        translate(s.cr0, s.cr3, va, |a| read_u64(m, a))
+                    })
+                });
+                match walk {
+                    Ok((pa, entries)) => {
+                        for (level, (at, entry)) in (1..=4).rev().zip(entries) {
+                            outputln!(out, "L{level} entry at {at:#x}: {entry:#018x}");
+                        }
+                        match pa {
+                            Some(pa) => outputln!(out, "{va:#x} -> physical {pa:#x}"),
+                            None => outputln!(out, "{va:#x} is not mapped"),
+                        }
+                    }
+                    Err(e) => outputln!(out, "error: {e}"),
+                }
+            }
+            ["phys", "on"] => {
+                self.phys = true;
+                outputln!(out, "memory addresses are guest-physical");
+            }
+            ["phys", "off"] => {
+                self.phys = false;
+                outputln!(out, "memory addresses are guest-virtual");
+            }
+            _ => outputln!(out, "{MONITOR_HELP}"),
+        }
+        Ok(())
+    }
+}
+
+/// gdbstub's blocking event loop for [`GdbTarget`].
+pub(super) enum EventLoop {}
+
+impl BlockingEventLoop for EventLoop {
+    type Target = GdbTarget;
+    type Connection = Box<dyn ConnectionExt<Error = std::io::Error>>;
+    type StopReason = SingleThreadStopReason<u64>;
+
+    fn wait_for_stop_reason(
+        target: &mut GdbTarget,
+        conn: &mut Self::Connection,
+    ) -> Result<
+        Event<Self::StopReason>,
+        WaitForStopReasonError<String, <Self::Connection as Connection>::Error>,
+    > {
+        loop {
+            if let Some(reason) = target.poll_stop(Duration::from_millis(10)) {
+                return Ok(Event::TargetStopped(reason));
+            }
+            if conn
+                .peek()
+                .map_err(WaitForStopReasonError::Connection)?
+                .is_some()
+            {
+                let byte = conn.read().map_err(WaitForStopReasonError::Connection)?;
+                return Ok(Event::IncomingData(byte));
+            }
+        }
+    }
+
+    fn on_interrupt(target: &mut GdbTarget) -> Result<Option<Self::StopReason>, String> {
+        match target.vcpu.pause(INTERRUPT_TIMEOUT) {
+            Ok(()) => Ok(Some(SingleThreadStopReason::Signal(Signal::SIGINT))),
+            // Ended: the end is (or will be) in the events.
+            Err(ControlError::Ended) => Ok(target.poll_stop(Duration::from_millis(100))),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::translate;
+
+    const PG: u64 = 1 << 31;
+
+    fn tables(entries: &[(u64, u64)]) -> impl Fn(u64) -> Option<u64> {
+        let m: HashMap<u64, u64> = entries.iter().copied().collect();
+        move |a| Some(m.get(&a).copied().unwrap_or(0))
+    }
+
+    #[test]
+    fn paging_off_is_identity() {
+        assert_eq!(translate(0, 0, 0x1234, |_| None).0, Some(0x1234));
+    }
+
+    #[test]
+    fn walks_4k_2m_and_1g_pages_and_reports_holes() {
+        // PML4 at 0x1000 -> PDPT 0x2000; PDPT[0] -> PD 0x3000; PDPT[1] 1 GiB page at 1 GiB;
+        // PD[1] 2 MiB page at 0x40_0000; PD[2] -> PT 0x4000; PT[3] 4 KiB page at 0x9000.
+        let read = tables(&[
+            (0x1000, 0x2000 | 3),
+            (0x2000, 0x3000 | 3),
+            (0x2008, 0x4000_0000 | 0x83),
+            (0x3008, 0x40_0000 | 0x83),
+            (0x3010, 0x4000 | 3),
+            (0x4018, 0x9000 | 3),
+        ]);
+        assert_eq!(translate(PG, 0x1000, 0x40_3003, &read).0, Some(0x9003));
+        assert_eq!(translate(PG, 0x1000, 0x20_1234, &read).0, Some(0x40_1234));
+        assert_eq!(
+            translate(PG, 0x1000, 0x4012_3456, &read).0,
+            Some(0x4012_3456)
+        );
+        let (pa, walked) = translate(PG, 0x1000, 0x40_4000, &read);
+        assert_eq!(pa, None, "PT[4] is not present");
+        assert_eq!(walked.len(), 4);
+        assert_eq!(walked[0], (0x1000, 0x2003));
+        // Unreadable table memory is a hole too.
+        assert_eq!(translate(PG, 0x1000, 0, |_| None).0, None);
+    }
+}
