@@ -112,6 +112,7 @@ pub mod kernel;
 pub mod mmu;
 mod null;
 pub mod platform;
+pub mod pvh;
 pub mod trapped;
 pub mod tsc;
 pub mod uart;
