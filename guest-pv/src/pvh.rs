@@ -161,17 +161,15 @@ static mut PVH_BOOT_INFO: core::mem::MaybeUninit<BootInfo> = core::mem::MaybeUni
 pub unsafe extern "C" fn enter(start_info: u64, end_a: u64, end_b: u64) -> *const BootInfo {
     // SAFETY: the PVH loader passes a readable start info; it is read once, by value.
     let start = unsafe { core::ptr::read_unaligned(start_info as *const HvmStartInfo) };
-    let memmap: &[HvmMemmapEntry] = if start.magic == HVM_START_MAGIC
-        && start.version >= 1
-        && start.memmap_paddr != 0
-    {
-        let n = (start.memmap_entries as usize).min(MAX_MEMMAP_ENTRIES);
-        // SAFETY: version >= 1: the loader's memory map of `memmap_entries` entries, readable
-        // and 8-byte aligned (the protocol's table), not written while we read it.
-        unsafe { core::slice::from_raw_parts(start.memmap_paddr as *const HvmMemmapEntry, n) }
-    } else {
-        &[]
-    };
+    let memmap: &[HvmMemmapEntry] =
+        if start.magic == HVM_START_MAGIC && start.version >= 1 && start.memmap_paddr != 0 {
+            let n = (start.memmap_entries as usize).min(MAX_MEMMAP_ENTRIES);
+            // SAFETY: version >= 1: the loader's memory map of `memmap_entries` entries, readable
+            // and 8-byte aligned (the protocol's table), not written while we read it.
+            unsafe { core::slice::from_raw_parts(start.memmap_paddr as *const HvmMemmapEntry, n) }
+        } else {
+            &[]
+        };
     let cmdline: &[u8] = if start.magic == HVM_START_MAGIC && start.cmdline_paddr != 0 {
         let p = start.cmdline_paddr as *const u8;
         let mut len = 0;
@@ -417,12 +415,12 @@ mod tests {
             r(&start(0), &map, b"", &mut info),
             Err(PvhError::NoMemoryMap)
         );
-        assert_eq!(r(&start(1), &[], b"", &mut info), Err(PvhError::NoMemoryMap));
-        let long = [b'a'; 600];
         assert_eq!(
-            r(&start(1), &map, &long, &mut info),
-            Err(PvhError::TooLong)
+            r(&start(1), &[], b"", &mut info),
+            Err(PvhError::NoMemoryMap)
         );
+        let long = [b'a'; 600];
+        assert_eq!(r(&start(1), &map, &long, &mut info), Err(PvhError::TooLong));
         assert_eq!(r(&start(1), &map, b"", &mut info), Ok(()));
         assert_eq!(info.workload(), b"");
     }

@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod migration;
 pub mod mmu;
 pub mod prepare;
+pub mod pvh;
 pub mod rusage;
 pub mod sandbox;
 pub mod snapshot;

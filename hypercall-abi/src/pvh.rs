@@ -50,7 +50,9 @@ pub struct HvmStartInfo {
 }
 
 /// `struct hvm_memmap_table_entry` (an E820 entry).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct HvmMemmapEntry {
     /// First byte.
@@ -145,7 +147,10 @@ mod tests {
         bytes.extend_from_slice(crate::note::AbiNote::new(0).as_bytes());
         bytes.extend_from_slice(PvhNote::new(0x20_1234).as_bytes());
         assert_eq!(find_pvh_entry(&bytes), Some(0x20_1234));
-        assert_eq!(find_pvh_entry(crate::note::AbiNote::new(0).as_bytes()), None);
+        assert_eq!(
+            find_pvh_entry(crate::note::AbiNote::new(0).as_bytes()),
+            None
+        );
         for cut in 0..bytes.len() {
             let _ = find_pvh_entry(&bytes[..cut]);
         }
