@@ -407,9 +407,14 @@ mod tests {
         let mut info = BootInfo::new(Mode::Pv, 0);
         let mut bad = start(1);
         bad.magic = 1;
-        let r = |s, m: &[HvmMemmapEntry], c: &[u8], i: &mut BootInfo| {
+        fn r(
+            s: &HvmStartInfo,
+            m: &[HvmMemmapEntry],
+            c: &[u8],
+            i: &mut BootInfo,
+        ) -> Result<(), PvhError> {
             boot_info_from_pvh(s, m, c, 0x20_0000, 0x20_1000, Mode::Pv, i)
-        };
+        }
         assert_eq!(r(&bad, &map, b"", &mut info), Err(PvhError::BadMagic(1)));
         assert_eq!(
             r(&start(0), &map, b"", &mut info),
