@@ -110,3 +110,34 @@ fn the_template_built_once_detects_where_it_runs() {
         assert_eq!(result(&text(&h)), result(&q_text), "{}", mode.name());
     }
 }
+
+#[test]
+fn compare_with_the_qemu_peer_adds_rows_with_the_same_checksums() {
+    require_qemu();
+    tests::require_kvm();
+    let opts = host_vmm::compare::CompareOptions {
+        workloads: vec!["console".into(), "idle".into()],
+        console_bytes: 1024,
+        idle_intervals: 3,
+        peer_qemu: true,
+        ..Default::default()
+    };
+    let records = host_vmm::compare::run(&opts, |_, _| {}).expect("compare runs");
+    for (w, twin, peer) in [
+        ("console", "trapped", "qemu"),
+        ("idle", "spin", "qemu-spin"),
+    ] {
+        let find = |m: &str| {
+            records
+                .iter()
+                .find(|r| r.workload == w && r.mode == m)
+                .unwrap_or_else(|| panic!("no {w}/{m} row"))
+        };
+        let (t, q) = (find(twin), find(peer));
+        assert_eq!(t.checksum, q.checksum, "{w}");
+        assert!(q.exits.is_empty() && q.extra.contains_key("boot_to_exit_ns"));
+    }
+    assert!(host_vmm::compare::fidelity_failures(&records).is_empty());
+    let table = host_vmm::compare::render_table(&records);
+    assert!(table.contains("console: qemu boot-to-exit"), "{table}");
+}

@@ -11,12 +11,14 @@
 //!   ([`CompareError`] says what failed) and the fidelity check across modes.
 //! - [`lifecycle`]: `snapshot` and `migrate`: the same workload saved and restored, or
 //!   live-migrated, PV against trapped.
+//! - [`peer`]: `--peer qemu`: the device-free trapped runs again under QEMU microvm.
 //! - [`report`]: the table, its ratios and JSON.
 
 pub mod blk;
 pub mod error;
 pub mod floor;
 pub mod lifecycle;
+pub mod peer;
 pub mod record;
 pub mod report;
 pub mod result;

@@ -82,6 +82,8 @@ pub struct CompareOptions {
     /// The `host-vmm` binary, for what is timed as a whole process (`snapshot`: restores and
     /// cold boots); `None` outside the binary, where those workloads fail and say why.
     pub binary: Option<PathBuf>,
+    /// Also run the device-free trapped variants under QEMU (`--peer qemu`, [`super::peer`]).
+    pub peer_qemu: bool,
 }
 
 impl Default for CompareOptions {
@@ -104,6 +106,7 @@ impl Default for CompareOptions {
             kvm_device: config::DEFAULT_KVM_DEVICE.into(),
             kernel: KernelImage::embedded(),
             binary: None,
+            peer_qemu: false,
         }
     }
 }
