@@ -40,6 +40,9 @@ const DEFAULT_WORKLOAD: &str = "hello";
 // workload has a trapped twin, chosen per feature), then `kmain`. The ABI note tells the host
 // which ABI this kernel speaks.
 guest_pv::entry!(kmain);
+// `pvkit_pvh_start` and the PVH note: the same binary boots under QEMU (`-M microvm -kernel`)
+// and other PVH loaders, as an unmodified guest (trapped paths by detection).
+guest_pv::pvh_entry!();
 
 /// The kernel's main, called by guest-pv's entry once the boot info is checked and the platform
 /// detected. Installs the CPL 3 runtime and runs the workload.

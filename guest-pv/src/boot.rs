@@ -74,7 +74,7 @@ pub fn free_ram(info: &BootInfo) -> Option<(u64, u64)> {
                 .start
                 .max(info.kernel_end)
                 .checked_next_multiple_of(PAGE)?;
-            (start < end).then_some((start, end - start))
+            (start < end).then(|| (start, end - start))
         })
         .max_by_key(|&(_, len)| len)
 }

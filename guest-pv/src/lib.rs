@@ -3,7 +3,8 @@
 //! - A kernel's frame: [`entry!`] (the `_start` entry point and the pvkit ABI note),
 //!   [`kernel`] (boot checks, [`kernel::Kernel`], [`println!`], [`kernel::report_panic`]),
 //!   [`boot`] (the checked boot-info reader) and [`Platform`] (PV or trapped by detection, one
-//!   feature bit at a time). The guide for kernel authors:
+//!   feature bit at a time). [`pvh_entry!`] adds the PVH entry ([`pvh`]), so the same binary
+//!   also boots under QEMU and other PVH loaders. The guide for kernel authors:
 //!   <https://github.com/pvkit/pvkit/blob/main/docs/GUIDE.md>.
 //! - [`detect()`] finds a pvkit host through CPUID (no hypercall) and yields a [`Pvkit`] token;
 //!   the hypercall wrappers are methods on it, so they cannot be reached elsewhere.
@@ -112,6 +113,7 @@ pub mod kernel;
 pub mod mmu;
 mod null;
 pub mod platform;
+pub mod pvh;
 pub mod trapped;
 pub mod tsc;
 pub mod uart;

@@ -323,7 +323,8 @@ pub struct BootSetup<'a> {
 }
 
 /// Step 6: boot structures (GDT, page tables, boot info with the device windows), CPUID, and
-/// the vCPU's long-mode registers at the kernel's entry.
+/// the vCPU's long-mode registers at the kernel's entry — or, for a kernel with only the PVH
+/// note, the PVH start info and 32-bit registers at its PVH entry ([`crate::pvh`]).
 pub fn configure_boot(s: BootSetup<'_>, cfg: &VmConfig, windows: &[(u64, u32)]) -> Result<()> {
     let args = cfg.args.join(" ");
     let req = BootRequest {
@@ -336,10 +337,21 @@ pub fn configure_boot(s: BootSetup<'_>, cfg: &VmConfig, windows: &[(u64, u32)]) 
     configure_cpuid(&s)?;
     let fd = s.vcpu.fd();
     let mut sregs = fd.get_sregs().map_err(Error::kvm("get sregs"))?;
-    boot::long_mode_sregs(&mut sregs);
+    // A kernel with only the PVH note is entered by the PVH protocol (32-bit, paging off,
+    // `rbx` = hvm_start_info); pvkit's direct long-mode entry otherwise.
+    let regs = match crate::pvh::entry(&cfg.kernel.bytes) {
+        Some(entry) => {
+            crate::pvh::write_start_info(s.ram, &crate::pvh::cmdline(&cfg.workload, &args))?;
+            crate::pvh::protected_mode_sregs(&mut sregs);
+            crate::pvh::initial_regs(entry)
+        }
+        None => {
+            boot::long_mode_sregs(&mut sregs);
+            boot::initial_regs(s.kernel.entry)
+        }
+    };
     fd.set_sregs(&sregs).map_err(Error::kvm("set sregs"))?;
-    fd.set_regs(&boot::initial_regs(s.kernel.entry))
-        .map_err(Error::kvm("set regs"))?;
+    fd.set_regs(&regs).map_err(Error::kvm("set regs"))?;
     Ok(())
 }
 

@@ -173,7 +173,7 @@ impl KernelAbi {
 }
 
 /// The byte ranges of the image's note segments (or, without any, note sections).
-fn note_ranges(image: &[u8]) -> Vec<&[u8]> {
+pub(crate) fn note_ranges(image: &[u8]) -> Vec<&[u8]> {
     let u16_at = |at: usize| {
         image
             .get(at..at.checked_add(2)?)

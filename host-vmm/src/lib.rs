@@ -41,6 +41,8 @@ pub mod metrics;
 pub mod migration;
 pub mod mmu;
 pub mod prepare;
+pub mod pvh;
+pub mod qemu;
 pub mod rusage;
 pub mod sandbox;
 pub mod snapshot;

@@ -320,6 +320,10 @@ struct CompareArgs {
     /// Run the host threads without seccomp filters (for debugging; see the README).
     #[arg(long)]
     no_seccomp: bool,
+    /// Also run the trapped workloads that need no pvkit device under this peer VMM (`qemu`:
+    /// qemu-system-x86_64 -M microvm, the kernel's PVH entry).
+    #[arg(long, value_parser = ["qemu"])]
+    peer: Option<String>,
 }
 
 impl CompareArgs {
@@ -347,6 +351,7 @@ impl CompareArgs {
             kernel: kernel_image(self.kernel)?,
             binary: std::env::current_exe().ok(),
             density_sizes: self.density_sizes.into_iter().map(usize::from).collect(),
+            peer_qemu: self.peer.as_deref() == Some("qemu"),
         })
     }
 }

@@ -23,6 +23,7 @@ pub mod layout;
 pub mod mmu;
 pub mod note;
 pub mod ports;
+pub mod pvh;
 pub mod request;
 pub mod virtio;
 pub mod zero;

@@ -1,6 +1,8 @@
 //! Shared helpers for pvkit's integration tests: every test boots a real guest under the real
 //! `/dev/kvm`. Without KVM they fail loudly; they never pass silently.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -150,4 +152,73 @@ pub fn pseudo_random_bytes(len: u64, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the repository root")
+        .to_path_buf()
+}
+
+/// Copies a directory tree (without `target/`).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name == "target" {
+            continue;
+        }
+        let (src, dst) = (entry.path(), to.join(&name));
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+/// Copies the template to a fresh directory outside the repository, points its guest-pv
+/// dependency at this checkout (the guide's one edit) and builds it; returns the kernel.
+pub fn build_template_copy() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pvkit-template-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&repo().join("templates/minimal-kernel"), &dir);
+    let manifest = dir.join("Cargo.toml");
+    let toml = std::fs::read_to_string(&manifest).unwrap();
+    let guest_pv = repo().join("guest-pv");
+    let edited = toml.replace(
+        "path = \"../../guest-pv\"",
+        &format!("path = {:?}", guest_pv.display().to_string()),
+    );
+    assert_ne!(
+        toml, edited,
+        "the template's guest-pv path line moved; update this test"
+    );
+    std::fs::write(&manifest, edited).unwrap();
+    // Built as a user would, in the copy: only the target directory is shared between runs
+    // (inside this repository's `target/`) so repeated test runs do not rebuild everything.
+    let target_dir = repo().join("target/template-kernel");
+    let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(&dir)
+        .args(["build", "--release", "--target-dir"])
+        .arg(&target_dir)
+        // Outer `cargo test` settings are meant for the host, not for this kernel.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "building the template copy in {} failed:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    target_dir.join("x86_64-unknown-none/release/minimal-kernel")
 }

@@ -12,6 +12,7 @@
 //! - [`lifecycle`]: `snapshot` and `migrate`: the same workload saved and restored, or
 //!   live-migrated, PV against trapped.
 //! - [`density`]: many idle VMs at once ([`crate::fleet`]), PV against trapped.
+//! - [`peer`]: `--peer qemu`: the device-free trapped runs again under QEMU microvm.
 //! - [`report`]: the table, its ratios and JSON; [`site`]: the report directory (JSON,
 //!   Markdown, SVG charts, `index.html`).
 
@@ -20,6 +21,7 @@ pub mod density;
 pub mod error;
 pub mod floor;
 pub mod lifecycle;
+pub mod peer;
 pub mod record;
 pub mod report;
 pub mod result;

@@ -94,7 +94,9 @@ pub fn render_table(records: &[Record]) -> String {
             r.workload,
             mode_label(r),
             r.ops,
-            r.exits.get("total").copied().unwrap_or(0),
+            r.exits
+                .get("total")
+                .map_or_else(|| "-".to_string(), u64::to_string),
             r.exits_per_op,
             r.wall_ns as f64 / 1e6,
             r.ns_per_op,
@@ -145,7 +147,10 @@ pub fn render_table(records: &[Record]) -> String {
             g(pv, "rss_drop_bytes") >> 20
         );
         let ms = |ns: u64| ns as f64 / 1e6;
-        for r in records.iter().filter(|r| r.workload == "zero") {
+        for r in records
+            .iter()
+            .filter(|r| r.workload == "zero" && !r.mode.starts_with(super::peer::PEER_MODE))
+        {
             let rounds = match r.extra.get("rounds") {
                 Some(n) => format!(
                     "median of {n}: {:.1}..{:.1} ms; ",
@@ -209,6 +214,25 @@ pub fn render_table(records: &[Record]) -> String {
             p.ratio,
             p.trapped.exits.get("total").copied().unwrap_or(0),
             p.pv.exits.get("total").copied().unwrap_or(0)
+        );
+    }
+    for q in records
+        .iter()
+        .filter(|r| r.mode.starts_with(super::peer::PEER_MODE))
+    {
+        let twin = q.mode.strip_prefix("qemu-").unwrap_or("trapped");
+        let same = match find(&q.workload, twin) {
+            Some(t) if t.checksum == q.checksum => "same checksum as pvkit",
+            Some(_) => "CHECKSUM DIFFERS from pvkit",
+            None => "no pvkit twin run",
+        };
+        s += &format!(
+            "{}: {} boot-to-exit {:.1} ms (whole QEMU process; exits not reported), {} {}\n",
+            q.workload,
+            q.mode,
+            q.wall_ns as f64 / 1e6,
+            same,
+            twin
         );
     }
     s

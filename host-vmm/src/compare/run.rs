@@ -111,6 +111,9 @@ pub fn run(
         records.extend(floor_runs.into_iter().filter_map(median_run));
         records.extend(runs.into_iter().filter_map(median_run));
 
+        if opts.peer_qemu {
+            records.extend(super::peer::qemu_rows(w, opts, &mut progress)?);
+        }
         if let (true, Some(image)) = (w == "blk", &image) {
             progress(w, "host read");
             records.push(host_ceiling(opts, image.path())?);

@@ -85,6 +85,8 @@ pub struct CompareOptions {
     /// The `host-vmm` binary, for what is timed as a whole process (`snapshot`: restores and
     /// cold boots); `None` outside the binary, where those workloads fail and say why.
     pub binary: Option<PathBuf>,
+    /// Also run the device-free trapped variants under QEMU (`--peer qemu`, [`super::peer`]).
+    pub peer_qemu: bool,
 }
 
 impl Default for CompareOptions {
@@ -108,6 +110,7 @@ impl Default for CompareOptions {
             kernel: KernelImage::embedded(),
             binary: None,
             density_sizes: super::density::DENSITY_SIZES.to_vec(),
+            peer_qemu: false,
         }
     }
 }

@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+use guest_pv::abi::boot::region_kind;
 use guest_pv::abi::features::{self, Names};
 use guest_pv::abi::mmu::{MmuUpdate, PTE_WRITABLE};
 use guest_pv::abi::ports::{MARKER_BEGIN, MARKER_END};
@@ -19,6 +20,9 @@ use guest_pv::{Fnv1a, println};
 // Defines `_start` and the pvkit ABI note; `main` runs after the boot checks. Nothing is
 // required (`entry!(main, requires = …)` would make host-vmm refuse VMs without those features).
 guest_pv::entry!(main);
+// The PVH entry note and `pvkit_pvh_start`: the same binary also boots under QEMU
+// (`-M microvm -kernel`) and other PVH loaders, where it runs its trapped twins.
+guest_pv::pvh_entry!();
 
 /// Pages the kernel maps and fills.
 const PAGES: u64 = 8;
@@ -69,28 +73,43 @@ fn main(kernel: Kernel) -> u32 {
         .expect("a frame region");
 
     // Page tables: a batch of `mmu_update`s (one exit per flush) or plain stores into the
-    // read-only pool (one trapped exit each).
-    let updater = match platform.feature(features::MMU_UPDATE) {
-        // SAFETY: `batch` is an identity-mapped static (see above).
-        Some(pv) => Updater::Pv(unsafe { Batch::new(pv, batch, 64) }.expect("a batch")),
-        None => Updater::Trapped,
-    };
-    let pool = PtFrameAllocator::from_boot_info(kernel.boot_info);
-    let mut space = AddressSpace::boot(&pool, updater);
+    // read-only pool (one trapped exit each). Without pvkit's page-table pool in the memory
+    // map (booted by PVH elsewhere, e.g. QEMU) the frames are used through the identity map.
+    let has_pool = kernel
+        .boot_info
+        .regions()
+        .iter()
+        .any(|r| r.kind == region_kind::PT_POOL);
+    let mut pages = [0u64; PAGES as usize];
     let mut hash = Fnv1a::new();
-    for i in 0..PAGES {
-        let frame = frames.alloc().expect("a frame");
-        // SAFETY: `VA + i * 4096` is in an L4 slot nothing else uses; `frame` is ours.
-        unsafe { space.map_4k(VA + i * 4096, frame, PTE_WRITABLE) }.expect("map");
+    if has_pool {
+        let updater = match platform.feature(features::MMU_UPDATE) {
+            // SAFETY: `batch` is an identity-mapped static (see above).
+            Some(pv) => Updater::Pv(unsafe { Batch::new(pv, batch, 64) }.expect("a batch")),
+            None => Updater::Trapped,
+        };
+        let pool = PtFrameAllocator::from_boot_info(kernel.boot_info);
+        let mut space = AddressSpace::boot(&pool, updater);
+        for (i, page) in pages.iter_mut().enumerate() {
+            let frame = frames.alloc().expect("a frame");
+            *page = VA + i as u64 * 4096;
+            // SAFETY: `*page` is in an L4 slot nothing else uses; `frame` is ours.
+            unsafe { space.map_4k(*page, frame, PTE_WRITABLE) }.expect("map");
+        }
+        space.flush().expect("flush the batch"); // new mappings: no TLB flush needed
+    } else {
+        for page in &mut pages {
+            *page = frames.alloc().expect("a frame"); // identity-mapped at boot
+        }
     }
-    space.flush().expect("flush the batch"); // new mappings: no TLB flush needed
-    for i in 0..PAGES {
-        let page = (VA + i * 4096) as *mut u64;
-        // SAFETY: just mapped, writable, 4 KiB, used by nothing else.
+    for (i, &page) in pages.iter().enumerate() {
+        let page = page as *mut u64;
+        // SAFETY: mapped (by us, or the boot identity map), writable, 4 KiB, used by nothing
+        // else.
         let first = unsafe { page.read_volatile() };
         assert_eq!(first, 0, "a fresh frame reads as zero");
         // SAFETY: as above.
-        unsafe { page.write_volatile(i * 0x0101_0101) };
+        unsafe { page.write_volatile(i as u64 * 0x0101_0101) };
         // SAFETY: as above.
         hash.write_u64(unsafe { page.read_volatile() });
     }
