@@ -314,11 +314,11 @@ fn a_migrated_guest_finishes_like_an_uninterrupted_run() {
         ),
         (
             // Long enough (about 1 s) that a debug build's migration ends before the guest,
-            // with 64 MiB of RAM to copy so that it ends sooner on a loaded host.
+            // with 96 MiB of RAM to copy so that it ends sooner on a loaded host.
             "100ms",
             vec![
                 "--mem",
-                "64M",
+                "96M",
                 "--workload",
                 "blk",
                 "--disk",
@@ -590,7 +590,7 @@ fn a_failure_in_the_stop_and_copy_leaves_the_source_running() {
             "blk",
             vec![
                 "--mem",
-                "64M",
+                "96M",
                 "--workload",
                 "blk",
                 "--disk",
