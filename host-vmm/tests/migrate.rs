@@ -1020,3 +1020,32 @@ fn a_received_vm_migrates_on_and_snapshots() {
     assert_eq!(result(&r), want);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A VM its operator paused stays paused through a failed migration (and its free-list
+/// reads), whatever `on_failure` says; resumed, it finishes as it would have.
+#[test]
+fn a_paused_vm_stays_paused_when_its_migration_fails() {
+    require_kvm();
+    let dir = scratch("paused");
+    let sock = dir.join("api.sock");
+    let args = FREEMEM;
+    let want = plain(&args);
+    let vm = source(&["--api-sock", sock.to_str().unwrap()], &args);
+    wait_socket(&sock);
+    let a = api(&sock, b"{\"op\":\"pause\"}\n");
+    assert_eq!(a["ok"], true, "{a}");
+    let req = format!(
+        "{{\"op\":\"migrate\",\"to\":\"{}\"}}\n",
+        unix_addr(&dir, "nobody.sock")
+    );
+    let a = api(&sock, req.as_bytes());
+    assert_eq!(a["ok"], false, "{a}");
+    let a = api(&sock, b"{\"op\":\"stats\"}\n");
+    assert_eq!(a["paused"], true, "{a}");
+    let a = api(&sock, b"{\"op\":\"resume\"}\n");
+    assert_eq!(a["ok"], true, "{a}");
+    let o = vm.wait();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(result(&o), want);
+    let _ = std::fs::remove_dir_all(&dir);
+}

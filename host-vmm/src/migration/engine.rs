@@ -309,15 +309,19 @@ fn take_dirty(dirty: &DirtyLog, ram: &RamView) -> Result<PageBits> {
 }
 
 /// The pages the guest reports free now (a short pause to read its list).
+/// A VM paused before the migration stays paused for it (and after it, if it fails).
 fn free_now(handle: &VmHandle) -> Result<PageBits> {
     let vcpu = handle.vcpu();
     let control = |e: crate::vcpu::ControlError| Error::Io {
         what: "cannot read the guest's free list".into(),
         source: std::io::Error::other(e),
     };
+    let was_paused = vcpu.is_paused();
     vcpu.pause(Duration::from_secs(5)).map_err(control)?;
     let free = vcpu.with_parked(|m: &mut crate::machine::Machine| m.free_pages());
-    vcpu.resume();
+    if !was_paused {
+        vcpu.resume();
+    }
     free.map_err(control)
 }
 
@@ -331,6 +335,8 @@ pub fn send(
     to: &Endpoint,
     opts: &MigrateOptions,
 ) -> Result<MigrationReport> {
+    // A VM the operator paused before migrating it is not resumed by a failed migration.
+    let was_paused = handle.vcpu().is_paused();
     let connected = to.connect(opts.io_timeout).and_then(|conn| {
         conn.set_io_timeout(opts.io_timeout)?;
         let answers = conn.try_clone()?;
@@ -355,7 +361,7 @@ pub fn send(
         let vcpu = handle.vcpu();
         if opts.on_failure == OnFailure::Pause {
             let _ = vcpu.pause(Duration::from_secs(5));
-        } else {
+        } else if !was_paused {
             vcpu.resume();
         }
     }
