@@ -87,6 +87,34 @@ pub fn qemu_rows(
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         extra.insert("boot_to_exit_ns".into(), wall_ns);
+        // The same kernel file, workload and RAM under host-vmm, whole process, trapped: the
+        // boot-to-exit figure to hold QEMU's against.
+        if let Some(binary) = &opts.binary {
+            let mode = if v.mode == hypercall_abi::boot::Mode::Pv {
+                "pv"
+            } else {
+                "trapped"
+            };
+            let started = std::time::Instant::now();
+            let own = std::process::Command::new(binary)
+                .arg("run")
+                .arg(file.path())
+                .args(["--mode", mode, "--workload", w])
+                .args(["--mem", &format!("{mem_mib}M")])
+                .arg("--")
+                .args(&v.args)
+                .output()
+                .map_err(|e| err(format!("cannot run {}: {e}", binary.display())))?;
+            let own_ns = started.elapsed().as_nanos() as u64;
+            if !own.status.success() {
+                return Err(err(format!(
+                    "host-vmm exited with {}: {}",
+                    own.status,
+                    String::from_utf8_lossy(&own.stderr).trim_end()
+                )));
+            }
+            extra.insert("host_vmm_boot_to_exit_ns".into(), own_ns);
+        }
         out.push(Record {
             workload: w.into(),
             mode,

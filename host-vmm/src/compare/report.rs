@@ -226,8 +226,16 @@ pub fn render_table(records: &[Record]) -> String {
             Some(_) => "CHECKSUM DIFFERS from pvkit",
             None => "no pvkit twin run",
         };
+        let own = match q.extra.get("host_vmm_boot_to_exit_ns") {
+            Some(&ns) => format!(
+                "; host-vmm {:.1} ms ({:.2} of QEMU's)",
+                ns as f64 / 1e6,
+                ns as f64 / q.wall_ns.max(1) as f64
+            ),
+            None => String::new(),
+        };
         s += &format!(
-            "{}: {} boot-to-exit {:.1} ms (whole QEMU process; exits not reported), {} {}\n",
+            "{}: {} boot-to-exit {:.1} ms (whole QEMU process; exits not reported){own}, {} {}\n",
             q.workload,
             q.mode,
             q.wall_ns as f64 / 1e6,
