@@ -180,6 +180,13 @@ enum Command {
         /// at PATH while the received guest runs (it can be migrated on from here).
         #[arg(long, value_name = "PATH")]
         api_sock: Option<PathBuf>,
+        /// This host's copy of the migrated VM's disk image (required if the VM has one: the
+        /// stream never names a file for the destination to open).
+        #[arg(long, value_name = "PATH")]
+        disk: Option<PathBuf>,
+        /// Attach that disk read-only.
+        #[arg(long, requires = "disk")]
+        readonly: bool,
     },
     /// Continue a VM saved with `run --snapshot-after`: the guest resumes where it was saved.
     ///
@@ -661,6 +668,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             no_seccomp,
             api_sock,
+            disk,
+            readonly,
         } => {
             let endpoint = host_vmm::migration::endpoint::Endpoint::parse(&listen)?;
             let listener = endpoint.listen()?;
@@ -676,6 +685,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 |cfg| {
                     cfg.timeout = timeout;
                     cfg.seccomp = !no_seccomp;
+                    cfg.disk = match (cfg.disk.take(), disk) {
+                        (None, None) => None,
+                        (Some(theirs), Some(path)) => Some(DiskConfig {
+                            path,
+                            readonly: theirs.readonly || readonly,
+                        }),
+                        (Some(theirs), None) => {
+                            return Err(format!(
+                                "the VM has a disk ({} on the source): give this host's copy \
+                                 with --disk PATH",
+                                theirs.path.display()
+                            ));
+                        }
+                        (None, Some(path)) => {
+                            return Err(format!(
+                                "the VM has no disk, yet --disk {} was given",
+                                path.display()
+                            ));
+                        }
+                    };
+                    Ok(())
                 },
             )?;
             drop(listener);

@@ -149,7 +149,12 @@ impl Drop for Proc {
 
 /// A `host-vmm receive` on `addr`, listening when returned.
 fn receiver(addr: &str) -> Proc {
-    let mut p = Proc::spawn(&[
+    receiver_with(addr, &[])
+}
+
+/// [`receiver`] with more options (e.g. `--disk PATH`).
+fn receiver_with(addr: &str, more: &[&str]) -> Proc {
+    let mut args = vec![
         "receive",
         "--listen",
         addr,
@@ -159,7 +164,9 @@ fn receiver(addr: &str) -> Proc {
         "10s",
         "--timeout",
         "50s",
-    ]);
+    ];
+    args.extend_from_slice(more);
+    let mut p = Proc::spawn(&args);
     p.wait_stderr("waiting for a migration");
     p
 }
@@ -228,7 +235,12 @@ fn migrated_bytes(stderr: &str) -> u64 {
 /// Migrates `run_args` after `after` to a receiver on `addr`; checks both ends against
 /// `want`; returns the source's stderr.
 fn migrate_once(addr: &str, after: &str, run_args: &[&str], want: &str) -> String {
-    let dest = receiver(addr);
+    // The destination's copy of the disk is this host's same file.
+    let disk: Vec<&str> = match run_args.iter().position(|a| *a == "--disk") {
+        Some(i) => vec!["--disk", run_args[i + 1]],
+        None => Vec::new(),
+    };
+    let dest = receiver_with(addr, &disk);
     let src = source(&["--migrate-after", after, "--migrate-to", addr], run_args);
     let s = src.wait();
     let d = dest.wait();
@@ -1045,6 +1057,37 @@ fn a_paused_vm_stays_paused_when_its_migration_fails() {
     let a = api(&sock, b"{\"op\":\"resume\"}\n");
     assert_eq!(a["ok"], true, "{a}");
     let o = vm.wait();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(result(&o), want);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The stream never picks a host file: a VM with a disk needs the destination's `--disk`.
+#[test]
+fn a_vm_with_a_disk_needs_the_destinations_disk() {
+    require_kvm();
+    let dir = scratch("nodisk");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![7u8; 4 << 20]).unwrap();
+    let disk = disk.to_str().unwrap().to_string();
+    let args = [
+        "--disk",
+        &disk,
+        "--workload",
+        "blk",
+        "--",
+        "pattern=rand-read",
+        "mib=4",
+    ];
+    let want = plain(&args);
+    let addr = unix_addr(&dir, "d.sock");
+    let dest = receiver(&addr);
+    let o = source(&["--migrate-after", "30ms", "--migrate-to", &addr], &args).wait();
+    let d = dest.wait();
+    assert_eq!(d.status.code(), Some(125), "{}", text(&d.stderr));
+    assert!(text(&d.stderr).contains("--disk"), "{}", text(&d.stderr));
+    assert_eq!(result(&d), "none", "the guest never ran on the destination");
+    // The source was told and ran the guest to its end.
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert_eq!(result(&o), want);
     let _ = std::fs::remove_dir_all(&dir);

@@ -399,7 +399,7 @@ fn migrate_once(
                 Some(Duration::from_secs(60)),
                 Duration::from_secs(10),
                 ConsoleSink::new(None),
-                |_| {},
+                |_| Ok(()),
             )
             .map_err(vmm_error(run))?;
             received.vm.run().map_err(vmm_error(run))

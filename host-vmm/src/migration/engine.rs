@@ -508,7 +508,9 @@ pub struct Received {
     pub rounds: u32,
 }
 
-/// Accepts one migration on `listener` (waiting at most `accept_timeout`), builds the VM it
+/// Accepts one migration on `listener` (waiting at most `accept_timeout`), lets `adjust`
+/// change (or refuse) the configuration the stream describes — the stream never picks host
+/// files: a disk is the destination's own, given by its operator — builds the VM it
 /// describes, fills its RAM and state from the stream, and answers "resumed" just before
 /// returning it: run it next. `console` gets the guest's output. Anything wrong in the stream
 /// is refused (and told to the source) before any guest code runs.
@@ -517,7 +519,7 @@ pub fn receive(
     accept_timeout: Option<Duration>,
     io_timeout: Duration,
     console: crate::console::ConsoleSink,
-    adjust: impl FnOnce(&mut VmConfig),
+    adjust: impl FnOnce(&mut VmConfig) -> std::result::Result<(), String>,
 ) -> Result<Received> {
     let conn = listener.accept(accept_timeout).map_err(mig)?;
     conn.set_io_timeout(io_timeout).map_err(mig)?;
@@ -541,7 +543,7 @@ fn receive_on(
     input: &mut impl std::io::Read,
     replies: &mut Conn,
     console: crate::console::ConsoleSink,
-    adjust: impl FnOnce(&mut VmConfig),
+    adjust: impl FnOnce(&mut VmConfig) -> std::result::Result<(), String>,
 ) -> Result<Received> {
     let mut rx = Receiver::new();
     let mut next = |rx: &mut Receiver| rx.read(input).map_err(mig);
@@ -577,7 +579,11 @@ fn receive_on(
     let mut config = saved
         .to_config(kernel)
         .map_err(|e| mig(MigrationError::Corrupt(format!("configuration: {e}"))))?;
-    adjust(&mut config);
+    // The destination's own choices (timeouts, sandbox, its copy of the disk); it may refuse.
+    adjust(&mut config).map_err(|why| Error::Io {
+        what: "the destination refuses the VM".into(),
+        source: std::io::Error::other(why),
+    })?;
     // RAM starts all zero (nothing is loaded into it): the source sends only pages with data.
     let mut vm = crate::builder::build_to_restore(&config, console)?;
     let mut rounds = 0;
