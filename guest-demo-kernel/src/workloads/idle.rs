@@ -1,8 +1,15 @@
 //! `idle` (arguments `strategy` = `spin` | `hlt` | `pv`, default `pv` in PV mode and `hlt` in
 //! trapped mode; `intervals`, default 50, 1..=1000; `interval_us`, default 10000, at most
-//! 60000000; `tick_hz`, default 1000, 1..=10000, for `hlt` only): how precisely, and at what
-//! cost to the host, the guest sleeps until a series of deadlines with each of the strategies of
-//! `guest_pv::idle`.
+//! 60000000; `tick_hz`, default 1000, 1..=10000, for `hlt` only; `warm_mib`, default 0, at most
+//! 2048): how precisely, and at what cost to the host, the guest sleeps until a series of
+//! deadlines with each of the strategies of `guest_pv::idle`.
+//!
+//! `warm_mib` > 0 makes it a lightly loaded service that once used memory: before the begin
+//! marker the guest allocates that much through `guest_pv::frames::Frames`, writes every word
+//! (at CPL 3), and frees it all — a PV guest (with `zero_hints`) releases it to the host, an
+//! unmodified guest keeps it backed — so a host running many of them sees the difference in
+//! its resident memory (`compare --workload density`). The words written are folded into the
+//! checksum, which stays the same in every mode.
 //!
 //! Runs at CPL 0 (`hlt` is privileged; the timed section is mostly parked anyway). Before the
 //! begin marker: the TSC clock from CPUID (`guest_pv::tsc::Tsc`), and for `hlt` the trapped
@@ -24,20 +31,22 @@
 use core::fmt::{self, Write};
 
 use crate::args::Args;
+use guest_pv::frames::{Frames, Hints};
 use guest_pv::idle::{self, PvIdle, Strategy, percentile};
 use guest_pv::tsc::Tsc;
 use guest_pv::{Fnv1a, cpu};
 use hypercall_abi::features;
 use hypercall_abi::idle::{TIMER_MIN_PERIOD_US, TIMER_VECTOR};
+use hypercall_abi::layout::PAGE_SIZE;
 
 use super::{Env, Outcome, Workload};
 use crate::exit_code;
 use crate::out::kprintln;
-use crate::platform::{Platform, marker_begin, marker_end, timer_start, timer_stop};
+use crate::platform::{Platform, at_cpl3, marker_begin, marker_end, timer_start, timer_stop};
 
 pub const WORKLOAD: Workload = Workload {
     name: "idle",
-    keys: &["intervals", "interval_us", "tick_hz"],
+    keys: &["intervals", "interval_us", "tick_hz", "warm_mib"],
     text_keys: &["strategy"],
     run,
 };
@@ -60,7 +69,12 @@ struct Config {
     interval_ns: u64,
     /// The timer period (`hlt` only).
     tick_us: u32,
+    /// MiB to use and free before the timed section.
+    warm_mib: u64,
 }
+
+/// The most `warm_mib`.
+const MAX_WARM_MIB: u64 = 2048;
 
 /// How the timed loop idles, set up before the begin marker.
 enum Idler {
@@ -113,6 +127,10 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         (Strategy::Pv, None) => unreachable!("strategy=pv without idle_yield and clock"),
     };
 
+    let warm = match cfg.warm_mib {
+        0 => None,
+        mib => Some(warm_up(env, mib)),
+    };
     // Wake-up times are kept as raw TSC ticks and converted after the timed section: every
     // instruction on the wake-up path costs ~250 ns of host CPU at CPL0 on our KVM.
     let mut overshoots = [0u64; MAX_INTERVALS];
@@ -148,6 +166,9 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let completed = overshoots.len() as u64;
     let mut h = Fnv1a::new();
     h.write_u64(completed);
+    if let Some(sum) = warm {
+        h.write_u64(sum);
+    }
     let mut outcome = Outcome::new(completed, h.finish());
     let _ = write!(
         outcome.fields,
@@ -191,6 +212,10 @@ fn config<'a>(platform: Platform, args: &Args<'a>) -> Result<Config, ArgError<'a
     if tick_hz == 0 || tick_hz > MAX_TICK_HZ {
         return Err(ArgError::TickHz(tick_hz));
     }
+    let warm_mib = args.get_or("warm_mib", 0);
+    if warm_mib > MAX_WARM_MIB {
+        return Err(ArgError::WarmMib(warm_mib));
+    }
     Ok(Config {
         strategy,
         intervals: intervals as usize,
@@ -198,6 +223,7 @@ fn config<'a>(platform: Platform, args: &Args<'a>) -> Result<Config, ArgError<'a
         interval_ns: interval_us * 1000,
         // 100..=1_000_000.
         tick_us: (1_000_000 / tick_hz) as u32,
+        warm_mib,
     })
 }
 
@@ -209,6 +235,7 @@ enum ArgError<'a> {
     Intervals(u64),
     IntervalUs(u64),
     TickHz(u64),
+    WarmMib(u64),
 }
 
 impl fmt::Display for ArgError<'_> {
@@ -223,8 +250,65 @@ impl fmt::Display for ArgError<'_> {
                 write!(f, "interval_us={n} (want at most {MAX_INTERVAL_US})")
             }
             ArgError::TickHz(n) => write!(f, "tick_hz={n} (want 1..={MAX_TICK_HZ})"),
+            ArgError::WarmMib(n) => write!(f, "warm_mib={n} (want at most {MAX_WARM_MIB})"),
         }
     }
+}
+
+/// Uses `mib` MiB of memory once and frees it (see the module docs); returns the wrapping sum
+/// of every word written.
+fn warm_up(env: &mut Env, mib: u64) -> u64 {
+    let n = mib * (1 << 20) / PAGE_SIZE;
+    let len = Frames::region_bytes(n);
+    let base = match super::free_ram_start(env.boot_info, len) {
+        Ok(base) => base,
+        Err(largest) => WORKLOAD.usage(
+            env,
+            format_args!(
+                "warm_mib={mib} does not fit in the largest free region ({largest} bytes)"
+            ),
+        ),
+    };
+    let hints = match env.platform.feature(features::ZERO_HINTS) {
+        Some(pv) => Hints::Pv(pv),
+        None => Hints::None,
+    };
+    // SAFETY: the range is free RAM above the kernel (`free_ram_start`), identity-mapped,
+    // user-accessible and used by nothing else (one workload per boot); the hint buffers are a
+    // kernel static handed out once.
+    let mut frames = match unsafe { Frames::new(base, len, hints, super::hint_buffers()) } {
+        Ok(f) => f,
+        Err(e) => panic!("idle: warm-up allocator: {e}"),
+    };
+    let sum = at_cpl3(|| {
+        let mut sum = 0u64;
+        for i in 0..n {
+            let addr = match frames.alloc() {
+                Ok(a) => a,
+                Err(e) => panic!("idle: warm-up allocation {i}: {e}"),
+            };
+            let p = core::ptr::with_exposed_provenance_mut::<u64>(addr as usize);
+            for j in 0..PAGE_SIZE / 8 {
+                let w = (i << 9 | j).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                // SAFETY: a frame the allocator just handed out: identity-mapped, writable,
+                // user-accessible, used by nothing else.
+                unsafe { p.add(j as usize).write(w) };
+                sum = sum.wrapping_add(w);
+            }
+        }
+        let start = frames.start();
+        for i in 0..n {
+            // SAFETY: frame `i` (bump order from `start`) was allocated above and nothing uses
+            // it any more.
+            if let Err(e) = unsafe { frames.free(start + i * PAGE_SIZE) } {
+                panic!("idle: warm-up free {i}: {e}");
+            }
+        }
+        sum
+    });
+    // A PV guest gives back what is still queued; an unmodified one has nothing to give.
+    frames.flush();
+    sum
 }
 
 /// Reports bad arguments and exits with code 2.

@@ -2,7 +2,9 @@
 //! costs the most. For each fleet size (default [`DENSITY_SIZES`]) and each way of idling — PV
 //! (`idle_yield`: parked in the host until the deadline), trapped (`hlt` with a 1 kHz tick),
 //! spinning (a reference, small fleets only) — `N` VMs run the `idle` workload at once
-//! ([`crate::fleet`]).
+//! ([`crate::fleet`]) as lightly loaded services that once used half their RAM (`warm_mib`):
+//! a PV guest gave it back to the host (`zero_hints` release), an unmodified guest still holds
+//! it.
 //!
 //! Reported per fleet: the host CPU the vCPUs used in their measured windows, in cores (the sum
 //! of every VM's vCPU-thread CPU time over the mean window), the whole process's CPU in cores
@@ -35,6 +37,7 @@ fn cfg(opts: &CompareOptions, mode: Mode, strategy: &str) -> VmConfig {
         format!("strategy={strategy}"),
         format!("intervals={INTERVALS}"),
         "interval_us=10000".into(),
+        format!("warm_mib={}", (opts.mem_size / 2) >> 20),
     ];
     cfg
 }

@@ -358,6 +358,26 @@ fn density_lines(records: &[Record]) -> String {
         "density: the largest measured fleet under one core of vCPU time: {}\n",
         largest.join(", ")
     );
+    // PV against trapped at the largest fleet size both ran.
+    let at = |mode: &str, n: u64| {
+        rows.iter()
+            .find(|r| r.mode.starts_with(&format!("{mode} ")) && g(r, "vms") == n)
+            .copied()
+    };
+    if let Some((pv, hlt)) = rows
+        .iter()
+        .filter(|r| r.mode.starts_with("pv "))
+        .map(|r| g(r, "vms"))
+        .max()
+        .and_then(|n| Some((at("pv", n)?, at("hlt", n)?)))
+    {
+        s += &format!(
+            "density at {} VMs: PV vCPU CPU {:.2} of trapped's, host RSS {:.2} of trapped's\n",
+            g(pv, "vms"),
+            g(pv, "window_millicores") as f64 / g(hlt, "window_millicores").max(1) as f64,
+            g(pv, "rss_median_bytes") as f64 / g(hlt, "rss_median_bytes").max(1) as f64,
+        );
+    }
     s
 }
 
