@@ -315,9 +315,19 @@ impl Loaded {
     }
 }
 
+/// Refuses anything but a regular file (a FIFO or a device would block or never end).
+fn regular_file(dir: &Path, name: &str) -> Result<std::path::PathBuf> {
+    let path = dir.join(name);
+    let meta = std::fs::metadata(&path).map_err(io(format!("cannot read {}", path.display())))?;
+    if !meta.is_file() {
+        return Err(bad(dir, format!("{name} is not a regular file")));
+    }
+    Ok(path)
+}
+
 /// Reads and checks the snapshot in `dir`.
 pub fn read(dir: &Path) -> Result<Loaded> {
-    let state_path = dir.join("state.json");
+    let state_path = regular_file(dir, "state.json")?;
     let text =
         std::fs::read(&state_path).map_err(io(format!("cannot read {}", state_path.display())))?;
     let mut file: SnapshotFile = match serde_json::from_slice(&text) {
@@ -356,16 +366,15 @@ pub fn read(dir: &Path) -> Result<Loaded> {
     if file.memory.size != file.config.mem_size {
         return Err(bad(dir, "the memory file's size is not the VM's RAM size"));
     }
-    let kernel_path = dir.join("kernel.elf");
-    let kernel = KernelImage::from_file(&kernel_path)?;
+    let kernel = KernelImage::from_file(&regular_file(dir, "kernel.elf")?)?;
     if crc32fast::hash(&kernel.bytes) != file.kernel_crc32 {
         return Err(bad(dir, "kernel.elf does not match its checksum"));
     }
     let config = file.config.to_config(kernel).map_err(|e| bad(dir, e))?;
 
     let mem_path = dir.join("memory.bin");
-    let memory =
-        File::open(&mem_path).map_err(io(format!("cannot open {}", mem_path.display())))?;
+    let memory = File::open(regular_file(dir, "memory.bin")?)
+        .map_err(io(format!("cannot open {}", mem_path.display())))?;
     let data = check_memory(&memory, &file.memory)
         .map_err(|why| bad(dir, format!("memory.bin: {why}")))?;
     Ok(Loaded {

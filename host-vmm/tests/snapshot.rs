@@ -176,6 +176,14 @@ fn damaged_snapshots_are_refused_before_the_guest_runs() {
     refused(&dir, "changed kernel");
     std::fs::write(dir.join("kernel.elf"), &kernel).unwrap();
 
+    // A FIFO where the memory file should be (it is missing now): refused at once, never a
+    // hang on opening it.
+    let fifo = std::ffi::CString::new(dir.join("memory.bin").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    refused(&dir, "a FIFO as memory.bin");
+    std::fs::remove_file(dir.join("memory.bin")).unwrap();
+
     // Put back, it restores.
     std::fs::write(dir.join("memory.bin"), &memory).unwrap();
     let ok = host_vmm(&["restore", dir.to_str().unwrap()]);
