@@ -130,32 +130,10 @@ fn record(label: &str, fleet: &crate::fleet::FleetReport) -> Result<Record, Comp
         ("latency_ns_p50".into(), p50s[p50s.len() / 2]),
         ("latency_ns_p99".into(), p99),
     ]);
-    Ok(Record {
-        workload: "density".into(),
-        mode: label.into(),
-        batch: None,
-        pattern: None,
-        mib_s: None,
-        iops: None,
-        // Per VM, as the guest counts them (every VM of every fleet does the same work).
-        ops: INTERVALS,
-        exits: BTreeMap::from([("total".to_string(), 0)]),
-        hypercalls: BTreeMap::new(),
-        devices: BTreeMap::new(),
-        events: BTreeMap::new(),
-        exits_per_s: 0.0,
-        resident_bytes: Vec::new(),
-        exits_per_op: 0.0,
-        wall_ns: fleet.wall_ns,
-        ns_per_op: fleet.wall_ns as f64 / INTERVALS as f64,
-        host_cpu_ns: window_cpu,
-        host_faults: 0,
-        prepare_cpu_ns: 0,
-        prepared_bytes: 0,
-        checksum: checksum.map(|c| format!("{c:#018x}")),
-        exit_code: 0,
-        extra,
-    })
+    // `ops` per VM, as the guest counts them (every VM of every fleet does the same work).
+    let mut rec = Record::unwindowed("density", label, INTERVALS, fleet.wall_ns, checksum, extra);
+    rec.host_cpu_ns = window_cpu;
+    Ok(rec)
 }
 
 /// The largest measured fleet of each idling mode whose vCPUs used less than one host core,

@@ -184,6 +184,46 @@ pub fn record(workload: &str, mode: Mode, run: RunView<'_>) -> Result<Record, Co
     Ok(rec)
 }
 
+impl Record {
+    /// A record of something timed as a whole rather than in a marker window (the host's own
+    /// read, a snapshot, a migration, a fleet, a QEMU run): `ops` operations in `wall_ns`, no
+    /// exits counted (`total` 0), the other window figures zero.
+    pub(crate) fn unwindowed(
+        workload: &str,
+        mode: &str,
+        ops: u64,
+        wall_ns: u64,
+        checksum: Option<u64>,
+        extra: BTreeMap<String, u64>,
+    ) -> Record {
+        Record {
+            workload: workload.into(),
+            mode: mode.into(),
+            batch: None,
+            pattern: None,
+            mib_s: None,
+            iops: None,
+            ops,
+            exits: BTreeMap::from([("total".to_string(), 0)]),
+            hypercalls: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            events: BTreeMap::new(),
+            exits_per_op: 0.0,
+            exits_per_s: 0.0,
+            resident_bytes: Vec::new(),
+            wall_ns,
+            ns_per_op: wall_ns as f64 / ops.max(1) as f64,
+            host_cpu_ns: 0,
+            host_faults: 0,
+            prepare_cpu_ns: 0,
+            prepared_bytes: 0,
+            checksum: checksum.map(|c| format!("{c:#018x}")),
+            exit_code: 0,
+            extra,
+        }
+    }
+}
+
 /// A record from a measured window (checksum left empty).
 pub(crate) fn record_from_window(
     workload: &str,

@@ -156,36 +156,13 @@ fn host_ceiling(opts: &CompareOptions, path: &std::path::Path) -> crate::Result<
     let request = (opts.blk_size_kib << 10) as usize;
     let (wall_ns, bytes) = blk::host_read(path, opts.blk_mib << 20, request)?;
     let requests = bytes.div_ceil(request as u64);
-    let mut rec = Record {
-        workload: "blk".into(),
-        mode: "host".into(),
-        batch: None,
-        pattern: None,
-        mib_s: None,
-        iops: None,
-        ops: requests,
-        exits: BTreeMap::from([("total".to_string(), 0)]),
-        hypercalls: BTreeMap::new(),
-        devices: BTreeMap::new(),
-        events: BTreeMap::new(),
-        exits_per_op: 0.0,
-        exits_per_s: 0.0,
-        resident_bytes: Vec::new(),
-        wall_ns,
-        ns_per_op: wall_ns as f64 / requests.max(1) as f64,
-        host_cpu_ns: 0,
-        host_faults: 0,
-        prepare_cpu_ns: 0,
-        prepared_bytes: 0,
-        checksum: None,
-        exit_code: 0,
-        extra: BTreeMap::from([
-            ("bytes".to_string(), bytes),
-            ("requests".to_string(), requests),
-            ("request_bytes".to_string(), request as u64),
-            ("queue_depth".to_string(), 1u64),
-        ]),
-    };
+    let extra = BTreeMap::from([
+        ("bytes".to_string(), bytes),
+        ("requests".to_string(), requests),
+        ("request_bytes".to_string(), request as u64),
+        ("queue_depth".to_string(), 1u64),
+    ]);
+    let mut rec = Record::unwindowed("blk", "host", requests, wall_ns, None, extra);
     set_throughput(&mut rec, "seq-read");
     Ok(rec)
 }
