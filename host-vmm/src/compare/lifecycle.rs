@@ -259,31 +259,7 @@ fn lifecycle_record(
     checksum: Option<u64>,
     extra: BTreeMap<String, u64>,
 ) -> Record {
-    Record {
-        workload: workload.into(),
-        mode: mode.into(),
-        batch: None,
-        pattern: None,
-        mib_s: None,
-        iops: None,
-        ops: 1,
-        exits: BTreeMap::from([("total".to_string(), 0)]),
-        hypercalls: BTreeMap::new(),
-        devices: BTreeMap::new(),
-        events: BTreeMap::new(),
-        exits_per_s: 0.0,
-        resident_bytes: Vec::new(),
-        exits_per_op: 0.0,
-        wall_ns: ns,
-        ns_per_op: ns as f64,
-        host_cpu_ns: 0,
-        host_faults: 0,
-        prepare_cpu_ns: 0,
-        prepared_bytes: 0,
-        checksum: checksum.map(|c| format!("{c:#018x}")),
-        exit_code: 0,
-        extra,
-    }
+    Record::unwindowed(workload, mode, 1, ns, checksum, extra)
 }
 
 fn binary(opts: &CompareOptions, run: &str) -> Result<PathBuf, CompareError> {
@@ -292,6 +268,48 @@ fn binary(opts: &CompareOptions, run: &str) -> Result<PathBuf, CompareError> {
             run,
             "restores are timed as a new host-vmm process: CompareOptions::binary is not set",
         )
+    })
+}
+
+/// One snapshot taken and restored, checked against the run it was taken from.
+struct SavedAndRestored {
+    memory: MemoryFile,
+    state_bytes: u64,
+    save_ns: u64,
+    checksum: u64,
+    restore_ns: u64,
+    cold_boot_ns: u64,
+}
+
+/// Runs `cfg`, saves it at its checkpoint (or after `delay`) and lets it finish; restores the
+/// snapshot in a new process, which must finish with the same checksum; times a cold boot of
+/// the same kernel with the same RAM.
+fn save_and_restore(
+    opts: &CompareOptions,
+    run: &str,
+    cfg: &VmConfig,
+    delay: Option<Duration>,
+) -> Result<SavedAndRestored, CompareError> {
+    let binary = binary(opts, run)?;
+    let scratch = Scratch::new("snapshot")?;
+    let dir = scratch.0.join("snap");
+    let ((memory, save_ns), report) =
+        run_and_act(run, cfg, delay, |source| save(run, source, &dir))?;
+    let original = checksum_of(run, &report)?;
+    let (checksum, restore_ns) = restore_process(run, &binary, &dir)?;
+    if checksum != original {
+        return Err(failed(
+            run,
+            format!("restored checksum {checksum:#x}, uninterrupted {original:#x}"),
+        ));
+    }
+    Ok(SavedAndRestored {
+        memory,
+        state_bytes: std::fs::metadata(dir.join("state.json")).map_or(0, |m| m.len()),
+        save_ns,
+        checksum,
+        restore_ns,
+        cold_boot_ns: cold_boot(run, &binary, &dir.join("kernel.elf"), cfg.mem_size)?,
     })
 }
 
@@ -304,42 +322,28 @@ pub fn snapshot_rows(
     for mode in [Mode::Pv, Mode::Trapped] {
         let run = format!("snapshot/{}", mode.name());
         progress("snapshot", mode.name());
-        let binary = binary(opts, &run)?;
-        let scratch = Scratch::new("snapshot")?;
-        let dir = scratch.0.join("snap");
         let cfg = freemem(opts, mode);
-        let ((memory, save_ns), report) =
-            run_and_act(&run, &cfg, None, |source| save(&run, source, &dir))?;
-        let original = checksum_of(&run, &report)?;
-        let (restored, restore_ns) = restore_process(&run, &binary, &dir)?;
-        if restored != original {
-            return Err(failed(
-                &run,
-                format!("restored checksum {restored:#x}, uninterrupted {original:#x}"),
-            ));
-        }
-        let cold_ns = cold_boot(&run, &binary, &dir.join("kernel.elf"), cfg.mem_size)?;
-        let state_bytes = std::fs::metadata(dir.join("state.json")).map_or(0, |m| m.len());
+        let s = save_and_restore(opts, &run, &cfg, None)?;
         let extra = BTreeMap::from([
             (
                 "bytes_written".to_string(),
-                memory.pages_written * PAGE_SIZE + state_bytes,
+                s.memory.pages_written * PAGE_SIZE + s.state_bytes,
             ),
-            ("pages_written".into(), memory.pages_written),
-            ("pages_elided_unbacked".into(), memory.elided.unbacked),
-            ("pages_elided_free".into(), memory.elided.free),
-            ("pages_elided_zero".into(), memory.elided.zero),
-            ("state_bytes".into(), state_bytes),
-            ("save_ns".into(), save_ns),
-            ("restore_ns".into(), restore_ns),
-            ("cold_boot_ns".into(), cold_ns),
+            ("pages_written".into(), s.memory.pages_written),
+            ("pages_elided_unbacked".into(), s.memory.elided.unbacked),
+            ("pages_elided_free".into(), s.memory.elided.free),
+            ("pages_elided_zero".into(), s.memory.elided.zero),
+            ("state_bytes".into(), s.state_bytes),
+            ("save_ns".into(), s.save_ns),
+            ("restore_ns".into(), s.restore_ns),
+            ("cold_boot_ns".into(), s.cold_boot_ns),
             ("mem_bytes".into(), cfg.mem_size),
         ]);
         records.push(lifecycle_record(
             "snapshot",
             mode.name(),
-            save_ns,
-            Some(restored),
+            s.save_ns,
+            Some(s.checksum),
             extra,
         ));
     }
@@ -347,35 +351,20 @@ pub fn snapshot_rows(
         let label = format!("pv {}M", mem >> 20);
         let run = format!("restore/{label}");
         progress("restore", &label);
-        let binary = binary(opts, &run)?;
-        let scratch = Scratch::new("restore")?;
-        let dir = scratch.0.join("snap");
         let cfg = idle(opts, mem, 1);
-        let ((memory, save_ns), report) =
-            run_and_act(&run, &cfg, Some(Duration::from_millis(200)), |source| {
-                save(&run, source, &dir)
-            })?;
-        let original = checksum_of(&run, &report)?;
-        let (restored, restore_ns) = restore_process(&run, &binary, &dir)?;
-        if restored != original {
-            return Err(failed(
-                &run,
-                format!("restored checksum {restored:#x}, uninterrupted {original:#x}"),
-            ));
-        }
-        let cold_ns = cold_boot(&run, &binary, &dir.join("kernel.elf"), mem)?;
+        let s = save_and_restore(opts, &run, &cfg, Some(Duration::from_millis(200)))?;
         let extra = BTreeMap::from([
-            ("pages_written".to_string(), memory.pages_written),
-            ("save_ns".into(), save_ns),
-            ("restore_ns".into(), restore_ns),
-            ("cold_boot_ns".into(), cold_ns),
+            ("pages_written".to_string(), s.memory.pages_written),
+            ("save_ns".into(), s.save_ns),
+            ("restore_ns".into(), s.restore_ns),
+            ("cold_boot_ns".into(), s.cold_boot_ns),
             ("mem_bytes".into(), mem),
         ]);
         records.push(lifecycle_record(
             "restore",
             &label,
-            restore_ns,
-            Some(restored),
+            s.restore_ns,
+            Some(s.checksum),
             extra,
         ));
     }
@@ -443,6 +432,35 @@ fn migration_extra(report: &MigrationReport, mem: u64) -> BTreeMap<String, u64> 
     ])
 }
 
+/// Runs `cfg` once uninterrupted, then again migrated (at its checkpoint, or after `delay`);
+/// the migrated run must finish with the same checksum. The migration's record.
+fn migrated_record(
+    workload: &str,
+    mode: &str,
+    cfg: &VmConfig,
+    delay: Option<Duration>,
+) -> Result<Record, CompareError> {
+    let run = format!("{workload}/{mode}");
+    let plain = crate::builder::build(cfg, ConsoleSink::new(None))
+        .and_then(|vm| vm.run())
+        .map_err(vmm_error(&run))?;
+    let original = checksum_of(&run, &plain)?;
+    let (report, migrated) = migrate_once(&run, cfg, delay)?;
+    if migrated != original {
+        return Err(failed(
+            &run,
+            format!("migrated checksum {migrated:#x}, uninterrupted {original:#x}"),
+        ));
+    }
+    Ok(lifecycle_record(
+        workload,
+        mode,
+        report.total_ns,
+        Some(migrated),
+        migration_extra(&report, cfg.mem_size),
+    ))
+}
+
 /// The `migrate` rows (PV and trapped `freemem`) and the `migrate-idle` row.
 pub fn migrate_rows(
     opts: &CompareOptions,
@@ -450,49 +468,21 @@ pub fn migrate_rows(
 ) -> Result<Vec<Record>, CompareError> {
     let mut records = Vec::new();
     for mode in [Mode::Pv, Mode::Trapped] {
-        let run = format!("migrate/{}", mode.name());
         progress("migrate", mode.name());
-        let cfg = freemem(opts, mode);
-        // The uninterrupted run's checksum, to hold the migrated one against.
-        let plain = crate::builder::build(&cfg, ConsoleSink::new(None))
-            .and_then(|vm| vm.run())
-            .map_err(vmm_error(&run))?;
-        let original = checksum_of(&run, &plain)?;
-        let (report, migrated) = migrate_once(&run, &cfg, None)?;
-        if migrated != original {
-            return Err(failed(
-                &run,
-                format!("migrated checksum {migrated:#x}, uninterrupted {original:#x}"),
-            ));
-        }
-        records.push(lifecycle_record(
+        records.push(migrated_record(
             "migrate",
             mode.name(),
-            report.total_ns,
-            Some(migrated),
-            migration_extra(&report, cfg.mem_size),
-        ));
+            &freemem(opts, mode),
+            None,
+        )?);
     }
-    let run = "migrate-idle/pv";
     progress("migrate-idle", "pv");
-    let cfg = idle(opts, 128 << 20, 1);
-    let plain = crate::builder::build(&cfg, ConsoleSink::new(None))
-        .and_then(|vm| vm.run())
-        .map_err(vmm_error(run))?;
-    let original = checksum_of(run, &plain)?;
-    let (report, migrated) = migrate_once(run, &cfg, Some(Duration::from_millis(200)))?;
-    if migrated != original {
-        return Err(failed(
-            run,
-            format!("migrated checksum {migrated:#x}, uninterrupted {original:#x}"),
-        ));
-    }
-    records.push(lifecycle_record(
+    let idle = idle(opts, 128 << 20, 1);
+    records.push(migrated_record(
         "migrate-idle",
         "pv",
-        report.total_ns,
-        Some(migrated),
-        migration_extra(&report, cfg.mem_size),
-    ));
+        &idle,
+        Some(Duration::from_millis(200)),
+    )?);
     Ok(records)
 }
