@@ -15,6 +15,7 @@
 
 use std::path::Path;
 
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 
 use super::record::Record;
@@ -172,25 +173,15 @@ fn bars(
         .flat_map(|s| s.2.iter().copied())
         .fold(0.0f64, f64::max)
         .max(1e-9);
-    let per = series.len();
-    let rows = labels.len() * (per + 1);
+    let layout = BarLayout {
+        labels,
+        series,
+        x_desc,
+        mark_one,
+    };
     draw(|root| {
-        let e = |e: plotters::drawing::DrawingAreaErrorKind<_>| e.to_string();
-        let left = 170;
-        let mut chart_builder = ChartBuilder::on(root);
-        chart_builder
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(left);
-        let label_at = |y: &i32| -> String {
-            let y = *y as usize;
-            if y % (per + 1) == per / 2 {
-                labels.get(y / (per + 1)).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        };
         if log {
+            // Bars start at half the smallest value (a log axis has no 0); zeros are not drawn.
             let lo = series
                 .iter()
                 .flat_map(|s| s.2.iter().copied())
@@ -198,68 +189,79 @@ fn bars(
                 .fold(f64::INFINITY, f64::min)
                 .min(1.0)
                 / 2.0;
-            let mut chart = chart_builder
-                .build_cartesian_2d((lo..max * 2.0).log_scale(), 0..rows as i32)
-                .map_err(e)?;
-            chart
-                .configure_mesh()
-                .x_desc(x_desc)
-                .y_labels(rows)
-                .y_label_formatter(&label_at)
-                .disable_y_mesh()
-                .draw()
-                .map_err(e)?;
-            for (k, (_, color, values)) in series.iter().enumerate() {
-                chart
-                    .draw_series(values.iter().enumerate().filter(|(_, v)| **v > 0.0).map(
-                        |(i, &v)| {
-                            let y = (i * (per + 1) + k) as i32;
-                            Rectangle::new([(lo, y), (v, y + 1)], color.filled())
-                        },
-                    ))
-                    .map_err(e)?;
-            }
-            if mark_one {
-                chart
-                    .draw_series(LineSeries::new(
-                        [(1.0, 0), (1.0, rows as i32)],
-                        BLACK.stroke_width(1),
-                    ))
-                    .map_err(e)?;
-            }
-            legend(&mut chart, series)?;
+            layout.draw(root, (lo..max * 2.0).log_scale(), lo)
         } else {
-            let mut chart = chart_builder
-                .build_cartesian_2d(0.0..max * 1.1, 0..rows as i32)
-                .map_err(e)?;
-            chart
-                .configure_mesh()
-                .x_desc(x_desc)
-                .y_labels(rows)
-                .y_label_formatter(&label_at)
-                .disable_y_mesh()
-                .draw()
-                .map_err(e)?;
-            for (k, (_, color, values)) in series.iter().enumerate() {
-                chart
-                    .draw_series(values.iter().enumerate().map(|(i, &v)| {
-                        let y = (i * (per + 1) + k) as i32;
-                        Rectangle::new([(0.0, y), (v, y + 1)], color.filled())
-                    }))
-                    .map_err(e)?;
-            }
-            if mark_one {
-                chart
-                    .draw_series(LineSeries::new(
-                        [(1.0, 0), (1.0, rows as i32)],
-                        BLACK.stroke_width(1),
-                    ))
-                    .map_err(e)?;
-            }
-            legend(&mut chart, series)?;
+            layout.draw(root, 0.0..max * 1.1, 0.0)
         }
-        Ok(())
     })
+}
+
+/// What a bar chart shows, whatever its x axis.
+struct BarLayout<'a> {
+    labels: &'a [String],
+    series: &'a [Series<'a, f64>],
+    x_desc: &'a str,
+    /// Draw the line at x = 1.
+    mark_one: bool,
+}
+
+impl BarLayout<'_> {
+    /// Draws the bars from `base` on the x axis `x`.
+    fn draw<X>(
+        &self,
+        root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+        x: X,
+        base: f64,
+    ) -> Result<(), String>
+    where
+        X: AsRangedCoord<Value = f64>,
+        X::CoordDescType: ValueFormatter<f64>,
+    {
+        let e = |e: plotters::drawing::DrawingAreaErrorKind<_>| e.to_string();
+        let per = self.series.len();
+        let rows = self.labels.len() * (per + 1);
+        let label_at = |y: &i32| -> String {
+            let y = *y as usize;
+            if y % (per + 1) == per / 2 {
+                self.labels.get(y / (per + 1)).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        };
+        let mut chart = ChartBuilder::on(root)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(170)
+            .build_cartesian_2d(x, 0..rows as i32)
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .x_desc(self.x_desc)
+            .y_labels(rows)
+            .y_label_formatter(&label_at)
+            .disable_y_mesh()
+            .draw()
+            .map_err(e)?;
+        for (k, (_, color, values)) in self.series.iter().enumerate() {
+            chart
+                .draw_series(values.iter().enumerate().filter(|(_, v)| **v > base).map(
+                    |(i, &v)| {
+                        let y = (i * (per + 1) + k) as i32;
+                        Rectangle::new([(base, y), (v, y + 1)], color.filled())
+                    },
+                ))
+                .map_err(e)?;
+        }
+        if self.mark_one {
+            chart
+                .draw_series(LineSeries::new(
+                    [(1.0, 0), (1.0, rows as i32)],
+                    BLACK.stroke_width(1),
+                ))
+                .map_err(e)?;
+        }
+        legend(&mut chart, self.series)
+    }
 }
 
 fn legend<'a, 'b: 'a, X: Ranged<ValueType = f64>>(
