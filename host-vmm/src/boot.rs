@@ -125,7 +125,10 @@ pub fn boot_info(mem_size: u64, kernel: &ElfInfo, req: &BootRequest<'_>) -> Resu
     Ok(info)
 }
 
-fn segment(selector: u16, code: bool) -> kvm_segment {
+/// A flat (base 0, 4 GiB) ring-0 segment: code (execute/read) or data (read/write); a code
+/// segment is 64-bit in long mode and 32-bit otherwise.
+pub(crate) fn flat_segment(selector: u16, code: bool, long_mode: bool) -> kvm_segment {
+    let long_code = code && long_mode;
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -133,9 +136,9 @@ fn segment(selector: u16, code: bool) -> kvm_segment {
         type_: if code { 0xb } else { 0x3 },
         present: 1,
         dpl: 0,
-        db: u8::from(!code),
+        db: u8::from(!long_code),
         s: 1,
-        l: u8::from(code),
+        l: u8::from(long_code),
         g: 1,
         avl: 0,
         unusable: 0,
@@ -145,8 +148,8 @@ fn segment(selector: u16, code: bool) -> kvm_segment {
 
 /// Puts `sregs` into 64-bit long mode with our GDT and page tables.
 pub fn long_mode_sregs(sregs: &mut kvm_sregs) {
-    let code = segment(GDT_CODE64_SELECTOR, true);
-    let data = segment(GDT_DATA_SELECTOR, false);
+    let code = flat_segment(GDT_CODE64_SELECTOR, true, true);
+    let data = flat_segment(GDT_DATA_SELECTOR, false, true);
     sregs.cs = code;
     sregs.ds = data;
     sregs.es = data;

@@ -17,7 +17,7 @@ use hypercall_abi::pvh::{
     HVM_START_MAGIC, HvmMemmapEntry, HvmStartInfo, MEMMAP_TYPE_RAM, MEMMAP_TYPE_RESERVED,
     find_pvh_entry,
 };
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 use zerocopy::IntoBytes;
 
@@ -119,28 +119,10 @@ pub fn write_start_info(ram: &GuestRam, cmdline: &str) -> Result<()> {
     Ok(())
 }
 
-fn flat(selector: u16, code: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_: if code { 0xb } else { 0x3 },
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
 /// Puts `sregs` into the PVH entry state: 32-bit protected mode, paging off, flat segments.
 pub fn protected_mode_sregs(sregs: &mut kvm_sregs) {
-    let data = flat(DATA_SELECTOR, false);
-    sregs.cs = flat(CODE32_SELECTOR, true);
+    let data = crate::boot::flat_segment(DATA_SELECTOR, false, false);
+    sregs.cs = crate::boot::flat_segment(CODE32_SELECTOR, true, false);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
