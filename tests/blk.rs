@@ -54,6 +54,7 @@ fn reads_return_the_host_files_bytes_in_both_modes() {
         (Mode::Pv, "wait=pv"),
         (Mode::Trapped, "wait=irq"),
         (Mode::Pv, "wait=poll"),
+        (Mode::Pv, "wait=adaptive"),
     ] {
         let r = blk(
             mode,
@@ -99,7 +100,11 @@ fn a_read_only_disk_refuses_writes_with_an_io_error() {
 #[test]
 fn requests_cost_less_than_one_exit_each() {
     let img = Image::new("exits");
-    for (mode, wait) in [(Mode::Pv, "wait=poll"), (Mode::Pv, "wait=pv")] {
+    for (mode, wait) in [
+        (Mode::Pv, "wait=poll"),
+        (Mode::Pv, "wait=pv"),
+        (Mode::Pv, "wait=adaptive"),
+    ] {
         let r = blk(
             mode,
             &img,
@@ -126,4 +131,23 @@ fn requests_cost_less_than_one_exit_each() {
             assert!(w.exits.total < requests, "{}", w.exits.summary());
         }
     }
+}
+
+#[test]
+fn the_default_pv_wait_is_adaptive_with_a_measured_window() {
+    let img = Image::new("adaptive");
+    let want = fnv1a(img.bytes()[..(MIB << 20) as usize].iter().copied());
+    let r = blk(Mode::Pv, &img, false, &["pattern=seq-read", "depth=4"]);
+    let result = r.result.as_ref().unwrap();
+    assert_eq!(result.checksum(), Some(want), "{}", text(&r));
+    assert_eq!(result.get("wait"), Some("adaptive"), "{}", text(&r));
+    let field = |k: &str| -> u64 { result.get(k).unwrap().parse().unwrap() };
+    let cost = field("wake_cost_ns");
+    assert!(cost > 0, "a park costs something: {}", text(&r));
+    assert!(
+        field("poll_window_ns") <= cost,
+        "the window never exceeds the wake-up cost: {}",
+        text(&r)
+    );
+    assert!(field("requests") >= (MIB << 20) / (128 << 10));
 }

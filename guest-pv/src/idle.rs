@@ -167,13 +167,25 @@ impl ClockMap {
 }
 
 /// The PV strategy: [`Pvkit::idle_yield`] with deadlines mapped from TSC time.
+///
+/// Parking is not free: the exit, the host's wake-up and the way back cost the vCPU thread
+/// CPU and the guest latency ([`PvIdle::measure_wake_cost`] measures it). A deadline closer
+/// than [`PvIdle::spin_below`] is spun to on the TSC instead (0 by default: always park), the
+/// rule of Linux's haltpoll: never park for less time than a wake-up costs.
 #[derive(Debug, Clone, Copy)]
 pub struct PvIdle {
     pv: Pvkit,
     tsc: Tsc,
     map: ClockMap,
     remaps: u64,
+    spin_below_ns: u64,
 }
+
+/// How far ahead [`PvIdle::measure_wake_cost`] sets each probe's deadline: long enough that
+/// the host really parks the vCPU thread and has to wake it.
+pub const WAKE_PROBE_NS: u64 = 50_000;
+/// The most probes [`PvIdle::measure_wake_cost`] takes.
+pub const WAKE_PROBES_MAX: usize = 31;
 
 impl PvIdle {
     /// Maps the clocks ([`ClockMap::new`], one `clock_ns` exit). Do it before the timed part.
@@ -185,7 +197,42 @@ impl PvIdle {
             tsc,
             map: ClockMap::new(&pv, &tsc)?,
             remaps: 0,
+            spin_below_ns: 0,
         })
+    }
+
+    /// The same, spinning on the TSC instead of parking for deadlines less than `ns` away
+    /// (e.g. the result of [`measure_wake_cost`](Self::measure_wake_cost)).
+    pub const fn with_spin_below(mut self, ns: u64) -> PvIdle {
+        self.spin_below_ns = ns;
+        self
+    }
+
+    /// Deadlines closer than this are spun to, not parked for (0: always park).
+    pub const fn spin_below(&self) -> u64 {
+        self.spin_below_ns
+    }
+
+    /// Measures what a park costs the guest: `probes` parks (clamped to
+    /// `1..=`[`WAKE_PROBES_MAX`]) until [`WAKE_PROBE_NS`] ahead, each timed on the TSC; returns
+    /// the median of how late each got control back. That is the latency a park adds over
+    /// spinning (the exit, the host's timer or event wake-up of the vCPU thread, the way back
+    /// into the guest), measured at the privilege level and on the host the guest runs on — at
+    /// CPL 3 an exit costs several times what it costs at CPL 0 on pvkit's KVM. Use it as the
+    /// poll window of an adaptive wait ([`PollWindow`]) or for
+    /// [`with_spin_below`](Self::with_spin_below). Parks only (it ignores
+    /// [`spin_below`](Self::spin_below)); events that arrive meanwhile are consumed and not
+    /// counted.
+    pub fn measure_wake_cost(&mut self, probes: usize) -> Result<u64, HypercallError> {
+        let mut late = [0u64; WAKE_PROBES_MAX];
+        let late = &mut late[..probes.clamp(1, WAKE_PROBES_MAX)];
+        for l in late.iter_mut() {
+            let deadline = self.tsc.now_ns().saturating_add(WAKE_PROBE_NS);
+            self.park_until(deadline)?;
+            *l = self.tsc.now_ns().saturating_sub(deadline);
+        }
+        late.sort_unstable();
+        Ok(late[late.len() / 2])
     }
 
     /// The current clock mapping.
@@ -209,7 +256,20 @@ impl PvIdle {
     ///
     /// Fails with the first hypercall error (`not_implemented` without
     /// [`features::IDLE_YIELD`](hypercall_abi::features::IDLE_YIELD)).
+    ///
+    /// With [`spin_below`](Self::spin_below) set, a deadline closer than that is spun to on the
+    /// TSC (no exit, `wakeups` 0).
     pub fn idle_until(&mut self, deadline_ns: u64) -> Result<IdleStats, HypercallError> {
+        if self.spin_below_ns > 0
+            && deadline_ns.saturating_sub(self.tsc.now_ns()) < self.spin_below_ns
+        {
+            return Ok(spin(&self.tsc, deadline_ns));
+        }
+        self.park_until(deadline_ns)
+    }
+
+    /// [`idle_until`](Self::idle_until) without the spin rule.
+    fn park_until(&mut self, deadline_ns: u64) -> Result<IdleStats, HypercallError> {
         let mut stats = IdleStats::default();
         loop {
             let wake = self.pv.idle_yield(self.map.host_time(deadline_ns))?;
@@ -224,6 +284,71 @@ impl PvIdle {
                 }
                 Wake::Event(n) => stats.events += n,
                 Wake::Capped | Wake::Unknown(_) => {}
+            }
+        }
+    }
+}
+
+/// An adaptive poll window, as Linux's haltpoll governs its guests' idle polling: a waiter
+/// polls for up to [`ns`](Self::ns) before it parks, and tells the window how each wait went
+/// ([`polled`](Self::polled), [`parked`](Self::parked)).
+///
+/// - A wait the poll ended leaves the window as it is.
+/// - A park that lasted at most [`max_ns`](Self::max_ns) means a longer poll would have caught
+///   the completion for less than a park costs: the window grows (doubles, starting at
+///   [`POLL_START_NS`], up to `max_ns`).
+/// - A longer park means polling was wasted: the window halves (to 0 below
+///   [`POLL_START_NS`]).
+///
+/// `max_ns` is what a park costs ([`PvIdle::measure_wake_cost`]), so the guest never polls for
+/// longer than parking would have cost it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollWindow {
+    ns: u64,
+    max_ns: u64,
+}
+
+/// The first window a growing [`PollWindow`] opens (or its maximum, if smaller).
+pub const POLL_START_NS: u64 = 10_000;
+/// The widest a [`PollWindow`] may ever be, whatever the wake-up cost measured: a cost measured
+/// on an overloaded host (milliseconds) must not turn every wait into a long spin.
+pub const POLL_MAX_NS: u64 = 500_000;
+
+impl PollWindow {
+    /// A closed window that may grow up to `max_ns` (at most [`POLL_MAX_NS`]).
+    pub const fn new(max_ns: u64) -> PollWindow {
+        PollWindow {
+            ns: 0,
+            max_ns: if max_ns < POLL_MAX_NS {
+                max_ns
+            } else {
+                POLL_MAX_NS
+            },
+        }
+    }
+
+    /// How long to poll before parking, in nanoseconds.
+    pub const fn ns(&self) -> u64 {
+        self.ns
+    }
+
+    /// The most it grows to.
+    pub const fn max_ns(&self) -> u64 {
+        self.max_ns
+    }
+
+    /// The poll saw the completion: no change.
+    pub fn polled(&mut self) {}
+
+    /// The waiter parked for `blocked_ns` after polling in vain.
+    pub fn parked(&mut self, blocked_ns: u64) {
+        if blocked_ns <= self.max_ns {
+            let start = POLL_START_NS.min(self.max_ns);
+            self.ns = self.ns.saturating_mul(2).clamp(start, self.max_ns);
+        } else {
+            self.ns /= 2;
+            if self.ns < POLL_START_NS {
+                self.ns = 0;
             }
         }
     }
@@ -249,6 +374,36 @@ mod tests {
     use hypercall_abi::idle::encode_wake;
 
     use super::*;
+
+    #[test]
+    fn poll_window_grows_on_short_parks_and_shrinks_on_long_ones() {
+        let mut w = PollWindow::new(100_000);
+        assert_eq!(w.ns(), 0);
+        w.parked(30_000);
+        assert_eq!(w.ns(), POLL_START_NS);
+        for _ in 0..10 {
+            w.parked(50_000);
+        }
+        assert_eq!(
+            w.ns(),
+            100_000,
+            "grows up to the measured wake cost, no further"
+        );
+        w.polled();
+        assert_eq!(w.ns(), 100_000);
+        w.parked(5_000_000);
+        assert_eq!(w.ns(), 50_000);
+        for _ in 0..4 {
+            w.parked(5_000_000);
+        }
+        assert_eq!(w.ns(), 0, "closes after long parks");
+        // A window smaller than the start size.
+        let mut small = PollWindow::new(3_000);
+        small.parked(1_000);
+        assert_eq!(small.ns(), 3_000);
+        assert_eq!(small.max_ns(), 3_000);
+        assert_eq!(PollWindow::new(u64::MAX).max_ns(), POLL_MAX_NS);
+    }
 
     #[test]
     fn wake_values_decode() {

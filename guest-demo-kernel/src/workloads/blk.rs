@@ -19,10 +19,13 @@
 //! - `depth` (default 1, 1..=5): requests in flight (`read_blocks_nb` / `write_blocks_nb` with
 //!   tokens; `virtio-drivers`' block queue has 16 descriptors and a request takes 3).
 //! - `mib` (default 16): MiB per pass; must fit the disk and, as the transfer buffer, free RAM.
-//! - `wait` (text: `poll`, `pv` or `irq`; default `pv` in PV mode, `irq` in trapped mode;
-//!   `pv` in trapped mode is an argument error): how completions are waited for
-//!   (`guest_pv::virtio::WaitPolicy`): spin on the used ring, `idle_yield` until the device's
-//!   event, or `sti; hlt` until the event vector (at CPL 3 a kernel-service round trip).
+//! - `wait` (text: `poll`, `pv`, `adaptive` or `irq`; default `adaptive` in PV mode, `irq` in
+//!   trapped mode; `pv` or `adaptive` in trapped mode is an argument error): how completions
+//!   are waited for (`guest_pv::virtio::WaitPolicy`): spin on the used ring, `idle_yield`
+//!   until the device's event, poll for an adaptive window then `idle_yield` (the window's
+//!   maximum is the wake-up cost measured at CPL 3 before the begin marker: the median of 9
+//!   parks, `guest_pv::idle::PvIdle::measure_wake_cost`), or `sti; hlt` until the event vector
+//!   (at CPL 3 a kernel-service round trip).
 //! - `ack` (text: `end` or `wake`, default `end`): acknowledge InterruptStatus once after the
 //!   transfer (if an event was consumed), or after every wake-up, as an interrupt handler does
 //!   (two MMIO exits each).
@@ -42,21 +45,25 @@
 //! `write-ro-probe`). `ops` = requests. Extra result fields: `request_bytes`, `queue_depth`,
 //! `pattern` (text), `bytes`, `requests`, `wait` (text), `ack` (text), `parks` (`idle_yield`
 //! calls or `hlt`s), `events` (events consumed or event interrupts taken), `acks`
-//! (InterruptStatus acknowledgements); `write-ro-probe` adds `readonly` (1 if the device offers
+//! (InterruptStatus acknowledgements), `polled` (waits an adaptive poll ended), `wake_cost_ns`
+//! and `poll_window_ns` (the measured wake-up cost and the window at the end; 0 unless
+//! `wait=adaptive`); `write-ro-probe` adds `readonly` (1 if the device offers
 //! `VIRTIO_BLK_F_RO`) and `status`.
 //!
 //! Errors: no block device (exit 2: `error: workload 'blk': no virtio block device (run with
 //! --disk PATH)`), bad or inconsistent arguments, `mib` larger than the disk or than free RAM
-//! (exit 2); `wait=pv` on a host without `idle_yield` (exit 4); a device that cannot be set up,
-//! a failed request or a stalled wait (panic, exit 101).
+//! (exit 2); `wait=pv` or `wait=adaptive` on a host without what they need (exit 2); a device
+//! that cannot be set up, a failed request or a stalled wait (panic, exit 101).
 
 use core::fmt::{self, Write};
 
 use crate::args::Args;
 use guest_pv::Fnv1a;
+use guest_pv::idle::PvIdle;
+use guest_pv::tsc::Tsc;
 use guest_pv::virtio::virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus, SECTOR_SIZE};
 use guest_pv::virtio::{
-    self, Ack, BLK_MAX_IN_FLIGHT, Blk, DeviceInfo, WaitPolicy, WaitStats, Waiter,
+    self, Ack, Adaptive, BLK_MAX_IN_FLIGHT, Blk, DeviceInfo, WaitPolicy, WaitStats, Waiter,
 };
 use hypercall_abi::features;
 use hypercall_abi::layout::PAGE_SIZE;
@@ -74,6 +81,10 @@ pub const WORKLOAD: Workload = Workload {
 };
 
 const DEFAULT_SIZE_KIB: u64 = 128;
+/// What `wait=adaptive` needs of the host.
+const ADAPTIVE: u64 = features::IDLE_YIELD | features::CLOCK;
+/// Parks `wait=adaptive` times to measure the wake-up cost (the median is taken).
+const WAKE_PROBES: usize = 9;
 const MIN_SIZE_KIB: u64 = 4;
 const MAX_SIZE_KIB: u64 = 1024;
 const DEFAULT_MIB: u64 = 16;
@@ -127,6 +138,7 @@ impl Pattern {
 enum WaitKind {
     Poll,
     Pv,
+    Adaptive,
     Irq,
 }
 
@@ -135,6 +147,7 @@ impl WaitKind {
         match name {
             "poll" => Some(WaitKind::Poll),
             "pv" => Some(WaitKind::Pv),
+            "adaptive" => Some(WaitKind::Adaptive),
             "irq" => Some(WaitKind::Irq),
             _ => None,
         }
@@ -183,10 +196,13 @@ impl fmt::Display for ArgError<'_> {
                 f,
                 "unknown pattern '{p}' (known: seq-read, seq-write, rand-read, write-ro-probe)"
             ),
-            ArgError::Wait(w) => write!(f, "unknown wait '{w}' (known: poll, pv, irq)"),
-            ArgError::PvInTrapped => {
-                f.write_str("wait=pv needs a pvkit host offering idle_yield (use poll or irq)")
+            ArgError::Wait(w) => {
+                write!(f, "unknown wait '{w}' (known: poll, pv, adaptive, irq)")
             }
+            ArgError::PvInTrapped => f.write_str(
+                "wait=pv and wait=adaptive need a pvkit host offering idle_yield, clock_ns and \
+                 the TSC frequency (use poll or irq)",
+            ),
             ArgError::Ack(a) => write!(f, "unknown ack '{a}' (known: end, wake)"),
             ArgError::SizeKib(n) => {
                 write!(f, "size_kib={n} (want {MIN_SIZE_KIB}..={MAX_SIZE_KIB})")
@@ -212,12 +228,18 @@ fn config<'a>(platform: Platform, args: &Args<'a>) -> Result<Config, ArgError<'a
         None => Pattern::SeqRead,
         Some(name) => Pattern::from_name(name).ok_or(ArgError::Pattern(name))?,
     };
+    let adaptive_ok = platform.feature(ADAPTIVE).is_some() && Tsc::from_cpuid().is_some();
     let wait = match args.get_str("wait") {
-        None if platform.feature(features::IDLE_YIELD).is_some() => WaitKind::Pv,
+        None if adaptive_ok => WaitKind::Adaptive,
         None => WaitKind::Irq,
         Some(name) => WaitKind::from_name(name).ok_or(ArgError::Wait(name))?,
     };
-    if wait == WaitKind::Pv && platform.feature(features::IDLE_YIELD).is_none() {
+    let refused = match wait {
+        WaitKind::Pv => platform.feature(features::IDLE_YIELD).is_none(),
+        WaitKind::Adaptive => !adaptive_ok,
+        WaitKind::Poll | WaitKind::Irq => false,
+    };
+    if refused {
         return Err(ArgError::PvInTrapped);
     }
     let ack = match args.get_str("ack") {
@@ -268,6 +290,10 @@ struct Report {
     readonly: bool,
     /// `write-ro-probe`: the status of the write.
     probe: Option<RespStatus>,
+    /// `wait=adaptive`: the measured cost of a park (the poll window's maximum), and the
+    /// window at the end.
+    wake_cost_ns: u64,
+    poll_window_ns: u64,
 }
 
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
@@ -285,8 +311,14 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         (WaitKind::Poll, _) => WaitPolicy::Poll,
         (WaitKind::Irq, _) => WaitPolicy::Interrupt,
         (WaitKind::Pv, Some(pv)) => WaitPolicy::PvWait(pv),
+        // The window's maximum is measured at CPL 3, where the waits run (`Job::run`).
+        (WaitKind::Adaptive, Some(pv)) => WaitPolicy::Adaptive(Adaptive {
+            pv,
+            tsc: Tsc::from_cpuid().expect("checked by config"),
+            wake_cost_ns: 0,
+        }),
         // `config` refused it.
-        (WaitKind::Pv, None) => unreachable!("wait=pv without idle_yield"),
+        (WaitKind::Pv | WaitKind::Adaptive, None) => unreachable!("wait=pv without idle_yield"),
     };
 
     // DMA pages for the rings, then the transfer buffer, in free RAM above the kernel.
@@ -334,7 +366,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let _ = write!(
         outcome.fields,
         " request_bytes={} queue_depth={} pattern={} bytes={} requests={} wait={} ack={} \
-         parks={} events={} acks={}",
+         parks={} events={} acks={} polled={} wake_cost_ns={} poll_window_ns={}",
         cfg.request,
         cfg.depth,
         cfg.pattern.name(),
@@ -344,7 +376,10 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         cfg.ack.name(),
         w.parks,
         w.events,
-        w.acks
+        w.acks,
+        w.polled,
+        report.wake_cost_ns,
+        report.poll_window_ns
     );
     if let Some(status) = report.probe {
         let _ = write!(
@@ -533,6 +568,19 @@ impl Job {
                 page[0] = 0;
             }
         }
+        let policy = match policy {
+            WaitPolicy::Adaptive(mut a) => {
+                a.wake_cost_ns = match PvIdle::new(a.pv, a.tsc)
+                    .and_then(|mut idle| idle.measure_wake_cost(WAKE_PROBES))
+                {
+                    Ok(ns) => ns,
+                    Err(e) => panic!("blk: measuring the wake-up cost: {e}"),
+                };
+                report.wake_cost_ns = a.wake_cost_ns;
+                WaitPolicy::Adaptive(a)
+            }
+            other => other,
+        };
         let mut waiter = Waiter::new(policy).with_ack(cfg.ack);
         let mut slots: [Slot; BLK_MAX_IN_FLIGHT] = core::array::from_fn(|_| Slot {
             req: BlkReq::default(),
@@ -554,6 +602,7 @@ impl Job {
         report.checksum = Fnv1a::hash(&buf.bytes()[..cfg.bytes as usize]);
         report.requests = requests;
         report.waits = waiter.stats();
+        report.poll_window_ns = waiter.poll_window().ns();
         report.probe = probe;
         // Dropping `blk` resets the device (`virtio::Mmio`) and frees its DMA pages.
     }

@@ -14,14 +14,16 @@
 //! Runs at CPL 0 (`hlt` is privileged; the timed section is mostly parked anyway). Before the
 //! begin marker: the TSC clock from CPUID (`guest_pv::tsc::Tsc`), and for `hlt` the trapped
 //! timer started at `1_000_000 / tick_hz` µs, for `pv` the TSC-to-host clock mapping (one
-//! `clock_ns`). Timed section: `start` = TSC now; for `k` in `1..=intervals`, deadline =
-//! `start + k * interval_us µs`; idle until it, then read the TSC at once: overshoot `k` = now −
-//! deadline (0 if negative). After the end marker the timer is stopped.
+//! `clock_ns`) and the wake-up cost (`guest_pv::idle::PvIdle::measure_wake_cost`, 9 parks of
+//! 50 µs): `pv` spins to a deadline closer than that instead of parking. Timed section:
+//! `start` = TSC now; for `k` in `1..=intervals`, deadline = `start + k * interval_us µs`; idle
+//! until it, then read the TSC at once: overshoot `k` = now − deadline (0 if negative). After the end marker the timer is stopped.
 //!
 //! `ops` = `intervals`. Checksum: FNV-1a over the number of intervals completed (8 little-endian
 //! bytes), the same for every strategy and mode. Extra result fields: `strategy=<s>
-//! wake_overshoot_ns_p50=<n> wake_overshoot_ns_p99=<n> ticks=<n>`: nearest-rank percentiles of
-//! the overshoots, and the timer interrupts taken in the timed section (0 unless `hlt`).
+//! wake_overshoot_ns_p50=<n> wake_overshoot_ns_p99=<n> ticks=<n> wake_cost_ns=<n>`:
+//! nearest-rank percentiles of the overshoots, the timer interrupts taken in the timed section
+//! (0 unless `hlt`), and the measured wake-up cost (0 unless `pv`).
 //!
 //! Interrupts are enabled only inside `hlt`'s `sti; hlt` (IF = 0 everywhere else, as for every
 //! other workload). Errors: an unknown strategy, `strategy=pv` in trapped mode or an argument out
@@ -119,10 +121,17 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let mut idler = match (cfg.strategy, env.platform.feature(PV_IDLE)) {
         (Strategy::Spin, _) => Idler::Spin,
         (Strategy::Hlt, _) => Idler::Hlt,
-        (Strategy::Pv, Some(pv)) => match PvIdle::new(pv, tsc) {
-            Ok(pv_idle) => Idler::Pv(pv_idle),
-            Err(e) => panic!("clock_ns: {e}"),
-        },
+        // Measures what a park costs (before the begin marker) and spins to deadlines closer
+        // than that instead of parking.
+        (Strategy::Pv, Some(pv)) => {
+            match PvIdle::new(pv, tsc).and_then(|mut idle| {
+                let cost = idle.measure_wake_cost(WAKE_PROBES)?;
+                Ok(idle.with_spin_below(cost))
+            }) {
+                Ok(pv_idle) => Idler::Pv(pv_idle),
+                Err(e) => panic!("clock_ns or idle_yield: {e}"),
+            }
+        }
         // `config` refused it.
         (Strategy::Pv, None) => unreachable!("strategy=pv without idle_yield and clock"),
     };
@@ -170,13 +179,21 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         h.write_u64(sum);
     }
     let mut outcome = Outcome::new(completed, h.finish());
+    let wake_cost = match &idler {
+        Idler::Pv(pv) => pv.spin_below(),
+        _ => 0,
+    };
     let _ = write!(
         outcome.fields,
-        " strategy={} wake_overshoot_ns_p50={p50} wake_overshoot_ns_p99={p99} ticks={ticks}",
+        " strategy={} wake_overshoot_ns_p50={p50} wake_overshoot_ns_p99={p99} ticks={ticks} \
+         wake_cost_ns={wake_cost}",
         cfg.strategy.name()
     );
     outcome
 }
+
+/// Parks `strategy=pv` times to measure the wake-up cost (the median is taken).
+const WAKE_PROBES: usize = 9;
 
 /// What `strategy=pv` needs from the host.
 const PV_IDLE: u64 = features::IDLE_YIELD | features::CLOCK;

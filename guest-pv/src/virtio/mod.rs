@@ -13,7 +13,9 @@
 //!   console driver ([`VConsole`]; `virtio-drivers`' own console driver needs `alloc`).
 //! - [`Waiter`]: waiting for completions with a [`WaitPolicy`] — [`Poll`](WaitPolicy::Poll)
 //!   the used ring, [`PvWait`](WaitPolicy::PvWait) in `idle_yield` until the device's event,
-//!   or [`Interrupt`](WaitPolicy::Interrupt): `sti; hlt` until the event vector.
+//!   [`Adaptive`](WaitPolicy::Adaptive): poll for a window tuned from the measured cost of a
+//!   park, then park, or [`Interrupt`](WaitPolicy::Interrupt): `sti; hlt` until the event
+//!   vector.
 //!
 //! `virtio-drivers` is re-exported ([`virtio_drivers`]) so kernels use the same version. It is
 //! built without its `alloc` feature (guest-pv imposes no global allocator): no indirect
@@ -73,7 +75,7 @@ pub use transport::Mmio;
 pub use virtio_drivers;
 use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::transport::mmio::{MmioError, MmioTransport, VirtIOHeader};
-pub use wait::{Ack, Completions, STALL_SECONDS, WaitPolicy, WaitStats, Waiter};
+pub use wait::{Ack, Adaptive, Completions, STALL_SECONDS, WaitPolicy, WaitStats, Waiter};
 
 use crate::HypercallError;
 

@@ -10,7 +10,8 @@ use virtio_drivers::transport::{InterruptStatus, Transport};
 use super::VirtioError;
 use crate::Pvkit;
 use crate::cpu;
-use crate::idle::Wake;
+use crate::idle::{PollWindow, Wake};
+use crate::tsc::Tsc;
 
 /// `idle_yield` returns [`Wake::Capped`] after a second; this many in a row without a completion
 /// is a stalled device ([`VirtioError::Stalled`]).
@@ -23,19 +24,39 @@ pub enum WaitPolicy {
     Poll,
     /// Park in [`Pvkit::idle_yield`] until the device's event.
     PvWait(Pvkit),
+    /// Poll the used ring for an adaptive window, then park in [`Pvkit::idle_yield`] (see
+    /// [`Adaptive`]).
+    Adaptive(Adaptive),
     /// `sti; hlt` until [`EVENT_VECTOR`] is taken.
     Interrupt,
 }
 
+/// The adaptive PV wait: poll for up to a [`PollWindow`], then park in [`Pvkit::idle_yield`].
+/// The window never exceeds `wake_cost_ns`, what a park costs the guest
+/// ([`PvIdle::measure_wake_cost`](crate::idle::PvIdle::measure_wake_cost), measured where the
+/// waits will run), and adapts per [`Waiter`] to how long its parks turn out to be: a device
+/// that completes sooner than a park would return gets polled, one that takes longer gets
+/// parked for at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adaptive {
+    /// The hypercalls.
+    pub pv: Pvkit,
+    /// The clock the window is timed on.
+    pub tsc: Tsc,
+    /// The most the window grows to.
+    pub wake_cost_ns: u64,
+}
+
 impl WaitPolicy {
     /// The policy names, as the demo kernel's `wait` argument spells them.
-    pub const NAMES: [&'static str; 3] = ["poll", "pv", "irq"];
+    pub const NAMES: [&'static str; 4] = ["poll", "pv", "adaptive", "irq"];
 
-    /// `poll`, `pv` or `irq`.
+    /// `poll`, `pv`, `adaptive` or `irq`.
     pub const fn name(&self) -> &'static str {
         match self {
             WaitPolicy::Poll => "poll",
             WaitPolicy::PvWait(_) => "pv",
+            WaitPolicy::Adaptive(_) => "adaptive",
             WaitPolicy::Interrupt => "irq",
         }
     }
@@ -89,8 +110,11 @@ pub struct WaitStats {
     pub waits: u64,
     /// Waits whose first look found a completion (no park at all).
     pub ready: u64,
-    /// `idle_yield` calls ([`WaitPolicy::PvWait`]) or `hlt`s ([`WaitPolicy::Interrupt`]).
+    /// `idle_yield` calls ([`WaitPolicy::PvWait`], [`WaitPolicy::Adaptive`]) or `hlt`s
+    /// ([`WaitPolicy::Interrupt`]).
     pub parks: u64,
+    /// Waits an [`WaitPolicy::Adaptive`] poll window ended (no park).
+    pub polled: u64,
     /// Events consumed by `idle_yield`, or [`EVENT_VECTOR`] interrupts taken.
     pub events: u64,
     /// InterruptStatus acknowledgements (reads plus writes).
@@ -104,6 +128,7 @@ pub struct WaitStats {
 /// |---|---|---|---|
 /// | [`Poll`](WaitPolicy::Poll) | reads the used ring until the device has put a buffer there | 0: the vCPU spins in the guest | nothing |
 /// | [`PvWait`](WaitPolicy::PvWait) | [`Pvkit::idle_yield`] with no deadline until the device's event wakes it | 1 (the hypercall) | a pvkit host with [`features::IDLE_YIELD`](hypercall_abi::features::IDLE_YIELD) |
+/// | [`Adaptive`](WaitPolicy::Adaptive) | polls for an adaptive window ([`PollWindow`]), then as `PvWait` | 0 if the poll sees it, else 1 | as `PvWait`, and the TSC clock |
 /// | [`Interrupt`](WaitPolicy::Interrupt) | `sti; hlt` ([`cpu::wait_for_interrupt`]) until [`EVENT_VECTOR`] is taken | 1 (the `hlt`) | [`cpu::init`]; at CPL 3 each wait is also a kernel-service round trip |
 ///
 /// Every policy looks at the used ring first (no exit) and parks only if nothing is there, so a
@@ -129,6 +154,8 @@ pub struct Waiter {
     ack: Ack,
     /// An event was consumed since the last acknowledgement.
     unacked: bool,
+    /// [`WaitPolicy::Adaptive`]'s window (closed for the other policies).
+    window: PollWindow,
     stats: WaitStats,
 }
 
@@ -139,10 +166,15 @@ impl Waiter {
             policy,
             ack: Ack::Deferred,
             unacked: false,
+            window: PollWindow::new(match policy {
+                WaitPolicy::Adaptive(a) => a.wake_cost_ns,
+                _ => 0,
+            }),
             stats: WaitStats {
                 waits: 0,
                 ready: 0,
                 parks: 0,
+                polled: 0,
                 events: 0,
                 acks: 0,
             },
@@ -170,6 +202,11 @@ impl Waiter {
         self.stats
     }
 
+    /// The adaptive poll window as it stands ([`WaitPolicy::Adaptive`]; closed otherwise).
+    pub const fn poll_window(&self) -> PollWindow {
+        self.window
+    }
+
     /// Returns once `dev` has a completion in its used ring ([`Completions::has_used`]).
     ///
     /// [`WaitPolicy::Interrupt`] needs [`cpu::init`] (it panics before) and a host that
@@ -192,6 +229,23 @@ impl Waiter {
                 false
             }
             WaitPolicy::PvWait(pv) => self.park_pv(pv, dev)?,
+            WaitPolicy::Adaptive(a) => {
+                let polled_until = a.tsc.now_ns().saturating_add(self.window.ns());
+                loop {
+                    if dev.has_used() {
+                        self.stats.polled += 1;
+                        self.window.polled();
+                        return Ok(());
+                    }
+                    if a.tsc.now_ns() >= polled_until {
+                        break;
+                    }
+                }
+                let woke = self.park_pv(a.pv, dev)?;
+                let blocked = a.tsc.now_ns().saturating_sub(polled_until);
+                self.window.parked(blocked);
+                woke
+            }
             WaitPolicy::Interrupt => self.park_hlt(dev),
         };
         if woke {
@@ -315,7 +369,7 @@ mod tests {
     fn names() {
         assert_eq!(WaitPolicy::Poll.name(), "poll");
         assert_eq!(WaitPolicy::Interrupt.name(), "irq");
-        assert_eq!(WaitPolicy::NAMES, ["poll", "pv", "irq"]);
+        assert_eq!(WaitPolicy::NAMES, ["poll", "pv", "adaptive", "irq"]);
         assert_eq!(Ack::Deferred.name(), "end");
         assert_eq!(Ack::EachWake.name(), "wake");
         let w = Waiter::new(WaitPolicy::Poll).with_ack(Ack::EachWake);

@@ -199,6 +199,7 @@ pub fn render_table(records: &[Record]) -> String {
             r.exits_per_op
         );
     }
+    s += &wait_lines(records);
     s += &lifecycle_lines(records);
     s += &density_lines(records);
     for p in ratios(records) {
@@ -376,6 +377,45 @@ fn density_lines(records: &[Record]) -> String {
             g(pv, "vms"),
             g(pv, "window_millicores") as f64 / g(hlt, "window_millicores").max(1) as f64,
             g(pv, "rss_median_bytes") as f64 / g(hlt, "rss_median_bytes").max(1) as f64,
+        );
+    }
+    s
+}
+
+/// For each `blk` pattern: PV's default wait (adaptive) against polling — throughput and
+/// vCPU-thread CPU as shares of polling's, with the measured wake-up cost and the poll window
+/// the run ended with.
+fn wait_lines(records: &[Record]) -> String {
+    let mut s = String::new();
+    let blk = |mode: &str, pattern: &Option<String>| {
+        records
+            .iter()
+            .find(|r| r.workload == "blk" && r.mode == mode && &r.pattern == pattern)
+    };
+    for r in records
+        .iter()
+        .filter(|r| r.workload == "blk" && r.mode == "pv")
+    {
+        let Some(poll) = blk("pv-poll", &r.pattern) else {
+            continue;
+        };
+        let (Some(m), Some(pm)) = (r.mib_s, poll.mib_s) else {
+            continue;
+        };
+        let cpu_share = |x: &Record| x.host_cpu_ns as f64 / x.wall_ns.max(1) as f64;
+        let us = |k: &str| {
+            r.extra
+                .get(k)
+                .map_or_else(|| "-".to_string(), |ns| format!("{:.0}", *ns as f64 / 1e3))
+        };
+        s += &format!(
+            "blk {} default PV wait: {:.0}% of polling's throughput with {:.0}% of its vCPU CPU \
+             (wake-up cost {} µs, poll window {} µs at the end)\n",
+            r.pattern.as_deref().unwrap_or("-"),
+            100.0 * m / pm,
+            100.0 * cpu_share(r) / cpu_share(poll).max(f64::MIN_POSITIVE),
+            us("wake_cost_ns"),
+            us("poll_window_ns"),
         );
     }
     s

@@ -205,10 +205,12 @@ pub fn variants(name: &str, opts: &CompareOptions) -> Vec<Variant> {
         ]
         .into_iter()
         .flat_map(|(pattern, kib)| {
-            // PV completes by waking a parked idle_yield (or, pv-poll, by polling the used
-            // ring); trapped by halting until the completion interrupt.
+            // PV's default wait polls for an adaptive window, then parks in idle_yield;
+            // pv-park always parks, pv-poll always polls the used ring; trapped halts until
+            // the completion interrupt.
             [
-                (Mode::Pv, "pv", None),
+                (Mode::Pv, "adaptive", None),
+                (Mode::Pv, "pv", Some("pv-park")),
                 (Mode::Pv, "poll", Some("pv-poll")),
                 (Mode::Trapped, "irq", None),
             ]
@@ -333,10 +335,10 @@ mod tests {
     }
 
     #[test]
-    fn blk_runs_three_waits_per_pattern() {
+    fn blk_runs_four_waits_per_pattern() {
         let v = variants("blk", &opts());
-        assert_eq!(v.len(), 9);
-        let first: Vec<_> = v[..3]
+        assert_eq!(v.len(), 12);
+        let first: Vec<_> = v[..4]
             .iter()
             .map(|v| (v.mode, v.label, v.pattern))
             .collect();
@@ -344,16 +346,17 @@ mod tests {
             first,
             [
                 (Mode::Pv, None, Some("seq-read")),
+                (Mode::Pv, Some("pv-park"), Some("seq-read")),
                 (Mode::Pv, Some("pv-poll"), Some("seq-read")),
                 (Mode::Trapped, None, Some("seq-read")),
             ]
         );
         assert_eq!(
-            v[3].args.join(" "),
-            "pattern=rand-read size_kib=4 mib=32 depth=4 wait=pv"
+            v[4].args.join(" "),
+            "pattern=rand-read size_kib=4 mib=32 depth=4 wait=adaptive"
         );
         assert_eq!(
-            v[8].args.join(" "),
+            v[11].args.join(" "),
             "pattern=seq-write size_kib=128 mib=32 depth=4 wait=irq"
         );
     }
