@@ -1,7 +1,8 @@
 //! Page-table updates under real KVM: purpose-built guests poke the validator through both paths
 //! (PV `mmu_update` batches and trapped stores into the read-only pool). Every refusal leaves
 //! the guest running and visible to it; the demo kernel's `pagetable` workload gives the same
-//! checksum both ways with the expected exit counts.
+//! checksum both ways with the expected exit counts, and the same again on native tables
+//! (`tables=native`, ordinary RAM the VMM never sees).
 
 use host_vmm::loader::minimal_elf;
 use host_vmm::metrics::ExitReason;
@@ -198,5 +199,34 @@ fn pagetable_exit_counts_follow_the_mechanism() {
         // Full batches defer the host's shadow resync to the explicit flush before each TLB
         // invalidation: one per phase that changes present entries (remap, protect, unmap).
         assert!(w.exits.event("shadow_resync") <= 4, "{}", w.exits.summary());
+    }
+}
+
+#[test]
+fn native_tables_give_the_same_checksum_without_the_vmm() {
+    let pv = pagetable(Mode::Pv, 512).result.unwrap();
+    let tr = pagetable(Mode::Trapped, 0).result.unwrap();
+    let updates = format!("updates={UPDATES}");
+    for mode in [Mode::Trapped, Mode::Pv] {
+        for root in ["root=boot", "root=new"] {
+            let r = boot(mode, "pagetable", &[&updates, "tables=native", root]);
+            assert_eq!(r.exit_code, 0, "{mode:?} {root}: {}", text(&r));
+            let w = r.window.as_ref().unwrap();
+            // No entry reaches the VMM: no trapped store, no mmu_update, no resync.
+            for event in ["pte_trapped", "pte_pv", "pte_rejected", "shadow_resync"] {
+                assert_eq!(w.exits.event(event), 0, "{event}: {}", w.exits.summary());
+            }
+            assert_eq!(
+                w.exits.reason(ExitReason::Hypercall),
+                0,
+                "{}",
+                w.exits.summary()
+            );
+            assert!(w.exits.total <= 16, "{}", w.exits.summary());
+            let n = r.result.unwrap();
+            assert_eq!(n.ops(), Some(UPDATES));
+            assert_eq!(n.checksum(), pv.checksum(), "{mode:?} {root} vs pv");
+            assert_eq!(n.checksum(), tr.checksum(), "{mode:?} {root} vs trapped");
+        }
     }
 }

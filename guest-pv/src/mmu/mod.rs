@@ -10,6 +10,8 @@
 //!   `mmu_pin` (PV only) — with [`map_4k`](AddressSpace::map_4k),
 //!   [`unmap_4k`](AddressSpace::unmap_4k), [`protect_4k`](AddressSpace::protect_4k),
 //!   [`entry_4k`](AddressSpace::entry_4k) and the TLB operations.
+//! - [`NativeSpace`]: for comparison, tables in ordinary RAM written with plain stores, which
+//!   the host never sees (what a kernel does without pvkit).
 //! - The hypercalls [`Pvkit::mmu_update`](crate::Pvkit::mmu_update) and
 //!   [`Pvkit::mmu_pin`](crate::Pvkit::mmu_pin).
 //!
@@ -49,6 +51,7 @@
 //! ```
 
 mod batch;
+mod native;
 mod pool;
 mod space;
 
@@ -61,6 +64,7 @@ use hypercall_abi::mmu::{
     Level, PTE_ACCESSED, PTE_ADDR_MASK, PTE_DIRTY, PTE_GLOBAL, PTE_PAT, PTE_PCD, PTE_PRESENT,
     PTE_PWT, PTE_USER, PTE_WRITABLE, table_index,
 };
+pub use native::NativeSpace;
 pub use pool::PtFrameAllocator;
 pub use space::AddressSpace;
 

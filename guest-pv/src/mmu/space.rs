@@ -325,7 +325,7 @@ impl<'a> AddressSpace<'a> {
 }
 
 /// Reads the entry at `pte`, an 8-byte aligned address in the page-table pool.
-fn read_entry(pte: u64) -> u64 {
+pub(super) fn read_entry(pte: u64) -> u64 {
     if !PtFrameAllocator::contains(pte) || !pte.is_multiple_of(8) {
         // Every caller passes a pool entry address; never read anything else.
         return 0;

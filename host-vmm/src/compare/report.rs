@@ -202,6 +202,7 @@ pub fn render_table(records: &[Record]) -> String {
     s += &wait_lines(records);
     s += &lifecycle_lines(records);
     s += &density_lines(records);
+    s += &native_lines(records);
     for p in ratios(records) {
         let same = if p.same_checksum {
             "same checksum"
@@ -246,6 +247,46 @@ pub fn render_table(records: &[Record]) -> String {
     }
     s
 }
+
+/// A line per `native` run (the `pagetable` baseline without pvkit): the time per op of every
+/// other pvkit run of its workload relative to it (above 1: slower than native).
+fn native_lines(records: &[Record]) -> String {
+    let mut s = String::new();
+    for n in records.iter().filter(|r| r.mode == NATIVE_MODE) {
+        let others: Vec<String> = records
+            .iter()
+            .filter(|r| {
+                r.workload == n.workload
+                    && r.pattern == n.pattern
+                    && (r.mode.starts_with("pv") || r.mode == "trapped")
+            })
+            .map(|r| {
+                let rel = if n.ns_per_op > 0.0 {
+                    r.ns_per_op / n.ns_per_op
+                } else {
+                    0.0
+                };
+                let same = if r.checksum == n.checksum {
+                    ""
+                } else {
+                    " CHECKSUM MISMATCH"
+                };
+                format!("{} {rel:.2}x{same}", mode_label(r))
+            })
+            .collect();
+        s += &format!(
+            "{}: time per op relative to native ({:.1} ns/op, {} exits): {}\n",
+            n.workload,
+            n.ns_per_op,
+            n.exits.get("total").copied().unwrap_or(0),
+            others.join(", ")
+        );
+    }
+    s
+}
+
+/// The record `mode` of a run on tables in ordinary RAM (`pagetable tables=native`).
+pub const NATIVE_MODE: &str = "native";
 
 /// The summary lines of `snapshot`, `restore`, `migrate` and `migrate-idle`.
 fn lifecycle_lines(records: &[Record]) -> String {
@@ -487,6 +528,32 @@ mod tests {
             t.contains("null: trapped/pv time per op = 1.20x, exits 100 vs 100 (same checksum)"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn pv_and_trapped_are_given_relative_to_native() {
+        let mut b8 = rec("pagetable", "pv", 8, 300, 1);
+        b8.batch = Some(8);
+        let recs = [
+            b8,
+            rec("pagetable", "trapped", 8, 800, 1),
+            rec("pagetable", NATIVE_MODE, 8, 200, 1),
+        ];
+        let t = render_table(&recs);
+        assert!(
+            t.contains(
+                "pagetable: time per op relative to native (25.0 ns/op, 8 exits): pv b=8 1.50x, \
+                 trapped 4.00x\n"
+            ),
+            "{t}"
+        );
+        assert!(
+            !t.contains("trapped/native"),
+            "native is no PV run to pair with trapped: {t}"
+        );
+        let mut bad = recs.clone();
+        bad[1].checksum = Some("0x2".into());
+        assert!(render_table(&bad).contains("trapped 4.00x CHECKSUM MISMATCH"));
     }
 
     #[test]

@@ -158,7 +158,12 @@ pub fn variants(name: &str, opts: &CompareOptions) -> Vec<Variant> {
                     ..variant(Mode::Pv, vec![updates.clone(), format!("batch={b}")])
                 })
                 .collect();
-            v.push(variant(Mode::Trapped, vec![updates]));
+            v.push(variant(Mode::Trapped, vec![updates.clone()]));
+            // The baseline without pvkit: tables in ordinary RAM, which the VMM never sees.
+            v.push(Variant {
+                label: Some("native"),
+                ..variant(Mode::Trapped, vec![updates, "tables=native".into()])
+            });
             v
         }
         "idle" => [
@@ -284,12 +289,12 @@ mod tests {
     }
 
     #[test]
-    fn pagetable_sweeps_the_pv_batches_then_runs_trapped() {
+    fn pagetable_sweeps_the_pv_batches_then_runs_trapped_and_native() {
         let mut o = opts();
         o.pt_updates = 64;
         o.pt_batches = vec![1, 8];
         let v = variants("pagetable", &o);
-        assert_eq!(v.len(), 3);
+        assert_eq!(v.len(), 4);
         assert_eq!(
             (v[0].mode, v[0].batch, v[0].args.join(" ")),
             (Mode::Pv, Some(1), "updates=64 batch=1".into())
@@ -298,6 +303,14 @@ mod tests {
         assert_eq!(
             (v[2].mode, v[2].batch, v[2].args.join(" ")),
             (Mode::Trapped, None, "updates=64".into())
+        );
+        assert_eq!(
+            (v[3].mode, v[3].label, v[3].args.join(" ")),
+            (
+                Mode::Trapped,
+                Some("native"),
+                "updates=64 tables=native".into()
+            )
         );
     }
 
