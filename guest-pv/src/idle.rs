@@ -294,9 +294,10 @@ impl PvIdle {
 /// ([`polled`](Self::polled), [`parked`](Self::parked)).
 ///
 /// - A wait the poll ended leaves the window as it is.
-/// - A park that lasted at most [`max_ns`](Self::max_ns) means a longer poll would have caught
-///   the completion for less than a park costs: the window grows (doubles, starting at
-///   [`POLL_START_NS`], up to `max_ns`).
+/// - A park whose completion came at most [`max_ns`](Self::max_ns) after the poll ended (the
+///   park's length less the wake-up cost, `max_ns`) means a longer poll would have caught it
+///   for less than the park cost: the window grows (doubles, starting at [`POLL_START_NS`], up
+///   to `max_ns`).
 /// - A longer park means polling was wasted: the window halves (to 0 below
 ///   [`POLL_START_NS`]).
 ///
@@ -340,9 +341,12 @@ impl PollWindow {
     /// The poll saw the completion: no change.
     pub fn polled(&mut self) {}
 
-    /// The waiter parked for `blocked_ns` after polling in vain.
+    /// The waiter parked for `blocked_ns` after polling in vain. A park returns about a wake-up
+    /// cost (`max_ns`) after what it waited for, so the completion came about
+    /// `blocked_ns - max_ns` after the poll ended: a window that much longer would have caught
+    /// it if that is at most `max_ns`.
     pub fn parked(&mut self, blocked_ns: u64) {
-        if blocked_ns <= self.max_ns {
+        if blocked_ns.saturating_sub(self.max_ns) <= self.max_ns {
             let start = POLL_START_NS.min(self.max_ns);
             self.ns = self.ns.saturating_mul(2).clamp(start, self.max_ns);
         } else {
@@ -391,6 +395,8 @@ mod tests {
         );
         w.polled();
         assert_eq!(w.ns(), 100_000);
+        w.parked(200_000);
+        assert_eq!(w.ns(), 100_000, "came 100 µs after the poll: a full window catches it");
         w.parked(5_000_000);
         assert_eq!(w.ns(), 50_000);
         for _ in 0..4 {
