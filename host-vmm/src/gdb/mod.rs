@@ -33,6 +33,7 @@
 //! stops the VM (exit status 137).
 
 mod target;
+mod user;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
