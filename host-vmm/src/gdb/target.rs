@@ -37,6 +37,9 @@ use crate::vcpu::{ControlError, VcpuHandle};
 const PAGE: u64 = 4096;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const INT3: u8 = 0xcc;
+const HLT: u8 = 0xf4;
+/// How many instructions the stub steps, at most, waiting for the guest to load an IDT.
+const IDT_STEPS: u32 = 200_000;
 /// How long an interrupt (Ctrl-C) waits for the vCPU to stop.
 const INTERRUPT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -174,8 +177,9 @@ enum Internal {
     /// Over the first instruction of a handler whose `#BP`/`#DB` was the guest's own (its
     /// hidden `int3` lifted).
     StepOver { step: bool },
-    /// Until the guest loads an IDT: breakpoints in CPL 3 code need its `#BP` handler.
-    UntilIdt { step: bool },
+    /// Until the guest loads an IDT: breakpoints in CPL 3 code need its `#BP` handler. Given
+    /// up at a `hlt` (a step would not halt) and after [`IDT_STEPS`] steps.
+    UntilIdt { step: bool, steps: u32 },
 }
 
 /// What the stub made of a stop.
@@ -334,7 +338,7 @@ impl GdbTarget {
         let s = self.vcpu.sregs().map_err(control_error)?;
         if !self.sw.is_empty() && !idt_covers(&s, BP_VECTOR) && !step {
             // No IDT yet: step (at CPL 0, where KVM's single-step works) until there is one.
-            self.internal = Some(Internal::UntilIdt { step });
+            self.internal = Some(Internal::UntilIdt { step, steps: 0 });
             kvm_step = true;
         } else {
             self.arm(&s)?;
@@ -481,13 +485,23 @@ impl GdbTarget {
                     self.arm(&s)?;
                     self.apply(step);
                 }
-                Internal::UntilIdt { step } => {
+                Internal::UntilIdt { step, steps } => {
                     let s = self.vcpu.sregs().map_err(control_error)?;
+                    let halts = self.read_virt(r.rip, 1)? == Some(vec![HLT]);
                     if idt_covers(&s, BP_VECTOR) {
                         self.arm(&s)?;
                         self.apply(step);
+                    } else if halts || steps >= IDT_STEPS {
+                        eprintln!(
+                            "host-vmm: gdb: the guest has loaded no IDT after {steps} \
+                             instructions; a breakpoint in CPL 3 code now reaches it as #BP"
+                        );
+                        self.apply(step);
                     } else {
-                        self.internal = Some(internal);
+                        self.internal = Some(Internal::UntilIdt {
+                            step,
+                            steps: steps + 1,
+                        });
                     }
                 }
             }
