@@ -607,3 +607,53 @@ fn breakpoints_in_the_pagetable_workloads_cpl3_code() {
     assert_eq!(result_line(&stdout), expected, "{all}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// x87/SSE registers come from the vCPU's XSAVE area (MXCSR and the x87 control word have
+/// their reset values at `kmain`; writes are refused: the vCPU thread's seccomp filter allows
+/// no KVM_SET_XSAVE or KVM_SET_FPU); `fs_base` and `gs_base` are read and written.
+#[test]
+fn fpu_sse_and_segment_base_registers() {
+    require_kvm();
+    require_gdb();
+    let (dir, kernel) = scratch("fpu");
+    let vm = start_vm(&kernel, "trapped", "127.0.0.1:0", &[]);
+    let out = gdb(
+        &kernel,
+        &vm.addr,
+        &[
+            "break kmain",
+            "continue",
+            "printf \"MXCSR %#x FCTRL %#x\\n\", $mxcsr, $fctrl",
+            "info registers xmm0",
+            "set $fs_base = 0x123000",
+            "maint flush register-cache",
+            "printf \"FS_BASE %#lx GS_BASE %#lx\\n\", $fs_base, $gs_base",
+            "set $fs_base = 0",
+            "set $xmm0.uint128 = 5",
+            "maint flush register-cache",
+            "printf \"XMM0 %#lx\\n\", $xmm0.v2_int64[0]",
+            "delete",
+            "continue",
+        ],
+    );
+    let (status, stdout, stderr) = finish(vm);
+    let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    assert!(
+        out.contains("MXCSR 0x1f80 FCTRL 0x37f"),
+        "MXCSR and FCW have their reset values\n{all}"
+    );
+    assert!(out.contains("xmm0 "), "{all}");
+    assert!(
+        out.contains("FS_BASE 0x123000 GS_BASE 0\n"),
+        "fs_base written and read back\n{all}"
+    );
+    assert!(
+        out.contains("Could not write registers"),
+        "an xmm write is refused\n{all}"
+    );
+    assert!(out.contains("XMM0 0\n"), "and changes nothing\n{all}");
+    assert!(stderr.contains("x87/SSE registers are read-only"), "{all}");
+    assert!(out.contains("exited normally"), "{all}");
+    assert_eq!(status.code(), Some(0), "{all}");
+    let _ = std::fs::remove_dir_all(dir);
+}

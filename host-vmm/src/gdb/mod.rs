@@ -32,6 +32,7 @@
 //! breakpoints are removed, guest debugging is switched off and the guest runs on. `kill`
 //! stops the VM (exit status 137).
 
+mod arch;
 mod target;
 mod user;
 

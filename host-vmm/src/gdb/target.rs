@@ -22,12 +22,11 @@ use gdbstub::target::ext::breakpoints::{
 };
 use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
-use gdbstub_arch::x86::X86_64_SSE;
-use gdbstub_arch::x86::reg::X86_64CoreRegs;
 use kvm_bindings::{
     KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
 };
 
+use super::arch::{self, Regs, X86_64Pvkit};
 use super::user::{self, BP_VECTOR, DB_VECTOR, FRAME_LEN, IRETQ, TF, TrapFrame};
 use super::{DR6_BS, DebugConfig, GuestEvent, StopEvent};
 use crate::machine::Machine;
@@ -719,7 +718,7 @@ impl GdbTarget {
 }
 
 impl Target for GdbTarget {
-    type Arch = X86_64_SSE;
+    type Arch = X86_64Pvkit;
     type Error = String;
 
     fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
@@ -741,37 +740,59 @@ impl Target for GdbTarget {
 }
 
 impl SingleThreadBase for GdbTarget {
-    fn read_registers(&mut self, regs: &mut X86_64CoreRegs) -> TargetResult<(), Self> {
+    fn read_registers(&mut self, regs: &mut Regs) -> TargetResult<(), Self> {
         let r = self.vcpu.regs().map_err(control_error)?;
         let s = self.vcpu.sregs().map_err(control_error)?;
-        regs.regs = [
+        let core = &mut regs.core;
+        core.regs = [
             r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
             r.r12, r.r13, r.r14, r.r15,
         ];
-        regs.eflags = r.rflags as u32;
-        regs.rip = r.rip;
-        regs.segments.cs = u32::from(s.cs.selector);
-        regs.segments.ss = u32::from(s.ss.selector);
-        regs.segments.ds = u32::from(s.ds.selector);
-        regs.segments.es = u32::from(s.es.selector);
-        regs.segments.fs = u32::from(s.fs.selector);
-        regs.segments.gs = u32::from(s.gs.selector);
+        core.eflags = r.rflags as u32;
+        core.rip = r.rip;
+        core.segments.cs = u32::from(s.cs.selector);
+        core.segments.ss = u32::from(s.ss.selector);
+        core.segments.ds = u32::from(s.ds.selector);
+        core.segments.es = u32::from(s.es.selector);
+        core.segments.fs = u32::from(s.fs.selector);
+        core.segments.gs = u32::from(s.gs.selector);
+        regs.fs_base = s.fs.base;
+        regs.gs_base = s.gs.base;
+        // x87 and SSE: the legacy region of the XSAVE area.
+        let xsave = self.vcpu.xsave().map_err(control_error)?;
+        let mut fx = [0u8; 512];
+        for (bytes, word) in fx.chunks_exact_mut(4).zip(xsave.region.iter()) {
+            bytes.copy_from_slice(&word.to_le_bytes());
+        }
+        arch::fill_fpu(core, &fx);
         Ok(())
     }
 
-    fn write_registers(&mut self, regs: &X86_64CoreRegs) -> TargetResult<(), Self> {
+    fn write_registers(&mut self, regs: &Regs) -> TargetResult<(), Self> {
+        // x87/SSE writes would need KVM_SET_XSAVE or KVM_SET_FPU, which the vCPU thread's
+        // seccomp filter does not allow: refused, with everything else left as it was.
+        let mut current = Regs::default();
+        self.read_registers(&mut current)?;
+        if arch::fpu_differs(&current.core, &regs.core) {
+            eprintln!(
+                "host-vmm: gdb: x87/SSE registers are read-only (the vCPU thread's seccomp \
+                 filter allows no KVM_SET_FPU or KVM_SET_XSAVE)"
+            );
+            return Err(TargetError::NonFatal);
+        }
         let mut r = self.vcpu.regs().map_err(control_error)?;
-        let g = regs.regs;
+        let g = regs.core.regs;
         (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp) =
             (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]);
         (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
             (g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
-        r.rflags = (r.rflags & !0xffff_ffff) | u64::from(regs.eflags);
-        r.rip = regs.rip;
+        r.rflags = (r.rflags & !0xffff_ffff) | u64::from(regs.core.eflags);
+        r.rip = regs.core.rip;
         self.vcpu.set_regs(&r).map_err(control_error)?;
-        // Segment selectors: only a changed one is written (its cached descriptor stays).
+        // Segment selectors: only a changed one is written (its cached descriptor stays);
+        // likewise the FS and GS bases.
         let mut s = self.vcpu.sregs().map_err(control_error)?;
-        let seg = &regs.segments;
+        let seg = &regs.core.segments;
         let mut changed = false;
         for (sreg, want) in [
             (&mut s.cs, seg.cs),
@@ -783,6 +804,12 @@ impl SingleThreadBase for GdbTarget {
         ] {
             if u32::from(sreg.selector) != want {
                 sreg.selector = want as u16;
+                changed = true;
+            }
+        }
+        for (sreg, want) in [(&mut s.fs, regs.fs_base), (&mut s.gs, regs.gs_base)] {
+            if sreg.base != want {
+                sreg.base = want;
                 changed = true;
             }
         }
