@@ -164,6 +164,10 @@ pub struct GdbTarget {
     catches: BTreeMap<u64, (u8, u64, u8)>,
     /// A single-step at CPL 3 in progress (by RFLAGS.TF): whether the stub set TF for it.
     user_step: Option<bool>,
+    /// A TF the stub set is still somewhere in the guest (in the user RFLAGS, or in a frame the
+    /// kernel will `iretq` to, when the step trapped into the kernel and stopped there): its
+    /// `#DB` stays caught, and is dropped unless a step waits for it.
+    tf_planted: bool,
     /// A single-step the stub makes for itself before going on as gdb asked.
     internal: Option<Internal>,
     /// A stop reached without running the guest (a step over an `iretq` into CPL 3).
@@ -231,6 +235,7 @@ impl GdbTarget {
             ended: None,
             catches: BTreeMap::new(),
             user_step: None,
+            tf_planted: false,
             internal: None,
             pending: None,
         }
@@ -325,6 +330,7 @@ impl GdbTarget {
                 r.rflags |= TF;
                 self.vcpu.set_regs(&r).map_err(control_error)?;
                 self.user_step = Some(added);
+                self.tf_planted |= added;
                 kvm_step = false;
             } else if self.read_virt(r.rip, 2)? == Some(IRETQ.to_vec())
                 && let Some(frame) = self.frame(r.rsp)?
@@ -399,7 +405,7 @@ impl GdbTarget {
         if !self.sw.is_empty() {
             vectors.push(BP_VECTOR);
         }
-        if self.user_step.is_some() {
+        if self.user_step.is_some() || self.tf_planted {
             vectors.push(DB_VECTOR);
         }
         vectors.retain(|&v| idt_covers(s, v));
@@ -532,7 +538,20 @@ impl GdbTarget {
                 && self.return_to(&frame, frame.rip, added)?
             {
                 self.user_step = None;
+                self.tf_planted = false;
                 return Ok(Seen::Report(SingleThreadStopReason::DoneStep));
+            }
+            if vector == DB_VECTOR
+                && self.tf_planted
+                && frame.rflags & TF != 0
+                && self.return_to(&frame, frame.rip, true)?
+            {
+                // The stub's TF from an earlier step, back in CPL 3: dropped, the guest goes on.
+                self.tf_planted = false;
+                let s = self.vcpu.sregs().map_err(control_error)?;
+                self.arm(&s)?;
+                self.vcpu.resume();
+                return Ok(Seen::Resumed);
             }
         }
         // The guest's own #BP or #DB: its handler runs.
