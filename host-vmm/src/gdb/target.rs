@@ -566,6 +566,11 @@ impl GdbTarget {
     /// Ends the session: removes the breakpoints, switches guest debugging off and lets the
     /// guest run on.
     pub(super) fn detach(&mut self) {
+        // A running guest is stopped first, so no `int3` (gdb's or the hidden ones on its
+        // handlers) stays behind in its memory.
+        if !self.sw.is_empty() || !self.catches.is_empty() {
+            let _ = self.vcpu.pause(INTERRUPT_TIMEOUT);
+        }
         if self.vcpu.is_paused() {
             self.disarm();
             let patches: Vec<(u64, u8)> = self.sw.values().copied().collect();
