@@ -201,6 +201,13 @@ impl Vcpu {
         self.fd.set_sregs(sregs).map_err(Error::kvm("set sregs"))
     }
 
+    /// The XSAVE area (`KVM_GET_XSAVE`; its first 4 KiB), for the gdb stub's x87/SSE registers.
+    pub fn xsave(&self) -> Result<Box<kvm_xsave>> {
+        Ok(Box::new(
+            self.fd.get_xsave().map_err(Error::kvm("get XSAVE"))?,
+        ))
+    }
+
     /// Sets KVM's guest debugging (`KVM_SET_GUEST_DEBUG`): breakpoints, debug registers and
     /// single-step, for the gdb stub ([`crate::gdb`]). Call it between two exits.
     pub fn set_guest_debug(&self, debug: &kvm_bindings::kvm_guest_debug) -> Result<()> {
@@ -468,6 +475,7 @@ impl Vcpu {
             Request::Sregs => Reply::Sregs(self.sregs()),
             Request::SetSregs(s) => Reply::Done(self.set_sregs(&s)),
             Request::SaveState => Reply::State(Box::new(self.save_state())),
+            Request::Xsave => Reply::Xsave(self.xsave()),
             Request::Job(job) => Reply::Job(job(context)),
         }
     }
@@ -502,6 +510,7 @@ enum Request {
     Sregs,
     SetSregs(kvm_sregs),
     SaveState,
+    Xsave,
     Job(Job),
 }
 
@@ -513,6 +522,7 @@ impl std::fmt::Debug for Request {
             Request::Sregs => "Sregs",
             Request::SetSregs(_) => "SetSregs",
             Request::SaveState => "SaveState",
+            Request::Xsave => "Xsave",
             Request::Job(_) => "Job",
         })
     }
@@ -524,6 +534,7 @@ enum Reply {
     Sregs(Result<kvm_sregs>),
     Done(Result<()>),
     State(Box<Result<VcpuState>>),
+    Xsave(Result<Box<kvm_xsave>>),
     Job(Box<dyn Any + Send>),
 }
 
@@ -648,6 +659,14 @@ impl VcpuHandle {
         match self.call(Request::SetSregs(*sregs))? {
             Reply::Done(r) => Ok(r?),
             _ => unreachable!("a SetSregs request gets a Done reply"),
+        }
+    }
+
+    /// The XSAVE area of the paused vCPU ([`Vcpu::xsave`]).
+    pub fn xsave(&self) -> std::result::Result<Box<kvm_xsave>, ControlError> {
+        match self.call(Request::Xsave)? {
+            Reply::Xsave(r) => Ok(r?),
+            _ => unreachable!("an Xsave request gets an Xsave reply"),
         }
     }
 

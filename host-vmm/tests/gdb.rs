@@ -436,3 +436,224 @@ continue
     assert_eq!(status.code(), Some(0), "{all}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The `PVKIT-RESULT` line of a run's stdout.
+fn result_line(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find(|l| l.starts_with("PVKIT-RESULT"))
+        .unwrap_or_else(|| panic!("no PVKIT-RESULT line in {stdout:?}"))
+        .to_string()
+}
+
+/// The same kernel, workload and arguments without a debugger: its result line.
+fn undebugged_result(kernel: &Path, mode: &str, workload: &str, args: &[&str]) -> String {
+    let out = common::host_vmm(
+        &[
+            &["run", kernel.to_str().unwrap(), "--mode", mode],
+            &["--workload", workload, "--timeout", "60s", "--"][..],
+            args,
+        ]
+        .concat(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    result_line(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// CPL 3 code (`guest_pv::cpu::run_user`, the `cpl3` workload), where this host's KVM
+/// intercepts neither `int3`, debug registers nor single-steps: a `stepi` over `enter_user`'s
+/// `iretq` stops at the first CPL 3 instruction; a breakpoint in the workload's CPL 3 closure
+/// and one in the `ud2` service stub stop there with CS RPL 3; `next` and `stepi` work there;
+/// the guest then runs to its exit with the checksum of an undebugged run.
+fn cpl3_session(mode: &str) {
+    require_kvm();
+    require_gdb();
+    let (dir, kernel) = scratch(&format!("{mode}-cpl3"));
+    let expected = undebugged_result(&kernel, mode, "cpl3", &[]);
+    let vm = start_vm(&kernel, mode, "127.0.0.1:0", &["--workload", "cpl3"]);
+    let script = dir.join("cpl3.gdb");
+    std::fs::write(
+        &script,
+        "rbreak ^guest_pv::cpu::trap::enter_user
+continue
+delete
+set language c
+set $n = 0
+while (*(unsigned short *)$pc != 0xcf48 && $n < 100)
+  stepi
+  set $n = $n + 1
+end
+printf \"IRETQ at %#lx\\n\", $pc
+stepi
+printf \"ENTERED at %#lx cs=%#lx\\n\", $pc, $cs
+set language auto
+break 'trampoline<guest_demo_kernel::workloads::cpl3::run::{closure_env#0}>'
+continue
+printf \"CLOSURE at %#lx cs=%#lx\\n\", $pc, $cs
+info registers cs
+next
+printf \"NEXT at %#lx cs=%#lx\\n\", $pc, $cs
+rbreak ^guest_pv::cpu::trap::service_stub
+continue
+continue
+printf \"STUB at %#lx cs=%#lx\\n\", $pc, $cs
+stepi
+printf \"STEPPED at %#lx cs=%#lx\\n\", $pc, $cs
+delete
+continue
+",
+    )
+    .unwrap();
+    let source = format!("source {}", script.display());
+    let out = gdb(&kernel, &vm.addr, &[&source]);
+    let (status, stdout, stderr) = finish(vm);
+    let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    // `TAG 0x… cs=0x…`: the address and CS.
+    let line = |tag: &str| -> (u64, u64) {
+        let rest = out
+            .lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .unwrap_or_else(|| panic!("no {tag:?} line\n{all}"));
+        let hex = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap();
+        let mut words = rest.split_whitespace();
+        let addr = hex(words.next().unwrap());
+        let cs = words
+            .next()
+            .and_then(|w| w.strip_prefix("cs="))
+            .map(hex)
+            .unwrap_or(u64::MAX);
+        (addr, cs)
+    };
+    let (iretq, _) = line("IRETQ at ");
+    let (entered, cs) = line("ENTERED at ");
+    assert_eq!(cs & 3, 3, "the step over iretq ended at CPL 3\n{all}");
+    assert_ne!(entered, iretq + 2, "it went where the frame said\n{all}");
+    let (closure, cs) = line("CLOSURE at ");
+    assert_eq!(
+        cs & 3,
+        3,
+        "the breakpoint in CPL 3 code stopped there\n{all}"
+    );
+    assert!(
+        out.contains("Breakpoint 2, "),
+        "gdb saw it as its breakpoint\n{all}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("cs ") && l.contains("0x23")),
+        "info registers shows the user CS\n{all}"
+    );
+    let (next, cs) = line("NEXT at ");
+    assert_eq!(cs & 3, 3, "{all}");
+    assert_ne!(next, closure, "next moved on\n{all}");
+    let (stub, cs) = line("STUB at ");
+    assert_eq!(cs & 3, 3, "{all}");
+    let (stepped, cs) = line("STEPPED at ");
+    assert_eq!(cs & 3, 3, "{all}");
+    assert_ne!(stepped, stub, "{all}");
+    assert!(out.contains("exited normally"), "{all}");
+    assert_eq!(status.code(), Some(0), "{all}");
+    assert_eq!(
+        result_line(&stdout),
+        expected,
+        "debugging did not change the guest's result\n{all}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn cpl3_code_can_be_debugged_pv() {
+    cpl3_session("pv");
+}
+
+#[test]
+fn cpl3_code_can_be_debugged_trapped() {
+    cpl3_session("trapped");
+}
+
+/// The `pagetable` workload runs its manager at CPL 3 and calls kernel services (`ud2`):
+/// breakpoints in the service stub stop there, and the guest's result is that of an undebugged
+/// run.
+#[test]
+fn breakpoints_in_the_pagetable_workloads_cpl3_code() {
+    require_kvm();
+    require_gdb();
+    let (dir, kernel) = scratch("pv-pagetable");
+    let expected = undebugged_result(&kernel, "pv", "pagetable", &[]);
+    let vm = start_vm(&kernel, "pv", "127.0.0.1:0", &["--workload", "pagetable"]);
+    let out = gdb(
+        &kernel,
+        &vm.addr,
+        &[
+            "rbreak ^guest_pv::cpu::trap::service_stub",
+            "continue",
+            "continue",
+            "continue",
+            "info registers rip cs",
+            "delete",
+            "continue",
+        ],
+    );
+    let (status, stdout, stderr) = finish(vm);
+    let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    assert_eq!(out.matches("Breakpoint 1, ").count(), 3, "{all}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("cs ") && l.contains("0x23")),
+        "{all}"
+    );
+    assert!(out.contains("exited normally"), "{all}");
+    assert_eq!(status.code(), Some(0), "{all}");
+    assert_eq!(result_line(&stdout), expected, "{all}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// x87/SSE registers come from the vCPU's XSAVE area (MXCSR and the x87 control word have
+/// their reset values at `kmain`; writes are refused: the vCPU thread's seccomp filter allows
+/// no KVM_SET_XSAVE or KVM_SET_FPU); `fs_base` and `gs_base` are read and written.
+#[test]
+fn fpu_sse_and_segment_base_registers() {
+    require_kvm();
+    require_gdb();
+    let (dir, kernel) = scratch("fpu");
+    let vm = start_vm(&kernel, "trapped", "127.0.0.1:0", &[]);
+    let out = gdb(
+        &kernel,
+        &vm.addr,
+        &[
+            "break kmain",
+            "continue",
+            "printf \"MXCSR %#x FCTRL %#x\\n\", $mxcsr, $fctrl",
+            "info registers xmm0",
+            "set $fs_base = 0x123000",
+            "maint flush register-cache",
+            "printf \"FS_BASE %#lx GS_BASE %#lx\\n\", $fs_base, $gs_base",
+            "set $fs_base = 0",
+            "set $xmm0.uint128 = 5",
+            "maint flush register-cache",
+            "printf \"XMM0 %#lx\\n\", $xmm0.v2_int64[0]",
+            "delete",
+            "continue",
+        ],
+    );
+    let (status, stdout, stderr) = finish(vm);
+    let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    assert!(
+        out.contains("MXCSR 0x1f80 FCTRL 0x37f"),
+        "MXCSR and FCW have their reset values\n{all}"
+    );
+    assert!(out.contains("xmm0 "), "{all}");
+    assert!(
+        out.contains("FS_BASE 0x123000 GS_BASE 0\n"),
+        "fs_base written and read back\n{all}"
+    );
+    assert!(
+        out.contains("Could not write registers"),
+        "an xmm write is refused\n{all}"
+    );
+    assert!(out.contains("XMM0 0\n"), "and changes nothing\n{all}");
+    assert!(stderr.contains("x87/SSE registers are read-only"), "{all}");
+    assert!(out.contains("exited normally"), "{all}");
+    assert_eq!(status.code(), Some(0), "{all}");
+    let _ = std::fs::remove_dir_all(dir);
+}

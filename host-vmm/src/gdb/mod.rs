@@ -28,11 +28,23 @@
 //! on` switches to guest-physical addresses. Pool frames can be read, not written (they change
 //! only through the validator).
 //!
+//! # Registers
+//!
+//! `arch.rs`: gdbstub_arch's x86-64 registers plus `fs_base`/`gs_base`; x87/SSE come from the
+//! vCPU's XSAVE area and are read-only (the vCPU filter allows no `KVM_SET_XSAVE`).
+//!
+//! # CPL 3
+//!
+//! KVM's debug intercepts do not reach CPL 3 on pvkit's hosts; `user.rs` describes how the stub
+//! catches the guest's own `#BP`/`#DB` delivery instead.
+//!
 //! A client that disconnects (or sends what gdbstub cannot parse) ends the session: the
 //! breakpoints are removed, guest debugging is switched off and the guest runs on. `kill`
 //! stops the VM (exit status 137).
 
+mod arch;
 mod target;
+mod user;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -22,13 +22,13 @@ use gdbstub::target::ext::breakpoints::{
 };
 use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
-use gdbstub_arch::x86::X86_64_SSE;
-use gdbstub_arch::x86::reg::X86_64CoreRegs;
 use kvm_bindings::{
     KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
 };
 
-use super::{DebugConfig, GuestEvent, StopEvent};
+use super::arch::{self, Regs, X86_64Pvkit};
+use super::user::{self, BP_VECTOR, DB_VECTOR, FRAME_LEN, IRETQ, TF, TrapFrame};
+use super::{DR6_BS, DebugConfig, GuestEvent, StopEvent};
 use crate::machine::Machine;
 use crate::sync::lock;
 use crate::vcpu::{ControlError, VcpuHandle};
@@ -36,6 +36,9 @@ use crate::vcpu::{ControlError, VcpuHandle};
 const PAGE: u64 = 4096;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const INT3: u8 = 0xcc;
+const HLT: u8 = 0xf4;
+/// How many instructions the stub steps, at most, waiting for the guest to load an IDT.
+const IDT_STEPS: u32 = 200_000;
 /// How long an interrupt (Ctrl-C) waits for the vCPU to stop.
 const INTERRUPT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -155,6 +158,55 @@ pub struct GdbTarget {
     ended: Option<GuestEvent>,
     /// The fault the vCPU stopped at ([`super::VcpuLink::fault`]).
     fault: Arc<Mutex<Option<String>>>,
+    /// Hidden `int3`s on the guest's `#BP`/`#DB` handler entries, for CPL 3 (see
+    /// [`super::user`]); set only while the guest runs: handler address -> (vector, physical
+    /// address, the byte under the `int3`).
+    catches: BTreeMap<u64, (u8, u64, u8)>,
+    /// A single-step at CPL 3 in progress (by RFLAGS.TF): whether the stub set TF for it.
+    user_step: Option<bool>,
+    /// A TF the stub set is still somewhere in the guest (in the user RFLAGS, or in a frame the
+    /// kernel will `iretq` to, when the step trapped into the kernel and stopped there): its
+    /// `#DB` stays caught, and is dropped unless a step waits for it.
+    tf_planted: bool,
+    /// A single-step the stub makes for itself before going on as gdb asked.
+    internal: Option<Internal>,
+    /// A stop reached without running the guest (a step over an `iretq` into CPL 3).
+    pending: Option<SingleThreadStopReason<u64>>,
+}
+
+/// A single-step of the stub's own, then the guest goes on (`step`: as gdb's single-step).
+#[derive(Debug, Clone, Copy)]
+enum Internal {
+    /// Over the first instruction of a handler whose `#BP`/`#DB` was the guest's own (its
+    /// hidden `int3` lifted).
+    StepOver { step: bool },
+    /// Until the guest loads an IDT: breakpoints in CPL 3 code need its `#BP` handler. Given
+    /// up at a `hlt` (a step would not halt) and after [`IDT_STEPS`] steps.
+    UntilIdt { step: bool, steps: u32 },
+}
+
+/// What the stub made of a stop.
+enum Seen {
+    /// Report this to gdb.
+    Report(SingleThreadStopReason<u64>),
+    /// The stub resumed the guest itself (nothing to report).
+    Resumed,
+    /// An ordinary stop: [`GdbTarget::stop_reason`].
+    Ordinary,
+}
+
+/// Whether the guest has an IDT with a gate for `vector`.
+fn idt_covers(s: &kvm_bindings::kvm_sregs, vector: u8) -> bool {
+    s.idt.base != 0 && u64::from(s.idt.limit) >= u64::from(vector) * 16 + 15
+}
+
+/// A [`TargetError`] as text (it implements neither `Debug` nor `Display`).
+fn describe(e: &TargetError<String>) -> String {
+    match e {
+        TargetError::Fatal(what) => what.clone(),
+        TargetError::Errno(n) => format!("errno {n}"),
+        _ => "error".into(),
+    }
 }
 
 fn control_error(e: ControlError) -> TargetError<String> {
@@ -181,6 +233,11 @@ impl GdbTarget {
             phys: false,
             stepping: false,
             ended: None,
+            catches: BTreeMap::new(),
+            user_step: None,
+            tf_planted: false,
+            internal: None,
+            pending: None,
         }
     }
 
@@ -237,20 +294,285 @@ impl GdbTarget {
 
     fn go(&mut self, step: bool) {
         self.stepping = step;
-        self.apply(step);
+        self.user_step = None;
+        self.internal = None;
         // Stops reported before an interrupt took over are stale now; an end never is.
         while let Ok(ev) = self.events.try_recv() {
             if !matches!(ev, GuestEvent::Stopped(_)) {
                 self.ended = Some(ev);
             }
         }
+        match self.prepare(step) {
+            Ok(Some(stop)) => self.pending = Some(stop),
+            Ok(None) => self.vcpu.resume(),
+            Err(e) => {
+                eprintln!("host-vmm: gdb: {}", describe(&e));
+                self.apply(step);
+                self.vcpu.resume();
+            }
+        }
+    }
+
+    /// Sets up a continue or step (see [`super::user`] for CPL 3): a step at CPL 3 by
+    /// RFLAGS.TF, a step over an `iretq` into CPL 3 done here (the stop it returns), the hidden
+    /// `#BP`/`#DB` catches armed, and KVM's settings.
+    fn prepare(
+        &mut self,
+        step: bool,
+    ) -> Result<Option<SingleThreadStopReason<u64>>, TargetError<String>> {
+        let mut kvm_step = step;
+        if step {
+            let s = self.vcpu.sregs().map_err(control_error)?;
+            let mut r = self.vcpu.regs().map_err(control_error)?;
+            if s.cs.selector & 3 == 3 {
+                // KVM's single-step does not reach CPL 3 here: the guest's own TF does.
+                let added = r.rflags & TF == 0;
+                r.rflags |= TF;
+                self.vcpu.set_regs(&r).map_err(control_error)?;
+                self.user_step = Some(added);
+                self.tf_planted |= added;
+                kvm_step = false;
+            } else if self.read_virt(r.rip, 2)? == Some(IRETQ.to_vec())
+                && let Some(frame) = self.frame(r.rsp)?
+                && frame.is_user()
+                && self.return_to(&frame, frame.rip, false)?
+            {
+                return Ok(Some(SingleThreadStopReason::DoneStep));
+            }
+        }
+        let s = self.vcpu.sregs().map_err(control_error)?;
+        if !self.sw.is_empty() && !idt_covers(&s, BP_VECTOR) && !step {
+            // No IDT yet: step (at CPL 0, where KVM's single-step works) until there is one.
+            self.internal = Some(Internal::UntilIdt { step, steps: 0 });
+            kvm_step = true;
+        } else {
+            self.arm(&s)?;
+        }
+        self.apply(kvm_step);
+        Ok(None)
+    }
+
+    /// Reads `len` bytes at guest-virtual `addr` (all of them or none).
+    fn read_virt(&self, addr: u64, len: usize) -> Result<Option<Vec<u8>>, TargetError<String>> {
+        let paging = self.paging()?;
+        self.vcpu
+            .with_parked(move |m: &mut Machine| {
+                let mut buf = vec![0u8; len];
+                (read_mem(m, paging, addr, &mut buf) == len).then_some(buf)
+            })
+            .map_err(control_error)
+    }
+
+    /// The interrupt frame at `rsp`.
+    fn frame(&self, rsp: u64) -> Result<Option<TrapFrame>, TargetError<String>> {
+        Ok(self
+            .read_virt(rsp, FRAME_LEN)?
+            .and_then(|b| TrapFrame::parse(&b)))
+    }
+
+    /// Returns the vCPU to `frame` at `rip` ([`user::returned`]); false if the frame's
+    /// selectors are not in the GDT.
+    fn return_to(
+        &self,
+        frame: &TrapFrame,
+        rip: u64,
+        clear_tf: bool,
+    ) -> Result<bool, TargetError<String>> {
+        let s = self.vcpu.sregs().map_err(control_error)?;
+        let r = self.vcpu.regs().map_err(control_error)?;
+        let desc = |sel: u64| -> Result<Option<u64>, TargetError<String>> {
+            let at = sel & !7;
+            if sel & 4 != 0 || at == 0 || at + 7 > u64::from(s.gdt.limit) {
+                return Ok(None);
+            }
+            Ok(self
+                .read_virt(s.gdt.base + at, 8)?
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))))
+        };
+        let (Some(cs), Some(ss)) = (desc(frame.cs)?, desc(frame.ss)?) else {
+            return Ok(false);
+        };
+        let (r, s) = user::returned(&r, &s, frame, rip, (cs, ss), clear_tf);
+        self.vcpu.set_sregs(&s).map_err(control_error)?;
+        self.vcpu.set_regs(&r).map_err(control_error)?;
+        Ok(true)
+    }
+
+    /// Puts the hidden `int3`s on the guest's `#BP` handler (while gdb has breakpoints) and
+    /// `#DB` handler (during a CPL 3 step), if the guest has an IDT.
+    fn arm(&mut self, s: &kvm_bindings::kvm_sregs) -> Result<(), TargetError<String>> {
+        let mut vectors = Vec::new();
+        if !self.sw.is_empty() {
+            vectors.push(BP_VECTOR);
+        }
+        if self.user_step.is_some() || self.tf_planted {
+            vectors.push(DB_VECTOR);
+        }
+        vectors.retain(|&v| idt_covers(s, v));
+        if vectors.is_empty() {
+            return Ok(());
+        }
+        let paging = self.paging()?;
+        let idt = s.idt.base;
+        let taken: Vec<u64> = self.sw.keys().chain(self.catches.keys()).copied().collect();
+        let armed = self
+            .vcpu
+            .with_parked(move |m: &mut Machine| {
+                let mut armed = Vec::new();
+                for v in vectors {
+                    let mut gate = [0u8; 16];
+                    if read_mem(m, paging, idt + u64::from(v) * 16, &mut gate) != 16 {
+                        continue;
+                    }
+                    let Some(handler) = user::gate_handler(&gate) else {
+                        continue;
+                    };
+                    // A gdb breakpoint there already stops it.
+                    if taken.contains(&handler) {
+                        continue;
+                    }
+                    let Some(pa) = to_phys(m, paging, handler) else {
+                        continue;
+                    };
+                    let mut orig = [0u8];
+                    if m.debug_read(pa, &mut orig) && m.debug_write(pa, &[INT3]) {
+                        armed.push((handler, (v, pa, orig[0])));
+                    }
+                }
+                armed
+            })
+            .map_err(control_error)?;
+        self.catches.extend(armed);
+        Ok(())
+    }
+
+    /// Lifts the hidden `int3`s (at every stop: gdb sees the guest's own bytes).
+    pub(super) fn disarm(&mut self) {
+        if self.catches.is_empty() {
+            return;
+        }
+        let patches: Vec<(u64, u8)> = self.catches.values().map(|&(_, pa, b)| (pa, b)).collect();
+        self.catches.clear();
+        let _ = self.vcpu.with_parked(move |m: &mut Machine| {
+            for (pa, orig) in patches {
+                m.debug_write(pa, &[orig]);
+            }
+        });
+    }
+
+    /// After a Ctrl-C: the stub's own business is dropped (the hidden `int3`s lifted, the TF
+    /// of a CPL 3 step cleared if the vCPU is still where the step began).
+    fn interrupted(&mut self) {
+        self.disarm();
+        self.internal = None;
+        if self.user_step.take() == Some(true)
+            && let Ok(mut r) = self.vcpu.regs()
+            && self.vcpu.sregs().is_ok_and(|s| s.cs.selector & 3 == 3)
+        {
+            r.rflags &= !TF;
+            let _ = self.vcpu.set_regs(&r);
+        }
+    }
+
+    /// Looks at a stop for the stub's own business: the hidden `#BP`/`#DB` catches and its
+    /// internal steps (see [`super::user`]).
+    fn see(&mut self, ev: &StopEvent) -> Result<Seen, TargetError<String>> {
+        let r = self.vcpu.regs().map_err(control_error)?;
+        let stepped = matches!(ev, StopEvent::Debug(d) if d.dr6 & DR6_BS != 0 && d.dr6 & 0xf == 0);
+        if let Some(internal) = self.internal.take()
+            && stepped
+        {
+            match internal {
+                Internal::StepOver { step } => {
+                    self.internal = None;
+                    self.stepping = step;
+                    let s = self.vcpu.sregs().map_err(control_error)?;
+                    self.arm(&s)?;
+                    self.apply(step);
+                }
+                Internal::UntilIdt { step, steps } => {
+                    let s = self.vcpu.sregs().map_err(control_error)?;
+                    let halts = self.read_virt(r.rip, 1)? == Some(vec![HLT]);
+                    if idt_covers(&s, BP_VECTOR) {
+                        self.arm(&s)?;
+                        self.apply(step);
+                    } else if halts || steps >= IDT_STEPS {
+                        eprintln!(
+                            "host-vmm: gdb: the guest has loaded no IDT after {steps} \
+                             instructions; a breakpoint in CPL 3 code now reaches it as #BP"
+                        );
+                        self.apply(step);
+                    } else {
+                        self.internal = Some(Internal::UntilIdt {
+                            step,
+                            steps: steps + 1,
+                        });
+                    }
+                }
+            }
+            self.vcpu.resume();
+            return Ok(Seen::Resumed);
+        }
+        let at_int3 = match ev {
+            StopEvent::Debug(d) => d.exception == 3,
+            StopEvent::Fault(what) => what.contains("KVM_EXIT_INTERNAL_ERROR"),
+        };
+        let Some(&(vector, _, _)) = self.catches.get(&r.rip).filter(|_| at_int3) else {
+            return Ok(Seen::Ordinary);
+        };
+        self.disarm();
+        // The hidden `int3` is no fault of the guest's.
+        lock(&self.fault).take();
+        let frame = self.frame(r.rsp)?.filter(TrapFrame::is_user);
+        if let Some(frame) = frame {
+            let bp = frame.rip.wrapping_sub(1);
+            if vector == BP_VECTOR
+                && self.sw.contains_key(&bp)
+                && self.return_to(&frame, bp, false)?
+            {
+                self.user_step = None;
+                return Ok(Seen::Report(SingleThreadStopReason::SwBreak(())));
+            }
+            if vector == DB_VECTOR
+                && let Some(added) = self.user_step
+                && self.return_to(&frame, frame.rip, added)?
+            {
+                self.user_step = None;
+                self.tf_planted = false;
+                return Ok(Seen::Report(SingleThreadStopReason::DoneStep));
+            }
+            if vector == DB_VECTOR
+                && self.tf_planted
+                && frame.rflags & TF != 0
+                && self.return_to(&frame, frame.rip, true)?
+            {
+                // The stub's TF from an earlier step, back in CPL 3: dropped, the guest goes on.
+                self.tf_planted = false;
+                let s = self.vcpu.sregs().map_err(control_error)?;
+                self.arm(&s)?;
+                self.vcpu.resume();
+                return Ok(Seen::Resumed);
+            }
+        }
+        // The guest's own #BP or #DB: its handler runs.
+        self.internal = Some(Internal::StepOver {
+            step: self.stepping,
+        });
+        self.apply(true);
         self.vcpu.resume();
+        Ok(Seen::Resumed)
     }
 
     /// Ends the session: removes the breakpoints, switches guest debugging off and lets the
     /// guest run on.
     pub(super) fn detach(&mut self) {
+        // A running guest is stopped first, so no `int3` (gdb's or the hidden ones on its
+        // handlers) stays behind in its memory.
+        if !self.sw.is_empty() || !self.catches.is_empty() {
+            let _ = self.vcpu.pause(INTERRUPT_TIMEOUT);
+        }
         if self.vcpu.is_paused() {
+            self.disarm();
             let patches: Vec<(u64, u8)> = self.sw.values().copied().collect();
             let _ = self.vcpu.with_parked(move |m: &mut Machine| {
                 for (pa, orig) in patches {
@@ -314,16 +636,27 @@ impl GdbTarget {
 
     /// The stop the run loop reported, once the vCPU is parked (or the run's end).
     fn poll_stop(&mut self, wait: Duration) -> Option<SingleThreadStopReason<u64>> {
+        if let Some(stop) = self.pending.take() {
+            return Some(stop);
+        }
         if let Some(ev) = self.ended.take() {
             return Some(self.stop_reason(ev));
         }
         match self.events.recv_timeout(wait) {
-            Ok(ev) => {
-                if matches!(ev, GuestEvent::Stopped(_)) {
-                    let _ = self.vcpu.wait_paused(INTERRUPT_TIMEOUT);
+            Ok(GuestEvent::Stopped(stop)) => {
+                let _ = self.vcpu.wait_paused(INTERRUPT_TIMEOUT);
+                match self.see(&stop) {
+                    Ok(Seen::Resumed) => return None,
+                    Ok(Seen::Report(reason)) => return Some(reason),
+                    Ok(Seen::Ordinary) => {}
+                    Err(e) => eprintln!("host-vmm: gdb: {}", describe(&e)),
                 }
-                Some(self.stop_reason(ev))
+                self.internal = None;
+                self.user_step = None;
+                self.disarm();
+                Some(self.stop_reason(GuestEvent::Stopped(stop)))
             }
+            Ok(ev) => Some(self.stop_reason(ev)),
             Err(RecvTimeoutError::Timeout) if self.vcpu.is_ended() => {
                 // Ended without an exit or fault of the guest (a KVM error, a stop).
                 match self.events.try_recv() {
@@ -356,12 +689,25 @@ impl GdbTarget {
             && let Some(soft) = self.hw[i]
         {
             self.hw[i] = None;
-            if !self.patch_int3(soft.addr)? {
+            if !self.sw.contains_key(&soft.addr) && !self.patch_int3(soft.addr)? {
                 self.hw[i] = Some(soft);
                 return Ok(false);
             }
         }
         Ok(self.hw_add(slot))
+    }
+
+    /// Whether CPL 3 can run code at `addr` (user-accessible at every level of the walk).
+    fn user_code(&self, addr: u64) -> TargetResult<bool, Self> {
+        let Some(p) = self.paging()? else {
+            return Ok(false);
+        };
+        self.vcpu
+            .with_parked(move |m: &mut Machine| {
+                let (pa, walked) = translate(p.cr0, p.cr3, addr, |a| read_u64(m, a));
+                pa.is_some() && !walked.is_empty() && walked.iter().all(|&(_, e)| e & 4 != 0)
+            })
+            .map_err(control_error)
     }
 
     /// Patches an `int3` at `addr`; false if it is not mapped to RAM.
@@ -396,7 +742,7 @@ impl GdbTarget {
 }
 
 impl Target for GdbTarget {
-    type Arch = X86_64_SSE;
+    type Arch = X86_64Pvkit;
     type Error = String;
 
     fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
@@ -418,37 +764,59 @@ impl Target for GdbTarget {
 }
 
 impl SingleThreadBase for GdbTarget {
-    fn read_registers(&mut self, regs: &mut X86_64CoreRegs) -> TargetResult<(), Self> {
+    fn read_registers(&mut self, regs: &mut Regs) -> TargetResult<(), Self> {
         let r = self.vcpu.regs().map_err(control_error)?;
         let s = self.vcpu.sregs().map_err(control_error)?;
-        regs.regs = [
+        let core = &mut regs.core;
+        core.regs = [
             r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
             r.r12, r.r13, r.r14, r.r15,
         ];
-        regs.eflags = r.rflags as u32;
-        regs.rip = r.rip;
-        regs.segments.cs = u32::from(s.cs.selector);
-        regs.segments.ss = u32::from(s.ss.selector);
-        regs.segments.ds = u32::from(s.ds.selector);
-        regs.segments.es = u32::from(s.es.selector);
-        regs.segments.fs = u32::from(s.fs.selector);
-        regs.segments.gs = u32::from(s.gs.selector);
+        core.eflags = r.rflags as u32;
+        core.rip = r.rip;
+        core.segments.cs = u32::from(s.cs.selector);
+        core.segments.ss = u32::from(s.ss.selector);
+        core.segments.ds = u32::from(s.ds.selector);
+        core.segments.es = u32::from(s.es.selector);
+        core.segments.fs = u32::from(s.fs.selector);
+        core.segments.gs = u32::from(s.gs.selector);
+        regs.fs_base = s.fs.base;
+        regs.gs_base = s.gs.base;
+        // x87 and SSE: the legacy region of the XSAVE area.
+        let xsave = self.vcpu.xsave().map_err(control_error)?;
+        let mut fx = [0u8; 512];
+        for (bytes, word) in fx.chunks_exact_mut(4).zip(xsave.region.iter()) {
+            bytes.copy_from_slice(&word.to_le_bytes());
+        }
+        arch::fill_fpu(core, &fx);
         Ok(())
     }
 
-    fn write_registers(&mut self, regs: &X86_64CoreRegs) -> TargetResult<(), Self> {
+    fn write_registers(&mut self, regs: &Regs) -> TargetResult<(), Self> {
+        // x87/SSE writes would need KVM_SET_XSAVE or KVM_SET_FPU, which the vCPU thread's
+        // seccomp filter does not allow: refused, with everything else left as it was.
+        let mut current = Regs::default();
+        self.read_registers(&mut current)?;
+        if arch::fpu_differs(&current.core, &regs.core) {
+            eprintln!(
+                "host-vmm: gdb: x87/SSE registers are read-only (the vCPU thread's seccomp \
+                 filter allows no KVM_SET_FPU or KVM_SET_XSAVE)"
+            );
+            return Err(TargetError::NonFatal);
+        }
         let mut r = self.vcpu.regs().map_err(control_error)?;
-        let g = regs.regs;
+        let g = regs.core.regs;
         (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp) =
             (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]);
         (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
             (g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
-        r.rflags = (r.rflags & !0xffff_ffff) | u64::from(regs.eflags);
-        r.rip = regs.rip;
+        r.rflags = (r.rflags & !0xffff_ffff) | u64::from(regs.core.eflags);
+        r.rip = regs.core.rip;
         self.vcpu.set_regs(&r).map_err(control_error)?;
-        // Segment selectors: only a changed one is written (its cached descriptor stays).
+        // Segment selectors: only a changed one is written (its cached descriptor stays);
+        // likewise the FS and GS bases.
         let mut s = self.vcpu.sregs().map_err(control_error)?;
-        let seg = &regs.segments;
+        let seg = &regs.core.segments;
         let mut changed = false;
         for (sreg, want) in [
             (&mut s.cs, seg.cs),
@@ -460,6 +828,12 @@ impl SingleThreadBase for GdbTarget {
         ] {
             if u32::from(sreg.selector) != want {
                 sreg.selector = want as u16;
+                changed = true;
+            }
+        }
+        for (sreg, want) in [(&mut s.fs, regs.fs_base), (&mut s.gs, regs.gs_base)] {
+            if sreg.base != want {
+                sreg.base = want;
                 changed = true;
             }
         }
@@ -551,23 +925,25 @@ impl SwBreakpoint for GdbTarget {
         }
         // A debug register first: it changes no guest memory, and some KVM hosts (nested ones)
         // fail to emulate an intercepted `int3` (KVM_EXIT_INTERNAL_ERROR).
-        if self.hw_add(HwSlot {
+        let in_dr = self.hw_add(HwSlot {
             addr,
             watch: None,
             len: 1,
             soft: true,
-        }) {
+        });
+        // Code CPL 3 may run is patched too: debug registers do not fire at CPL 3 on those
+        // hosts, an `int3` is caught at the guest's #BP handler ([`super::user`]).
+        if in_dr && !self.user_code(addr)? {
             return Ok(true);
         }
-        self.patch_int3(addr)
+        let patched = self.patch_int3(addr)?;
+        Ok(patched || in_dr)
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        if self.hw_remove(addr, None, true) {
-            return Ok(true);
-        }
+        let in_dr = self.hw_remove(addr, None, true);
         let Some((pa, orig)) = self.sw.remove(&addr) else {
-            return Ok(false);
+            return Ok(in_dr);
         };
         let ok = self
             .vcpu
@@ -770,7 +1146,10 @@ impl BlockingEventLoop for EventLoop {
 
     fn on_interrupt(target: &mut GdbTarget) -> Result<Option<Self::StopReason>, String> {
         match target.vcpu.pause(INTERRUPT_TIMEOUT) {
-            Ok(()) => Ok(Some(SingleThreadStopReason::Signal(Signal::SIGINT))),
+            Ok(()) => {
+                target.interrupted();
+                Ok(Some(SingleThreadStopReason::Signal(Signal::SIGINT)))
+            }
             // Ended: the end is (or will be) in the events.
             Err(ControlError::Ended) => Ok(target.poll_stop(Duration::from_millis(100))),
             Err(e) => Err(e.to_string()),
