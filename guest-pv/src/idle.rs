@@ -396,7 +396,11 @@ mod tests {
         w.polled();
         assert_eq!(w.ns(), 100_000);
         w.parked(200_000);
-        assert_eq!(w.ns(), 100_000, "came 100 µs after the poll: a full window catches it");
+        assert_eq!(
+            w.ns(),
+            100_000,
+            "came 100 µs after the poll: a full window catches it"
+        );
         w.parked(5_000_000);
         assert_eq!(w.ns(), 50_000);
         for _ in 0..4 {

@@ -9,7 +9,7 @@
 //!
 //! | kind | where it is installed | allowed beyond the [common set](#common-set) |
 //! |---|---|---|
-//! | [`ThreadKind::Vcpu`] | the `pvkit-vcpu` thread [`crate::vm::Vm::run`] starts | `ioctl` with KVM_RUN, KVM_INTERRUPT, KVM_GET/SET_REGS, KVM_GET/SET_SREGS, KVM_SET_USER_MEMORY_REGION (pool resync), KVM_SET_GUEST_DEBUG (`--gdb`) only; `openat` read-only (`/proc/self/pagemap`); `pread64` (pagemap), `getrusage`, `prctl` PR_GET/SET_TIMERSLACK, `madvise` (+ MADV_REMOVE, MADV_POPULATE_WRITE: zero hints), `clone` of threads only (`CLONE_THREAD`; `clone3` answers ENOSYS so the C library falls back to `clone`), `fcntl` F_DUPFD_CLOEXEC (eventfd copies), `eventfd2`; for the threads it starts (device workers, event device, prepare): their thread start before their own filter is in (`rseq`, `set_robust_list`, `prctl` PR_SET_NAME), installing that filter (`prctl` PR_SET_NO_NEW_PRIVS, `seccomp` SECCOMP_SET_MODE_FILTER, `capset` dropping their capabilities), and their calls (the virtio row) |
+//! | [`ThreadKind::Vcpu`] | the `pvkit-vcpu` thread [`crate::vm::Vm::run`] starts | `ioctl` with KVM_RUN, KVM_INTERRUPT, KVM_GET/SET_REGS, KVM_GET/SET_SREGS, KVM_SET_USER_MEMORY_REGION (pool resync), KVM_SET_GUEST_DEBUG and KVM_SET_XSAVE (`--gdb`) only; `openat` read-only (`/proc/self/pagemap`); `pread64` (pagemap), `getrusage`, `prctl` PR_GET/SET_TIMERSLACK, `madvise` (+ MADV_REMOVE, MADV_POPULATE_WRITE: zero hints), `clone` of threads only (`CLONE_THREAD`; `clone3` answers ENOSYS so the C library falls back to `clone`), `fcntl` F_DUPFD_CLOEXEC (eventfd copies), `eventfd2`; for the threads it starts (device workers, event device, prepare): their thread start before their own filter is in (`rseq`, `set_robust_list`, `prctl` PR_SET_NAME), installing that filter (`prctl` PR_SET_NO_NEW_PRIVS, `seccomp` SECCOMP_SET_MODE_FILTER, `capset` dropping their capabilities), and their calls (the virtio row) |
 //! | [`ThreadKind::VirtioWorker`] | each virtio device thread, at its start | `read` (queue eventfd), `lseek`, `pread64`, `pwrite64`, `readv`, `writev`, `preadv`, `pwritev`, `fsync`, `fdatasync` (the disk image) |
 //! | [`ThreadKind::EventDevice`] | the `pvkit-event-dev` scheduler, at its start | nothing more (futex waits, clock, eventfd `write`) |
 //! | [`ThreadKind::Prepare`] | the `pvkit-prepare` thread, at its start | `madvise` MADV_POPULATE_WRITE |
@@ -276,7 +276,7 @@ const IOC_WRITE: u64 = 1;
 const IOC_READ: u64 = 2;
 
 /// The vCPU thread's ioctls (the fds are not checked; the request numbers are).
-pub const VCPU_IOCTLS: [(&str, u64); 13] = [
+pub const VCPU_IOCTLS: [(&str, u64); 14] = [
     ("KVM_RUN", kvm_ioc(0, 0x80, 0)),
     (
         "KVM_GET_REGS",
@@ -322,6 +322,11 @@ pub const VCPU_IOCTLS: [(&str, u64); 13] = [
     (
         "KVM_GET_XCRS",
         kvm_ioc(IOC_READ, 0xa6, size_of::<kvm_xcrs>()),
+    ),
+    // `host-vmm run --gdb`: x87/SSE register writes.
+    (
+        "KVM_SET_XSAVE",
+        kvm_ioc(IOC_WRITE, 0xa5, size_of::<kvm_xsave>()),
     ),
     // `host-vmm run --gdb`: breakpoints and single-step, set between two exits
     // (`crate::gdb`).
@@ -641,6 +646,7 @@ mod tests {
         assert_eq!(n("KVM_GET_VCPU_EVENTS"), 0x8040_AE9F);
         assert_eq!(n("KVM_GET_DEBUGREGS"), 0x8080_AEA1);
         assert_eq!(n("KVM_GET_XSAVE"), 0x9000_AEA4);
+        assert_eq!(n("KVM_SET_XSAVE"), 0x5000_AEA5);
         assert_eq!(n("KVM_GET_XCRS"), 0x8188_AEA6);
     }
 }

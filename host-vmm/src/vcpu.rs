@@ -208,6 +208,14 @@ impl Vcpu {
         ))
     }
 
+    /// Sets the XSAVE area (`KVM_SET_XSAVE`), for the gdb stub's x87/SSE register writes.
+    pub fn set_xsave(&mut self, xsave: &kvm_xsave) -> Result<()> {
+        // SAFETY: `xsave` is a whole `kvm_xsave` read from this vCPU by `KVM_GET_XSAVE` (the
+        // gdb stub changes only the legacy x87/SSE bytes of it), so its size is what the
+        // kernel expects for this vCPU: the 4 KiB of `kvm_xsave` (`set_xsave_fits`).
+        unsafe { self.fd.set_xsave(xsave) }.map_err(Error::kvm("set XSAVE"))
+    }
+
     /// Sets KVM's guest debugging (`KVM_SET_GUEST_DEBUG`): breakpoints, debug registers and
     /// single-step, for the gdb stub ([`crate::gdb`]). Call it between two exits.
     pub fn set_guest_debug(&self, debug: &kvm_bindings::kvm_guest_debug) -> Result<()> {
@@ -476,6 +484,7 @@ impl Vcpu {
             Request::SetSregs(s) => Reply::Done(self.set_sregs(&s)),
             Request::SaveState => Reply::State(Box::new(self.save_state())),
             Request::Xsave => Reply::Xsave(self.xsave()),
+            Request::SetXsave(x) => Reply::Done(self.set_xsave(&x)),
             Request::Job(job) => Reply::Job(job(context)),
         }
     }
@@ -511,6 +520,7 @@ enum Request {
     SetSregs(kvm_sregs),
     SaveState,
     Xsave,
+    SetXsave(Box<kvm_xsave>),
     Job(Job),
 }
 
@@ -523,6 +533,7 @@ impl std::fmt::Debug for Request {
             Request::SetSregs(_) => "SetSregs",
             Request::SaveState => "SaveState",
             Request::Xsave => "Xsave",
+            Request::SetXsave(_) => "SetXsave",
             Request::Job(_) => "Job",
         })
     }
@@ -667,6 +678,14 @@ impl VcpuHandle {
         match self.call(Request::Xsave)? {
             Reply::Xsave(r) => Ok(r?),
             _ => unreachable!("an Xsave request gets an Xsave reply"),
+        }
+    }
+
+    /// Sets the XSAVE area of the paused vCPU ([`Vcpu::set_xsave`]).
+    pub fn set_xsave(&self, xsave: Box<kvm_xsave>) -> std::result::Result<(), ControlError> {
+        match self.call(Request::SetXsave(xsave))? {
+            Reply::Done(r) => Ok(r?),
+            _ => unreachable!("a SetXsave request gets a Done reply"),
         }
     }
 

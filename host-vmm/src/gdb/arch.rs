@@ -106,6 +106,33 @@ pub fn fill_fpu(core: &mut X86_64CoreRegs, fx: &[u8; 512]) {
     }
 }
 
+/// Writes the x87 and SSE registers of `core` into `fx`, the legacy (FXSAVE-layout) region of
+/// an XSAVE area: the inverse of [`fill_fpu`]. The tag word becomes the abridged form (a
+/// register is valid unless gdb's tag says empty, 3), and `fx`'s reserved bytes are left as
+/// they are.
+pub fn store_fpu(core: &X86_64CoreRegs, fx: &mut [u8; 512]) {
+    let mut put = |at: usize, bytes: &[u8]| fx[at..at + bytes.len()].copy_from_slice(bytes);
+    put(0, &(core.fpu.fctrl as u16).to_le_bytes());
+    put(2, &(core.fpu.fstat as u16).to_le_bytes());
+    let abridged: u8 = (0..8)
+        .filter(|i| (core.fpu.ftag >> (2 * i)) & 3 != 3)
+        .map(|i| 1u8 << i)
+        .sum();
+    put(4, &[abridged]);
+    put(6, &((core.fpu.fop & 0x7ff) as u16).to_le_bytes());
+    let fip = u64::from(core.fpu.fioff) | u64::from(core.fpu.fiseg) << 32;
+    let fdp = u64::from(core.fpu.fooff) | u64::from(core.fpu.foseg) << 32;
+    put(8, &fip.to_le_bytes());
+    put(16, &fdp.to_le_bytes());
+    put(24, &core.mxcsr.to_le_bytes());
+    for (i, st) in core.st.iter().enumerate() {
+        put(32 + 16 * i, st);
+    }
+    for (i, xmm) in core.xmm.iter().enumerate() {
+        put(160 + 16 * i, &xmm.to_le_bytes());
+    }
+}
+
 /// Whether two register sets differ in their x87 or SSE part.
 pub fn fpu_differs(a: &X86_64CoreRegs, b: &X86_64CoreRegs) -> bool {
     a.st != b.st || a.fpu != b.fpu || a.xmm != b.xmm || a.mxcsr != b.mxcsr
@@ -114,6 +141,29 @@ pub fn fpu_differs(a: &X86_64CoreRegs, b: &X86_64CoreRegs) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn x87_and_sse_round_trip_through_the_fxsave_layout() {
+        let mut fx = [0u8; 512];
+        for (i, b) in fx.iter_mut().enumerate() {
+            *b = (i * 7 + 3) as u8;
+        }
+        fx[4] = 0b1010_0101;
+        fx[5] = 0; // reserved: store_fpu leaves it alone
+        fx[7] &= 0x07;
+        fx[28..32].copy_from_slice(&0xffffu32.to_le_bytes()); // MXCSR_MASK: not a register
+        let mut core = X86_64CoreRegs::default();
+        fill_fpu(&mut core, &fx);
+        let mut back = fx;
+        back[..28].fill(0);
+        back[32..].fill(0);
+        store_fpu(&core, &mut back);
+        assert_eq!(back[..28], fx[..28]);
+        for i in 0..8 {
+            assert_eq!(back[32 + 16 * i..42 + 16 * i], fx[32 + 16 * i..42 + 16 * i]);
+        }
+        assert_eq!(back[160..416], fx[160..416]);
+    }
 
     #[test]
     fn bases_follow_the_core_registers_and_orig_rax() {

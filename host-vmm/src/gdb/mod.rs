@@ -31,7 +31,7 @@
 //! # Registers
 //!
 //! `arch.rs`: gdbstub_arch's x86-64 registers plus `fs_base`/`gs_base`; x87/SSE come from the
-//! vCPU's XSAVE area and are read-only (the vCPU filter allows no `KVM_SET_XSAVE`).
+//! vCPU's XSAVE area and go back to it (`KVM_GET_XSAVE` / `KVM_SET_XSAVE`).
 //!
 //! # CPL 3
 //!

@@ -741,6 +741,10 @@ impl GdbTarget {
     }
 }
 
+/// XSTATE_BV bits of the x87 and SSE components.
+const XSTATE_X87: u32 = 1 << 0;
+const XSTATE_SSE: u32 = 1 << 1;
+
 impl Target for GdbTarget {
     type Arch = X86_64Pvkit;
     type Error = String;
@@ -793,16 +797,23 @@ impl SingleThreadBase for GdbTarget {
     }
 
     fn write_registers(&mut self, regs: &Regs) -> TargetResult<(), Self> {
-        // x87/SSE writes would need KVM_SET_XSAVE or KVM_SET_FPU, which the vCPU thread's
-        // seccomp filter does not allow: refused, with everything else left as it was.
+        // x87/SSE: written back into the XSAVE area's legacy region, only if gdb changed them.
         let mut current = Regs::default();
         self.read_registers(&mut current)?;
         if arch::fpu_differs(&current.core, &regs.core) {
-            eprintln!(
-                "host-vmm: gdb: x87/SSE registers are read-only (the vCPU thread's seccomp \
-                 filter allows no KVM_SET_FPU or KVM_SET_XSAVE)"
-            );
-            return Err(TargetError::NonFatal);
+            let mut xsave = self.vcpu.xsave().map_err(control_error)?;
+            let mut fx = [0u8; 512];
+            for (bytes, word) in fx.chunks_exact_mut(4).zip(xsave.region.iter()) {
+                bytes.copy_from_slice(&word.to_le_bytes());
+            }
+            arch::store_fpu(&regs.core, &mut fx);
+            for (word, bytes) in xsave.region.iter_mut().zip(fx.chunks_exact(4)) {
+                *word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            }
+            // XSTATE_BV (the header's first word, at byte 512): mark x87 and SSE as holding
+            // state, or KVM loads their init values instead of the legacy region.
+            xsave.region[512 / 4] |= XSTATE_X87 | XSTATE_SSE;
+            self.vcpu.set_xsave(xsave).map_err(control_error)?;
         }
         let mut r = self.vcpu.regs().map_err(control_error)?;
         let g = regs.core.regs;
