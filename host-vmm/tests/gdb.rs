@@ -115,6 +115,27 @@ fn finish(mut vm: Vm) -> (ExitStatus, String, String) {
     (status, out, err)
 }
 
+/// [`finish`], plus everything seen (gdb's output, the VMM's stdout and stderr) in one text
+/// for assertion messages.
+fn finish_session(vm: Vm, gdb_out: &str) -> Finished {
+    let (status, stdout, stderr) = finish(vm);
+    let all = format!("gdb:\n{gdb_out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    Finished {
+        status,
+        stdout,
+        stderr,
+        all,
+    }
+}
+
+/// What [`finish_session`] returns.
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    all: String,
+}
+
 /// Runs gdb in batch mode on `kernel` with `target remote addr` and then `commands`.
 fn gdb(kernel: &Path, addr: &str, commands: &[&str]) -> String {
     let mut cmd = Command::new("gdb");
@@ -189,8 +210,7 @@ fn debug_session(mode: &str, gdb_addr: &str) {
             "continue",
         ],
     );
-    let (status, stdout, stderr) = finish(vm);
-    let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    let Finished { status, all, .. } = finish_session(vm, &out);
     assert!(
         out.contains("_start"),
         "stops at the entry point first\n{all}"
@@ -372,8 +392,12 @@ fn a_guest_fault_stops_in_the_debugger() {
             "continue",
         ],
     );
-    let (status, stdout, stderr) = finish(vm);
-    let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    let Finished {
+        status,
+        stderr,
+        all,
+        ..
+    } = finish_session(vm, &out);
     assert!(out.contains("Program received signal SIGSEGV"), "{all}");
     assert!(out.contains("halt_forever"), "bt at the fault\n{all}");
     assert!(out.contains("terminated with signal SIGSEGV"), "{all}");
@@ -417,8 +441,7 @@ continue
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
-    let (status, stdout, stderr) = finish(vm);
-    let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    let Finished { status, all, .. } = finish_session(vm, &out);
     let addr = |tag: &str| {
         out.lines()
             .find_map(|l| l.strip_prefix(tag))
@@ -506,8 +529,12 @@ continue
     .unwrap();
     let source = format!("source {}", script.display());
     let out = gdb(&kernel, &vm.addr, &[&source]);
-    let (status, stdout, stderr) = finish(vm);
-    let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    let Finished {
+        status,
+        stdout,
+        all,
+        ..
+    } = finish_session(vm, &out);
     // `TAG 0x… cs=0x…`: the address and CS.
     let line = |tag: &str| -> (u64, u64) {
         let rest = out
@@ -594,8 +621,12 @@ fn breakpoints_in_the_pagetable_workloads_cpl3_code() {
             "continue",
         ],
     );
-    let (status, stdout, stderr) = finish(vm);
-    let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    let Finished {
+        status,
+        stdout,
+        all,
+        ..
+    } = finish_session(vm, &out);
     assert_eq!(out.matches("Breakpoint 1, ").count(), 3, "{all}");
     assert!(
         out.lines()
@@ -640,8 +671,7 @@ fn fpu_sse_and_segment_base_registers() {
             "continue",
         ],
     );
-    let (status, stdout, stderr) = finish(vm);
-    let all = format!("gdb:\n{out}\nhost-vmm stdout:\n{stdout}\nhost-vmm stderr:\n{stderr}");
+    let Finished { status, all, .. } = finish_session(vm, &out);
     assert!(
         out.contains("MXCSR 0x1f80 FCTRL 0x37f"),
         "MXCSR and FCW have their reset values\n{all}"
