@@ -185,3 +185,158 @@ pub fn largest_under_one_core(records: &[Record]) -> Vec<(String, Option<(u64, u
     }
     out
 }
+
+/// The record of `strategy`'s fleet of `n` VMs, if it ran.
+fn fleet_record<'a>(records: &'a [Record], strategy: &str, n: u64) -> Option<&'a Record> {
+    records.iter().find(|r| {
+        r.workload == "density"
+            && r.mode.starts_with(&format!("{strategy} "))
+            && r.extra.get("vms") == Some(&n)
+    })
+}
+
+/// The fleet size PV and trapped are compared at: 16 VMs if both ran it, else the largest
+/// both ran.
+pub fn compared_size(records: &[Record]) -> Option<u64> {
+    let pv_sizes = records
+        .iter()
+        .filter(|r| r.workload == "density" && r.mode.starts_with("pv "))
+        .filter_map(|r| r.extra.get("vms").copied());
+    let both: Vec<u64> = pv_sizes
+        .filter(|&n| fleet_record(records, "hlt", n).is_some())
+        .collect();
+    both.contains(&16)
+        .then_some(16)
+        .or_else(|| both.into_iter().max())
+}
+
+/// One line per fleet with the service's period and response latency (deadline to request
+/// done): `density <mode>: service every <P> µs, <W> KiB per request: response p50 <n> µs p99
+/// <n> µs`. Meant for the summary under the table, next to the lines of `report`.
+pub fn response_lines(records: &[Record]) -> String {
+    let g = |r: &Record, k: &str| r.extra.get(k).copied().unwrap_or(0);
+    let mut s = String::new();
+    for r in records
+        .iter()
+        .filter(|r| r.workload == "density" && r.extra.contains_key("response_ns_p50"))
+    {
+        s += &format!(
+            "density {:<10}: service every {} µs, {} KiB per request: response p50 {} µs p99 {} \
+             µs\n",
+            r.mode,
+            g(r, "period_us"),
+            g(r, "work_kib"),
+            g(r, "response_ns_p50") / 1000,
+            g(r, "response_ns_p99") / 1000,
+        );
+    }
+    s
+}
+
+/// The consolidation story in one paragraph, from the `density` records' numbers (formatted
+/// from the same fields the JSON holds): PV's vCPU CPU and RSS as shares of trapped's at
+/// [`compared_size`] VMs, both sides' response latency there, and the largest fleet of each mode
+/// under one core. `None` without a PV and a trapped fleet of the same size.
+pub fn headline(records: &[Record]) -> Option<String> {
+    let n = compared_size(records)?;
+    let (pv, hlt) = (
+        fleet_record(records, "pv", n)?,
+        fleet_record(records, "hlt", n)?,
+    );
+    let g = |r: &Record, k: &str| r.extra.get(k).copied().unwrap_or(0);
+    let cores = |r: &Record| g(r, "window_millicores") as f64 / 1000.0;
+    let mib = |r: &Record| g(r, "rss_median_bytes") >> 20;
+    let us = |r: &Record, k: &str| g(r, k) / 1000;
+    let share = |a: u64, b: u64| a as f64 / b.max(1) as f64;
+    let service = match pv.extra.get("period_us") {
+        Some(p) => format!(
+            "services woken every {p} µs doing {} KiB of memory work per request",
+            g(pv, "work_kib")
+        ),
+        None => "idle VMs".to_string(),
+    };
+    let largest: Vec<String> = largest_under_one_core(records)
+        .into_iter()
+        .map(|(mode, best)| match best {
+            Some((n, mc)) => format!("{mode} {n} ({:.3} cores)", mc as f64 / 1000.0),
+            None => format!("{mode} none"),
+        })
+        .collect();
+    Some(format!(
+        "{n} {service}: PV's vCPUs used {:.3} cores, {:.2} of trapped's {:.3}; host RSS {} MiB, \
+         {:.2} of trapped's {} MiB; response latency p50/p99 PV {}/{} µs, trapped {}/{} µs. \
+         Largest measured fleet under one core of vCPU time: {}.",
+        cores(pv),
+        share(g(pv, "window_millicores"), g(hlt, "window_millicores")),
+        cores(hlt),
+        mib(pv),
+        share(g(pv, "rss_median_bytes"), g(hlt, "rss_median_bytes")),
+        mib(hlt),
+        us(pv, "response_ns_p50"),
+        us(pv, "response_ns_p99"),
+        us(hlt, "response_ns_p50"),
+        us(hlt, "response_ns_p99"),
+        largest.join(", ")
+    ))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A `density` record as [`record`] makes them, with made-up numbers.
+    pub(crate) fn fleet(strategy: &str, n: u64, millicores: u64, rss_mib: u64) -> Record {
+        let extra = BTreeMap::from([
+            ("vms".to_string(), n),
+            ("window_millicores".into(), millicores),
+            ("process_millicores".into(), millicores * 2),
+            ("rss_median_bytes".into(), rss_mib << 20),
+            ("rss_max_bytes".into(), rss_mib << 20),
+            ("latency_ns_p50".into(), 100_000 * n),
+            ("latency_ns_p99".into(), 300_000 * n),
+            ("response_ns_p50".into(), 200_000 * n),
+            ("response_ns_p99".into(), 900_000 * n),
+            ("period_us".into(), PERIOD_US),
+            ("work_kib".into(), WORK_KIB),
+        ]);
+        let mut r = Record::unwindowed(
+            "density",
+            &format!("{strategy} n={n}"),
+            REQUESTS,
+            1_000_000_000,
+            Some(7),
+            extra,
+        );
+        r.host_cpu_ns = millicores * 1_000_000;
+        r
+    }
+
+    #[test]
+    fn the_headline_compares_at_16_vms() {
+        let records = vec![
+            fleet("pv", 4, 60, 30),
+            fleet("hlt", 4, 300, 280),
+            fleet("pv", 16, 250, 80),
+            fleet("hlt", 16, 1250, 900),
+            fleet("pv", 64, 950, 480),
+        ];
+        assert_eq!(compared_size(&records), Some(16));
+        let h = headline(&records).unwrap();
+        assert!(h.starts_with("16 services woken every 10000 µs"), "{h}");
+        assert!(h.contains("0.250 cores, 0.20 of trapped's 1.250"), "{h}");
+        assert!(
+            h.contains("host RSS 80 MiB, 0.09 of trapped's 900 MiB"),
+            "{h}"
+        );
+        assert!(h.contains("PV 3200/14400 µs, trapped 3200/14400 µs"), "{h}");
+        assert!(
+            h.contains("pv 64 (0.950 cores), hlt 4 (0.300 cores)"),
+            "{h}"
+        );
+        let lines = response_lines(&records);
+        assert_eq!(lines.lines().count(), 5);
+        assert!(lines.contains("pv n=16   : service every 10000 µs, 64 KiB per request"));
+        // Without a common size there is no story to tell.
+        assert_eq!(headline(&records[4..]), None);
+    }
+}
