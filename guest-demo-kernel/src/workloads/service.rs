@@ -219,7 +219,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
 
 /// The allocator over `frames` frames of free RAM: with the host's zero hints in PV mode,
 /// without (the guest zeroes what it reuses) in trapped mode.
-fn allocator(env: &mut Env, frames: u64) -> Frames {
+fn allocator(env: &mut Env, frames: u64) -> Frames<'static> {
     let len = Frames::region_bytes(frames);
     let base = match super::free_ram_start(env.boot_info, len) {
         Ok(base) => base,
