@@ -25,8 +25,8 @@ fn fleet(mode: &str) -> Fleet {
         "--workload",
         "service",
         "--",
-        "requests=20",
-        "period_us=5000",
+        "requests=50",
+        "period_us=10000",
         "work_kib=64",
         "warm_mib=32",
     ]);
@@ -71,7 +71,7 @@ fn a_service_fleet_gives_the_same_result_and_pv_frees_the_host_memory() {
     for (f, strategy) in [(&pv, "pv"), (&trapped, "hlt")] {
         for line in &f.results {
             assert_eq!(field(line, "strategy"), Some(strategy), "{}", f.out);
-            assert_eq!(field(line, "ops"), Some("20"), "{line}");
+            assert_eq!(field(line, "ops"), Some("50"), "{line}");
             sums.insert(field(line, "checksum").unwrap().to_string());
             for key in [
                 "response_ns_p50",
@@ -87,14 +87,14 @@ fn a_service_fleet_gives_the_same_result_and_pv_frees_the_host_memory() {
                 }
             }
             let bytes = |k: &str| field(line, k).and_then(|v| v.parse::<u64>().ok()).unwrap();
-            // 20 requests × 64 KiB: PV gives it back after each request (and the next one gets
+            // 50 requests × 64 KiB: PV gives it back after each request (and the next one gets
             // it known zero), the unmodified guest keeps it and zeroes it on reuse.
             if strategy == "pv" {
-                assert_eq!(bytes("released_bytes"), 20 * 64 * 1024, "{line}");
+                assert_eq!(bytes("released_bytes"), 50 * 64 * 1024, "{line}");
                 assert_eq!(bytes("guest_zeroed_bytes"), 0, "{line}");
             } else {
                 assert_eq!(bytes("released_bytes"), 0, "{line}");
-                assert_eq!(bytes("guest_zeroed_bytes"), 20 * 64 * 1024, "{line}");
+                assert_eq!(bytes("guest_zeroed_bytes"), 50 * 64 * 1024, "{line}");
             }
         }
     }
