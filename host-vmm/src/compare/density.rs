@@ -10,9 +10,13 @@
 //! The period: 10 ms (100 requests a second per VM) is a lightly loaded service — a request's
 //! work (tens of µs) is well under 1 % of the period — and it is the trapped guest's tick
 //! period times ten, so PV wakes 100 times a second where the trapped guest takes 1000 ticks.
-//! On our host a PV wake-up costs ~150–250 µs of vCPU CPU and a trapped tick ~90–120 µs, so PV's
-//! vCPU CPU is roughly (100 × 200 µs) / (1000 × 100 µs) ≈ 0.2 of trapped's; at a period near
-//! 1 ms it would be no better. The records say what was measured.
+//! On our host a PV wake-up costs ~150–250 µs of vCPU CPU and a trapped tick ~90–120 µs, so
+//! for idling alone PV's vCPU CPU would be about (100 × 200 µs) / (1000 × 100 µs) ≈ 0.2 of
+//! trapped's (at a period near 1 ms, no better). But a PV request also releases what it freed
+//! (one more exit, `zero_hints` RELEASE) and the host backs those pages again when the next
+//! request writes them: one VM measured ~610 µs of vCPU CPU per PV request against ~1.08 ms
+//! per trapped 10 ms (ten ticks), about 0.6 of trapped's, not 0.2. The records say what was
+//! measured.
 //!
 //! Reported per fleet: the host CPU the vCPUs used in their measured windows, in cores (the sum
 //! of every VM's vCPU-thread CPU time over the mean window), the whole process's CPU in cores

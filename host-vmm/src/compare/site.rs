@@ -685,10 +685,11 @@ fn workload_chart(runs: &[&Record]) -> Svg {
         return Ok(None);
     }
     let labels: Vec<String> = runs.iter().map(|r| run_label(r)).collect();
-    let rows = panels.len().div_ceil(2);
-    let height = (120 + 28 * labels.len() as u32).clamp(240, 600);
+    // One panel under the other, each the full width (the labels need room).
+    let rows = panels.len();
+    let height = (100 + 36 * labels.len() as u32).clamp(200, 600);
     draw_sized((SIZE.0, height * rows as u32), |root| {
-        let areas = root.split_evenly((rows, 2));
+        let areas = root.split_evenly((rows, 1));
         for (area, (desc, log, f)) in areas.iter().zip(panels) {
             let side = |pv: bool| -> Vec<f64> {
                 runs.iter()
