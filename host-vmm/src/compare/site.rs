@@ -14,7 +14,8 @@
 //!   idling;
 //! - `workload-<name>.svg`, one per workload with PV and trapped runs (not `density` nor the
 //!   floors): time per operation, exits per operation, vCPU CPU and guest RAM backed at the end,
-//!   one panel each that the records have, one bar per run (PV blue, trapped red).
+//!   one panel each that the records have, one bar per run (PV blue, trapped red, a `native`
+//!   baseline grey).
 //!
 //! A chart without data in this run (its workloads did not run) is left out. `index.html`
 //! opens with the consolidation headline ([`super::density::headline`]) when the run has
@@ -623,6 +624,25 @@ fn is_pv(r: &Record) -> bool {
     r.mode == "pv" || r.mode.starts_with("pv-") || r.mode.starts_with("pv ")
 }
 
+/// The side of a run in its workload's chart: PV, trapped (every other pvkit mode), or a
+/// baseline without pvkit (mode `native`, drawn grey).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Pv,
+    Trapped,
+    Native,
+}
+
+fn side(r: &Record) -> Side {
+    if is_pv(r) {
+        Side::Pv
+    } else if r.mode == "native" {
+        Side::Native
+    } else {
+        Side::Trapped
+    }
+}
+
 /// The workloads to chart one by one, each with its runs: those with a PV and a trapped-side
 /// run (any other mode but the host's own and the QEMU peers), not `density` (its own
 /// curves) nor the exit-loop floors.
@@ -642,7 +662,9 @@ fn per_workload(records: &[Record]) -> Vec<(String, Vec<&Record>)> {
             None => out.push((r.workload.clone(), vec![r])),
         }
     }
-    out.retain(|(_, runs)| runs.iter().any(|r| is_pv(r)) && runs.iter().any(|r| !is_pv(r)));
+    out.retain(|(_, runs)| {
+        runs.iter().any(|r| side(r) == Side::Pv) && runs.iter().any(|r| side(r) == Side::Trapped)
+    });
     out
 }
 
@@ -691,12 +713,19 @@ fn workload_chart(runs: &[&Record]) -> Svg {
     draw_sized((SIZE.0, height * rows as u32), |root| {
         let areas = root.split_evenly((rows, 1));
         for (area, (desc, log, f)) in areas.iter().zip(panels) {
-            let side = |pv: bool| -> Vec<f64> {
+            let side = |s: Side| -> Vec<f64> {
                 runs.iter()
-                    .map(|r| if is_pv(r) == pv { f(r) } else { 0.0 })
+                    .map(|r| if side(r) == s { f(r) } else { 0.0 })
                     .collect()
             };
-            let series = [("PV", PV, side(true)), ("trapped", TRAPPED, side(false))];
+            let series: Vec<Series<'_, f64>> = [
+                ("PV", PV, side(Side::Pv)),
+                ("trapped", TRAPPED, side(Side::Trapped)),
+                ("native", SPIN, side(Side::Native)),
+            ]
+            .into_iter()
+            .filter(|(name, _, v)| *name != "native" || v.iter().any(|&x| x > 0.0))
+            .collect();
             bar_panel(area, &labels, &series, desc, *log, false)?;
         }
         Ok(())
@@ -720,6 +749,9 @@ mod tests {
             ("idle", "pv"),
             ("zero", "pv"),
             ("zero", "trapped"),
+            ("pagetable", "pv"),
+            ("pagetable", "trapped"),
+            ("pagetable", "native"),
         ] {
             let mut r = rec(w, m, 1000, 2_000_000, 9);
             r.exits_per_op = if m == "pv" { 0.5 } else { 1.0 };
@@ -762,6 +794,7 @@ mod tests {
             "workload-null.svg",
             "workload-idle.svg",
             "workload-zero.svg",
+            "workload-pagetable.svg",
             "workload-snapshot.svg",
             "index.html",
         ] {
