@@ -177,10 +177,11 @@ mod tests {
         assert!(rss_bytes() > 0);
         let a = process_cpu_ns();
         let mut x = 0u64;
-        for i in 0..2_000_000u64 {
-            x = x.wrapping_add(i * i);
+        // `black_box` in the loop: a release build would otherwise fold the sum into a formula
+        // and use no measurable CPU.
+        for i in 0..20_000_000u64 {
+            x = std::hint::black_box(x.wrapping_add(i * i));
         }
-        std::hint::black_box(x);
         assert!(process_cpu_ns() > a);
     }
 }

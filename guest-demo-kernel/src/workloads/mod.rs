@@ -12,6 +12,7 @@ mod idle;
 mod null;
 mod pagetable;
 mod panic;
+mod service;
 mod vconsole;
 mod zero;
 
@@ -93,6 +94,7 @@ const WORKLOADS: &[Workload] = &[
     pagetable::WORKLOAD,
     cpl3::WORKLOAD,
     idle::WORKLOAD,
+    service::WORKLOAD,
     zero::WORKLOAD,
     freemem::WORKLOAD,
     blk::WORKLOAD,
