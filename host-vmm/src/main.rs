@@ -315,6 +315,11 @@ struct CompareArgs {
         value_parser = clap::value_parser!(u16).range(1..=256)
     )]
     density_sizes: Vec<u16>,
+    /// Period of the `density` fleets' service, in milliseconds (1..=1000): one request per VM
+    /// every this long.
+    #[arg(long, default_value_t = compare::density::DEFAULT_PERIOD_US / 1000,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    density_period_ms: u64,
     /// Guest RAM per VM.
     #[arg(long, default_value = "128M", value_parser = mem_size)]
     mem: u64,
@@ -358,6 +363,7 @@ impl CompareArgs {
             kernel: kernel_image(self.kernel)?,
             binary: std::env::current_exe().ok(),
             density_sizes: self.density_sizes.into_iter().map(usize::from).collect(),
+            density_period_us: self.density_period_ms * 1000,
             peer_qemu: self.peer.as_deref() == Some("qemu"),
         })
     }

@@ -6,12 +6,17 @@
 //! `guest_pv::frames::Frames`, writes every word (at CPL 3), frees it — and idles again, with
 //! the strategies of `guest_pv::idle`, as `idle` does.
 //!
-//! Memory: a PV guest (with `zero_hints`) releases what a request freed at the end of the
-//! request (`Frames::flush`), so the host may discard it and the next request gets known-zero
-//! frames (which the host backs again on the first write); an unmodified guest keeps it backed
-//! and zeroes it itself on the next allocation. `warm_mib` > 0 first uses and frees that much
-//! once, before the begin marker, exactly like `idle`'s warm-up, from the same allocator (the
-//! requests then reuse its most recently freed frames). The allocator's read-ahead
+//! Memory: what a request frees goes back on the allocator's free stack and, for a PV guest
+//! (with `zero_hints`), into its release batch, which goes to the host once 32 MiB are pending
+//! (`hypercall_abi::zero::RELEASE_THRESHOLD_BYTES`). The next request reuses those frames first
+//! (LIFO), taking them back out of the batch and zeroing them like any dirty frame — so a
+//! steady service pays no release exit and no host fault per request in either mode, and what
+//! a guest used once and stopped using is what a PV guest gives back. Releasing after every
+//! request instead (a `Frames::flush` per request) cost 2–3× the idle wake-up per request on
+//! our KVM: the release exit, then a host fault per page on the next write. `warm_mib` > 0
+//! first uses and frees that much once, before the begin marker, exactly like `idle`'s
+//! warm-up, from the same allocator, and flushes: a PV guest releases it, an unmodified guest
+//! keeps it backed (the requests then reuse its most recently freed frames). The allocator's read-ahead
 //! (`zero_hints(PREPARE)`) is on for the warm-up and off for the requests: it would have the
 //! host back again up to 16 MiB of the released warm-up memory that a request never touches.
 //!
@@ -57,6 +62,8 @@ pub const WORKLOAD: Workload = Workload {
 };
 
 const DEFAULT_REQUESTS: u64 = 100;
+/// Parks `strategy=pv` times to measure the wake-up cost (the median is taken).
+const WAKE_PROBES: usize = 9;
 /// The most requests (their TSC readings are kept in fixed arrays on the stack).
 const MAX_REQUESTS: usize = 1000;
 const DEFAULT_PERIOD_US: u64 = 10_000;
@@ -131,10 +138,16 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let mut idler = match (cfg.strategy, env.platform.feature(PV_IDLE)) {
         (Strategy::Spin, _) => Idler::Spin,
         (Strategy::Hlt, _) => Idler::Hlt,
-        (Strategy::Pv, Some(pv)) => match PvIdle::new(pv, tsc) {
-            Ok(pv_idle) => Idler::Pv(pv_idle),
-            Err(e) => panic!("clock_ns: {e}"),
-        },
+        // As `idle`: spins to deadlines closer than a measured park costs.
+        (Strategy::Pv, Some(pv)) => {
+            match PvIdle::new(pv, tsc).and_then(|mut idle| {
+                let cost = idle.measure_wake_cost(WAKE_PROBES)?;
+                Ok(idle.with_spin_below(cost))
+            }) {
+                Ok(pv_idle) => Idler::Pv(pv_idle),
+                Err(e) => panic!("clock_ns or idle_yield: {e}"),
+            }
+        }
         // `config` refused it.
         (Strategy::Pv, None) => unreachable!("strategy=pv without idle_yield and clock"),
     };
@@ -169,11 +182,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         idler.idle_until(&tsc, deadline);
         *w = rdtsc();
         let f = &mut frames;
-        sum = sum.wrapping_add(at_cpl3(|| {
-            let s = use_and_free(f, cfg.work_frames, k as u64);
-            f.flush();
-            s
-        }));
+        sum = sum.wrapping_add(at_cpl3(|| use_and_free(f, cfg.work_frames, k as u64)));
         *d = rdtsc();
     }
     marker_end();

@@ -202,6 +202,7 @@ pub fn render_table(records: &[Record]) -> String {
     s += &wait_lines(records);
     s += &lifecycle_lines(records);
     s += &density_lines(records);
+    s += &super::density::response_lines(records);
     s += &native_lines(records);
     for p in ratios(records) {
         let same = if p.same_checksum {

@@ -82,6 +82,8 @@ pub struct CompareOptions {
     pub kernel: KernelImage,
     /// `density`: fleet sizes.
     pub density_sizes: Vec<usize>,
+    /// `density`: the service's period, in µs.
+    pub density_period_us: u64,
     /// The `host-vmm` binary, for what is timed as a whole process (`snapshot`: restores and
     /// cold boots); `None` outside the binary, where those workloads fail and say why.
     pub binary: Option<PathBuf>,
@@ -110,6 +112,7 @@ impl Default for CompareOptions {
             kernel: KernelImage::embedded(),
             binary: None,
             density_sizes: super::density::DENSITY_SIZES.to_vec(),
+            density_period_us: super::density::DEFAULT_PERIOD_US,
             peer_qemu: false,
         }
     }
