@@ -164,6 +164,7 @@ pub fn apply(kind: ThreadKind, enabled: bool) -> Result<()> {
         source,
     })?;
     install_handler();
+    fix_malloc_arena_limit();
     // Set first: a trap in the filter's own install path would otherwise be unnamed.
     KIND.with(|k| k.set(kind as u8));
     for p in &programs {
@@ -513,6 +514,26 @@ struct SigsysInfo {
     call_addr: *mut libc::c_void,
     syscall: libc::c_int,
     arch: libc::c_uint,
+}
+
+/// Fixes glibc's limit on malloc arenas before any thread is filtered. glibc computes the limit
+/// the first time a thread needs a new arena beyond the first 8, by counting the CPUs from
+/// `/sys/devices/system/cpu/online` (an `openat`): with many VMs in one process (`fleet`,
+/// `compare --workload density`) that thread can be a sandboxed one, and its filter kills the
+/// process. A limit set with `mallopt(M_ARENA_MAX)` is used instead; this sets glibc's own
+/// default (8 per CPU), counted here, before any filter is in.
+fn fix_malloc_arena_limit() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        #[cfg(target_env = "gnu")]
+        {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let arenas = libc::c_int::try_from(8 * cpus).unwrap_or(libc::c_int::MAX);
+            // SAFETY: mallopt only sets a malloc parameter; any value is accepted (glibc
+            // clamps nothing here, and a failure leaves the default, returning 0).
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+        }
+    });
 }
 
 fn install_handler() {
