@@ -45,8 +45,8 @@ pub const DEFAULT_PERIOD_US: u64 = 100_000;
 /// How long each fleet serves requests, about: [`requests`] is this over the period.
 const SERVE_US: u64 = 2_000_000;
 
-/// Requests per VM at `period_us`: about [`SERVE_US`] of serving, 20..=100 requests (the p99 of
-/// fewer than 100 is their maximum).
+/// Requests per VM at `period_us`: about 2 s of serving, 20..=100 requests (the p99 of fewer
+/// than 100 is their maximum).
 pub fn requests(period_us: u64) -> u64 {
     (SERVE_US / period_us.max(1)).clamp(20, 100)
 }
