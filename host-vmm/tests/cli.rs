@@ -241,6 +241,8 @@ fn compare_prints_a_table_and_writes_json() {
         "2",
         "--density-sizes",
         "1,2",
+        "--density-period-ms",
+        "10",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -254,12 +256,12 @@ fn compare_prints_a_table_and_writes_json() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let recs = v.as_array().unwrap();
     // Two floor references (raw exit loops), two modes of null and console, and the
-    // pagetable sweep (two PV batch sizes) plus its trapped run, the three idle strategies, and
-    // zero: PV, PV without read-ahead, PV without releasing, trapped; then blk: three patterns
-    // × (pv, pv-poll, trapped) and the host's own read; snapshot (PV, trapped) and two restore
+    // pagetable sweep (two PV batch sizes) plus its trapped and native runs, the three idle
+    // strategies, and zero: PV, PV without read-ahead, PV without releasing, trapped; then blk:
+    // three patterns × (pv, pv-park, pv-poll, trapped) and the host's own read; snapshot (PV, trapped) and two restore
     // sizes; migrate (PV, trapped) and an idle PV migration; density: fleets of 1 and 2 VMs
     // idling with pv, hlt and spin.
-    assert_eq!(recs.len(), 39);
+    assert_eq!(recs.len(), 43);
     let modes: Vec<_> = recs
         .iter()
         .map(|r| {
@@ -282,6 +284,7 @@ fn compare_prints_a_table_and_writes_json() {
             "pagetable/pv",
             "pagetable/pv",
             "pagetable/trapped",
+            "pagetable/native",
             "idle/spin",
             "idle/hlt",
             "idle/pv",
@@ -290,12 +293,15 @@ fn compare_prints_a_table_and_writes_json() {
             "zero/pv-keep",
             "zero/trapped",
             "blk/pv",
+            "blk/pv-park",
             "blk/pv-poll",
             "blk/trapped",
             "blk/pv",
+            "blk/pv-park",
             "blk/pv-poll",
             "blk/trapped",
             "blk/pv",
+            "blk/pv-park",
             "blk/pv-poll",
             "blk/trapped",
             "blk/host",
@@ -314,35 +320,36 @@ fn compare_prints_a_table_and_writes_json() {
             "density/spin n=2",
         ]
     );
-    for r in &recs[33..39] {
+    for r in &recs[37..43] {
         assert!(r["window_millicores"].as_u64().unwrap() > 0, "{r}");
-        assert_eq!(r["checksum"], recs[33]["checksum"], "{r}");
+        assert_eq!(r["checksum"], recs[37]["checksum"], "{r}");
     }
     // Saved or migrated mid-workload, the guest finishes as it does uninterrupted, in both
     // modes; the PV guest's freed memory is neither written nor sent.
     let n = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k}: {r}"));
-    assert_eq!(recs[26]["checksum"], recs[27]["checksum"]);
     assert_eq!(recs[30]["checksum"], recs[31]["checksum"]);
-    assert_eq!(recs[26]["checksum"], recs[30]["checksum"]);
-    assert!(n(&recs[26], "bytes_written") * 10 <= n(&recs[27], "bytes_written") * 3);
-    assert!(n(&recs[30], "bytes_sent") * 10 <= n(&recs[31], "bytes_sent") * 3);
-    assert!(n(&recs[26], "pages_elided_free") > 0);
-    assert_eq!(n(&recs[27], "pages_elided_free"), 0);
-    for r in &recs[26..30] {
+    assert_eq!(recs[34]["checksum"], recs[35]["checksum"]);
+    assert_eq!(recs[30]["checksum"], recs[34]["checksum"]);
+    assert!(n(&recs[30], "bytes_written") * 10 <= n(&recs[31], "bytes_written") * 3);
+    assert!(n(&recs[34], "bytes_sent") * 10 <= n(&recs[35], "bytes_sent") * 3);
+    assert!(n(&recs[30], "pages_elided_free") > 0);
+    assert_eq!(n(&recs[31], "pages_elided_free"), 0);
+    for r in &recs[30..34] {
         assert!(n(r, "restore_ns") > 0 && n(r, "cold_boot_ns") > 0, "{r}");
     }
-    for r in &recs[30..33] {
+    for r in &recs[34..37] {
         assert!(n(r, "rounds") >= 2 && n(r, "downtime_ns") > 0, "{r}");
     }
-    for r in &recs[16..25] {
+    for r in &recs[17..29] {
         assert!(r["mib_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["pattern"].is_string(), "{r}");
     }
     // The same pattern gives the same data whichever way completions arrive.
-    for g in recs[16..25].chunks(3) {
+    for g in recs[17..29].chunks(4) {
         assert_eq!(g[0]["checksum"], g[1]["checksum"]);
         assert_eq!(g[0]["checksum"], g[2]["checksum"]);
+        assert_eq!(g[0]["checksum"], g[3]["checksum"]);
     }
     assert!(recs[0]["checksum"].is_null());
     assert_eq!(recs[2]["checksum"], recs[3]["checksum"]);
@@ -354,20 +361,23 @@ fn compare_prints_a_table_and_writes_json() {
     assert!(recs[8].get("batch").is_none());
     assert_eq!(recs[6]["checksum"], recs[8]["checksum"]);
     assert!(recs[8]["events"]["pte_trapped"].as_u64().unwrap() >= 1024);
-    for r in &recs[9..12] {
+    // Native tables: the same checksum, and the VMM never sees a page-table write.
+    assert_eq!(recs[6]["checksum"], recs[9]["checksum"]);
+    assert!(recs[9]["events"].get("pte_trapped").is_none(), "{}", recs[9]);
+    for r in &recs[10..13] {
         assert_eq!(r["ops"], 5);
         assert!(r["wake_overshoot_ns_p99"].as_u64().is_some(), "{r}");
-        assert_eq!(r["checksum"], recs[9]["checksum"]);
+        assert_eq!(r["checksum"], recs[10]["checksum"]);
     }
-    for r in &recs[12..15] {
-        assert_eq!(r["checksum"], recs[15]["checksum"]);
+    for r in &recs[13..16] {
+        assert_eq!(r["checksum"], recs[16]["checksum"]);
     }
-    assert_eq!(recs[14]["released_bytes"], 0);
-    assert_eq!(recs[13]["prepare_calls"], 0);
+    assert_eq!(recs[15]["released_bytes"], 0);
+    assert_eq!(recs[14]["prepare_calls"], 0);
     assert!(
-        recs[12]["prepare_calls"].as_u64().unwrap() > 0,
+        recs[13]["prepare_calls"].as_u64().unwrap() > 0,
         "{}",
-        recs[12]
+        recs[13]
     );
     for key in [
         "rss_drop_bytes",
@@ -375,10 +385,10 @@ fn compare_prints_a_table_and_writes_json() {
         "phase_free_ns",
         "phase_reuse_ns",
     ] {
-        assert!(recs[12][key].as_u64().is_some(), "{key}: {}", recs[12]);
+        assert!(recs[13][key].as_u64().is_some(), "{key}: {}", recs[13]);
     }
     assert!(table.contains("zero pv           : median of 3"), "{table}");
-    assert_eq!(recs[12]["rounds"], 3);
+    assert_eq!(recs[13]["rounds"], 3);
     for r in recs {
         for key in [
             "workload",
@@ -392,10 +402,12 @@ fn compare_prints_a_table_and_writes_json() {
         ] {
             assert!(r.get(key).is_some(), "missing {key} in {r}");
         }
-        // Spinning and trapped zeroing run without a single exit, by design.
+        // Spinning, trapped zeroing and native page tables run without a single exit, by
+        // design.
         let exitless = matches!(
             (r["workload"].as_str(), r["mode"].as_str()),
             (Some("idle"), Some("spin"))
+                | (Some("pagetable"), Some("native"))
                 | (Some("zero"), Some("trapped"))
                 | (Some("blk"), Some("pv-poll") | Some("host"))
                 // Saving, restoring and migrating are counted in bytes and time, not exits.
