@@ -363,7 +363,11 @@ fn compare_prints_a_table_and_writes_json() {
     assert!(recs[8]["events"]["pte_trapped"].as_u64().unwrap() >= 1024);
     // Native tables: the same checksum, and the VMM never sees a page-table write.
     assert_eq!(recs[6]["checksum"], recs[9]["checksum"]);
-    assert!(recs[9]["events"].get("pte_trapped").is_none(), "{}", recs[9]);
+    assert!(
+        recs[9]["events"].get("pte_trapped").is_none(),
+        "{}",
+        recs[9]
+    );
     for r in &recs[10..13] {
         assert_eq!(r["ops"], 5);
         assert!(r["wake_overshoot_ns_p99"].as_u64().is_some(), "{r}");
