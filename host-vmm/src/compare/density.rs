@@ -226,6 +226,67 @@ pub fn compared_size(records: &[Record]) -> Option<u64> {
         .or_else(|| both.into_iter().max())
 }
 
+/// The summary lines of `density` under the table: cost per fleet, the largest fleet of each
+/// mode under one core, PV against trapped at [`compared_size`] VMs (and at the largest size
+/// both ran, if larger), then [`response_lines`].
+pub fn summary_lines(records: &[Record]) -> String {
+    let rows: Vec<&Record> = records.iter().filter(|r| r.workload == "density").collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let g = |r: &Record, k: &str| r.extra.get(k).copied().unwrap_or(0);
+    let mut s = String::new();
+    for r in &rows {
+        s += &format!(
+            "density {:<10}: vCPUs {:.3} cores (process {:.3}), RSS {} MiB, wake latency p50 {} \
+             µs p99 {} µs\n",
+            r.mode,
+            g(r, "window_millicores") as f64 / 1000.0,
+            g(r, "process_millicores") as f64 / 1000.0,
+            g(r, "rss_median_bytes") >> 20,
+            g(r, "latency_ns_p50") / 1000,
+            g(r, "latency_ns_p99") / 1000,
+        );
+    }
+    let largest: Vec<String> = largest_under_one_core(records)
+        .into_iter()
+        .map(|(mode, best)| match best {
+            Some((n, mc)) => format!("{mode} {n} ({:.3} cores)", mc as f64 / 1000.0),
+            None => format!("{mode} none"),
+        })
+        .collect();
+    s += &format!(
+        "density: the largest measured fleet under one core of vCPU time: {}\n",
+        largest.join(", ")
+    );
+    let both: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.mode.starts_with("pv "))
+        .map(|r| g(r, "vms"))
+        .filter(|&n| fleet_record(records, "hlt", n).is_some())
+        .collect();
+    let mut sizes: Vec<u64> = compared_size(records).into_iter().collect();
+    if let Some(&max) = both.iter().max()
+        && !sizes.contains(&max)
+    {
+        sizes.push(max);
+    }
+    for n in sizes {
+        let (Some(pv), Some(hlt)) = (
+            fleet_record(records, "pv", n),
+            fleet_record(records, "hlt", n),
+        ) else {
+            continue;
+        };
+        s += &format!(
+            "density at {n} VMs: PV vCPU CPU {:.2} of trapped's, host RSS {:.2} of trapped's\n",
+            g(pv, "window_millicores") as f64 / g(hlt, "window_millicores").max(1) as f64,
+            g(pv, "rss_median_bytes") as f64 / g(hlt, "rss_median_bytes").max(1) as f64,
+        );
+    }
+    s + &response_lines(records)
+}
+
 /// One line per fleet with the service's period and response latency (deadline to request
 /// done): `density <mode>: service every <P> µs, <W> KiB per request: response p50 <n> µs p99
 /// <n> µs`. Meant for the summary under the table, next to the lines of `report`.
@@ -325,6 +386,31 @@ pub(crate) mod tests {
         );
         r.host_cpu_ns = millicores * 1_000_000;
         r
+    }
+
+    #[test]
+    fn the_summary_compares_at_16_vms_and_at_the_largest_size_both_ran() {
+        let records = vec![
+            fleet("pv", 16, 250, 80),
+            fleet("hlt", 16, 1250, 900),
+            fleet("pv", 64, 600, 300),
+            fleet("hlt", 64, 2000, 2700),
+        ];
+        let s = summary_lines(&records);
+        assert!(
+            s.contains("density at 16 VMs: PV vCPU CPU 0.20 of trapped's, host RSS 0.09"),
+            "{s}"
+        );
+        assert!(
+            s.contains("density at 64 VMs: PV vCPU CPU 0.30 of trapped's, host RSS 0.11"),
+            "{s}"
+        );
+        assert!(
+            s.contains("the largest measured fleet under one core of vCPU time: pv 64"),
+            "{s}"
+        );
+        assert!(s.contains("service every 100000 µs"), "{s}");
+        assert!(summary_lines(&[]).is_empty());
     }
 
     #[test]

@@ -201,8 +201,7 @@ pub fn render_table(records: &[Record]) -> String {
     }
     s += &wait_lines(records);
     s += &lifecycle_lines(records);
-    s += &density_lines(records);
-    s += &super::density::response_lines(records);
+    s += &super::density::summary_lines(records);
     s += &native_lines(records);
     for p in ratios(records) {
         let same = if p.same_checksum {
@@ -365,60 +364,6 @@ fn lifecycle_lines(records: &[Record]) -> String {
             ms(g(idle, "downtime_ns")),
             g(idle, "rounds"),
             mib(g(idle, "bytes_sent")),
-        );
-    }
-    s
-}
-
-/// The summary lines of `density`: cost per fleet size and the largest fleet under one core.
-fn density_lines(records: &[Record]) -> String {
-    let rows: Vec<&Record> = records.iter().filter(|r| r.workload == "density").collect();
-    if rows.is_empty() {
-        return String::new();
-    }
-    let g = |r: &Record, k: &str| r.extra.get(k).copied().unwrap_or(0);
-    let mut s = String::new();
-    for r in &rows {
-        s += &format!(
-            "density {:<10}: vCPUs {:.3} cores (process {:.3}), RSS {} MiB, wake latency p50 {} \
-             µs p99 {} µs\n",
-            r.mode,
-            g(r, "window_millicores") as f64 / 1000.0,
-            g(r, "process_millicores") as f64 / 1000.0,
-            g(r, "rss_median_bytes") >> 20,
-            g(r, "latency_ns_p50") / 1000,
-            g(r, "latency_ns_p99") / 1000,
-        );
-    }
-    let largest: Vec<String> = super::density::largest_under_one_core(records)
-        .into_iter()
-        .map(|(mode, best)| match best {
-            Some((n, mc)) => format!("{mode} {n} ({:.3} cores)", mc as f64 / 1000.0),
-            None => format!("{mode} none"),
-        })
-        .collect();
-    s += &format!(
-        "density: the largest measured fleet under one core of vCPU time: {}\n",
-        largest.join(", ")
-    );
-    // PV against trapped at the largest fleet size both ran.
-    let at = |mode: &str, n: u64| {
-        rows.iter()
-            .find(|r| r.mode.starts_with(&format!("{mode} ")) && g(r, "vms") == n)
-            .copied()
-    };
-    if let Some((pv, hlt)) = rows
-        .iter()
-        .filter(|r| r.mode.starts_with("pv "))
-        .map(|r| g(r, "vms"))
-        .max()
-        .and_then(|n| Some((at("pv", n)?, at("hlt", n)?)))
-    {
-        s += &format!(
-            "density at {} VMs: PV vCPU CPU {:.2} of trapped's, host RSS {:.2} of trapped's\n",
-            g(pv, "vms"),
-            g(pv, "window_millicores") as f64 / g(hlt, "window_millicores").max(1) as f64,
-            g(pv, "rss_median_bytes") as f64 / g(hlt, "rss_median_bytes").max(1) as f64,
         );
     }
     s
