@@ -2,15 +2,17 @@
 //! the same configuration, each built and run on its own thread (and its own vCPU thread), and
 //! what they cost the host together.
 //!
-//! Each VM is measured as `compare` measures one ([`crate::compare::measure`]); a VM that fails
-//! is reported as failed and the others go on. The whole fleet's host cost is the process's:
+//! Each VM is measured as `compare` measures one ([`crate::compare::measure_gated`]), and the
+//! VMs start their measured windows together: each waits at its begin marker until every
+//! other has reached its own or ended ([`StartGate`]), so no window overlaps another VM's boot
+//! or warm-up. A VM that fails is reported as failed and the others go on. The whole fleet's host cost is the process's:
 //! CPU time (user + system, every thread) over the fleet's wall time, and the resident set
 //! sampled every [`RSS_SAMPLE_INTERVAL`] while the VMs run.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::compare::{GuestResult, Measured, measure};
+use crate::compare::{GuestResult, Measured, StartGate, measure_gated};
 use crate::config::VmConfig;
 use crate::console::ConsoleSink;
 
@@ -111,6 +113,7 @@ pub fn run(cfg: &VmConfig, vms: usize) -> Result<FleetReport, String> {
         return Err(format!("a fleet has 1 to {FLEET_MAX} VMs, not {vms}"));
     }
     let done = AtomicBool::new(false);
+    let gate = StartGate::new(vms);
     let cpu0 = process_cpu_ns();
     let start = Instant::now();
     let (members, samples) = std::thread::scope(|s| {
@@ -126,8 +129,9 @@ pub fn run(cfg: &VmConfig, vms: usize) -> Result<FleetReport, String> {
             .map(|index| {
                 std::thread::Builder::new()
                     .name(format!("pvkit-fleet-{index}"))
-                    .spawn_scoped(s, move || {
-                        measure(cfg, ConsoleSink::new(None)).map_err(|e| e.to_string())
+                    .spawn_scoped(s, || {
+                        measure_gated(cfg, ConsoleSink::new(None), Some(&gate))
+                            .map_err(|e| e.to_string())
                     })
             })
             .collect();

@@ -16,24 +16,26 @@
 //! our KVM: the release exit, then a host fault per page on the next write. `warm_mib` > 0
 //! first uses and frees that much once, before the begin marker, exactly like `idle`'s
 //! warm-up, from the same allocator, and flushes: a PV guest releases it, an unmodified guest
-//! keeps it backed (the requests then reuse its most recently freed frames). The allocator's read-ahead
-//! (`zero_hints(PREPARE)`) is on for the warm-up and off for the requests: it would have the
-//! host back again up to 16 MiB of the released warm-up memory that a request never touches.
+//! keeps it backed (the requests then reuse its most recently freed frames). The allocator's
+//! read-ahead (`zero_hints(PREPARE)`) is on for the warm-up and off for the requests: it would
+//! have the host back again up to 16 MiB of the released warm-up memory that a request never
+//! touches.
 //!
 //! Runs at CPL 0 (`hlt` is privileged); the memory work runs at CPL 3 (`at_cpl3`), where guest
-//! instructions are not emulated. Timed section: `start` = TSC now; for `k` in
-//! `1..=requests`, deadline = `start + k * period_us µs`; idle until it, read the TSC (woke),
-//! serve the request, read the TSC (done). Raw TSC readings are converted after the end marker:
-//! wake overshoot = woke − deadline, response latency = done − deadline (0 if negative). A
+//! instructions are not emulated. Timed section: `start` = TSC now; for `k` in `1..=requests`,
+//! deadline = `start + phase + k * period_us µs` (`phase` = `start` mod the period: VMs started at
+//! once serve at different instants, as independent services do); idle until it, read the TSC
+//! (woke), serve the request, read the TSC (done). Raw TSC readings are converted after the end
+//! marker: wake overshoot = woke − deadline, response latency = done − deadline (0 if negative). A
 //! request that ends after the next deadline delays that one's wake-up (no request is skipped).
 //!
-//! `ops` = `requests`. Checksum: FNV-1a over the number of requests served and the wrapping sum
-//! of every word written (warm-up included), the same for every strategy and mode. Extra result
+//! `ops` = `requests`. Checksum: FNV-1a over the number of requests served and the wrapping sum of
+//! every word written (warm-up included), the same for every strategy and mode. Extra result
 //! fields: `strategy=<s> period_us=<n> work_kib=<n> response_ns_p50=<n> response_ns_p99=<n>
 //! response_ns_max=<n> wake_overshoot_ns_p50=<n> wake_overshoot_ns_p99=<n> ticks=<n>
-//! guest_zeroed_bytes=<n> released_bytes=<n>` (nearest-rank percentiles; `ticks`: timer
-//! interrupts in the timed section, 0 unless `hlt`; the byte counts are the allocator's over the
-//! timed section).
+//! guest_zeroed_bytes=<n> released_bytes=<n>` (nearest-rank percentiles; `ticks`: timer interrupts
+//! in the timed section, 0 unless `hlt`; the byte counts are the allocator's over the timed
+//! section).
 //!
 //! Errors: as `idle` (code 2 for bad arguments or `strategy=pv` in trapped mode, 4 for a host
 //! without the TSC frequency).
@@ -176,7 +178,11 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
 
     marker_begin();
     let start = tsc.now_ns();
-    let mut deadline = start;
+    // The service's phase: where in its period this VM's requests fall. Taken from the TSC
+    // (which counts from the VM's creation), so VMs started together — a fleet's start gate —
+    // do not all wake at the same instant, as independent services would not.
+    let first = start.saturating_add(start % cfg.period_ns);
+    let mut deadline = first;
     for (k, (w, d)) in woke.iter_mut().zip(done.iter_mut()).enumerate() {
         deadline = deadline.saturating_add(cfg.period_ns);
         idler.idle_until(&tsc, deadline);
@@ -192,7 +198,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     }
     let ticks = cpu::interrupt_count(TIMER_VECTOR) - ticks_before;
     let after = frames.stats();
-    let mut deadline = start;
+    let mut deadline = first;
     for (w, d) in woke.iter_mut().zip(done.iter_mut()) {
         deadline = deadline.saturating_add(cfg.period_ns);
         *w = tsc.ticks_to_ns(*w).saturating_sub(deadline);

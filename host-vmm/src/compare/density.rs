@@ -6,7 +6,9 @@
 //! ([`crate::fleet`]): every `period` (`--density-period-ms`, default
 //! [`DEFAULT_PERIOD_US`]) each serves one request that touches and frees [`WORK_KIB`] KiB,
 //! [`requests`] times, after using half its RAM once and freeing it (`warm_mib`): a PV guest
-//! gave that back to the host, an unmodified guest still holds it.
+//! gave that back to the host, an unmodified guest still holds it. Spinning runs up to
+//! [`SPIN_MAX_VMS`] VMs; beyond 64 VMs a mode runs only while its fleets have not yet taken the
+//! host's two cores (a larger fleet would only measure the host's scheduler).
 //!
 //! The period: 100 ms (10 requests a second per VM) is a lightly loaded, idle-heavy service —
 //! a request's work is well under 1 % of the period. What a wake-up costs decides the CPU
@@ -36,7 +38,12 @@ use super::workloads::CompareOptions;
 use crate::config::VmConfig;
 
 /// Default fleet sizes.
-pub const DENSITY_SIZES: &[usize] = &[1, 4, 16, 64];
+pub const DENSITY_SIZES: &[usize] = &[1, 4, 16, 64, 128];
+/// A mode whose fleet's vCPUs took this many millicores (the host's two cores) runs no larger
+/// fleet beyond [`SATURATED_FROM_VMS`] VMs.
+const SATURATED_MILLICORES: u64 = 2000;
+/// Fleets up to this size always run (the comparison at 16 and the one after it).
+const SATURATED_FROM_VMS: usize = 64;
 /// The largest fleet that also runs the spinning reference (spinning vCPUs beyond the host's
 /// cores only measure the host's scheduler).
 pub const SPIN_MAX_VMS: usize = 4;
@@ -73,14 +80,27 @@ pub fn density_rows(
     opts: &CompareOptions,
     progress: &mut dyn FnMut(&str, &str),
 ) -> Result<Vec<Record>, CompareError> {
-    let mut records = Vec::new();
-    for &n in &opts.density_sizes {
+    let mut records: Vec<Record> = Vec::new();
+    let mut sizes = opts.density_sizes.clone();
+    sizes.sort_unstable();
+    for &n in &sizes {
         for (mode, strategy) in [
             (Mode::Pv, "pv"),
             (Mode::Trapped, "hlt"),
             (Mode::Trapped, "spin"),
         ] {
             if strategy == "spin" && n > SPIN_MAX_VMS {
+                continue;
+            }
+            // Past the size where this mode's vCPUs took two cores, the host is saturated:
+            // a larger fleet only measures its scheduler.
+            if n > SATURATED_FROM_VMS
+                && records.iter().any(|r| {
+                    r.mode.starts_with(&format!("{strategy} "))
+                        && r.extra.get("window_millicores").copied().unwrap_or(0)
+                            >= SATURATED_MILLICORES
+                })
+            {
                 continue;
             }
             let label = format!("{strategy} n={n}");

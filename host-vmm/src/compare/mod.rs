@@ -36,5 +36,5 @@ pub use record::{Record, fidelity_failures};
 pub use report::{render_json, render_table};
 pub use result::{GuestResult, RESULT_PREFIX};
 pub use run::run;
-pub use window::{Measured, WindowRecorder, measure};
+pub use window::{Measured, START_GATE_TIMEOUT, StartGate, WindowRecorder, measure, measure_gated};
 pub use workloads::*;

@@ -3,7 +3,8 @@
 //! the harness's business.
 
 use std::ops::Deref;
-use std::time::Instant;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use hypercall_abi::ports::{MARKER_BEGIN, MARKER_CHECKPOINT, MARKER_END};
 
@@ -116,14 +117,111 @@ impl Measured {
 
 /// Builds and runs `cfg`, recording its marker window and result line.
 pub fn measure(cfg: &VmConfig, console: ConsoleSink) -> Result<Measured> {
-    let mut recorder = WindowRecorder::default();
-    let report = crate::builder::build(cfg, console)?.run_observed(&mut recorder)?;
+    measure_gated(cfg, console, None)
+}
+
+/// [`measure`], holding the guest at its first begin marker until every VM sharing `gate` has
+/// reached its own (or ended without one): many VMs then start their measured windows
+/// together, none of them while others still boot (a fleet, [`crate::fleet`]). Without a gate,
+/// as [`measure`].
+pub fn measure_gated(
+    cfg: &VmConfig,
+    console: ConsoleSink,
+    gate: Option<&StartGate>,
+) -> Result<Measured> {
+    let mut observer = Gated {
+        recorder: WindowRecorder::default(),
+        gate,
+        arrived: false,
+    };
+    let run = crate::builder::build(cfg, console).and_then(|vm| vm.run_observed(&mut observer));
+    if let Some(g) = gate
+        && !observer.arrived
+    {
+        g.withdraw();
+    }
+    let report = run?;
     let result = GuestResult::parse(&report.console);
     Ok(Measured {
         report,
-        window: recorder.window(),
+        window: observer.recorder.window(),
         result,
     })
+}
+
+/// A [`WindowRecorder`] that waits at a [`StartGate`] on the first begin marker.
+struct Gated<'g> {
+    recorder: WindowRecorder,
+    gate: Option<&'g StartGate>,
+    arrived: bool,
+}
+
+impl RunObserver for Gated<'_> {
+    fn marker(&mut self, value: u32, machine: &Machine) {
+        if value == MARKER_BEGIN
+            && !self.arrived
+            && let Some(g) = self.gate
+        {
+            self.arrived = true;
+            g.arrive_and_wait();
+        }
+        self.recorder.marker(value, machine);
+    }
+}
+
+/// A start line for the measured windows of many VMs: it opens once each of `expected`
+/// members has arrived ([`arrive_and_wait`](Self::arrive_and_wait)) or withdrawn (ended
+/// without arriving: failed to build, or exited early). A member waits at most
+/// [`START_GATE_TIMEOUT`]; then it goes on alone (a member that hangs before its begin marker
+/// never holds the others for good).
+#[derive(Debug)]
+pub struct StartGate {
+    /// Members that have neither arrived nor withdrawn.
+    missing: Mutex<usize>,
+    open: Condvar,
+}
+
+/// The longest a member waits at a [`StartGate`].
+pub const START_GATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl StartGate {
+    /// A gate for `expected` members.
+    pub fn new(expected: usize) -> StartGate {
+        StartGate {
+            missing: Mutex::new(expected),
+            open: Condvar::new(),
+        }
+    }
+
+    /// Counts the caller in and waits until the gate opens (or [`START_GATE_TIMEOUT`]).
+    pub fn arrive_and_wait(&self) {
+        let mut missing = crate::sync::lock(&self.missing);
+        *missing = missing.saturating_sub(1);
+        if *missing == 0 {
+            self.open.notify_all();
+            return;
+        }
+        let deadline = Instant::now() + START_GATE_TIMEOUT;
+        while *missing > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            missing = match self.open.wait_timeout(missing, left) {
+                Ok((m, _)) => m,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+
+    /// A member that will never arrive.
+    pub fn withdraw(&self) {
+        let mut missing = crate::sync::lock(&self.missing);
+        *missing = missing.saturating_sub(1);
+        if *missing == 0 {
+            self.open.notify_all();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -150,6 +248,30 @@ mod tests {
             protected_end: 0x40_0000,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn a_start_gate_opens_when_everyone_arrived_or_withdrew() {
+        let gate = StartGate::new(3);
+        let passed = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    gate.arrive_and_wait();
+                    passed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(
+                passed.load(std::sync::atomic::Ordering::SeqCst),
+                0,
+                "closed while one member is missing"
+            );
+            gate.withdraw();
+        });
+        assert_eq!(passed.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // Arriving last opens it at once.
+        StartGate::new(1).arrive_and_wait();
     }
 
     #[test]
