@@ -34,13 +34,13 @@ use core::fmt::{self, Write};
 
 use crate::args::Args;
 use guest_pv::frames::{Frames, Hints};
-use guest_pv::idle::{self, PvIdle, Strategy, percentile};
-use guest_pv::tsc::Tsc;
+use guest_pv::idle::{Strategy, percentile};
 use guest_pv::{Fnv1a, cpu};
 use hypercall_abi::features;
-use hypercall_abi::idle::{TIMER_MIN_PERIOD_US, TIMER_VECTOR};
+use hypercall_abi::idle::TIMER_VECTOR;
 use hypercall_abi::layout::PAGE_SIZE;
 
+use super::idling::{self, DEFAULT_TICK_HZ, Idler, MAX_TICK_HZ};
 use super::{Env, Outcome, Workload};
 use crate::exit_code;
 use crate::out::kprintln;
@@ -59,9 +59,6 @@ const MAX_INTERVALS: usize = 1000;
 const DEFAULT_INTERVAL_US: u64 = 10_000;
 /// The longest interval: one minute.
 const MAX_INTERVAL_US: u64 = 60_000_000;
-const DEFAULT_TICK_HZ: u64 = 1000;
-/// The fastest tick the host's timer gives (its minimum period).
-const MAX_TICK_HZ: u64 = 1_000_000 / TIMER_MIN_PERIOD_US as u64;
 
 /// The checked arguments.
 #[derive(Debug, Clone, Copy)]
@@ -78,38 +75,12 @@ struct Config {
 /// The most `warm_mib`.
 const MAX_WARM_MIB: u64 = 2048;
 
-/// How the timed loop idles, set up before the begin marker.
-enum Idler {
-    Spin,
-    Hlt,
-    Pv(PvIdle),
-}
-
-impl Idler {
-    /// Idles until `deadline_ns` (TSC time).
-    fn idle_until(&mut self, tsc: &Tsc, deadline_ns: u64) {
-        match self {
-            Idler::Spin => {
-                idle::spin(tsc, deadline_ns);
-            }
-            Idler::Hlt => {
-                idle::hlt(tsc, deadline_ns);
-            }
-            Idler::Pv(pv) => {
-                if let Err(e) = pv.idle_until(deadline_ns) {
-                    panic!("idle_yield: {e}");
-                }
-            }
-        }
-    }
-}
-
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let cfg = match config(env.platform, args) {
         Ok(cfg) => cfg,
         Err(why) => usage(env, why),
     };
-    let Some(tsc) = clock(env.platform) else {
+    let Some(tsc) = idling::clock(env.platform) else {
         unsupported(
             env,
             format_args!(
@@ -118,23 +89,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
             ),
         )
     };
-    let mut idler = match (cfg.strategy, env.platform.feature(PV_IDLE)) {
-        (Strategy::Spin, _) => Idler::Spin,
-        (Strategy::Hlt, _) => Idler::Hlt,
-        // Measures what a park costs (before the begin marker) and spins to deadlines closer
-        // than that instead of parking.
-        (Strategy::Pv, Some(pv)) => {
-            match PvIdle::new(pv, tsc).and_then(|mut idle| {
-                let cost = idle.measure_wake_cost(WAKE_PROBES)?;
-                Ok(idle.with_spin_below(cost))
-            }) {
-                Ok(pv_idle) => Idler::Pv(pv_idle),
-                Err(e) => panic!("clock_ns or idle_yield: {e}"),
-            }
-        }
-        // `config` refused it.
-        (Strategy::Pv, None) => unreachable!("strategy=pv without idle_yield and clock"),
-    };
+    let mut idler = Idler::new(cfg.strategy, env.platform, tsc);
 
     let warm = match cfg.warm_mib {
         0 => None,
@@ -179,10 +134,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
         h.write_u64(sum);
     }
     let mut outcome = Outcome::new(completed, h.finish());
-    let wake_cost = match &idler {
-        Idler::Pv(pv) => pv.spin_below(),
-        _ => 0,
-    };
+    let wake_cost = idler.wake_cost_ns();
     let _ = write!(
         outcome.fields,
         " strategy={} wake_overshoot_ns_p50={p50} wake_overshoot_ns_p99={p99} ticks={ticks} \
@@ -192,31 +144,13 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     outcome
 }
 
-/// Parks `strategy=pv` times to measure the wake-up cost (the median is taken).
-const WAKE_PROBES: usize = 9;
-
-/// What `strategy=pv` needs from the host.
-const PV_IDLE: u64 = features::IDLE_YIELD | features::CLOCK;
-
-/// The TSC as a clock: its rate from CPUID (pvkit's `TSC_KHZ`, or the timing leaf of the plain
-/// KVM signature pvkit shows when hidden), else measured against `clock_ns` over 10 ms.
-fn clock(platform: Platform) -> Option<Tsc> {
-    Tsc::from_cpuid().or_else(|| {
-        let pv = platform.feature(features::CLOCK)?;
-        Tsc::calibrate(|| pv.clock_ns(), 10_000_000)
-    })
-}
-
 /// Checks the arguments against each other and the host's features.
 fn config<'a>(platform: Platform, args: &Args<'a>) -> Result<Config, ArgError<'a>> {
-    let strategy = match args.get_str("strategy") {
-        None if platform.feature(PV_IDLE).is_some() => Strategy::Pv,
-        None => Strategy::Hlt,
-        Some(name) => Strategy::from_name(name).ok_or(ArgError::Strategy(name))?,
-    };
-    if strategy == Strategy::Pv && platform.feature(PV_IDLE).is_none() {
-        return Err(ArgError::PvInTrapped);
-    }
+    let name = args.get_str("strategy");
+    let strategy = idling::strategy(platform, name).map_err(|e| match (e, name) {
+        (None, Some(name)) => ArgError::Strategy(name),
+        _ => ArgError::PvInTrapped,
+    })?;
     let intervals = args.get_or("intervals", DEFAULT_INTERVALS);
     if intervals == 0 || intervals > MAX_INTERVALS as u64 {
         return Err(ArgError::Intervals(intervals));

@@ -9,6 +9,7 @@ mod freemem;
 mod fuzz;
 mod hello;
 mod idle;
+mod idling;
 mod null;
 mod pagetable;
 mod panic;

@@ -44,13 +44,14 @@ use core::fmt::{self, Write};
 
 use crate::args::Args;
 use guest_pv::frames::{Frames, Hints};
-use guest_pv::idle::{self, PvIdle, Strategy, percentile};
-use guest_pv::tsc::{Tsc, rdtsc};
+use guest_pv::idle::{Strategy, percentile};
+use guest_pv::tsc::rdtsc;
 use guest_pv::{Fnv1a, cpu};
 use hypercall_abi::features;
-use hypercall_abi::idle::{TIMER_MIN_PERIOD_US, TIMER_VECTOR};
+use hypercall_abi::idle::TIMER_VECTOR;
 use hypercall_abi::layout::PAGE_SIZE;
 
+use super::idling::{self, DEFAULT_TICK_HZ, Idler, MAX_TICK_HZ};
 use super::{Env, Outcome, Workload};
 use crate::exit_code;
 use crate::out::kprintln;
@@ -64,8 +65,6 @@ pub const WORKLOAD: Workload = Workload {
 };
 
 const DEFAULT_REQUESTS: u64 = 100;
-/// Parks `strategy=pv` times to measure the wake-up cost (the median is taken).
-const WAKE_PROBES: usize = 9;
 /// The most requests (their TSC readings are kept in fixed arrays on the stack).
 const MAX_REQUESTS: usize = 1000;
 const DEFAULT_PERIOD_US: u64 = 10_000;
@@ -74,13 +73,8 @@ const MAX_PERIOD_US: u64 = 60_000_000;
 const DEFAULT_WORK_KIB: u64 = 64;
 /// The most memory one request touches.
 const MAX_WORK_KIB: u64 = 64 * 1024;
-const DEFAULT_TICK_HZ: u64 = 1000;
-/// The fastest tick the host's timer gives (its minimum period).
-const MAX_TICK_HZ: u64 = 1_000_000 / TIMER_MIN_PERIOD_US as u64;
 /// The most `warm_mib`.
 const MAX_WARM_MIB: u64 = 2048;
-/// What `strategy=pv` needs from the host.
-const PV_IDLE: u64 = features::IDLE_YIELD | features::CLOCK;
 
 /// The checked arguments.
 #[derive(Debug, Clone, Copy)]
@@ -97,38 +91,12 @@ struct Config {
     warm_frames: u64,
 }
 
-/// How the timed loop idles, set up before the begin marker.
-enum Idler {
-    Spin,
-    Hlt,
-    Pv(PvIdle),
-}
-
-impl Idler {
-    /// Idles until `deadline_ns` (TSC time).
-    fn idle_until(&mut self, tsc: &Tsc, deadline_ns: u64) {
-        match self {
-            Idler::Spin => {
-                idle::spin(tsc, deadline_ns);
-            }
-            Idler::Hlt => {
-                idle::hlt(tsc, deadline_ns);
-            }
-            Idler::Pv(pv) => {
-                if let Err(e) = pv.idle_until(deadline_ns) {
-                    panic!("idle_yield: {e}");
-                }
-            }
-        }
-    }
-}
-
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let cfg = match config(env.platform, args) {
         Ok(cfg) => cfg,
         Err(why) => usage(env, why),
     };
-    let Some(tsc) = clock(env.platform) else {
+    let Some(tsc) = idling::clock(env.platform) else {
         unsupported(
             env,
             format_args!(
@@ -137,22 +105,7 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
             ),
         )
     };
-    let mut idler = match (cfg.strategy, env.platform.feature(PV_IDLE)) {
-        (Strategy::Spin, _) => Idler::Spin,
-        (Strategy::Hlt, _) => Idler::Hlt,
-        // As `idle`: spins to deadlines closer than a measured park costs.
-        (Strategy::Pv, Some(pv)) => {
-            match PvIdle::new(pv, tsc).and_then(|mut idle| {
-                let cost = idle.measure_wake_cost(WAKE_PROBES)?;
-                Ok(idle.with_spin_below(cost))
-            }) {
-                Ok(pv_idle) => Idler::Pv(pv_idle),
-                Err(e) => panic!("clock_ns or idle_yield: {e}"),
-            }
-        }
-        // `config` refused it.
-        (Strategy::Pv, None) => unreachable!("strategy=pv without idle_yield and clock"),
-    };
+    let mut idler = Idler::new(cfg.strategy, env.platform, tsc);
 
     let mut frames = allocator(env, cfg.warm_frames.max(cfg.work_frames));
     let mut sum = 0u64;
@@ -297,24 +250,13 @@ fn use_and_free(frames: &mut Frames, n: u64, tag: u64) -> u64 {
     sum
 }
 
-/// The TSC as a clock: its rate from CPUID, else measured against `clock_ns` over 10 ms.
-fn clock(platform: Platform) -> Option<Tsc> {
-    Tsc::from_cpuid().or_else(|| {
-        let pv = platform.feature(features::CLOCK)?;
-        Tsc::calibrate(|| pv.clock_ns(), 10_000_000)
-    })
-}
-
 /// Checks the arguments against each other and the host's features.
 fn config<'a>(platform: Platform, args: &Args<'a>) -> Result<Config, ArgError<'a>> {
-    let strategy = match args.get_str("strategy") {
-        None if platform.feature(PV_IDLE).is_some() => Strategy::Pv,
-        None => Strategy::Hlt,
-        Some(name) => Strategy::from_name(name).ok_or(ArgError::Strategy(name))?,
-    };
-    if strategy == Strategy::Pv && platform.feature(PV_IDLE).is_none() {
-        return Err(ArgError::PvInTrapped);
-    }
+    let name = args.get_str("strategy");
+    let strategy = idling::strategy(platform, name).map_err(|e| match (e, name) {
+        (None, Some(name)) => ArgError::Strategy(name),
+        _ => ArgError::PvInTrapped,
+    })?;
     let requests = args.get_or("requests", DEFAULT_REQUESTS);
     if requests == 0 || requests > MAX_REQUESTS as u64 {
         return Err(ArgError::Requests(requests));
