@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::compare::{GuestResult, Measured, StartGate, measure_gated};
 use crate::config::VmConfig;
 use crate::console::ConsoleSink;
+use crate::rusage::process_cpu_ns;
 
 /// The most VMs one fleet runs.
 pub const FLEET_MAX: usize = 256;
@@ -71,6 +72,10 @@ pub struct FleetReport {
     pub rss_median_bytes: u64,
     /// The largest sample.
     pub rss_max_bytes: u64,
+    /// The steady span, from the moment every VM was in its measured window to the first end
+    /// of one ([`StartGate::steady`]): its wall time and the process's CPU time in it (every
+    /// thread); `None` if no VM reached both markers.
+    pub steady: Option<(u64, u64)>,
 }
 
 impl FleetReport {
@@ -79,20 +84,16 @@ impl FleetReport {
         self.cpu_ns as f64 / self.wall_ns.max(1) as f64
     }
 
+    /// Host CPU in the steady span over its wall time (see [`FleetReport::steady`]).
+    pub fn steady_cores(&self) -> Option<f64> {
+        self.steady
+            .map(|(wall, cpu)| cpu as f64 / wall.max(1) as f64)
+    }
+
     /// VMs that ran to a clean exit.
     pub fn ok_count(&self) -> usize {
         self.members.iter().filter(|m| m.ok()).count()
     }
-}
-
-/// The process's CPU time so far (user + system, all threads).
-fn process_cpu_ns() -> u64 {
-    // SAFETY: all-zero is a valid `rusage`.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a valid, writable rusage; on failure it stays zero.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let t = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000_000 + tv.tv_usec as u64 * 1000;
-    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 /// The process's resident set now (`VmRSS`), 0 if unknown.
@@ -162,6 +163,9 @@ pub fn run(cfg: &VmConfig, vms: usize) -> Result<FleetReport, String> {
         cpu_ns,
         rss_median_bytes: sorted.get(sorted.len() / 2).copied().unwrap_or(0),
         rss_max_bytes: sorted.last().copied().unwrap_or(0),
+        steady: gate
+            .steady()
+            .map(|(wall, cpu)| (wall.as_nanos() as u64, cpu)),
     })
 }
 

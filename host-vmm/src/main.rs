@@ -637,6 +637,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 report.rss_median_bytes >> 20,
                 report.rss_max_bytes >> 20
             );
+            if let (Some((wall, cpu)), Some(cores)) = (report.steady, report.steady_cores()) {
+                println!(
+                    "fleet: steady state (every VM inside its measured window): {:.1} ms wall, \
+                     host CPU {:.1} ms ({cores:.3} cores)",
+                    wall as f64 / 1e6,
+                    cpu as f64 / 1e6,
+                );
+            }
             Ok(if report.ok_count() == report.members.len() {
                 ExitCode::SUCCESS
             } else {

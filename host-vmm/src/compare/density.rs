@@ -23,7 +23,9 @@
 //!
 //! Reported per fleet: the host CPU the vCPUs used in their measured windows, in cores (the sum
 //! of every VM's vCPU-thread CPU time over the mean window), the whole process's CPU in cores
-//! (boot and teardown included), the process's resident set (median sample), the wake-up
+//! in the steady state (`steady_millicores`: every thread, while every VM is inside its window
+//! — the fleet's start gate lines the windows up) and from boot to exit (`process_millicores`),
+//! the process's resident set (median sample), the wake-up
 //! latency (`latency_ns_p50`/`_p99`: the median of the VMs' p50 overshoots and the largest of
 //! their p99s) and the response latency (`response_ns_p50`/`_p99`, deadline to request done,
 //! the same way), with the period and work per request (`period_us`, `work_kib`).
@@ -180,6 +182,10 @@ fn record(
         ),
         ("process_millicores".into(), milli(fleet.cores())),
         ("process_cpu_ns".into(), fleet.cpu_ns),
+        (
+            "steady_millicores".into(),
+            fleet.steady_cores().map_or(0, milli),
+        ),
         ("rss_median_bytes".into(), fleet.rss_median_bytes),
         ("rss_max_bytes".into(), fleet.rss_max_bytes),
         ("latency_ns_p50".into(), p50s[p50s.len() / 2]),
@@ -258,10 +264,11 @@ pub fn summary_lines(records: &[Record]) -> String {
     let mut s = String::new();
     for r in &rows {
         s += &format!(
-            "density {:<10}: vCPUs {:.3} cores (process {:.3}), RSS {} MiB, wake latency p50 {} \
-             µs p99 {} µs\n",
+            "density {:<10}: vCPUs {:.3} cores (whole process {:.3} in the steady state, {:.3} \
+             boot to exit), RSS {} MiB, wake latency p50 {} µs p99 {} µs\n",
             r.mode,
             g(r, "window_millicores") as f64 / 1000.0,
+            g(r, "steady_millicores") as f64 / 1000.0,
             g(r, "process_millicores") as f64 / 1000.0,
             g(r, "rss_median_bytes") >> 20,
             g(r, "latency_ns_p50") / 1000,
@@ -298,10 +305,13 @@ pub fn summary_lines(records: &[Record]) -> String {
         ) else {
             continue;
         };
+        let share = |k: &str| g(pv, k) as f64 / g(hlt, k).max(1) as f64;
         s += &format!(
-            "density at {n} VMs: PV vCPU CPU {:.2} of trapped's, host RSS {:.2} of trapped's\n",
-            g(pv, "window_millicores") as f64 / g(hlt, "window_millicores").max(1) as f64,
-            g(pv, "rss_median_bytes") as f64 / g(hlt, "rss_median_bytes").max(1) as f64,
+            "density at {n} VMs: PV vCPU CPU {:.2} of trapped's (whole process in the steady \
+             state {:.2}), host RSS {:.2} of trapped's\n",
+            share("window_millicores"),
+            share("steady_millicores"),
+            share("rss_median_bytes"),
         );
     }
     s + &response_lines(records)
@@ -387,6 +397,7 @@ pub(crate) mod tests {
             ("vms".to_string(), n),
             ("window_millicores".into(), millicores),
             ("process_millicores".into(), millicores * 2),
+            ("steady_millicores".into(), millicores),
             ("rss_median_bytes".into(), rss_mib << 20),
             ("rss_max_bytes".into(), rss_mib << 20),
             ("latency_ns_p50".into(), 100_000 * n),
@@ -418,11 +429,11 @@ pub(crate) mod tests {
         ];
         let s = summary_lines(&records);
         assert!(
-            s.contains("density at 16 VMs: PV vCPU CPU 0.20 of trapped's, host RSS 0.09"),
+            s.contains("density at 16 VMs: PV vCPU CPU 0.20 of trapped's (whole process in the steady state 0.20), host RSS 0.09"),
             "{s}"
         );
         assert!(
-            s.contains("density at 64 VMs: PV vCPU CPU 0.30 of trapped's, host RSS 0.11"),
+            s.contains("density at 64 VMs: PV vCPU CPU 0.30 of trapped's (whole process in the steady state 0.30), host RSS 0.11"),
             "{s}"
         );
         assert!(

@@ -133,12 +133,15 @@ pub fn measure_gated(
         recorder: WindowRecorder::default(),
         gate,
         arrived: false,
+        left: false,
     };
     let run = crate::builder::build(cfg, console).and_then(|vm| vm.run_observed(&mut observer));
-    if let Some(g) = gate
-        && !observer.arrived
-    {
-        g.withdraw();
+    if let Some(g) = gate {
+        if !observer.arrived {
+            g.withdraw();
+        } else if !observer.left {
+            g.leave();
+        }
     }
     let report = run?;
     let result = GuestResult::parse(&report.console);
@@ -149,21 +152,25 @@ pub fn measure_gated(
     })
 }
 
-/// A [`WindowRecorder`] that waits at a [`StartGate`] on the first begin marker.
+/// A [`WindowRecorder`] that waits at a [`StartGate`] on the first begin marker and tells it
+/// of the first end marker.
 struct Gated<'g> {
     recorder: WindowRecorder,
     gate: Option<&'g StartGate>,
     arrived: bool,
+    left: bool,
 }
 
 impl RunObserver for Gated<'_> {
     fn marker(&mut self, value: u32, machine: &Machine) {
-        if value == MARKER_BEGIN
-            && !self.arrived
-            && let Some(g) = self.gate
-        {
-            self.arrived = true;
-            g.arrive_and_wait();
+        if let Some(g) = self.gate {
+            if value == MARKER_BEGIN && !self.arrived {
+                self.arrived = true;
+                g.arrive_and_wait();
+            } else if value == MARKER_END && self.arrived && !self.left {
+                self.left = true;
+                g.leave();
+            }
         }
         self.recorder.marker(value, machine);
     }
@@ -174,11 +181,25 @@ impl RunObserver for Gated<'_> {
 /// without arriving: failed to build, or exited early). A member waits at most
 /// [`START_GATE_TIMEOUT`]; then it goes on alone (a member that hangs before its begin marker
 /// never holds the others for good).
+///
+/// It also measures the span in which every member that arrived is inside its window — from
+/// the gate's opening to the first member's end marker (or end) — and what the whole process
+/// spent in it ([`steady`](Self::steady)): the host cost of the VMs' steady state, every
+/// thread included, without anyone's boot or teardown.
 #[derive(Debug)]
 pub struct StartGate {
-    /// Members that have neither arrived nor withdrawn.
-    missing: Mutex<usize>,
+    state: Mutex<GateState>,
     open: Condvar,
+}
+
+#[derive(Debug)]
+struct GateState {
+    /// Members that have neither arrived nor withdrawn.
+    missing: usize,
+    /// When the gate opened, and the process's CPU time then.
+    opened: Option<(Instant, u64)>,
+    /// The steady span's wall and process CPU time, once the first member left it.
+    steady: Option<(Duration, u64)>,
 }
 
 /// The longest a member waits at a [`StartGate`].
@@ -188,27 +209,27 @@ impl StartGate {
     /// A gate for `expected` members.
     pub fn new(expected: usize) -> StartGate {
         StartGate {
-            missing: Mutex::new(expected),
+            state: Mutex::new(GateState {
+                missing: expected,
+                opened: None,
+                steady: None,
+            }),
             open: Condvar::new(),
         }
     }
 
     /// Counts the caller in and waits until the gate opens (or [`START_GATE_TIMEOUT`]).
     pub fn arrive_and_wait(&self) {
-        let mut missing = crate::sync::lock(&self.missing);
-        *missing = missing.saturating_sub(1);
-        if *missing == 0 {
-            self.open.notify_all();
-            return;
-        }
+        let mut st = crate::sync::lock(&self.state);
+        self.count_off(&mut st);
         let deadline = Instant::now() + START_GATE_TIMEOUT;
-        while *missing > 0 {
+        while st.missing > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
-            missing = match self.open.wait_timeout(missing, left) {
-                Ok((m, _)) => m,
+            st = match self.open.wait_timeout(st, left) {
+                Ok((s, _)) => s,
                 Err(poisoned) => poisoned.into_inner().0,
             };
         }
@@ -216,9 +237,33 @@ impl StartGate {
 
     /// A member that will never arrive.
     pub fn withdraw(&self) {
-        let mut missing = crate::sync::lock(&self.missing);
-        *missing = missing.saturating_sub(1);
-        if *missing == 0 {
+        let mut st = crate::sync::lock(&self.state);
+        self.count_off(&mut st);
+    }
+
+    /// A member that arrived has left its window (its end marker, or its run ended).
+    pub fn leave(&self) {
+        let mut st = crate::sync::lock(&self.state);
+        if st.steady.is_none()
+            && let Some((at, cpu)) = st.opened
+        {
+            st.steady = Some((
+                at.elapsed(),
+                crate::rusage::process_cpu_ns().saturating_sub(cpu),
+            ));
+        }
+    }
+
+    /// The steady span: its wall time and the process's CPU time in it; `None` if the gate
+    /// never opened or nobody left a window yet.
+    pub fn steady(&self) -> Option<(Duration, u64)> {
+        crate::sync::lock(&self.state).steady
+    }
+
+    fn count_off(&self, st: &mut GateState) {
+        st.missing = st.missing.saturating_sub(1);
+        if st.missing == 0 && st.opened.is_none() {
+            st.opened = Some((Instant::now(), crate::rusage::process_cpu_ns()));
             self.open.notify_all();
         }
     }
@@ -270,8 +315,16 @@ mod tests {
             gate.withdraw();
         });
         assert_eq!(passed.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(gate.steady().is_none(), "nobody left a window yet");
+        gate.leave();
+        let (wall, _cpu) = gate.steady().expect("the first leave ends the steady span");
+        assert!(wall < START_GATE_TIMEOUT);
         // Arriving last opens it at once.
         StartGate::new(1).arrive_and_wait();
+        // A gate that never opened has no steady span.
+        let never = StartGate::new(2);
+        never.leave();
+        assert!(never.steady().is_none());
     }
 
     #[test]
