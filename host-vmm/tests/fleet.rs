@@ -40,6 +40,11 @@ fn a_fleet_runs_every_vm_and_reports_each() {
             .collect();
         assert!(sums.iter().all(|s| *s == sums[0]), "{out}");
         assert!(out.contains("fleet: 4 of 4 VMs ok"), "{out}");
+        // The VMs' windows were lined up by the start gate, so there is a steady span.
+        assert!(
+            out.contains("fleet: steady state (every VM inside its measured window)"),
+            "{out}"
+        );
     }
 }
 
