@@ -120,12 +120,13 @@ fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let calls = args.get_or("calls", DEFAULT_CALLS);
     let seed = args.get_or("seed", DEFAULT_SEED);
     if env.platform.pvkit().is_none() {
-        kprintln!(
-            env.console,
-            "error: workload 'fuzz': needs mode pv (it fuzzes the hypercall interface, which \
-             trapped mode does not have)"
+        WORKLOAD.unsupported(
+            env,
+            format_args!(
+                "needs mode pv (it fuzzes the hypercall interface, which trapped mode does not \
+                 have)"
+            ),
         );
-        env.exit(exit_code::UNSUPPORTED);
     }
     let info = env.boot_info;
     let Ok(start) = free_ram_start(info, SCRATCH_LEN + HUGE_PAGE) else {

@@ -6,6 +6,7 @@ use guest_pv::tsc::Tsc;
 use hypercall_abi::features;
 use hypercall_abi::idle::TIMER_MIN_PERIOD_US;
 
+use super::{Env, Workload};
 use crate::platform::Platform;
 
 /// What `strategy=pv` needs from the host.
@@ -40,6 +41,20 @@ pub fn clock(platform: Platform) -> Option<Tsc> {
         let pv = platform.feature(features::CLOCK)?;
         Tsc::calibrate(|| pv.clock_ns(), 10_000_000)
     })
+}
+
+/// [`clock`], or `workload` exits as unsupported (code 4) saying why there is none.
+pub fn clock_or_exit(env: &mut Env, workload: &Workload) -> Tsc {
+    match clock(env.platform) {
+        Some(tsc) => tsc,
+        None => workload.unsupported(
+            env,
+            format_args!(
+                "no TSC frequency: the host reports none (CPUID leaf 0x40000010) and offers no \
+                 clock_ns to measure it against"
+            ),
+        ),
+    }
 }
 
 /// How the timed loop idles.

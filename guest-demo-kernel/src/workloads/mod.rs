@@ -111,6 +111,13 @@ impl Workload {
         crate::out::kprintln!(env.console, "error: workload '{}': {msg}", self.name);
         env.exit(exit_code::USAGE)
     }
+
+    /// Reports a host that lacks what this workload needs and exits with
+    /// [`exit_code::UNSUPPORTED`].
+    pub fn unsupported(&self, env: &mut Env, msg: fmt::Arguments<'_>) -> ! {
+        crate::out::kprintln!(env.console, "error: workload '{}': {msg}", self.name);
+        env.exit(exit_code::UNSUPPORTED)
+    }
 }
 
 /// The allocator's query bitmap and release list (`guest_pv::frames`), handed out once per

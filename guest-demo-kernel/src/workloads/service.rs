@@ -53,8 +53,6 @@ use hypercall_abi::layout::PAGE_SIZE;
 
 use super::idling::{self, DEFAULT_TICK_HZ, Idler, MAX_TICK_HZ};
 use super::{Env, Outcome, Workload};
-use crate::exit_code;
-use crate::out::kprintln;
 use crate::platform::{Platform, at_cpl3, marker_begin, marker_end, timer_start, timer_stop};
 
 pub const WORKLOAD: Workload = Workload {
@@ -94,17 +92,9 @@ struct Config {
 fn run(env: &mut Env, args: &Args<'_>) -> Outcome {
     let cfg = match config(env.platform, args) {
         Ok(cfg) => cfg,
-        Err(why) => usage(env, why),
+        Err(why) => WORKLOAD.usage(env, format_args!("{why}")),
     };
-    let Some(tsc) = idling::clock(env.platform) else {
-        unsupported(
-            env,
-            format_args!(
-                "no TSC frequency: the host reports none (CPUID leaf 0x40000010) and offers no \
-                 clock_ns to measure it against"
-            ),
-        )
-    };
+    let tsc = idling::clock_or_exit(env, &WORKLOAD);
     let mut idler = Idler::new(cfg.strategy, env.platform, tsc);
 
     let mut frames = allocator(env, cfg.warm_frames.max(cfg.work_frames));
@@ -320,16 +310,4 @@ impl fmt::Display for ArgError<'_> {
             ArgError::WarmMib(n) => write!(f, "warm_mib={n} (want at most {MAX_WARM_MIB})"),
         }
     }
-}
-
-/// Reports bad arguments and exits with code 2.
-fn usage(env: &mut Env, why: ArgError<'_>) -> ! {
-    kprintln!(env.console, "error: workload '{}': {why}", WORKLOAD.name);
-    env.exit(exit_code::USAGE)
-}
-
-/// Reports a host that lacks what the workload needs and exits with code 4.
-fn unsupported(env: &mut Env, why: fmt::Arguments<'_>) -> ! {
-    kprintln!(env.console, "error: workload '{}': {why}", WORKLOAD.name);
-    env.exit(exit_code::UNSUPPORTED)
 }
