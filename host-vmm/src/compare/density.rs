@@ -240,16 +240,33 @@ fn fleet_record<'a>(records: &'a [Record], strategy: &str, n: u64) -> Option<&'a
 /// The fleet size PV and trapped are compared at: 16 VMs if both ran it, else the largest
 /// both ran.
 pub fn compared_size(records: &[Record]) -> Option<u64> {
-    let pv_sizes = records
-        .iter()
-        .filter(|r| r.workload == "density" && r.mode.starts_with("pv "))
-        .filter_map(|r| r.extra.get("vms").copied());
-    let both: Vec<u64> = pv_sizes
-        .filter(|&n| fleet_record(records, "hlt", n).is_some())
-        .collect();
+    let both = sizes_both_ran(records);
     both.contains(&16)
         .then_some(16)
         .or_else(|| both.into_iter().max())
+}
+
+/// The fleet sizes both PV and trapped (`hlt`) ran.
+fn sizes_both_ran(records: &[Record]) -> Vec<u64> {
+    records
+        .iter()
+        .filter(|r| r.workload == "density" && r.mode.starts_with("pv "))
+        .filter_map(|r| r.extra.get("vms").copied())
+        .filter(|&n| fleet_record(records, "hlt", n).is_some())
+        .collect()
+}
+
+/// "`pv 128 (0.498 cores), hlt 4 (0.240 cores), spin none`": [`largest_under_one_core`] as
+/// text.
+fn largest_text(records: &[Record]) -> String {
+    largest_under_one_core(records)
+        .into_iter()
+        .map(|(mode, best)| match best {
+            Some((n, mc)) => format!("{mode} {n} ({:.3} cores)", mc as f64 / 1000.0),
+            None => format!("{mode} none"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The summary lines of `density` under the table: cost per fleet, the largest fleet of each
@@ -275,25 +292,12 @@ pub fn summary_lines(records: &[Record]) -> String {
             g(r, "latency_ns_p99") / 1000,
         );
     }
-    let largest: Vec<String> = largest_under_one_core(records)
-        .into_iter()
-        .map(|(mode, best)| match best {
-            Some((n, mc)) => format!("{mode} {n} ({:.3} cores)", mc as f64 / 1000.0),
-            None => format!("{mode} none"),
-        })
-        .collect();
     s += &format!(
         "density: the largest measured fleet under one core of vCPU time: {}\n",
-        largest.join(", ")
+        largest_text(records)
     );
-    let both: Vec<u64> = rows
-        .iter()
-        .filter(|r| r.mode.starts_with("pv "))
-        .map(|r| g(r, "vms"))
-        .filter(|&n| fleet_record(records, "hlt", n).is_some())
-        .collect();
     let mut sizes: Vec<u64> = compared_size(records).into_iter().collect();
-    if let Some(&max) = both.iter().max()
+    if let Some(&max) = sizes_both_ran(records).iter().max()
         && !sizes.contains(&max)
     {
         sizes.push(max);
@@ -362,13 +366,6 @@ pub fn headline(records: &[Record]) -> Option<String> {
         ),
         None => "idle VMs".to_string(),
     };
-    let largest: Vec<String> = largest_under_one_core(records)
-        .into_iter()
-        .map(|(mode, best)| match best {
-            Some((n, mc)) => format!("{mode} {n} ({:.3} cores)", mc as f64 / 1000.0),
-            None => format!("{mode} none"),
-        })
-        .collect();
     Some(format!(
         "{n} {service}: PV's vCPUs used {:.3} cores, {:.2} of trapped's {:.3}; host RSS {} MiB, \
          {:.2} of trapped's {} MiB; response latency p50/p99 PV {}/{} µs, trapped {}/{} µs. \
@@ -383,7 +380,7 @@ pub fn headline(records: &[Record]) -> Option<String> {
         us(pv, "response_ns_p99"),
         us(hlt, "response_ns_p50"),
         us(hlt, "response_ns_p99"),
-        largest.join(", ")
+        largest_text(records)
     ))
 }
 
