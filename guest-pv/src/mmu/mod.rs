@@ -61,8 +61,8 @@ pub use batch::{Batch, Updater};
 use hypercall_abi::layout::PAGE_SIZE;
 pub use hypercall_abi::mmu::POOL_FRAMES;
 use hypercall_abi::mmu::{
-    Level, PTE_ACCESSED, PTE_ADDR_MASK, PTE_DIRTY, PTE_GLOBAL, PTE_PAT, PTE_PCD, PTE_PRESENT,
-    PTE_PWT, PTE_USER, PTE_WRITABLE, table_index,
+    Level, PTE_ACCESSED, PTE_ADDR_MASK, PTE_DIRTY, PTE_GLOBAL, PTE_HUGE, PTE_PAT, PTE_PCD,
+    PTE_PRESENT, PTE_PWT, PTE_USER, PTE_WRITABLE, table_index,
 };
 pub use native::NativeSpace;
 pub use pool::PtFrameAllocator;
@@ -231,6 +231,28 @@ pub const fn leaf_entry(pa: u64, flags: u64) -> Result<u64, MmuError> {
         return Err(MmuError::BadFlags { flags });
     }
     Ok(pa | LEAF_FLAGS | flags)
+}
+
+/// One step of a walk to `va`: the table that `e`, the entry for `va` in a table of `level`,
+/// links. `None` if `e` is not present; [`MmuError::HugePage`] for a huge page;
+/// [`MmuError::NotInPool`] if the table it names is not one of the manager's (`owns`).
+pub(crate) fn linked_table(
+    e: u64,
+    va: u64,
+    level: Level,
+    owns: impl FnOnce(u64) -> bool,
+) -> Result<Option<u64>, MmuError> {
+    if e & PTE_PRESENT == 0 {
+        return Ok(None);
+    }
+    if e & PTE_HUGE != 0 {
+        return Err(MmuError::HugePage { va, level });
+    }
+    let next = e & PTE_ADDR_MASK;
+    if !owns(next) {
+        return Err(MmuError::NotInPool { gpa: next });
+    }
+    Ok(Some(next))
 }
 
 /// Checks that the manager may map `va`: page-aligned, canonical, not in L4 slot 0.

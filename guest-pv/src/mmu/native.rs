@@ -5,9 +5,9 @@
 use core::cell::Cell;
 
 use hypercall_abi::layout::{PAGE_SIZE, PML4_GPA};
-use hypercall_abi::mmu::{Level, PTE_ADDR_MASK, PTE_HUGE, PTE_PRESENT};
+use hypercall_abi::mmu::{Level, PTE_ADDR_MASK, PTE_PRESENT};
 
-use super::{MmuError, check_va, entry_gpa, leaf_entry, space, table_entry};
+use super::{MmuError, check_va, entry_gpa, leaf_entry, linked_table, space, table_entry};
 use crate::cpu;
 
 /// A page-table root in ordinary RAM, its tables taken from a range of RAM the caller owns.
@@ -193,17 +193,7 @@ impl NativeSpace {
     /// The table `va`'s entry in the table of `level` at `table` links: `None` if not present.
     fn descend(&self, table: u64, va: u64, level: Level) -> Result<Option<u64>, MmuError> {
         let e = self.read(entry_gpa(table, va, level));
-        if e & PTE_PRESENT == 0 {
-            return Ok(None);
-        }
-        if e & PTE_HUGE != 0 {
-            return Err(MmuError::HugePage { va, level });
-        }
-        let next = e & PTE_ADDR_MASK;
-        if !self.owns(next) {
-            return Err(MmuError::NotInPool { gpa: next });
-        }
-        Ok(Some(next))
+        linked_table(e, va, level, |gpa| self.owns(gpa))
     }
 
     /// Reads the entry at `pte`, an entry of a table taken from the range (0 for anything else).

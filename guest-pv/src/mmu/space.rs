@@ -6,7 +6,8 @@ use hypercall_abi::mmu::{
 };
 
 use super::{
-    Batch, MmuError, PtFrameAllocator, Updater, check_va, entry_gpa, leaf_entry, table_entry,
+    Batch, MmuError, PtFrameAllocator, Updater, check_va, entry_gpa, leaf_entry, linked_table,
+    table_entry,
 };
 use crate::cpu;
 use hypercall_abi::request::PinOp;
@@ -292,17 +293,7 @@ impl<'a> AddressSpace<'a> {
     /// [`MmuError::HugePage`] for a huge page.
     fn descend(&self, table: u64, va: u64, level: Level) -> Result<Option<u64>, MmuError> {
         let e = self.read(entry_gpa(table, va, level));
-        if e & PTE_PRESENT == 0 {
-            return Ok(None);
-        }
-        if e & PTE_HUGE != 0 {
-            return Err(MmuError::HugePage { va, level });
-        }
-        let next = e & PTE_ADDR_MASK;
-        if !PtFrameAllocator::contains(next) {
-            return Err(MmuError::NotInPool { gpa: next });
-        }
-        Ok(Some(next))
+        linked_table(e, va, level, PtFrameAllocator::contains)
     }
 
     /// Takes a (zero) frame from the pool and links it at the entry `pte`; returns the frame.
