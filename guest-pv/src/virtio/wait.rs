@@ -11,7 +11,7 @@ use super::VirtioError;
 use crate::Pvkit;
 use crate::cpu;
 use crate::idle::{PollWindow, Wake};
-use crate::tsc::Tsc;
+use crate::tsc::{Tsc, rdtsc};
 
 /// `idle_yield` returns [`Wake::Capped`] after a second; this many in a row without a completion
 /// is a stalled device ([`VirtioError::Stalled`]).
@@ -230,19 +230,20 @@ impl Waiter {
             }
             WaitPolicy::PvWait(pv) => self.park_pv(pv, dev)?,
             WaitPolicy::Adaptive(a) => {
-                let polled_until = a.tsc.now_ns().saturating_add(self.window.ns());
+                // Raw TSC ticks in the loop: no conversion per look.
+                let polled_until = rdtsc().saturating_add(a.tsc.ns_to_ticks(self.window.ns()));
                 loop {
                     if dev.has_used() {
                         self.stats.polled += 1;
                         self.window.polled();
                         return Ok(());
                     }
-                    if a.tsc.now_ns() >= polled_until {
+                    if rdtsc() >= polled_until {
                         break;
                     }
                 }
                 let woke = self.park_pv(a.pv, dev)?;
-                let blocked = a.tsc.now_ns().saturating_sub(polled_until);
+                let blocked = a.tsc.ticks_to_ns(rdtsc().saturating_sub(polled_until));
                 self.window.parked(blocked);
                 woke
             }
