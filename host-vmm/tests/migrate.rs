@@ -408,6 +408,20 @@ fn pv_freemem_snapshots_a_fraction_of_trapped() {
 /// `freemem` at 64 MiB: about a second in a debug build, most of it in its rounds.
 const FREEMEM: [&str; 6] = ["--mem", "64M", "--workload", "freemem", "--", "rounds=400"];
 
+/// An idle service that warmed 8 MiB, then 4 s of 100 ms sleeps: bound by wall time, not by
+/// CPU, so a loaded host (the tests run in parallel on two cores) cannot run it to its end
+/// before a test's requests reach it, as it can `FREEMEM` (its end came first once in CI).
+const IDLE_4S: [&str; 8] = [
+    "--mem",
+    "64M",
+    "--workload",
+    "idle",
+    "--",
+    "intervals=40",
+    "interval_us=100000",
+    "warm_mib=8",
+];
+
 /// The source ran the guest to its own end after a failed migration, and said why.
 fn ran_on(o: &Output, want: &str, what: &str, why: &[&str]) {
     let se = text(&o.stderr);
@@ -871,7 +885,7 @@ fn migrate_through_the_api_socket() {
     require_kvm();
     let dir = scratch("api");
     let sock = dir.join("api.sock");
-    let args = FREEMEM;
+    let args = IDLE_4S;
     let want = plain(&args);
     let vm = source(&["--api-sock", sock.to_str().unwrap()], &args);
     wait_socket(&sock);
@@ -980,11 +994,14 @@ fn on_failure_pause_keeps_the_vm_paused_until_resumed() {
 
 /// A migrated VM can be migrated on, and saved: run → B (`receive --api-sock`) → C, then
 /// the checksum of an uninterrupted run; B's API socket also snapshots it on the way.
+///
+/// B is paused first, so the snapshot and the migration act on a VM that has not finished,
+/// however late this thread runs.
 #[test]
 fn a_received_vm_migrates_on_and_snapshots() {
     require_kvm();
     let dir = scratch("chain");
-    let args = FREEMEM;
+    let args = IDLE_4S;
     let want = plain(&args);
     let b_sock = dir.join("b-api.sock");
     let b_addr = unix_addr(&dir, "b.sock");
@@ -1007,6 +1024,8 @@ fn a_received_vm_migrates_on_and_snapshots() {
         &args,
     );
     wait_socket(&b_sock);
+    let answer = api(&b_sock, b"{\"op\":\"pause\"}\n");
+    assert_eq!(answer["ok"], true, "{answer}");
     let snap = dir.join("snap");
     let req = format!("{{\"op\":\"snapshot\",\"dir\":\"{}\"}}\n", snap.display());
     let answer = api(&b_sock, req.as_bytes());
