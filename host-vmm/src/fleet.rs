@@ -3,9 +3,11 @@
 //! what they cost the host together.
 //!
 //! Each VM is measured as `compare` measures one ([`crate::compare::measure_gated`]), and the
-//! VMs start their measured windows together: each waits at its begin marker until every
-//! other has reached its own or ended ([`StartGate`]), so no window overlaps another VM's boot
-//! or warm-up. A VM that fails is reported as failed and the others go on. The whole fleet's host cost is the process's:
+//! VMs start and end their measured windows together: each waits at its begin marker until
+//! every other has reached its own or ended, and at its end marker until every other has left
+//! its window or ended ([`StartGate`]), so no window overlaps another VM's boot, warm-up or
+//! teardown. A VM that fails is reported as failed and the others go on. The whole fleet's
+//! host cost is the process's:
 //! CPU time (user + system, every thread) over the fleet's wall time, and the resident set
 //! sampled every [`RSS_SAMPLE_INTERVAL`] while the VMs run.
 

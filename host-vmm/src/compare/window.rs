@@ -3,7 +3,7 @@
 //! the harness's business.
 
 use std::ops::Deref;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hypercall_abi::ports::{MARKER_BEGIN, MARKER_CHECKPOINT, MARKER_END};
@@ -121,9 +121,10 @@ pub fn measure(cfg: &VmConfig, console: ConsoleSink) -> Result<Measured> {
 }
 
 /// [`measure`], holding the guest at its first begin marker until every VM sharing `gate` has
-/// reached its own (or ended without one): many VMs then start their measured windows
-/// together, none of them while others still boot (a fleet, [`crate::fleet`]). Without a gate,
-/// as [`measure`].
+/// reached its own (or ended without one), and at its first end marker until every VM that
+/// started a window has ended it (or its run): many VMs then start their measured windows
+/// together, none of them while others still boot, and none ends its window while others
+/// are already being torn down (a fleet, [`crate::fleet`]). Without a gate, as [`measure`].
 pub fn measure_gated(
     cfg: &VmConfig,
     console: ConsoleSink,
@@ -152,8 +153,9 @@ pub fn measure_gated(
     })
 }
 
-/// A [`WindowRecorder`] that waits at a [`StartGate`] on the first begin marker and tells it
-/// of the first end marker.
+/// A [`WindowRecorder`] that waits at a [`StartGate`] on the first begin marker (before
+/// recording it) and on the first end marker (after recording it, so the wait is outside the
+/// window).
 struct Gated<'g> {
     recorder: WindowRecorder,
     gate: Option<&'g StartGate>,
@@ -163,24 +165,30 @@ struct Gated<'g> {
 
 impl RunObserver for Gated<'_> {
     fn marker(&mut self, value: u32, machine: &Machine) {
-        if let Some(g) = self.gate {
-            if value == MARKER_BEGIN && !self.arrived {
-                self.arrived = true;
-                g.arrive_and_wait();
-            } else if value == MARKER_END && self.arrived && !self.left {
-                self.left = true;
-                g.leave();
-            }
+        let Some(g) = self.gate else {
+            self.recorder.marker(value, machine);
+            return;
+        };
+        if value == MARKER_BEGIN && !self.arrived {
+            self.arrived = true;
+            g.arrive_and_wait();
         }
         self.recorder.marker(value, machine);
+        if value == MARKER_END && self.arrived && !self.left {
+            self.left = true;
+            g.leave_and_wait();
+        }
     }
 }
 
-/// A start line for the measured windows of many VMs: it opens once each of `expected`
-/// members has arrived ([`arrive_and_wait`](Self::arrive_and_wait)) or withdrawn (ended
-/// without arriving: failed to build, or exited early). A member waits at most
-/// [`START_GATE_TIMEOUT`]; then it goes on alone (a member that hangs before its begin marker
-/// never holds the others for good).
+/// A start and finish line for the measured windows of many VMs: it opens once each of
+/// `expected` members has arrived ([`arrive_and_wait`](Self::arrive_and_wait)) or withdrawn
+/// (ended without arriving: failed to build, or exited early), and a member that has left its
+/// window ([`leave_and_wait`](Self::leave_and_wait)) waits until every member has left or
+/// withdrawn, so no member's last requests share the host with another's teardown (which on
+/// our hosts delays a parked vCPU's wake-up by milliseconds). A member waits at most
+/// [`START_GATE_TIMEOUT`] at either line; then it goes on alone (a member that hangs never
+/// holds the others for good).
 ///
 /// It also measures the span in which every member that arrived is inside its window — from
 /// the gate's opening to the first member's end marker (or end) — and what the whole process
@@ -196,13 +204,15 @@ pub struct StartGate {
 struct GateState {
     /// Members that have neither arrived nor withdrawn.
     missing: usize,
+    /// Members that have neither left nor withdrawn.
+    unfinished: usize,
     /// When the gate opened, and the process's CPU time then.
     opened: Option<(Instant, u64)>,
     /// The steady span's wall and process CPU time, once the first member left it.
     steady: Option<(Duration, u64)>,
 }
 
-/// The longest a member waits at a [`StartGate`].
+/// The longest a member waits at either line of a [`StartGate`].
 pub const START_GATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl StartGate {
@@ -211,6 +221,7 @@ impl StartGate {
         StartGate {
             state: Mutex::new(GateState {
                 missing: expected,
+                unfinished: expected,
                 opened: None,
                 steady: None,
             }),
@@ -222,8 +233,34 @@ impl StartGate {
     pub fn arrive_and_wait(&self) {
         let mut st = crate::sync::lock(&self.state);
         self.count_off(&mut st);
+        self.wait_until(st, |st| st.missing == 0);
+    }
+
+    /// A member that will never arrive (nor leave).
+    pub fn withdraw(&self) {
+        let mut st = crate::sync::lock(&self.state);
+        self.count_off(&mut st);
+        self.count_finished(&mut st);
+    }
+
+    /// A member that arrived has left its window (its end marker): counts it out and waits
+    /// until every member has (or [`START_GATE_TIMEOUT`]).
+    pub fn leave_and_wait(&self) {
+        let mut st = crate::sync::lock(&self.state);
+        self.finish(&mut st);
+        self.wait_until(st, |st| st.unfinished == 0);
+    }
+
+    /// A member that arrived has ended without leaving its window (its run ended inside it).
+    pub fn leave(&self) {
+        let mut st = crate::sync::lock(&self.state);
+        self.finish(&mut st);
+    }
+
+    /// Waits (the lock released) until `done` holds or [`START_GATE_TIMEOUT`] has passed.
+    fn wait_until(&self, mut st: MutexGuard<'_, GateState>, done: impl Fn(&GateState) -> bool) {
         let deadline = Instant::now() + START_GATE_TIMEOUT;
-        while st.missing > 0 {
+        while !done(&st) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
@@ -235,15 +272,9 @@ impl StartGate {
         }
     }
 
-    /// A member that will never arrive.
-    pub fn withdraw(&self) {
-        let mut st = crate::sync::lock(&self.state);
-        self.count_off(&mut st);
-    }
-
-    /// A member that arrived has left its window (its end marker, or its run ended).
-    pub fn leave(&self) {
-        let mut st = crate::sync::lock(&self.state);
+    /// Counts a member out of the windows; the first one ends the steady span.
+    fn finish(&self, st: &mut GateState) {
+        self.count_finished(st);
         if st.steady.is_none()
             && let Some((at, cpu)) = st.opened
         {
@@ -258,6 +289,13 @@ impl StartGate {
     /// never opened or nobody left a window yet.
     pub fn steady(&self) -> Option<(Duration, u64)> {
         crate::sync::lock(&self.state).steady
+    }
+
+    fn count_finished(&self, st: &mut GateState) {
+        st.unfinished = st.unfinished.saturating_sub(1);
+        if st.unfinished == 0 {
+            self.open.notify_all();
+        }
     }
 
     fn count_off(&self, st: &mut GateState) {
@@ -325,6 +363,39 @@ mod tests {
         let never = StartGate::new(2);
         never.leave();
         assert!(never.steady().is_none());
+    }
+
+    #[test]
+    fn a_member_that_left_its_window_waits_for_the_others_to_leave_or_end() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        // Three members: two leave their windows, one arrives and later ends inside its window
+        // (its run ended without an end marker); a fourth never arrives (withdraws).
+        let gate = StartGate::new(4);
+        let released = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    gate.arrive_and_wait();
+                    gate.leave_and_wait();
+                    released.fetch_add(1, SeqCst);
+                });
+            }
+            s.spawn(|| gate.arrive_and_wait());
+            gate.withdraw();
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(
+                released.load(SeqCst),
+                0,
+                "one member is still in its window"
+            );
+            gate.leave();
+        });
+        assert_eq!(released.load(SeqCst), 2);
+        assert!(gate.steady().is_some());
+        // Leaving last goes on at once.
+        let alone = StartGate::new(1);
+        alone.arrive_and_wait();
+        alone.leave_and_wait();
     }
 
     #[test]
