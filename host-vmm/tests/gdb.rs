@@ -55,9 +55,11 @@ fn start_vm(kernel: &Path, mode: &str, gdb_addr: &str, extra: &[&str]) -> Vm {
             mode,
             "--gdb",
             gdb_addr,
+            "--timeout",
+            "60s",
         ])
+        // Last: it may end with `--` and the workload's arguments.
         .args(extra)
-        .args(["--timeout", "60s"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -277,10 +279,13 @@ fn packet(body: &str) -> Vec<u8> {
     format!("${body}#{sum:02x}").into_bytes()
 }
 
-fn raw_client(mode: &str, workload: &str, talk: impl FnOnce(&mut TcpStream)) {
+/// Talks raw RSP to a VM of `mode` running `workload` with `args`.
+fn raw_client(mode: &str, workload: &str, args: &[&str], talk: impl FnOnce(&mut TcpStream)) {
     require_kvm();
     let (dir, kernel) = scratch(&format!("{mode}-raw-{workload}"));
-    let vm = start_vm(&kernel, mode, "127.0.0.1:0", &["--workload", workload]);
+    let mut run_args = vec!["--workload", workload, "--"];
+    run_args.extend_from_slice(args);
+    let vm = start_vm(&kernel, mode, "127.0.0.1:0", &run_args);
     let mut s = TcpStream::connect(&vm.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     talk(&mut s);
@@ -303,7 +308,7 @@ fn read_some(s: &mut TcpStream) -> String {
 
 #[test]
 fn malformed_packets_leave_the_vm_running() {
-    raw_client("pv", "hello", |s| {
+    raw_client("pv", "hello", &[], |s| {
         // A bad checksum, an unknown packet, a packet with junk in it, raw junk.
         s.write_all(b"$g#00").unwrap();
         s.write_all(&packet("qNoSuchThing")).unwrap();
@@ -315,7 +320,7 @@ fn malformed_packets_leave_the_vm_running() {
 
 #[test]
 fn a_client_that_disconnects_mid_session_leaves_the_vm_running() {
-    raw_client("trapped", "hello", |s| {
+    raw_client("trapped", "hello", &[], |s| {
         s.write_all(&packet("?")).unwrap();
         let reply = read_packet(s);
         assert!(reply.contains('$'), "a stop reply: {reply:?}");
@@ -347,7 +352,9 @@ fn read_packet(s: &mut TcpStream) -> String {
 
 #[test]
 fn ctrl_c_stops_a_running_guest_and_detach_lets_it_finish() {
-    raw_client("pv", "idle", |s| {
+    // 3 s of 10 ms sleeps: bound by wall time, so still running when the Ctrl-C comes
+    // however late a loaded host runs this thread.
+    raw_client("pv", "idle", &["intervals=300"], |s| {
         s.write_all(&packet("?")).unwrap();
         assert!(read_packet(s).contains('$'));
         s.write_all(b"+").unwrap();
