@@ -36,6 +36,11 @@ pub const DEFAULT_ZERO_ROUNDS: u64 = 3;
 pub const DEFAULT_BLK_MIB: u64 = 32;
 /// Default `blk` request size (KiB) for the sequential patterns.
 pub const DEFAULT_BLK_SIZE_KIB: u64 = 128;
+/// Request size (KiB) of the extra large-request sequential read ([`LARGE_SEQ_READ`]), run
+/// when the sequential size is smaller.
+pub const LARGE_BLK_SIZE_KIB: u64 = 1024;
+/// The pattern label of the large-request sequential read.
+pub const LARGE_SEQ_READ: &str = "seq-read-1m";
 /// Default `blk` queue depth.
 pub const DEFAULT_BLK_DEPTH: u64 = 4;
 /// Default idle intervals.
@@ -206,13 +211,29 @@ pub fn variants(name: &str, opts: &CompareOptions) -> Vec<Variant> {
             }
             v
         }
-        "blk" => [
-            ("seq-read", opts.blk_size_kib),
-            ("rand-read", 4),
-            ("seq-write", opts.blk_size_kib),
-        ]
-        .into_iter()
-        .flat_map(|(pattern, kib)| {
+        "blk" => {
+            let mut patterns = vec![
+                ("seq-read", "seq-read", opts.blk_size_kib),
+                ("rand-read", "rand-read", 4),
+                ("seq-write", "seq-write", opts.blk_size_kib),
+            ];
+            // Large requests, as a guest's read-ahead or a streaming reader issues them:
+            // where the device's time per request outgrows a park's wake-up cost, and the
+            // default wait can park instead of poll.
+            if opts.blk_size_kib < LARGE_BLK_SIZE_KIB {
+                patterns.push((LARGE_SEQ_READ, "seq-read", LARGE_BLK_SIZE_KIB));
+            }
+            blk_variants(&patterns, opts)
+        }
+        _ => both(Vec::new()),
+    }
+}
+
+/// The `blk` runs of each (label, guest pattern, request KiB): the four waits.
+fn blk_variants(patterns: &[(&'static str, &str, u64)], opts: &CompareOptions) -> Vec<Variant> {
+    patterns
+        .iter()
+        .flat_map(|&(label_pattern, pattern, kib)| {
             // PV's default wait polls for an adaptive window, then parks in idle_yield;
             // pv-park always parks, pv-poll always polls the used ring; trapped halts until
             // the completion interrupt.
@@ -231,15 +252,15 @@ pub fn variants(name: &str, opts: &CompareOptions) -> Vec<Variant> {
                     format!("wait={wait}"),
                 ];
                 Variant {
-                    pattern: Some(pattern),
+                    mode,
+                    args,
+                    batch: None,
                     label,
-                    ..variant(mode, args)
+                    pattern: Some(label_pattern),
                 }
             })
         })
-        .collect(),
-        _ => both(Vec::new()),
-    }
+        .collect()
 }
 
 /// Guest RAM for a run: `zero` needs room for its allocation besides the kernel.
@@ -353,7 +374,7 @@ mod tests {
     #[test]
     fn blk_runs_four_waits_per_pattern() {
         let v = variants("blk", &opts());
-        assert_eq!(v.len(), 12);
+        assert_eq!(v.len(), 16);
         let first: Vec<_> = v[..4]
             .iter()
             .map(|v| (v.mode, v.label, v.pattern))
@@ -375,6 +396,18 @@ mod tests {
             v[11].args.join(" "),
             "pattern=seq-write size_kib=128 mib=32 depth=4 wait=irq"
         );
+        // The large-request read: the guest's seq-read at 1 MiB, labelled apart.
+        assert_eq!(v[12].pattern, Some(LARGE_SEQ_READ));
+        assert_eq!(
+            v[12].args.join(" "),
+            "pattern=seq-read size_kib=1024 mib=32 depth=4 wait=adaptive"
+        );
+        // Asked for 1 MiB already: no extra run.
+        let big = CompareOptions {
+            blk_size_kib: 1024,
+            ..opts()
+        };
+        assert_eq!(variants("blk", &big).len(), 12);
     }
 
     #[test]
