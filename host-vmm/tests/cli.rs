@@ -258,10 +258,11 @@ fn compare_prints_a_table_and_writes_json() {
     // Two floor references (raw exit loops), two modes of null and console, and the
     // pagetable sweep (two PV batch sizes) plus its trapped and native runs, the three idle
     // strategies, and zero: PV, PV without read-ahead, PV without releasing, trapped; then blk:
-    // three patterns × (pv, pv-park, pv-poll, trapped) and the host's own read; snapshot (PV, trapped) and two restore
+    // four patterns (seq-read, rand-read, seq-write, seq-read-1m) × (pv, pv-park, pv-poll,
+    // trapped) and the host's own read; snapshot (PV, trapped) and two restore
     // sizes; migrate (PV, trapped) and an idle PV migration; density: fleets of 1 and 2 VMs
     // idling with pv, hlt and spin.
-    assert_eq!(recs.len(), 43);
+    assert_eq!(recs.len(), 47);
     let modes: Vec<_> = recs
         .iter()
         .map(|r| {
@@ -304,6 +305,10 @@ fn compare_prints_a_table_and_writes_json() {
             "blk/pv-park",
             "blk/pv-poll",
             "blk/trapped",
+            "blk/pv",
+            "blk/pv-park",
+            "blk/pv-poll",
+            "blk/trapped",
             "blk/host",
             "snapshot/pv",
             "snapshot/trapped",
@@ -320,33 +325,33 @@ fn compare_prints_a_table_and_writes_json() {
             "density/spin n=2",
         ]
     );
-    for r in &recs[37..43] {
+    for r in &recs[41..47] {
         assert!(r["window_millicores"].as_u64().unwrap() > 0, "{r}");
-        assert_eq!(r["checksum"], recs[37]["checksum"], "{r}");
+        assert_eq!(r["checksum"], recs[41]["checksum"], "{r}");
     }
     // Saved or migrated mid-workload, the guest finishes as it does uninterrupted, in both
     // modes; the PV guest's freed memory is neither written nor sent.
     let n = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k}: {r}"));
-    assert_eq!(recs[30]["checksum"], recs[31]["checksum"]);
     assert_eq!(recs[34]["checksum"], recs[35]["checksum"]);
-    assert_eq!(recs[30]["checksum"], recs[34]["checksum"]);
-    assert!(n(&recs[30], "bytes_written") * 10 <= n(&recs[31], "bytes_written") * 3);
-    assert!(n(&recs[34], "bytes_sent") * 10 <= n(&recs[35], "bytes_sent") * 3);
-    assert!(n(&recs[30], "pages_elided_free") > 0);
-    assert_eq!(n(&recs[31], "pages_elided_free"), 0);
-    for r in &recs[30..34] {
+    assert_eq!(recs[38]["checksum"], recs[39]["checksum"]);
+    assert_eq!(recs[34]["checksum"], recs[38]["checksum"]);
+    assert!(n(&recs[34], "bytes_written") * 10 <= n(&recs[35], "bytes_written") * 3);
+    assert!(n(&recs[38], "bytes_sent") * 10 <= n(&recs[39], "bytes_sent") * 3);
+    assert!(n(&recs[34], "pages_elided_free") > 0);
+    assert_eq!(n(&recs[35], "pages_elided_free"), 0);
+    for r in &recs[34..38] {
         assert!(n(r, "restore_ns") > 0 && n(r, "cold_boot_ns") > 0, "{r}");
     }
-    for r in &recs[34..37] {
+    for r in &recs[38..41] {
         assert!(n(r, "rounds") >= 2 && n(r, "downtime_ns") > 0, "{r}");
     }
-    for r in &recs[17..29] {
+    for r in &recs[17..33] {
         assert!(r["mib_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["pattern"].is_string(), "{r}");
     }
     // The same pattern gives the same data whichever way completions arrive.
-    for g in recs[17..29].chunks(4) {
+    for g in recs[17..33].chunks(4) {
         assert_eq!(g[0]["checksum"], g[1]["checksum"]);
         assert_eq!(g[0]["checksum"], g[2]["checksum"]);
         assert_eq!(g[0]["checksum"], g[3]["checksum"]);
